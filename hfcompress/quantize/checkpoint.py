@@ -154,36 +154,51 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def read_index(folder: Path) -> dict[str, TensorInfo]:
+def read_index(folder: Path, problems: list[str] | None = None) -> dict[str, TensorInfo]:
     """Every tensor of the checkpoint -> its info, from ``model.safetensors`` or the sharded index.
 
     Checks that the index names existing shards and that each shard holds exactly the tensors the index
-    assigns to it.
+    assigns to it. With ``problems`` given, shard-level problems are appended there (and the readable
+    shards still returned) instead of raising on the first.
     """
+
+    def report(message: str) -> None:
+        if problems is None:
+            raise CheckpointError(message)
+        problems.append(message)
+
     index_path, single = folder / SAFE_INDEX, folder / SAFE_WEIGHTS
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            by_file: dict[str, set[str]] = {}
+            for tensor, file in weight_map.items():
+                by_file.setdefault(str(file), set()).add(tensor)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{index_path.name}: not a valid safetensors index ({exc})") from exc
-        by_file: dict[str, set[str]] = {}
-        for tensor, file in weight_map.items():
-            by_file.setdefault(file, set()).add(tensor)
         infos: dict[str, TensorInfo] = {}
         for file, names in sorted(by_file.items()):
             shard = folder / file
             if not shard.is_file():
-                raise CheckpointError(f"{index_path.name} lists shard {file!r}, which is missing from {folder}")
-            header = read_safetensors_header(shard)
+                report(f"{index_path.name} lists shard {file!r}, which is missing from {folder}")
+                continue
+            try:
+                header = read_safetensors_header(shard)
+            except CheckpointError as exc:
+                report(str(exc))
+                continue
             missing = sorted(names - header.keys())
             if missing:
-                raise CheckpointError(f"{index_path.name} maps tensor {missing[0]!r} to {file}, which does not "
-                                      f"contain it ({len(missing)} such tensors)")
+                report(f"{index_path.name} maps tensor {missing[0]!r} to {file}, which does not contain it "
+                       f"({len(missing)} such tensors)")
             extra = sorted(header.keys() - names)
             if extra:
-                raise CheckpointError(f"{file} holds tensor {extra[0]!r} that {index_path.name} does not list "
-                                      f"({len(extra)} such tensors)")
-            infos.update(header)
+                report(f"{file} holds tensor {extra[0]!r} that {index_path.name} does not list "
+                       f"({len(extra)} such tensors)")
+            infos.update({name: info for name, info in header.items() if name in names})
+        listed = set(by_file)
+        for stray in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in listed):
+            report(f"{stray} is in the folder but {index_path.name} does not list it (stale shard?)")
         return infos
     if single.is_file():
         return read_safetensors_header(single)
@@ -231,20 +246,24 @@ class TensorReader:
 PACKED_FORMAT = "pack-quantized"
 
 
-def parse_ct_config(qc: dict):
-    """config.json's quantization_config -> ``compressed_tensors.quantization.QuantizationConfig``,
-    rejecting (one line, naming the group) what the packed runtime cannot run exactly."""
+def load_ct_config(qc: dict):
+    """config.json's quantization_config -> ``compressed_tensors.quantization.QuantizationConfig``."""
     from compressed_tensors.quantization import QuantizationConfig
     from pydantic import ValidationError
 
     try:
-        config = QuantizationConfig.model_validate(
-            {k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
+        return QuantizationConfig.model_validate({k: v for k, v in qc.items() if k in QuantizationConfig.model_fields})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise CheckpointError(f"config.json: invalid compressed-tensors quantization_config at {where!r}: "
                               f"{first.get('msg')}") from exc
+
+
+def parse_ct_config(qc: dict):
+    """Like :func:`load_ct_config`, also rejecting (one line, naming the group) what the packed runtime
+    cannot run exactly."""
+    config = load_ct_config(qc)
     if config.kv_cache_scheme is not None:
         raise UnsupportedSchemeError("config.json: kv_cache_scheme (KV-cache quantization) is not supported by "
                                      "the packed runtime; load with transformers.from_pretrained instead")
@@ -253,32 +272,34 @@ def parse_ct_config(qc: dict):
             raise UnsupportedSchemeError(f"config.json: quantization_config.{key} is set; the packed runtime only "
                                          "runs weight-only pack-quantized checkpoints")
     for group_name, scheme in config.config_groups.items():
-        check_scheme(group_name, scheme, config.format)
+        problem = scheme_support_problem(group_name, scheme, config.format)
+        if problem:
+            raise UnsupportedSchemeError(problem)
     return config
 
 
-def check_scheme(group_name: str, scheme, global_format: str | None) -> None:
+def scheme_support_problem(group_name: str, scheme, global_format: str | None) -> str | None:
+    """Why the packed runtime cannot run this config group, or None."""
     where = f"config.json: config_groups.{group_name}"
     if scheme.input_activations is not None or scheme.output_activations is not None:
-        raise UnsupportedSchemeError(f"{where} quantizes activations; the packed runtime runs weight-only "
-                                     "schemes (e.g. W4A16, W8A16)")
+        return f"{where} quantizes activations; the packed runtime runs weight-only schemes (e.g. W4A16, W8A16)"
     weights = scheme.weights
     if weights is None:
-        raise UnsupportedSchemeError(f"{where} has no weight quantization")
+        return f"{where} has no weight quantization"
     fmt = scheme.format or global_format
     if fmt not in (PACKED_FORMAT, None, "mixed-precision"):
-        raise UnsupportedSchemeError(f"{where} is stored as {fmt!r}; the packed runtime reads {PACKED_FORMAT!r}")
+        return f"{where} is stored as {fmt!r}; the packed runtime reads {PACKED_FORMAT!r}"
     if weights.type != "int":
-        raise UnsupportedSchemeError(f"{where} uses {weights.type} weights; only integer weights are supported")
+        return f"{where} uses {weights.type} weights; only integer weights are supported"
     if not 2 <= weights.num_bits <= 8:
-        raise UnsupportedSchemeError(f"{where} uses {weights.num_bits}-bit weights; supported: 2..8 bits")
+        return f"{where} uses {weights.num_bits}-bit weights; supported: 2..8 bits"
     if weights.strategy not in ("channel", "group", "tensor"):
-        raise UnsupportedSchemeError(f"{where} uses the {weights.strategy!r} strategy; supported: channel, group, "
-                                     "tensor")
+        return f"{where} uses the {weights.strategy!r} strategy; supported: channel, group, tensor"
     if weights.dynamic:
-        raise UnsupportedSchemeError(f"{where} has dynamic weight quantization, which stores no scales")
+        return f"{where} has dynamic weight quantization, which stores no scales"
     if weights.strategy == "group" and not weights.group_size:
-        raise CheckpointError(f"{where} uses the group strategy without a group_size")
+        return f"{where} uses the group strategy without a group_size"
+    return None
 
 
 def module_schemes(model: torch.nn.Module, config) -> dict[str, object]:
@@ -331,20 +352,6 @@ def expected_ct_tensors(name: str, module: torch.nn.Module, weights) -> dict[str
     if not weights.symmetric:
         expected[f"{name}.weight_zero_point"] = ((math.ceil(n * b / 32), groups), {"I32"})
     return expected
-
-
-def check_ct_tensor(info: TensorInfo, shape: tuple[int, ...], dtypes: set, strategy: str) -> str | None:
-    """Problem text if a stored tensor does not have the expected shape/dtype, else None."""
-    if info.dtype not in dtypes:
-        return f"tensor {info.name!r} in {info.file.name} has dtype {info.dtype}, expected {'/'.join(sorted(dtypes))}"
-    ok = info.shape == tuple(shape)
-    if not ok and info.name.endswith("weight_scale") and strategy == "tensor":
-        ok = math.prod(info.shape) == 1
-    if not ok and info.name.endswith("weight_zero_point"):
-        ok = False
-    if not ok:
-        return f"tensor {info.name!r} in {info.file.name} has shape {list(info.shape)}, expected {list(shape)}"
-    return None
 
 
 def check_zero_point(info: TensorInfo, n: int, groups: int, num_bits: int) -> str | None:
