@@ -1,0 +1,398 @@
+"""``quantize(model, QuantizationConfig(...))``: post-training quantization of a Transformers model in place.
+
+* ``cast``: a plain dtype cast to float16/bfloat16.
+* ``rtn``: round-to-nearest (or stochastic) per group/channel, min-max or MSE-searched clipping; with
+  calibration data the MSE search weights the error by the layer's input statistics.
+* ``gptq`` / ``awq``: calibrated layer by layer (see :mod:`.calibrate`, :mod:`.gptq`, :mod:`.awq`).
+* ``bnb_*``: delegated to :func:`hfcompress.quantize.bnb.quantize_bnb`.
+
+Integer methods replace each targeted ``nn.Linear`` (or GPT-2 ``Conv1D``) by a
+:class:`~.modules.CompressedLinear` and set ``model.config.quantization_config`` to the compressed-tensors
+description, so ``model.save_pretrained(dir)`` writes a checkpoint that plain ``from_pretrained`` loads.
+The per-layer :class:`QuantizationReport` is returned on ``model.hfcompress_report`` and saved in
+``config.json`` under ``hfcompress``.
+
+Group sizes that do not divide a layer's width: the layer uses the largest power of two below
+``group_size`` that divides it, else one scale per output channel (see
+:func:`.primitives.fallback_group_size`); a warning names those layers and the report records them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError
+from . import awq as A
+from . import calibrate as C
+from . import ct_format
+from . import primitives as P
+from .config import QuantizationConfig, QuantizationError
+from .gptq import gptq_quantize
+from .modules import CompressedLinear
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class LayerReport:
+    """One quantized layer. Errors are relative: ``sqrt(E||(W - W_q) x||^2 / E||W x||^2)`` over the
+    calibration inputs (``metric="output"``), or ``||W - W_q|| / ||W||`` without them (``metric="weight"``).
+    ``error_before`` is plain min-max round-to-nearest at the same bits/group size; ``error_after`` is the
+    method's result."""
+
+    name: str
+    bits: int
+    group_size: int | None
+    fallback: bool
+    error_before: float
+    error_after: float
+    metric: str
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantizationReport:
+    method: str
+    config: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    calibration_samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def fallbacks(self) -> dict[str, int | None]:
+        """Layers that use another group size than asked -> the group size used (None = per-channel)."""
+        return {layer.name: layer.group_size for layer in self.layers if layer.fallback}
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["fallbacks"] = self.fallbacks
+        return data
+
+    def table(self) -> str:
+        """Markdown table, one row per layer."""
+        lines = ["| layer | bits | group | error before (RTN) | error after |", "|---|---|---|---|---|"]
+        for layer in self.layers:
+            group = "channel" if layer.group_size is None else str(layer.group_size)
+            if layer.fallback:
+                group += " (fallback)"
+            lines.append(f"| {layer.name} | {layer.bits} | {group} | {layer.error_before:.4f} | "
+                         f"{layer.error_after:.4f} |")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks (all run before the model is modified)
+# --------------------------------------------------------------------------------------------------------
+def _check_not_quantized(model: nn.Module) -> None:
+    if getattr(model, "hf_quantizer", None) is not None or \
+            getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        raise QuantizationError(f"{type(model).__name__} is already quantized (its config has a "
+                                f"quantization_config); quantize the original floating-point model instead")
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLinear) or type(module).__module__.startswith("bitsandbytes"):
+            raise QuantizationError(f"{type(model).__name__} is already quantized ({name} is a "
+                                    f"{type(module).__name__}); quantize the original floating-point model")
+
+
+def select_targets(model: nn.Module, ignore: list[str]) -> dict[str, nn.Module]:
+    """Linear layers (nn.Linear / Conv1D) to quantize, by name, in module order."""
+    targets = {name: module for name, module in model.named_modules()
+               if name and C.is_linear(module) and not any(C.matches(name, p) for p in ignore)}
+    if not targets:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear layers left to quantize after "
+                          f"ignore={ignore}; check the ignore patterns")
+    return targets
+
+
+def _check_weights(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    owners: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(param.data_ptr(), name)
+    for name, module in targets.items():
+        weight = module.weight
+        owner = owners.get(weight.data_ptr())
+        if owner is not None and owner != f"{name}.weight":
+            raise QuantizationError(f"{name}.weight is shared with {owner} (tied weights); add {name!r} to "
+                                    f"QuantizationConfig.ignore to keep it in floating point")
+        if not torch.isfinite(weight).all():
+            bad = (~torch.isfinite(weight)).sum().item()
+            raise QuantizationError(f"{name}.weight has {bad} NaN/Inf values; fix or re-load the model "
+                                    f"before quantizing")
+
+
+def _group_sizes(targets: dict[str, nn.Module], group_size: int | None) -> dict[str, int | None]:
+    """Effective group size per layer; errors if ``group_size`` divides no layer's width."""
+    widths = {name: C.linear_shape(module)[1] for name, module in targets.items()}
+    if group_size is None:
+        return dict.fromkeys(widths)
+    if not any(width % group_size == 0 for width in widths.values()):
+        distinct = sorted(set(widths.values()))
+        powers = [1 << k for k in range(group_size.bit_length() - 1, 0, -1)]
+        suggest = next((p for p in powers if all(w % p == 0 for w in distinct)), None) or \
+            next((p for p in powers if any(w % p == 0 for w in distinct)), None)
+        raise ConfigError(f"group_size={group_size} divides none of the {len(widths)} layers to quantize "
+                          f"(input widths {distinct}); use group_size={suggest} or None (per-channel)")
+    sizes = {name: P.fallback_group_size(width, group_size) for name, width in widths.items()}
+    fallen = {name: size for name, size in sizes.items() if size != group_size}
+    if fallen:
+        detail = ", ".join(f"{name} (width {widths[name]}) -> "
+                           f"{'per-channel' if size is None else size}" for name, size in fallen.items())
+        warnings.warn(f"group_size={group_size} does not divide the width of {len(fallen)} layer(s); they "
+                      f"use a smaller group: {detail}", UserWarning, stacklevel=3)
+    return sizes
+
+
+# --------------------------------------------------------------------------------------------------------
+# Methods: each turns (weight, statistics) into codes/scales/zero points
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class Quantized:
+    codes: torch.Tensor  # (out, in) int8
+    scale: torch.Tensor  # (out, G)
+    zero_point: torch.Tensor | None  # (out, G) int32
+    error: float  # relative error (see LayerReport)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Target:
+    """A layer to quantize: its module, (out, in) float weight, effective group size and input statistics."""
+
+    name: str
+    module: nn.Module
+    group_size: int | None
+    stats: C.InputStats | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return C.linear_weight(self.module).detach()
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        return None if self.stats is None else self.stats.hessian
+
+
+def _rtn_error(weight: torch.Tensor, group_size, hessian, config: QuantizationConfig) -> float:
+    approx = P.fake_quantize(weight.float(), config.bits, group_size, config.symmetric)
+    return P.relative_output_error(weight, approx, hessian)
+
+
+def _finish(target: Target, weight: torch.Tensor, scale, zero_point, codes, extra=None) -> Quantized:
+    approx = P.dequantize(codes, scale, zero_point, target.group_size, dtype=torch.float32)
+    error = P.relative_output_error(weight, approx, target.hessian)
+    return Quantized(codes, scale, zero_point, error, extra or {})
+
+
+def _rtn_one(target: Target, config: QuantizationConfig, generator) -> Quantized:
+    weight = target.weight
+    clip = 1.0
+    if config.observer == "mse":
+        clip = P.search_clip(weight, config.bits, target.group_size, config.symmetric, hessian=target.hessian)
+    scale, zero_point = P.compute_qparams(weight, config.bits, target.group_size, config.symmetric, clip=clip,
+                                          stochastic=config.rounding == "stochastic", scale_dtype=weight.dtype)
+    codes = P.quantize(weight, scale, zero_point, config.bits, target.group_size, config.rounding, generator)
+    return _finish(target, weight, scale, zero_point, codes)
+
+
+def quantize_rtn(layer, layer_name, targets: dict[str, Target], config, generator) -> dict[str, Quantized]:
+    return {name: _rtn_one(t, config, generator) for name, t in targets.items()}
+
+
+def quantize_gptq(layer, layer_name, targets: dict[str, Target], config, generator) -> dict[str, Quantized]:
+    results = {}
+    for name, t in targets.items():
+        weight = t.weight
+        codes, scale, zero_point = gptq_quantize(
+            weight, t.hessian, config.bits, t.group_size, symmetric=config.symmetric, damp=config.damp,
+            block_size=config.block_size, act_order=config.act_order, observer=config.observer,
+            rounding=config.rounding, generator=generator)
+        results[name] = _finish(t, weight, scale, zero_point, codes)
+    return results
+
+
+def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generator) -> dict[str, Quantized]:
+    """AWQ on one decoder layer: fold the searched input scales, then clip-search and quantize each linear."""
+    relative = {t.name[len(layer_name) + 1:]: t for t in targets.values()}
+    modules = dict(layer.named_modules())
+    extras: dict[str, dict] = {}
+    for prev, linears in A.layer_mappings(layer, set(relative)):
+        group = [relative[n] for n in linears]
+        if len({t.group_size for t in group}) != 1:
+            continue
+        stats = group[0].stats
+        scale, alpha = A.search_scale([t.weight for t in group], stats.hessian, stats.abs_mean, config.bits,
+                                      group[0].group_size, config.symmetric)
+        if alpha == 0:
+            continue
+        with torch.no_grad():
+            for t in group:  # W' = W diag(s): scale the input columns
+                w = t.module.weight
+                if C.is_conv1d(t.module):
+                    w.mul_(scale.to(w.dtype).unsqueeze(1))
+                else:
+                    w.mul_(scale.to(w.dtype).unsqueeze(0))
+            A.divide_output(modules[prev], scale)
+        # The linears now see x / s: transform their statistics (once per distinct statistics object).
+        for s in {id(t.stats): t.stats for t in group}.values():
+            s.hessian = s.hessian / (scale.unsqueeze(0) * scale.unsqueeze(1))
+            s.abs_mean = s.abs_mean / scale
+        for t in group:
+            extras[t.name] = {"awq_alpha": alpha, "awq_folded_into": prev}
+    results = {}
+    for name, t in targets.items():
+        weight = t.weight
+        clip = P.search_clip(weight, config.bits, t.group_size, config.symmetric, hessian=t.hessian)
+        scale, zero_point = P.compute_qparams(weight, config.bits, t.group_size, config.symmetric, clip=clip,
+                                              stochastic=config.rounding == "stochastic", scale_dtype=weight.dtype)
+        codes = P.quantize(weight, scale, zero_point, config.bits, t.group_size, config.rounding, generator)
+        results[name] = _finish(t, weight, scale, zero_point, codes, extras.get(name))
+    return results
+
+
+METHODS = {"rtn": quantize_rtn, "gptq": quantize_gptq, "awq": quantize_awq}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------------------
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _install(model, target: Target, result: Quantized, config: QuantizationConfig) -> CompressedLinear:
+    source = target.module
+    bias = getattr(source, "bias", None)
+    module = CompressedLinear.from_codes(
+        result.codes, result.scale, result.zero_point, config.bits, target.group_size,
+        bias=None if bias is None else bias.detach(),
+        zero_point_rows=ct_format.zero_point_rows(result.codes.shape[0], config.bits))
+    module.unsupported_reason = ct_format.unsupported_reason(module, source)
+    _replace(model, target.name, module)
+    return module
+
+
+def _cast(model: nn.Module, config: QuantizationConfig, started: float) -> nn.Module:
+    model.to(getattr(torch, config.dtype))
+    report = QuantizationReport(method="cast", config=config.to_dict(), seconds=time.perf_counter() - started)
+    _attach_report(model, report)
+    return model
+
+
+def _attach_report(model: nn.Module, report: QuantizationReport) -> None:
+    model.hfcompress_report = report
+    if getattr(model, "config", None) is not None:
+        # Saved in config.json by save_pretrained (transformers serializes extra config attributes).
+        model.config.hfcompress = {"quantization": report.config,
+                                   "fallback_group_sizes": report.fallbacks,
+                                   "layers": [asdict(layer) for layer in report.layers],
+                                   "calibration_samples": report.calibration_samples}
+
+
+def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_data=None, tokenizer=None,
+             progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place as ``config`` says and return it (see the module docstring).
+
+    ``calibration_data``: a list of strings, a ``datasets.Dataset``, a text source string (``"stdlib"``, a
+    path, a dataset name) or a pre-tokenized LongTensor (N, T); required by ``gptq``/``awq``, optional for
+    ``rtn`` (it then weights the MSE clipping search and measures output errors). Text needs ``tokenizer``.
+    Every check (config, weights, data, architecture) runs before the model is modified.
+    """
+    started = time.perf_counter()
+    if isinstance(config, dict):
+        config = QuantizationConfig.from_dict(config)
+    if not isinstance(config, QuantizationConfig):
+        raise ConfigError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    if config.method.startswith("bnb_"):
+        from .bnb import quantize_bnb  # lazy: bitsandbytes is heavy to import
+
+        return quantize_bnb(model, config)
+    _check_not_quantized(model)
+    if config.method == "cast":
+        return _cast(model, config, started)
+
+    targets = select_targets(model, config.ignore)
+    _check_weights(model, targets)
+    if config.needs_calibration and calibration_data is None:
+        raise DataError(f"method={config.method!r} needs calibration data: pass calibration_data= (texts, a "
+                        f"dataset, 'stdlib' or token ids) and tokenizer=")
+    blocks = None
+    layers: list[tuple[str, nn.Module]] = []
+    if calibration_data is not None:
+        blocks = C.calibration_blocks(calibration_data, tokenizer, config.num_samples, config.seq_len,
+                                      seed=config.seed, model_config=getattr(model, "config", None))
+        layers = C.find_sequential_layers(model, config.sequential_targets, set(targets))
+    group_sizes = _group_sizes(targets, config.group_size)
+
+    # ---- from here on the model is modified ----
+    generator = torch.Generator().manual_seed(config.seed)
+    handler = METHODS[config.method]
+    report = QuantizationReport(method=config.method, config=config.to_dict(),
+                                calibration_samples=0 if blocks is None else blocks.shape[0])
+    done: set[str] = set()
+
+    def run(layer, layer_name, layer_targets: dict[str, Target]) -> None:
+        before = {n: _rtn_error(t.weight, t.group_size, t.hessian, config) for n, t in layer_targets.items()}
+        results = handler(layer, layer_name, layer_targets, config, generator)
+        for name, t in layer_targets.items():
+            _install(model, t, results[name], config)
+            report.layers.append(LayerReport(
+                name=name, bits=config.bits, group_size=t.group_size, fallback=t.group_size != config.group_size,
+                error_before=before[name], error_after=results[name].error,
+                metric="weight" if t.stats is None else "output", extra=results[name].extra))
+            done.add(name)
+
+    was_training = model.training
+    model.eval()
+    try:
+        if blocks is not None:
+            inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
+            bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
+            for layer_name, layer in bar:
+                bar.set_postfix_str(layer_name)
+                inside = {n: m for n, m in targets.items() if n.startswith(layer_name + ".")}
+                if inside:
+                    stats = C.collect_stats(layer, inside, inputs)
+                    run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()})
+                C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
+            del inputs
+        rest = {n: m for n, m in targets.items() if n not in done}
+        if rest:
+            if blocks is not None:
+                logger.info("quantizing %d layer(s) outside the decoder layers with RTN: %s", len(rest),
+                            ", ".join(rest))
+            bar = tqdm(rest.items(), desc=f"rtn {config.bits}-bit", disable=not progress or blocks is not None,
+                       unit="layer")
+            rtn = {n: Target(n, m, group_sizes[n]) for n, m in bar}
+            for name, target in rtn.items():
+                before = _rtn_error(target.weight, target.group_size, None, config)
+                result = _rtn_one(target, config, generator)
+                _install(model, target, result, config)
+                report.layers.append(LayerReport(
+                    name=name, bits=config.bits, group_size=target.group_size,
+                    fallback=target.group_size != config.group_size, error_before=before,
+                    error_after=result.error, metric="weight"))
+    finally:
+        model.train(was_training)
+
+    order = {name: i for i, name in enumerate(targets)}
+    report.layers.sort(key=lambda layer: order[layer.name])
+    report.seconds = time.perf_counter() - started
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = ct_format.quantization_config(
+            model, actorder=config.method == "gptq" and config.act_order)
+    _attach_report(model, report)
+    return model
+

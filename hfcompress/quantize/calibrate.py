@@ -1,0 +1,250 @@
+"""Layer-by-layer calibration: calibration data -> token blocks -> the inputs of one decoder layer at a time.
+
+The driver never holds more than one layer's inputs: it captures what the model feeds its first decoder
+layer (hidden states plus keyword arguments such as the attention mask and rotary embeddings), then for
+each layer collects per-linear statistics (input second moment ``E[x x^T]`` and mean ``|x|``), lets the
+method quantize the layer, and runs the *quantized* layer to produce the next layer's inputs (GPTQ's
+sequential scheme: later layers are calibrated on the outputs of the already-quantized ones).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..data import check_block_size, load_texts, pack_blocks
+from ..errors import ConfigError, DataError
+from . import primitives as P
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_BATCH = 8  # sequences per forward pass while calibrating
+
+
+# --------------------------------------------------------------------------------------------------------
+# Calibration data -> (N, T) token ids
+# --------------------------------------------------------------------------------------------------------
+def calibration_blocks(data, tokenizer, num_samples: int, seq_len: int, seed: int = 0,
+                       model_config=None) -> torch.Tensor:
+    """``num_samples`` sequences of ``seq_len`` tokens -> LongTensor (num_samples, seq_len).
+
+    ``data`` is a pre-tokenized LongTensor (N, T) (its first ``num_samples`` rows are used), or any text
+    source of :func:`hfcompress.data.load_texts` (a list of strings, a ``datasets.Dataset``, ``"stdlib"``,
+    a path...), packed into blocks from which ``num_samples`` are drawn with ``seed``.
+    """
+    if model_config is not None:
+        check_block_size(seq_len, model_config)
+    if isinstance(data, torch.Tensor):
+        if data.ndim != 2 or data.dtype not in (torch.int64, torch.int32) or data.numel() == 0:
+            raise DataError(f"pre-tokenized calibration data must be a non-empty (N, T) LongTensor of token ids, "
+                            f"got {tuple(data.shape)} {data.dtype}")
+        if data.shape[1] < 2:
+            raise DataError(f"calibration sequences must hold at least 2 tokens, got {data.shape[1]}")
+        if data.shape[0] < num_samples:
+            raise DataError(f"calibration data holds {data.shape[0]} sequences but num_samples={num_samples}; "
+                            f"pass more sequences or lower num_samples")
+        if model_config is not None:
+            check_block_size(data.shape[1], model_config)
+            vocab = getattr(model_config, "vocab_size", None)
+            if vocab is not None and (data.min() < 0 or data.max() >= vocab):
+                raise DataError(f"calibration token ids must be in [0, {vocab}) (the model's vocab_size), "
+                                f"got ids in [{int(data.min())}, {int(data.max())}]")
+        return data[:num_samples].long()
+    if tokenizer is None:
+        raise DataError("text calibration data needs a tokenizer: pass tokenizer=... to quantize(), "
+                        "or pass a pre-tokenized (N, T) LongTensor")
+    if isinstance(data, (list, tuple)) and not data:
+        raise DataError("calibration data is an empty list; pass texts, a dataset, 'stdlib' or token ids")
+    texts = load_texts(data)
+    blocks = pack_blocks(texts, tokenizer, seq_len)  # (M, seq_len); raises on empty/too-short text
+    if blocks.shape[0] < num_samples:
+        raise DataError(f"calibration data holds only {blocks.shape[0]} sequences of {seq_len} tokens but "
+                        f"num_samples={num_samples}; pass more text or lower num_samples/seq_len")
+    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return blocks[order]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Finding the decoder layers
+# --------------------------------------------------------------------------------------------------------
+def matches(name: str, pattern: str) -> bool:
+    """Exact name, a dotted suffix (``lm_head`` matches ``model.lm_head``), or ``re:<regex>`` (full match)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_sequential_layers(model: nn.Module, targets: list[str] | None,
+                           contains: set[str]) -> list[tuple[str, nn.Module]]:
+    """The decoder layers, in execution order.
+
+    With ``targets`` (``sequential_targets``), the modules whose names match. Otherwise the children of the
+    ``nn.ModuleList`` holding the most layers of one class that contain quantized linears
+    (``model.layers``, ``transformer.h``, ``encoder.layer``, ``decoder.layers``...). ``contains`` is the set
+    of names of the linears to quantize.
+    """
+    if targets:
+        found = [(n, m) for n, m in model.named_modules() if n and any(matches(n, p) for p in targets)]
+        if not found:
+            raise ConfigError(f"sequential_targets {targets} match no module of {type(model).__name__}; "
+                              f"name the decoder layers, e.g. ['re:model\\.layers\\.\\d+']")
+        nested = [n for n, _ in found if any(n.startswith(o + ".") for o, _ in found)]
+        if nested:
+            raise ConfigError(f"sequential_targets match nested modules (e.g. {nested[0]!r}); "
+                              f"match only the decoder layers themselves")
+        return found
+    best: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 1:
+            continue
+        children = [(f"{name}.{i}" if name else str(i), child) for i, child in enumerate(module)]
+        if len({type(c) for _, c in children}) != 1:
+            continue
+        if not all(any(t.startswith(n + ".") for t in contains) for n, _ in children):
+            continue
+        if len(children) > len(best):
+            best = children
+    if not best:
+        raise ConfigError(
+            f"could not find the decoder layers of {type(model).__name__} (no nn.ModuleList of identical "
+            f"blocks holding the layers to quantize); set QuantizationConfig(sequential_targets=[...]) to "
+            f"their names, e.g. ['re:model\\.layers\\.\\d+']")
+    return best
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layer inputs and statistics
+# --------------------------------------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by the capture hook once the first decoder layer's inputs are recorded."""
+
+
+@dataclass
+class LayerInputs:
+    """Positional and keyword inputs of a decoder layer, one entry per calibration batch."""
+
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.args)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model: nn.Module, first_layer: nn.Module, blocks: torch.Tensor,
+                               batch_size: int = CALIBRATION_BATCH) -> LayerInputs:
+    """Run the model on ``blocks`` (N, T) up to ``first_layer`` and record what it receives."""
+    inputs = LayerInputs()
+
+    def hook(module, args, kwargs):
+        inputs.args.append(tuple(args))
+        inputs.kwargs.append(dict(kwargs))
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    device = _model_device(model)
+    extra = {}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        extra["use_cache"] = False  # no KV cache objects in the captured kwargs
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            batch = blocks[start:start + batch_size].to(device)
+            try:
+                model(input_ids=batch, **extra)
+            except _StopForward:
+                continue
+            raise ConfigError(f"the model never called its decoder layer {type(first_layer).__name__}; "
+                              f"check sequential_targets")
+    finally:
+        handle.remove()
+    return inputs
+
+
+def layer_output(output):
+    """Hidden states out of a decoder layer's return value (a tensor, or a tuple whose first item is)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def propagate(layer: nn.Module, inputs: LayerInputs) -> None:
+    """Replace each batch's hidden states by the layer's output (the next layer's input), in place."""
+    for i, (args, kwargs) in enumerate(zip(inputs.args, inputs.kwargs)):
+        if args:
+            hidden = layer_output(layer(*args, **kwargs))
+            inputs.args[i] = (hidden,) + tuple(args[1:])
+        else:  # hidden states passed by keyword
+            key = next(iter(kwargs))
+            kwargs = dict(kwargs)
+            kwargs[key] = layer_output(layer(**kwargs))
+            inputs.kwargs[i] = kwargs
+
+
+@dataclass
+class InputStats:
+    """Statistics of one linear layer's inputs: ``E[x x^T]`` (in, in) and ``E|x|`` (in,)."""
+
+    hessian: torch.Tensor
+    abs_mean: torch.Tensor
+    count: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        n = rows.shape[0]
+        total = self.count + n
+        self.abs_mean.mul_(self.count / total).add_(rows.abs().sum(0), alpha=1.0 / total)
+        self.hessian, self.count = P.accumulate_hessian(self.hessian, self.count, rows)
+
+
+@torch.no_grad()
+def collect_stats(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs) -> dict[str, InputStats]:
+    """Run ``layer`` on its inputs and gather :class:`InputStats` for each of ``modules`` (name -> linear)."""
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for name, module in modules.items():
+        in_features = linear_shape(module)[1]
+        device = next(module.parameters()).device
+        stats[name] = InputStats(torch.zeros(in_features, in_features, device=device),
+                                 torch.zeros(in_features, device=device))
+        handles.append(module.register_forward_hook(
+            lambda mod, args, out, s=stats[name]: s.add(args[0].detach())))
+    try:
+        for args, kwargs in zip(inputs.args, inputs.kwargs):
+            layer(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------------
+# Linear layers: nn.Linear and GPT-2's Conv1D (weight stored transposed, (in, out))
+# --------------------------------------------------------------------------------------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features)."""
+    if is_conv1d(module):
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.weight.shape[0], module.weight.shape[1]
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in), whatever the module's storage layout."""
+    return module.weight.t() if is_conv1d(module) else module.weight
