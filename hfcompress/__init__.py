@@ -6,6 +6,8 @@ The public API is imported lazily so that ``import hfcompress`` (and the CLI's `
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -42,6 +44,33 @@ def __getattr__(name: str):
 
 def __dir__():
     return __all__
+
+
+def _public_function(name: str) -> property:
+    """``hfcompress.quantize`` / ``hfcompress.evaluate`` are public functions *and* subpackage names.
+
+    The import system assigns a subpackage to its parent's attribute when it is first imported, which would
+    replace the function. These names are properties instead: reading always gives the function, and the
+    import system's assignment is ignored (the subpackage stays reachable through ``sys.modules`` and
+    ``from hfcompress.quantize.config import ...``).
+    """
+
+    def get(module):
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+    def set_(module, value):
+        if not isinstance(value, types.ModuleType):
+            raise AttributeError(f"hfcompress.{name} is read-only")
+
+    return property(get, set_)
+
+
+class _Package(types.ModuleType):
+    quantize = _public_function("quantize")
+    evaluate = _public_function("evaluate")
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only

@@ -107,7 +107,15 @@ def _pick_split(dataset_dict, split: str, where: str):
 
 
 def load_texts(source: TextSource, split: str = "train", text_column: str = "text") -> list[str]:
-    """Read a text source (see the module docstring) into a list of documents."""
+    """Read a text source (see the module docstring) into a list of documents; an empty source is an error."""
+    texts = _load_texts(source, split, text_column)
+    if not any(t.strip() for t in texts):
+        where = source if isinstance(source, (str, os.PathLike)) else f"the {type(source).__name__} given"
+        raise DataError(f"the text source {where} is empty: it holds no non-empty documents")
+    return texts
+
+
+def _load_texts(source: TextSource, split: str, text_column: str) -> list[str]:
     import datasets
 
     if isinstance(source, datasets.DatasetDict):

@@ -259,6 +259,7 @@ def evaluate(
     prompt_tokens: int = 64,
     seed: int = 0,
     model_name: str | None = None,
+    data_label: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> EvalResult:
@@ -278,11 +279,11 @@ def evaluate(
         model_name = model_name or name
     if tokenizer is None:
         raise DataError("evaluate() needs a tokenizer when given a model object")
+    texts = load_texts(data, split="test")
     model.eval()
     context = getattr(model.config, "max_position_embeddings", None) or 512
     block_size = block_size or min(context, 512)
     check_block_size(block_size, model.config)
-    texts = load_texts(data, split="test")
 
     if stride is not None and stride != block_size:
         blocks, score_from = strided_windows(token_stream(texts, tokenizer), block_size, stride)
@@ -300,7 +301,7 @@ def evaluate(
 
     result = EvalResult(
         model=model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        data=data if isinstance(data, str) else f"<{type(data).__name__}>",
+        data=data_label or (data if isinstance(data, str) else f"<{type(data).__name__}>"),
         block_size=block_size,
         num_blocks=int(blocks.shape[0]),
         scored_tokens=count,

@@ -71,3 +71,29 @@ def checkpoint_bytes(path: str | os.PathLike) -> int:
     """Bytes of weight files in a checkpoint folder (safetensors/bin shards), excluding tokenizer/config."""
     path = Path(path)
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+
+
+def quantization_method(path: str | os.PathLike) -> str | None:
+    """``quant_method`` of a local checkpoint's config.json (``None`` for a plain model or a Hub id)."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method")
+
+
+def load_for_inference(name_or_path, runtime: str = "auto", progress: bool = False):
+    """Load a model for evaluation/generation.
+
+    ``runtime='auto'`` (or ``'packed'``) loads compressed-tensors checkpoints with
+    :func:`hfcompress.load_compressed`, which keeps the weights packed and runs the native int4/int8 kernels;
+    ``'transformers'`` (and every other checkpoint) goes through plain ``from_pretrained``.
+    """
+    resolved = resolve_model(name_or_path)
+    if runtime in ("auto", "packed") and quantization_method(resolved) == "compressed-tensors":
+        from .quantize.runtime import load_compressed
+
+        return load_compressed(resolved, progress=progress)
+    return load_model(resolved)

@@ -205,11 +205,11 @@ def _rtn_one(target: Target, config: QuantizationConfig, generator) -> Quantized
     return _finish(target, weight, scale, zero_point, codes)
 
 
-def quantize_rtn(layer, layer_name, targets: dict[str, Target], config, generator) -> dict[str, Quantized]:
+def quantize_rtn(layer, layer_name, targets: dict[str, Target], config, generator, probe=None) -> dict[str, Quantized]:
     return {name: _rtn_one(t, config, generator) for name, t in targets.items()}
 
 
-def quantize_gptq(layer, layer_name, targets: dict[str, Target], config, generator) -> dict[str, Quantized]:
+def quantize_gptq(layer, layer_name, targets: dict[str, Target], config, generator, probe=None) -> dict[str, Quantized]:
     results = {}
     for name, t in targets.items():
         weight = t.weight
@@ -221,11 +221,17 @@ def quantize_gptq(layer, layer_name, targets: dict[str, Target], config, generat
     return results
 
 
-def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generator) -> dict[str, Quantized]:
-    """AWQ on one decoder layer: fold the searched input scales, then clip-search and quantize each linear."""
+def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generator, probe=None) -> dict[str, Quantized]:
+    """AWQ on one decoder layer: fold the searched input scales, then clip-search and quantize each linear.
+
+    ``probe()`` runs the (still floating-point) layer on one calibration batch. A fold must leave the
+    layer's function unchanged; one that does not (the scaled output also feeds something else, e.g. the
+    residual branch of a post-norm block such as BERT's) is undone and that mapping skipped.
+    """
     relative = {t.name[len(layer_name) + 1:]: t for t in targets.values()}
     modules = dict(layer.named_modules())
     extras: dict[str, dict] = {}
+    reference = probe() if probe is not None else None
     for prev, linears in A.layer_mappings(layer, set(relative)):
         group = [relative[n] for n in linears]
         if len({t.group_size for t in group}) != 1:
@@ -235,14 +241,16 @@ def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generato
                                       group[0].group_size, config.symmetric)
         if alpha == 0:
             continue
-        with torch.no_grad():
-            for t in group:  # W' = W diag(s): scale the input columns
-                w = t.module.weight
-                if C.is_conv1d(t.module):
-                    w.mul_(scale.to(w.dtype).unsqueeze(1))
-                else:
-                    w.mul_(scale.to(w.dtype).unsqueeze(0))
-            A.divide_output(modules[prev], scale)
+        A.scale_inputs([t.module for t in group], scale)  # W' = W diag(s)
+        A.divide_output(modules[prev], scale)
+        if reference is not None:
+            folded = probe()
+            if (folded - reference).norm() > 1e-3 * reference.norm():
+                A.scale_inputs([t.module for t in group], 1.0 / scale)
+                A.divide_output(modules[prev], 1.0 / scale)
+                logger.info("AWQ: %s.%s feeds more than %s; not folding a scale into it", layer_name, prev,
+                            ", ".join(linears))
+                continue
         # The linears now see x / s: transform their statistics (once per distinct statistics object).
         for s in {id(t.stats): t.stats for t in group}.values():
             s.hessian = s.hessian / (scale.unsqueeze(0) * scale.unsqueeze(1))
@@ -343,9 +351,9 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                                 calibration_samples=0 if blocks is None else blocks.shape[0])
     done: set[str] = set()
 
-    def run(layer, layer_name, layer_targets: dict[str, Target]) -> None:
+    def run(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> None:
         before = {n: _rtn_error(t.weight, t.group_size, t.hessian, config) for n, t in layer_targets.items()}
-        results = handler(layer, layer_name, layer_targets, config, generator)
+        results = handler(layer, layer_name, layer_targets, config, generator, probe)
         for name, t in layer_targets.items():
             _install(model, t, results[name], config)
             report.layers.append(LayerReport(
@@ -365,7 +373,8 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                 inside = {n: m for n, m in targets.items() if n.startswith(layer_name + ".")}
                 if inside:
                     stats = C.collect_stats(layer, inside, inputs)
-                    run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()})
+                    run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
+                        probe=lambda layer=layer: C.run_first_batch(layer, inputs))
                 C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
             del inputs
         rest = {n: m for n, m in targets.items() if n not in done}

@@ -38,9 +38,8 @@ SCALE_MAPPINGS: list[tuple[str, tuple[str, ...]]] = [
     # GPT-2 (Conv1D)
     ("ln_1", ("attn.c_attn",)),
     ("ln_2", ("mlp.c_fc",)),
-    # BERT-style encoders
+    # BERT-style encoders (their LayerNorms also feed the residual branch: nothing to fold into them)
     ("attention.self.value", ("attention.output.dense",)),
-    ("attention.output.LayerNorm", ("intermediate.dense",)),
 ]
 
 
@@ -67,6 +66,14 @@ def search_scale(weights: list[torch.Tensor], hessian: torch.Tensor, abs_mean: t
         if err < best_err:
             best_err, best_alpha, best_scale = err, alpha, s
     return best_scale, best_alpha
+
+
+@torch.no_grad()
+def scale_inputs(linears: list[nn.Module], scale: torch.Tensor) -> None:
+    """Multiply the input columns of each linear (nn.Linear (out, in) or Conv1D (in, out)) by ``scale``."""
+    for module in linears:
+        s = scale.to(module.weight.device, module.weight.dtype)
+        module.weight.mul_(s.unsqueeze(1) if is_conv1d(module) else s.unsqueeze(0))
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ absmax scales and double quantization of those scales.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 
 import torch
@@ -29,14 +30,31 @@ BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def bnb_config_from(config):
-    """Our QuantizationConfig (read by attribute) -> ``transformers.BitsAndBytesConfig``."""
+def matches(name: str, pattern: str) -> bool:
+    """Exact name, a dotted suffix (``lm_head`` matches ``model.lm_head``), or ``re:<regex>`` (full match),
+    the ``ignore`` rule of QuantizationConfig."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def ignored_modules(model, patterns: list[str]) -> list[str]:
+    """Names of the modules matched by ``ignore`` patterns, spelled out for ``llm_int8_skip_modules``
+    (whose own matching differs: prefixes and substrings). An explicit list, even empty, also stops
+    transformers from adding its default skips, so ``ignore=[]`` quantizes the output head too."""
+    return [name for name, _ in model.named_modules() if name and any(matches(name, p) for p in patterns)]
+
+
+def bnb_config_from(config, model=None):
+    """Our QuantizationConfig (read by attribute) -> ``transformers.BitsAndBytesConfig``; with ``model``,
+    ``config.ignore`` becomes the explicit list of modules kept in float."""
     from transformers import BitsAndBytesConfig
 
     method = getattr(config, "method", None)
     if method not in BNB_METHODS:
         raise ConfigError(f"quantize_bnb: method must be one of {', '.join(BNB_METHODS)}, got {method!r}")
-    skip = list(getattr(config, "ignore", None) or []) or None
+    ignore = getattr(config, "ignore", None)
+    skip = None if model is None or ignore is None else ignored_modules(model, list(ignore))
     if method == "bnb_int8":
         threshold = float(getattr(config, "bnb_threshold", 6.0))
         if threshold < 0:
@@ -78,7 +96,7 @@ def quantize_bnb(model, config):
 
     if not isinstance(model, PreTrainedModel):
         raise ConfigError(f"quantize_bnb needs a transformers PreTrainedModel, got {type(model).__name__}")
-    bnb_config = bnb_config_from(config)
+    bnb_config = bnb_config_from(config, model)
     device = _model_device(model)
     block_size = int(getattr(config, "bnb_block_size", DEFAULT_BLOCK_SIZE))
     with tempfile.TemporaryDirectory(prefix="hfcompress-bnb-") as tmp:

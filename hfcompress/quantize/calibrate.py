@@ -190,6 +190,12 @@ def propagate(layer: nn.Module, inputs: LayerInputs) -> None:
             inputs.kwargs[i] = kwargs
 
 
+@torch.no_grad()
+def run_first_batch(layer: nn.Module, inputs: LayerInputs) -> torch.Tensor:
+    """The layer's hidden-state output on the first calibration batch (to check reparametrizations)."""
+    return layer_output(layer(*inputs.args[0], **inputs.kwargs[0])).detach().clone()
+
+
 @dataclass
 class InputStats:
     """Statistics of one linear layer's inputs: ``E[x x^T]`` (in, in) and ``E|x|`` (in,)."""

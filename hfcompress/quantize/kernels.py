@@ -33,6 +33,9 @@ import torch
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # aten._convert_weight_to_int4pack_for_cpu needs N divisible by this.
 INT4_KERNEL_N_MULTIPLE = 16
+# aten._weight_int8pack_mm on CPU (torch 2.13) reads K in blocks of 16 and crashes (segfault, no error)
+# for other K, so we only hand it K % 16 == 0.
+INT8_KERNEL_K_MULTIPLE = 16
 
 
 def qrange(num_bits: int) -> tuple[int, int]:
@@ -139,6 +142,10 @@ def int4_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, kernel_group_size: in
 # ------------------------------------------------------------------------------------------------------
 # int8: aten._weight_int8pack_mm
 # ------------------------------------------------------------------------------------------------------
+def int8_kernel_supports(in_features: int) -> bool:
+    return in_features % INT8_KERNEL_K_MULTIPLE == 0
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 zero_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ ((q - z) * s).T with per-channel s (N,) and ``zero_scale`` = z * s (N,) or None."""

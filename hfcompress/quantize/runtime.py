@@ -9,8 +9,8 @@ Module choice per layer (CPU):
 
 * ``Int4PackedLinear``: b <= 4 bits, N % 16 == 0 and a group size the int4 kernel takes
   (``aten._weight_int4pack_mm_for_cpu``; symmetric or asymmetric, group or channel);
-* ``Int8PackedLinear``: per-channel/tensor weights of <= 8 bits (``aten._weight_int8pack_mm``, an
-  asymmetric zero point adds a rank-one correction);
+* ``Int8PackedLinear``: per-channel/tensor weights of <= 8 bits with K % 16 == 0
+  (``aten._weight_int8pack_mm``; an asymmetric zero point adds a rank-one correction);
 * ``DequantLinear``: everything else (int8 groups, odd shapes, activation-ordered ``g_idx``, non-CPU devices)
   keeps the checkpoint's int32 words and dequantizes on the fly;
 * ``PackedEmbedding``: quantized embeddings dequantize only the looked-up rows.
@@ -246,7 +246,7 @@ def build_packed_module(name: str, module: nn.Module, weights, reader: TensorRea
         if kernel_group is not None:
             q = kernels.unpack_weight(t["packed"], bits, (n, k))
             return Int4PackedLinear(q, t["scale"], t["zero_point"], group_size, t["bias"], dtype, kernel_group)
-    if native and group_size is None:
+    if native and group_size is None and kernels.int8_kernel_supports(k):
         q = kernels.unpack_weight(t["packed"], bits, (n, k))
         return Int8PackedLinear(q, t["scale"], t["zero_point"], t["bias"], dtype)
     logger.debug("%s: %d-bit %s weight (%d, %d) runs through the dequantize fallback", name, bits,
@@ -381,7 +381,7 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
 
-    model.to(device).eval()
+    model.to(device).eval().requires_grad_(False)
     _load_generation_config(model, folder)
     return model
 

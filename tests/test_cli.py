@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hfcompress.cli import main
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("reference", "eval", "quantize", "distill", "run", "push", "verify"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["reference", "eval", "quantize", "run", "push", "verify"])
+def test_subcommand_help_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: hfcompress " + command in capsys.readouterr().out
+
+
+def _one_line_error(capsys, argv, expected):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert expected in err
+    return err
+
+
+def test_eval_missing_path(capsys, tmp_path):
+    _one_line_error(capsys, ["eval", str(tmp_path / "nope")], "does not exist")
+
+
+def test_eval_not_a_model_folder(capsys, tmp_path):
+    _one_line_error(capsys, ["eval", str(tmp_path)], "not a model folder")
+
+
+def test_eval_empty_text_source(capsys, tmp_path, tiny_reference_dir):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "empty.txt").write_text("")
+    _one_line_error(capsys, ["eval", str(tiny_reference_dir), "--data", str(tmp_path / "data"), "--no-speed"],
+                    "empty")
+
+
+def test_eval_block_size_too_large(capsys, tiny_reference_dir):
+    _one_line_error(capsys, ["eval", str(tiny_reference_dir), "--block-size", "100000", "--no-speed"], "context")
+
+
+def test_unknown_option_exits_nonzero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "x", "--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_eval_writes_json(tmp_path, tiny_reference_dir, capsys):
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tiny_reference_dir), "--block-size", "64", "--num-blocks", "4", "--new-tokens", "4",
+                 "--json", str(out), "-q"]) == 0
+    result = json.loads(out.read_text())
+    assert result["perplexity"] > 1 and result["decode_tokens_per_s"] > 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hfcompress.cli", "eval", str(tmp_path / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("hfcompress eval: error:") and "Traceback" not in proc.stderr
