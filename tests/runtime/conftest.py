@@ -78,10 +78,28 @@ def write_ct_checkpoint(model, out_dir, num_bits=4, strategy="group", group_size
 
 def load_dequantized_reference(path, dtype=torch.float32):
     """transformers' own load of a compressed-tensors checkpoint, dequantized to float (the reference)."""
+    import warnings
+
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    with warnings.catch_warnings():  # "you passed quantization_config ... attributes will be overwritten": intended
+        warnings.simplefilter("ignore", UserWarning)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+
+
+def ct_reference_logits(written_model, tokens):
+    """(float32, bfloat16) logits of the in-memory model ``write_ct_checkpoint`` compressed: its first
+    forward decompresses every module with compressed-tensors' own code and that module's own scheme.
+
+    Used where transformers' loader cannot be the reference: it dequantizes every module with the first
+    config group's scheme (mixed precision) and cannot load quantized embeddings (transformers 5.24)."""
+    import copy
+
+    with torch.no_grad():
+        reference = written_model(tokens).logits.float()
+        bf16 = copy.deepcopy(written_model).to(torch.bfloat16)(tokens).logits.float()
+    return reference, bf16
 
 
 def run_clean_python(code: str, cwd=None) -> subprocess.CompletedProcess:

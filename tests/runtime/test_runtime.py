@@ -1,0 +1,254 @@
+"""load_compressed round trips: compressed-tensors checkpoints -> packed modules -> logits close to
+transformers' own dequantized load of the same folder.
+
+Tolerance: our model runs in bfloat16 but multiplies by the exact integer codes; transformers' dequantized
+model run in bfloat16 rounds the same weights once more. Both differ from the float32 dequantized reference
+only through bfloat16 rounding of activations, scales and outputs, so our error must be of the same order
+as that bfloat16 reference's own error: we allow 3x it. A wrong zero point, group mapping or packing
+order shows up as an error of the order of the logits themselves (checked: > 10x that tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ct_reference_logits, load_dequantized_reference, small_llama, write_ct_checkpoint
+
+from hfcompress.evaluate import count_parameters, weight_bytes
+from hfcompress.errors import HFCompressError
+from hfcompress.quantize.checkpoint import CheckpointError, UnsupportedSchemeError
+from hfcompress.quantize.runtime import (
+    DequantLinear,
+    Int4PackedLinear,
+    Int8PackedLinear,
+    PackedEmbedding,
+    load_compressed,
+)
+
+TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def check_close_to_reference(path, ours):
+    reference = logits(load_dequantized_reference(path, torch.float32))
+    bf16_error = (logits(load_dequantized_reference(path, torch.bfloat16)) - reference).abs().max()
+    error = (logits(ours) - reference).abs().max()
+    assert error <= 3 * bf16_error, f"packed runtime error {error:.3g} vs bf16 reference error {bf16_error:.3g}"
+    return error, bf16_error
+
+
+def module_types(model):
+    return {name: type(m) for name, m in model.named_modules()}
+
+
+CASES = [  # bits, strategy, group_size, symmetric, expected Linear module class
+    (4, "group", 32, True, Int4PackedLinear),
+    (4, "group", 32, False, Int4PackedLinear),
+    (4, "channel", None, True, Int4PackedLinear),
+    (4, "channel", None, False, Int4PackedLinear),
+    (8, "channel", None, True, Int8PackedLinear),
+    (8, "channel", None, False, Int8PackedLinear),
+    (8, "group", 32, True, DequantLinear),
+    (8, "group", 32, False, DequantLinear),
+    (3, "group", 32, False, Int4PackedLinear),
+    (2, "channel", None, True, Int4PackedLinear),
+]
+
+
+@pytest.mark.parametrize("bits,strategy,group_size,symmetric,expected", CASES,
+                         ids=[f"int{c[0]}-{c[1]}-{'sym' if c[3] else 'asym'}" for c in CASES])
+def test_round_trip(tmp_path, bits, strategy, group_size, symmetric, expected):
+    model = small_llama()
+    original_parameters = count_parameters(model)
+    write_ct_checkpoint(model, tmp_path, num_bits=bits, strategy=strategy, group_size=group_size,
+                        symmetric=symmetric)
+    ours = load_compressed(tmp_path, progress=False)
+    assert type(ours.model.layers[0].mlp.down_proj) is expected
+    assert type(ours.model.layers[1].self_attn.k_proj) is expected
+    assert type(ours.lm_head) is torch.nn.Linear  # ignored by the config: stays float
+    assert ours.dtype == torch.bfloat16
+    error, bf16_error = check_close_to_reference(tmp_path, ours)
+    # The logical parameter count is the float model's, however the weights are packed.
+    assert count_parameters(ours) == original_parameters
+    # Sanity of the tolerance: corrupting one scale is caught by it.
+    layer = ours.model.layers[0].mlp.down_proj
+    buffer = next(b for n, b in layer.named_buffers() if "scale" in n)
+    buffer.mul_(1.5)
+    reference = logits(load_dequantized_reference(tmp_path))
+    assert (logits(ours) - reference).abs().max() > 3 * bf16_error
+
+
+def test_odd_shapes_fall_back_and_stay_exact(tmp_path):
+    """N % 16 != 0 or K % 16 != 0: per-channel int4 goes to the int8 kernel where K allows, else dequantizes."""
+    model = small_llama(intermediate=72)
+    write_ct_checkpoint(model, tmp_path, num_bits=4, strategy="channel", symmetric=False)
+    ours = load_compressed(tmp_path, progress=False)
+    mlp = ours.model.layers[0].mlp
+    assert type(mlp.gate_proj) is Int8PackedLinear  # N = 72
+    assert type(mlp.down_proj) is DequantLinear  # K = 72: neither kernel takes it
+    assert type(ours.model.layers[0].self_attn.q_proj) is Int4PackedLinear
+    check_close_to_reference(tmp_path, ours)
+
+
+def test_quantized_embeddings_head_and_mixed_groups(tmp_path, llama):
+    """Embedding + lm_head quantized, and a second config group (8-bit channel for the MLP down_proj)
+    listed first so it wins for those layers, as in compressed-tensors."""
+    write_ct_checkpoint(llama, tmp_path, num_bits=4, strategy="group", group_size=32, symmetric=False,
+                        targets=("Linear", "Embedding"), ignore=(),
+                        extra_groups={"down": (["re:.*down_proj"], dict(num_bits=8, strategy="channel",
+                                                                          symmetric=True))})
+    ours = load_compressed(tmp_path, progress=False)
+    assert isinstance(ours.model.embed_tokens, PackedEmbedding)
+    assert isinstance(ours.lm_head, Int4PackedLinear)
+    assert isinstance(ours.model.layers[0].mlp.down_proj, Int8PackedLinear)
+    assert isinstance(ours.model.layers[0].mlp.up_proj, Int4PackedLinear)
+    reference, bf16 = ct_reference_logits(llama, TOKENS)
+    assert (logits(ours) - reference).abs().max() <= 3 * (bf16 - reference).abs().max()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert len(config["quantization_config"]["config_groups"]) == 2
+
+
+def test_tied_embeddings_and_generate(tmp_path):
+    model = small_llama(tie=True)
+    write_ct_checkpoint(model, tmp_path, num_bits=4, strategy="group", group_size=32)
+    ours = load_compressed(tmp_path, progress=False)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    check_close_to_reference(tmp_path, ours)
+    prompt = TOKENS[:1, :5]
+    out = ours.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+                        do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 13) and torch.equal(out[:, :5], prompt)
+    # Greedy decoding with the KV cache picks what a full forward pass ranks first (up to bf16 near-ties).
+    full = logits(ours, out[:, :-1])[0, 4:]  # (8, V)
+    chosen = full.gather(1, out[0, 5:, None]).squeeze(1)
+    assert (full.max(dim=1).values - chosen <= 0.02 * full.abs().max()).all()
+
+
+def test_memory_is_packed(tmp_path):
+    model = small_llama(hidden=128, intermediate=256, vocab=128)
+    float_bytes = weight_bytes(model)
+    linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    write_ct_checkpoint(model, tmp_path, num_bits=4, strategy="group", group_size=32, ignore=())
+    ours = load_compressed(tmp_path, progress=False)
+    # int4 codes (1/2 byte) + one bf16 scale and zero per 32 weights (4/32 bytes) vs 4 bytes each.
+    other_params = count_parameters(ours) - linear_params
+    expected = linear_params * (0.5 + 4 / 32) + other_params * 2
+    assert weight_bytes(ours) <= 1.01 * expected
+    assert weight_bytes(ours) < 0.2 * float_bytes
+
+
+def test_float32_activations_and_state_dict_refused(tmp_path, llama):
+    write_ct_checkpoint(llama, tmp_path, num_bits=8, strategy="channel")
+    ours = load_compressed(tmp_path, dtype="float32", progress=False)
+    assert ours.dtype == torch.float32
+    check_close_to_reference(tmp_path, ours)
+    with pytest.raises(HFCompressError, match="inference-only"):
+        ours.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bad input: one-line errors naming the file/tensor, never an unquantized load
+# ------------------------------------------------------------------------------------------------------
+def _weights(config):
+    """The weights args of the (single) config group; compressed-tensors names groups group_0, group_1..."""
+    return config["quantization_config"]["config_groups"]["group_0"]["weights"]
+
+
+def _rewrite_config(path, edit):
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _rewrite_tensors(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.fixture()
+def int4_checkpoint(tmp_path, llama):
+    return write_ct_checkpoint(llama, tmp_path / "ckpt", num_bits=4, strategy="group", group_size=32,
+                               symmetric=False)
+
+
+def test_error_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_compressed(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_compressed(tmp_path / "nope")
+
+
+def test_error_plain_checkpoint(tmp_path, llama):
+    llama.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="plain .*from_pretrained"):
+        load_compressed(tmp_path)
+
+
+def test_error_activation_quantization(int4_checkpoint):
+    def add_activations(config):
+        config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
+            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    _rewrite_config(int4_checkpoint, add_activations)
+    with pytest.raises(UnsupportedSchemeError, match="group_0 quantizes activations"):
+        load_compressed(int4_checkpoint)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda w: w.update(num_bits=1), "1-bit weights"),
+    (lambda w: w.update(type="float", num_bits=8), "float weights"),
+    (lambda w: w.update(strategy="block", block_structure=[32, 32], group_size=None), "'block' strategy"),
+])
+def test_error_unsupported_weight_schemes(int4_checkpoint, edit, match):
+    _rewrite_config(int4_checkpoint, lambda c: edit(_weights(c)))
+    with pytest.raises(UnsupportedSchemeError, match=match):
+        load_compressed(int4_checkpoint)
+
+
+def test_error_config_does_not_match_tensors(int4_checkpoint):
+    _rewrite_config(int4_checkpoint, lambda c: _weights(c).update(group_size=64))
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.q_proj.weight_scale'.*\[64, 1\]"):
+        load_compressed(int4_checkpoint)
+
+
+def test_error_config_targets_unquantized_module(int4_checkpoint):
+    _rewrite_config(int4_checkpoint, lambda c: c["quantization_config"].update(ignore=[]))
+    with pytest.raises(CheckpointError, match="targets module 'lm_head'.*no 'lm_head.weight_packed'"):
+        load_compressed(int4_checkpoint)
+
+
+def test_error_missing_tensor(int4_checkpoint):
+    _rewrite_tensors(int4_checkpoint, lambda t: t.pop("model.layers.1.mlp.up_proj.weight_zero_point"))
+    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.mlp.up_proj.weight_zero_point'"):
+        load_compressed(int4_checkpoint)
+
+
+def test_error_missing_float_tensor(int4_checkpoint):
+    _rewrite_tensors(int4_checkpoint, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError, match="missing tensor 'model.norm.weight'"):
+        load_compressed(int4_checkpoint)
+
+
+def test_error_non_finite_scale(int4_checkpoint):
+    def poison(t):
+        t["model.layers.0.mlp.gate_proj.weight_scale"][0, 0] = float("nan")
+    _rewrite_tensors(int4_checkpoint, poison)
+    with pytest.raises(CheckpointError, match="gate_proj.weight_scale' has non-finite"):
+        load_compressed(int4_checkpoint)
+
+
+def test_error_truncated_file(int4_checkpoint):
+    file = int4_checkpoint / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
+        load_compressed(int4_checkpoint)
