@@ -97,7 +97,7 @@ def _texts_from_dataset(dataset, text_column: str, where: str) -> list[str]:
             f"{where} has no column {text_column!r} (columns: {', '.join(dataset.column_names)}); "
             f"pass text_column=... to name the text column"
         )
-    return [t for t in dataset[text_column] if isinstance(t, str)]
+    return [t for t in list(dataset[text_column]) if isinstance(t, str)]
 
 
 def _pick_split(dataset_dict, split: str, where: str):
@@ -122,7 +122,9 @@ def _load_texts(source: TextSource, split: str, text_column: str) -> list[str]:
         return _texts_from_dataset(_pick_split(source, split, "the DatasetDict"), text_column, "the dataset")
     if isinstance(source, datasets.Dataset):
         return _texts_from_dataset(source, text_column, "the dataset")
-    if isinstance(source, (list, tuple)):
+    if not isinstance(source, (str, os.PathLike)) and hasattr(source, "__iter__"):
+        source = list(source)  # a list, tuple or datasets Column of strings
+    if isinstance(source, list):
         if not all(isinstance(t, str) for t in source):
             raise DataError("a list text source must contain only strings")
         return list(source)
@@ -135,7 +137,7 @@ def _load_texts(source: TextSource, split: str, text_column: str) -> list[str]:
         split = text.partition(":")[2] or split
         if split not in SPLITS:
             raise DataError(f"unknown stdlib split {split!r}; choose one of {', '.join(SPLITS)}")
-        return load_stdlib_corpus()[split]["text"]
+        return list(load_stdlib_corpus()[split]["text"])
 
     path = Path(text).expanduser()
     if path.is_file():
