@@ -107,8 +107,27 @@ def quantize_bnb(model, config):
         if block_size != DEFAULT_BLOCK_SIZE:
             _requantize_4bit(quantized, model, block_size)
         _check_cpu_4bit_shapes(quantized, block_size)
+        _keep_4bit_serializable(quantized)
     quantized.eval()
     return quantized
+
+
+def _keep_4bit_serializable(model) -> None:
+    """Keep bitsandbytes' CPU 4-bit layers in their serializable layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit weight at its first forward
+    (``_convert_weight_packed_for_cpu``: absmax transposed and cast to bfloat16, double quantization undone)
+    and its save-time inverse is only "best effort": without double quantization the absmax stays
+    transposed (the reloaded model is wrong by O(1) in the logits) and with it the absmax is re-quantized
+    from bfloat16. Quantize -> evaluate -> save, our normal flow, would therefore write a corrupted
+    checkpoint. We switch the repacking off for the models we create (the generic dequantize path computes
+    the same function); :func:`hfcompress.quantize.saving.save_checkpoint` refuses models already repacked.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _check_cpu_4bit_shapes(model, block_size: int) -> None:

@@ -31,6 +31,18 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
                                     "(--overwrite) to replace it")
 
 
+def _check_bnb_cpu_repacked(model) -> None:
+    """bitsandbytes 0.50 cannot save a CPU 4-bit layer exactly once its first forward repacked it (see
+    :func:`hfcompress.quantize.bnb._keep_4bit_serializable`); refuse instead of writing a corrupted file."""
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise HFCompressError(
+                f"cannot save: bitsandbytes repacked layer {name!r} for its CPU kernel during a forward pass and "
+                "cannot write it back exactly (bitsandbytes 0.50); save before running the model, or quantize "
+                "with hfcompress.quantize (which keeps layers serializable)")
+
+
 def _write_extra_files(folder: Path, extra_files: dict[str, str | bytes]) -> None:
     for name, content in extra_files.items():
         relative = Path(name)
@@ -63,6 +75,7 @@ def save_checkpoint(model, out_dir: str | os.PathLike, tokenizer=None, max_shard
     """
     out_dir = Path(out_dir).expanduser().absolute()
     _check_destination(out_dir, overwrite)
+    _check_bnb_cpu_repacked(model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A sibling on the same filesystem, so the final rename is atomic.
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
