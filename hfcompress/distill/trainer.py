@@ -39,11 +39,15 @@ logger = logging.getLogger(__name__)
 COMPONENTS = ("kd", "ce", "hidden")
 
 
-class _SaveProjections(TrainerCallback):
-    """Writes the hidden-state projections into each checkpoint folder, next to (not inside) the student."""
+class _ProjectionsCallback(TrainerCallback):
+    """Clears the projections' gradients after each optimizer step (the Trainer clears only the student's)
+    and writes the projections into each checkpoint folder, next to (not inside) the student."""
 
     def __init__(self, trainer: "DistillationTrainer"):
         self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.hidden_projections.zero_grad(set_to_none=True)
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -125,7 +129,7 @@ class DistillationTrainer(Trainer):
 
             for param in self.hidden_projections.parameters():
                 param.register_post_accumulate_grad_hook(average)
-        self.add_callback(_SaveProjections(self))
+        self.add_callback(_ProjectionsCallback(self))
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
