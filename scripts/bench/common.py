@@ -171,6 +171,20 @@ def weight_bytes(model) -> int:
     return total
 
 
+def float_linear_layers(model, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Names of ``nn.Linear`` layers whose weight is still a plain floating-point tensor (not quantized).
+
+    A tool that silently skips layers (e.g. a group size that does not divide the width) shows up here.
+    """
+    names = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and not name.endswith(skip) and \
+                type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.dtype.is_floating_point:
+            names.append(name)
+    return names
+
+
 def checkpoint_bytes(path: str | os.PathLike) -> int:
     """Bytes of weight files in a checkpoint folder (all shards), excluding tokenizer and config files."""
     path = Path(path)
