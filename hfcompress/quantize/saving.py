@@ -34,7 +34,8 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
 def _check_bnb_cpu_repacked(model) -> None:
     """bitsandbytes 0.50 cannot save a CPU 4-bit layer exactly once its first forward repacked it (see
     :func:`hfcompress.quantize.bnb._keep_4bit_serializable`); refuse instead of writing a corrupted file."""
-    for name, module in model.named_modules():
+    named_modules = getattr(model, "named_modules", None)
+    for name, module in named_modules() if callable(named_modules) else ():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if getattr(state, "packing_format_for_cpu", False):
             raise HFCompressError(
