@@ -370,11 +370,12 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
             bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
             for layer_name, layer in bar:
                 bar.set_postfix_str(layer_name)
-                inside = {n: m for n, m in targets.items() if n.startswith(layer_name + ".")}
+                inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
                 if inside:
                     stats = C.collect_stats(layer, inside, inputs)
                     run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
                         probe=lambda layer=layer: C.run_first_batch(layer, inputs))
+                    layer = model.get_submodule(layer_name)  # the layer itself may have been a target
                 C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
             del inputs
         rest = {n: m for n, m in targets.items() if n not in done}

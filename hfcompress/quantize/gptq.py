@@ -110,9 +110,13 @@ def gptq_quantize(
             column = order_list[i1 + i]  # original index of this column
             group = column // g
             if not static and column % g == 0:
-                # Scales from the group's current weights: in-block columns carry this block's updates.
+                # Scales from the group's current weights, i.e. with every update so far: in-block
+                # columns hold them in W1; later columns have not received this block's yet.
                 stop = i1 + i + g
-                current = torch.cat([W1[:, i:], W[:, i2:stop]], dim=1) if stop > i2 else W1[:, i:i + g]
+                current = W1[:, i:i + g]
+                if stop > i2:
+                    later = W[:, i2:stop] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:stop]
+                    current = torch.cat([W1[:, i:], later], dim=1)
                 s, z = params_for(current, H[i1 + i:stop, i1 + i:stop] if observer == "mse" else None)
                 scale[:, group] = s[:, 0]
                 if z is not None:

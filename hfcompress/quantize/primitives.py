@@ -78,11 +78,12 @@ def compute_qparams(
     ``E[dequantize(quantize(w))] = w`` exactly.
     """
     qmin, qmax = quant_range(bits)
-    grouped = _grouped(weight, group_size).float()  # (out, G, g)
+    grouped = _grouped(weight, group_size)  # (out, G, g)
+    grouped = grouped.to(torch.promote_types(grouped.dtype, torch.float32))
     lo = grouped.amin(dim=-1).clamp(max=0)  # zero must be representable exactly
     hi = grouped.amax(dim=-1).clamp(min=0)
     if isinstance(clip, torch.Tensor):
-        clip = clip.float()
+        clip = clip.to(grouped.dtype)
     lo, hi = lo * clip, hi * clip
     if symmetric:
         absmax = torch.maximum(-lo, hi)
@@ -97,7 +98,7 @@ def compute_qparams(
         scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(scale_dtype).tiny))
     if symmetric:
         return scale, None
-    offset = qmin - lo / scale.float()  # in [qmin, qmax]
+    offset = qmin - lo / scale.to(lo.dtype)  # in [qmin, qmax]
     zero_point = torch.ceil(offset) if stochastic else torch.round(offset)
     return scale, zero_point.clamp(qmin, qmax).to(torch.int32)
 
