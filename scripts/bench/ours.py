@@ -59,18 +59,20 @@ def cmd_quant(args) -> int:
         result["fp32_weight_bytes"] = common.weight_bytes(model)
         result["baseline_rss_bytes"] = common.current_rss_bytes()
         result["num_calibration_blocks"] = int(calibration.shape[0]) if args.method in ("gptq", "awq") else 0
-        config = _config(args, int(calibration.shape[0]), int(calibration.shape[1]))
-        data = calibration if config.needs_calibration else None
-        start = time.perf_counter()
-        quantize(model, config, calibration_data=data, tokenizer=tokenizer, progress=False)
-        result["quantize_seconds"] = time.perf_counter() - start
+        if args.method != "fp32":
+            config = _config(args, int(calibration.shape[0]), int(calibration.shape[1]))
+            data = calibration if config.needs_calibration else None
+            start = time.perf_counter()
+            quantize(model, config, calibration_data=data, tokenizer=tokenizer, progress=False)
+            result["quantize_seconds"] = time.perf_counter() - start
         result["peak_rss_bytes"] = common.peak_rss_bytes()
         result["weight_bytes"] = common.weight_bytes(model)
         result["float_linear_layers"] = len(common.float_linear_layers(model))
         report = getattr(model, "hfcompress_report", None)
         if report is not None and hasattr(report, "fallbacks"):
             result["fallback_layers"] = report.fallbacks
-        result["perplexity"] = common.perplexity(model, blocks["eval"])
+        if not args.no_eval:
+            result["perplexity"] = common.perplexity(model, blocks["eval"])
         if args.save:
             model.save_pretrained(args.save)
             tokenizer.save_pretrained(args.save)
@@ -109,6 +111,102 @@ def cmd_embed(args) -> int:
     return common.run_and_record(args.out, _fields(args), body)
 
 
+def cmd_speed(args) -> int:
+    """Batch-1 greedy prefill/decode speed and in-memory weight bytes of one way of loading a model.
+
+    ``fp32`` / ``bf16``: the fp model with plain transformers. ``packed``: a compressed-tensors checkpoint
+    through ``hfcompress.load_compressed`` (weights stay packed; native int8/int4 kernels). ``plain``: the
+    same checkpoint through plain ``AutoModelForCausalLM.from_pretrained`` (compressed-tensors decompresses).
+    """
+    fields = {"tool": "hfcompress" if args.variant == "packed" else "transformers", "variant": args.variant,
+              "dtype": args.dtype, "model": str(args.model),
+              "versions": common.package_versions(VERSIONS)}
+
+    def body(result: dict) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        common.seed_everything(0)
+        dtype = getattr(torch, args.dtype)
+        start = time.perf_counter()
+        if args.variant == "packed":
+            from hfcompress import load_compressed
+
+            model = load_compressed(args.model, dtype=dtype, progress=False)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        result["load_seconds"] = time.perf_counter() - start
+        model.eval()
+        result["weight_bytes"] = common.weight_bytes(model)
+        result["float_linear_layers"] = len(common.float_linear_layers(model))
+        blocks = common.load_blocks_file(args.blocks) if args.blocks else {}
+        if "eval" in blocks and int(blocks["eval"].max()) < model.config.vocab_size:
+            prompt = blocks["eval"][:1, : args.prompt_tokens]
+        else:
+            prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens),
+                                   generator=torch.Generator().manual_seed(0))
+        result["speed"] = common.generation_speed(model, prompt, new_tokens=args.new_tokens, repeats=args.repeats,
+                                                  pad_token_id=model.config.eos_token_id)
+        result["threads"] = torch.get_num_threads()
+        result["peak_rss_bytes"] = common.peak_rss_bytes()
+
+    return common.run_and_record(args.out, fields, body)
+
+
+def cmd_distill(args) -> int:
+    """Train the shared student initialisation with hfcompress's DistillationTrainer (or cross-entropy only)."""
+    fields = {"tool": "hfcompress", "objective": args.objective, "steps": args.steps, "batch_size": args.batch_size,
+              "learning_rate": args.learning_rate, "versions": common.package_versions(VERSIONS)}
+
+    def body(result: dict) -> None:
+        import tempfile
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from hfcompress import DistillationConfig, DistillationTrainer
+        from hfcompress.data import BlockDataset
+
+        common.seed_everything(0)
+        blocks = common.load_blocks_file(args.blocks)
+        train = blocks["train"][: args.steps * args.batch_size]  # (steps*B, T): each block seen once
+        tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+        teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
+        student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+        objective = {
+            # the same objective as TRL's GKDTrainer(beta=0): forward KL(teacher || student) at T = 1
+            "forward_kl": dict(loss="forward_kl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, hidden_weight=0.0),
+            "ce": dict(kd_weight=0.0, ce_weight=1.0, hidden_weight=0.0),
+            "default": {},
+        }[args.objective]
+        with tempfile.TemporaryDirectory() as output_dir:
+            config = DistillationConfig(
+                output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+                gradient_checkpointing=False, bf16=False, fp16=False, logging_steps=max(1, args.steps // 5),
+                save_strategy="no", report_to=[], seed=0, data_seed=0, dataloader_drop_last=True, use_cpu=True,
+                disable_tqdm=True, **objective)
+            trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
+                                          train_dataset=BlockDataset(train), processing_class=tokenizer)
+            result["baseline_rss_bytes"] = common.current_rss_bytes()
+            start = time.perf_counter()
+            output = trainer.train()
+            seconds = time.perf_counter() - start
+            result["peak_rss_bytes"] = common.peak_rss_bytes()
+            tokens = args.steps * args.batch_size * int(train.shape[1])
+            result.update(train_seconds=seconds, train_tokens=tokens, tokens_per_s=tokens / seconds,
+                          train_runtime_reported=output.metrics.get("train_runtime"),
+                          final_train_loss=output.training_loss)
+            result["perplexity"] = common.perplexity(trainer.model, blocks["eval"])
+            if args.save:
+                trainer.save_model(args.save)
+                tokenizer.save_pretrained(args.save)
+
+    return common.run_and_record(args.out, fields, body)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,10 +225,31 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--ignore", nargs="*", default=["lm_head"])
         p.add_argument("--num-calibration", type=int, default=None)
         p.add_argument("--save", default=None)
+        p.add_argument("--no-eval", action="store_true", help="skip perplexity (speed-only models)")
         p.add_argument("--out", required=True)
+    p = sub.add_parser("speed")
+    p.add_argument("--model", required=True)
+    p.add_argument("--variant", required=True, choices=["fp32", "bf16", "packed", "plain"])
+    p.add_argument("--dtype", default="float32", help="activation dtype (packed: bfloat16 recommended)")
+    p.add_argument("--blocks", default=None)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("distill")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--blocks", required=True)
+    p.add_argument("--objective", default="forward_kl", choices=["forward_kl", "ce", "default"])
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--save", default=None)
+    p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    return {"quant": cmd_quant, "embed": cmd_embed}[args.command](args)
+    return {"quant": cmd_quant, "embed": cmd_embed, "speed": cmd_speed, "distill": cmd_distill}[args.command](args)
 
 
 if __name__ == "__main__":
