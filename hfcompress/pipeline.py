@@ -51,8 +51,9 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
              progress=progress)
     report = getattr(model, "hfcompress_report", None)
     settings = _settings(config)
-    if report is not None and hasattr(report, "fallbacks"):
-        settings["group_size_fallbacks"] = report.fallbacks()
+    fallbacks = getattr(report, "fallbacks", None)
+    if fallbacks:  # {layer: group size used} for layers the requested group size does not divide
+        settings["group_size_fallbacks"] = fallbacks
     card = build_model_card(
         title=f"{Path(str(base_model or model_ref)).name} ({config.method}, {config.bits}-bit)"
         if config.method != "cast" else f"{Path(str(base_model or model_ref)).name} ({config.dtype})",
@@ -97,23 +98,35 @@ def quantize_stage(ctx) -> dict:
 # Distill
 # --------------------------------------------------------------------------------------------------------
 def distill_stage(ctx) -> dict:
-    from .distill.cli_args import run_distillation
+    """Distil the stage's input (the teacher, unless the stage names one) into a student in the stage folder."""
+    import shutil
 
-    model_args = ctx.config("DistillModelArguments")
-    train_args = ctx.config("DistillationConfig")
-    teacher = ctx.input_model
-    model_args = dataclasses.replace(model_args, teacher=teacher) if hasattr(model_args, "teacher") else model_args
-    train_args.output_dir = str(ctx.work_dir / "trainer")
-    result = run_distillation(model_args, train_args, output_dir=ctx.work_dir, recipe_text=ctx.recipe.source,
-                              progress=ctx.progress) or {}
-    return {"output": ctx.work_dir.name, **{k: v for k, v in result.items() if k != "output"}}
+    from .distill.cli_args import distill_from_args
+    from .hub import write_model_card
+
+    script_args = ctx.config("DistillScriptArguments")
+    config = ctx.config("DistillationConfig")
+    if "teacher" not in ctx.stage.raw:
+        script_args = dataclasses.replace(script_args, teacher=ctx.input_model)
+    config.output_dir = str(ctx.work_dir)
+    out = distill_from_args(script_args, config)
+    for checkpoint in Path(out).glob("checkpoint-*"):  # the stage's output is the final student only
+        shutil.rmtree(checkpoint)
+    base = ctx.stage.input or ctx.default_input
+    write_model_card(
+        out, title=f"Student distilled from {Path(str(ctx.recipe.model if base == 'model' else base)).name}",
+        base_model=ctx.recipe.model if base == "model" else base,
+        method=f"knowledge distillation ({config.loss}, T={config.temperature})",
+        settings={**ctx.stage.raw, "teacher": script_args.teacher},
+        data_description="Training data: " + describe_data(script_args.dataset),
+        recipe_text=ctx.recipe.source, tags=["distillation"])
+    return {"output": Path(out).name, "loss": config.loss, "max_steps": config.max_steps}
 
 
-def run_distill(model_args, train_args) -> Path:
-    from .distill.cli_args import run_distillation
+def run_distill(script_args, config) -> Path:
+    from .distill.cli_args import distill_from_args
 
-    result = run_distillation(model_args, train_args, output_dir=None) or {}
-    return Path(result.get("output") or train_args.output_dir)
+    return distill_from_args(script_args, config)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ REFERENCE_SPECS: dict[str, ReferenceSpec] = {
     # The benchmark teacher: ~13M parameters, <= 30 minutes on 2 CPU cores. Its MLP width (688) is not a
     # multiple of 128, which exercises the group-size fallback of int4 quantization.
     "base": ReferenceSpec(vocab_size=8192, hidden_size=256, num_layers=8, num_heads=8, intermediate_size=688,
-                          context=256, steps=1200, batch_size=8, learning_rate=1.5e-3, warmup_steps=60),
+                          context=256, steps=900, batch_size=8, learning_rate=2e-3, warmup_steps=40),
 }
 
 

@@ -76,10 +76,10 @@ def _quantize_classes():
 
 
 def _distill_classes():
-    from .distill.cli_args import DistillModelArguments
+    from .distill.cli_args import DistillScriptArguments
     from .distill.config import DistillationConfig
 
-    return [DistillModelArguments, DistillationConfig]
+    return [DistillScriptArguments, DistillationConfig]
 
 
 class _LazyKinds(dict):
