@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Distillation benchmark: (a) quality against cross-entropy training, (b) memory of the chunked loss,
+(c) training speed against TRL's GKDTrainer.
+
+    python scripts/bench/distill_bench.py --reference base --out scripts/bench/results/distill_base.json
+
+(a) From the reference teacher, a student with half the layers (every other teacher layer, make_student)
+    is trained for the same steps on the same token blocks in the same order, once with cross-entropy only
+    and once per distillation variant; held-out perplexity (stdlib validation and test splits) is compared.
+    ``--budgets`` repeats the CE baseline and the default recipe at other step counts.
+(b) The logit loss over B·T = 8192 positions with a 32k vocabulary (student width 512, teacher 1024), forward
+    + backward, in a fresh subprocess per variant; peak memory = growth of the peak RSS over the inputs.
+(c) Tokens/s and peak RSS of a training run with DistillationTrainer vs trl's GKDTrainer (lmbda=0: no
+    generation, i.e. the same off-policy distillation on the same batches), same teacher/student/data.
+
+Prints markdown tables and writes everything to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# name -> (what it is, DistillationConfig overrides on top of COMMON). "ce" is the baseline.
+QUALITY_VARIANTS: dict[str, tuple[str, dict]] = {
+    "ce": ("cross-entropy only (baseline)", dict(kd_weight=0.0, ce_weight=1.0, hidden_weight=0.0)),
+    "fkl": ("forward KL, T=1", dict(loss="forward_kl", kd_weight=1.0, ce_weight=0.0, hidden_weight=0.0)),
+    "fkl_t2": ("forward KL, T=2", dict(loss="forward_kl", temperature=2.0, kd_weight=1.0, ce_weight=0.0,
+                                       hidden_weight=0.0)),
+    "fkl_ce": ("0.5 forward KL + 0.5 CE", dict(loss="forward_kl", kd_weight=0.5, ce_weight=0.5, hidden_weight=0.0)),
+    "rkl_ce": ("0.5 reverse KL + 0.5 CE", dict(loss="reverse_kl", kd_weight=0.5, ce_weight=0.5, hidden_weight=0.0)),
+    "jsd_ce": ("0.5 JSD(β=0.5) + 0.5 CE", dict(loss="jsd", beta=0.5, kd_weight=0.5, ce_weight=0.5,
+                                               hidden_weight=0.0)),
+    "sfkl_ce": ("0.5 skew forward KL(α=0.1) + 0.5 CE", dict(loss="skew_forward_kl", kd_weight=0.5, ce_weight=0.5,
+                                                           hidden_weight=0.0)),
+    "tvd_ce": ("0.5 TVD + 0.5 CE", dict(loss="tvd", kd_weight=0.5, ce_weight=0.5, hidden_weight=0.0)),
+    "fkl_ce_cos": ("0.5 forward KL + 0.5 CE + 1.0 cosine hidden (uniform map)",
+                   dict(loss="forward_kl", kd_weight=0.5, ce_weight=0.5, hidden_weight=1.0, hidden_loss="cosine")),
+    "fkl_ce_mse": ("0.5 forward KL + 0.5 CE + 1.0 MSE hidden (uniform map)",
+                   dict(loss="forward_kl", kd_weight=0.5, ce_weight=0.5, hidden_weight=1.0, hidden_loss="mse")),
+    "default": ("DistillationConfig defaults", dict()),
+}
+
+COMMON = dict(per_device_train_batch_size=8, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.05,
+              weight_decay=0.0, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+              seed=0, train_sampling_strategy="sequential")
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+            platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def markdown(headers: list[str], rows: list[list]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# (a) quality
+# --------------------------------------------------------------------------------------------------------
+class Quality:
+    def __init__(self, reference: str, block_size: int, max_blocks: int, eval_blocks: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from hfcompress.data import load_blocks
+        from hfcompress.reference import reference_model
+
+        self.teacher_dir = reference_model(reference)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
+        self.teacher = AutoModelForCausalLM.from_pretrained(self.teacher_dir).eval()
+        self.train_blocks = load_blocks("stdlib", self.tokenizer, block_size, split="train", num_blocks=max_blocks,
+                                        seed=0)
+        self.eval_blocks = {split: load_blocks(f"stdlib:{split}", self.tokenizer, block_size, num_blocks=eval_blocks,
+                                               seed=1) for split in ("validation", "test")}
+
+    def perplexities(self, model) -> dict:
+        from hfcompress.evaluate import perplexity
+
+        return {split: perplexity(model, blocks, batch_size=16) for split, blocks in self.eval_blocks.items()}
+
+    def run(self, name: str, overrides: dict, steps: int, output_dir: Path, student_layers=None) -> dict:
+        from hfcompress import DistillationConfig, DistillationTrainer, make_student
+        from hfcompress.data import BlockDataset
+        from hfcompress.distill.hidden import num_layers
+
+        torch.manual_seed(0)
+        layers = student_layers or max(1, num_layers(self.teacher) // 2)
+        student = make_student(self.teacher, num_layers=layers)
+        settings = {**COMMON, **overrides}
+        args = DistillationConfig(output_dir=str(output_dir / name), max_steps=steps, **settings)
+        blocks = self.train_blocks[: steps * args.per_device_train_batch_size]
+        trainer = DistillationTrainer(model=student, teacher_model=self.teacher, args=args,
+                                      train_dataset=BlockDataset(blocks), processing_class=self.tokenizer)
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        result = {"variant": name, "steps": steps, "train_tokens": int(blocks.numel()), "seconds": seconds,
+                  "settings": {k: v for k, v in settings.items() if k not in ("report_to",)},
+                  "last_log": logs[-1] if logs else {}, **self.perplexities(student)}
+        return result
+
+
+def quality_section(cli, out: dict) -> None:
+    budgets = sorted({cli.steps, *cli.budgets})
+    bench = Quality(cli.reference, cli.block_size, max(budgets) * COMMON["per_device_train_batch_size"],
+                    cli.eval_blocks)
+    teacher_ppl = bench.perplexities(bench.teacher)
+    print(f"teacher {cli.reference}: validation ppl {teacher_ppl['validation']:.2f}, test {teacher_ppl['test']:.2f}",
+          flush=True)
+    work = ROOT / "scripts" / "bench" / "work" / "distill"
+    names = cli.variants.split(",") if cli.variants else list(QUALITY_VARIANTS)
+    if "ce" not in names:
+        names.insert(0, "ce")
+    runs = {}
+    for name in names:
+        description, overrides = QUALITY_VARIANTS[name]
+        overrides = {**overrides, **json.loads(cli.overrides or "{}")} if name != "ce" else overrides
+        runs[name] = bench.run(name, overrides, cli.steps, work)
+        runs[name]["description"] = description
+        print(f"  {name:12s} val {runs[name]['validation']:.3f}  test {runs[name]['test']:.3f}  "
+              f"ratio {runs[name]['validation'] / runs['ce']['validation']:.3f}  ({runs[name]['seconds']:.0f}s)",
+              flush=True)
+    budget_runs = []
+    for steps in budgets:
+        if steps == cli.steps:
+            budget_runs.append((steps, runs["ce"], runs.get("default")))
+            continue
+        ce = bench.run("ce", QUALITY_VARIANTS["ce"][1], steps, work)
+        default = bench.run("default", {}, steps, work)
+        print(f"  budget {steps}: ce {ce['validation']:.3f} default {default['validation']:.3f}", flush=True)
+        budget_runs.append((steps, ce, default))
+    out["quality"] = {"reference": cli.reference, "teacher": teacher_ppl, "steps": cli.steps,
+                      "tokens_per_step": COMMON["per_device_train_batch_size"] * cli.block_size,
+                      "runs": runs, "budgets": [{"steps": s, "ce": c, "default": d} for s, c, d in budget_runs]}
+    ce = runs["ce"]
+    rows = [[name, run["description"], run["validation"], run["test"], run["validation"] / ce["validation"],
+             run["test"] / ce["test"]] for name, run in runs.items()]
+    print(f"\n### Quality: {cli.reference} teacher ({teacher_ppl['validation']:.2f} val ppl), student with half the "
+          f"layers, {cli.steps} steps x {COMMON['per_device_train_batch_size']}x{cli.block_size} tokens\n")
+    print(markdown(["variant", "objective", "val ppl", "test ppl", "val ratio vs CE", "test ratio vs CE"], rows))
+    if len(budget_runs) > 1:
+        rows = [[s, s * COMMON["per_device_train_batch_size"] * cli.block_size, c["validation"],
+                 d["validation"] if d else float("nan"),
+                 (d["validation"] / c["validation"]) if d else float("nan")] for s, c, d in budget_runs]
+        print("\n### Ratio vs token budget (default recipe vs CE)\n")
+        print(markdown(["steps", "tokens", "CE val ppl", "default val ppl", "ratio"], rows))
+
+
+# --------------------------------------------------------------------------------------------------------
+# (b) memory of the loss step
+# --------------------------------------------------------------------------------------------------------
+def memory_child(variant: str, positions: int, vocab: int, student_width: int, teacher_width: int) -> dict:
+    """Run one loss step (forward + backward) and report the growth of the peak RSS over the inputs."""
+    import psutil
+
+    from hfcompress.distill.losses import LMHead, LogitLoss, chunked_logit_loss, logit_loss_from_logits
+
+    torch.manual_seed(0)
+    student_hidden = torch.randn(positions, student_width, requires_grad=True)
+    teacher_hidden = torch.randn(positions, teacher_width)
+    student_weight = (torch.randn(vocab, student_width) * student_width ** -0.5).requires_grad_(True)
+    teacher_weight = torch.randn(vocab, teacher_width) * teacher_width ** -0.5
+    targets = torch.randint(0, vocab, (positions,))
+    spec = LogitLoss(loss="forward_kl", temperature=1.0, kd_weight=0.5, ce_weight=0.5)
+    # Touch the gradient buffers first, so both variants start from the same resident memory.
+    student_hidden.grad = torch.zeros_like(student_hidden)
+    student_weight.grad = torch.zeros_like(student_weight)
+    baseline_rss = psutil.Process().memory_info().rss
+    baseline_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    started = time.perf_counter()
+    if variant == "unchunked":
+        student_logits = student_hidden @ student_weight.T  # (N, V) float32
+        with torch.no_grad():
+            teacher_logits = teacher_hidden @ teacher_weight.T
+        total, _, _ = logit_loss_from_logits(student_logits, teacher_logits, targets, spec)
+    else:
+        chunk = int(variant.split("_")[1])
+        total, _, _ = chunked_logit_loss(student_hidden, LMHead(student_weight), targets, spec, teacher_hidden,
+                                         LMHead(teacher_weight), chunk_size=chunk)
+    (total / positions).backward()
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "peak_growth_bytes": peak - max(baseline_rss, baseline_peak),
+            "inputs_bytes": baseline_rss, "seconds": seconds, "loss": total.item() / positions}
+
+
+def memory_section(cli, out: dict) -> None:
+    variants = ["unchunked", "chunk_4096", "chunk_2048", "chunk_1024", "chunk_512", "chunk_256"]
+    results = []
+    for variant in variants:
+        command = [sys.executable, __file__, "--memory-child", variant]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory child {variant} failed:\n{done.stderr[-2000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {variant:11s} peak +{results[-1]['peak_growth_bytes'] / 2**20:,.0f} MiB "
+              f"in {results[-1]['seconds']:.1f}s", flush=True)
+    unchunked = results[0]["peak_growth_bytes"]
+    for result in results:
+        result["ratio_vs_unchunked"] = result["peak_growth_bytes"] / unchunked
+    out["memory"] = {"positions": 8192, "vocab": 32000, "student_width": 512, "teacher_width": 1024,
+                     "loss": "0.5 forward KL + 0.5 CE", "results": results}
+    print("\n### Memory of one loss step (forward+backward), N=8192 positions, V=32000, H_s=512, H_t=1024\n")
+    print(markdown(["variant", "peak growth (MiB)", "ratio vs unchunked", "seconds", "loss"],
+                   [[r["variant"], r["peak_growth_bytes"] / 2**20, r["ratio_vs_unchunked"], r["seconds"], r["loss"]]
+                    for r in results]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# (c) speed against TRL
+# --------------------------------------------------------------------------------------------------------
+def speed_child(trainer_name: str, reference: str, steps: int, batch: int, block_size: int, beta: float) -> dict:
+    """Train `steps` steps with one trainer; tokens/s over the steps after the first two; peak RSS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, default_data_collator
+
+    from hfcompress import make_student
+    from hfcompress.data import BlockDataset, load_blocks
+    from hfcompress.distill.hidden import num_layers
+    from hfcompress.reference import reference_model
+
+    teacher_dir = reference_model(reference)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    torch.manual_seed(0)
+    student = make_student(teacher, num_layers=max(1, num_layers(teacher) // 2))
+    blocks = load_blocks("stdlib:validation", tokenizer, block_size, num_blocks=steps * batch, seed=0)
+    dataset = BlockDataset(blocks)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+
+    timer = StepTimer()
+    common = dict(output_dir=str(ROOT / "scripts" / "bench" / "work" / "distill-speed" / trainer_name), max_steps=steps,
+                  per_device_train_batch_size=batch, learning_rate=1e-4, logging_steps=steps, save_strategy="no",
+                  report_to=[], use_cpu=True, disable_tqdm=True, seed=0, train_sampling_strategy="sequential")
+    if trainer_name == "hfcompress":
+        from hfcompress import DistillationConfig, DistillationTrainer
+
+        args = DistillationConfig(loss="jsd", beta=beta, temperature=1.0, kd_weight=1.0, ce_weight=0.0, **common)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                      processing_class=tokenizer, data_collator=default_data_collator,
+                                      callbacks=[timer])
+    else:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        args = GKDConfig(lmbda=0.0, beta=beta, temperature=1.0, seq_kd=False, max_length=block_size, **common)
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, data_collator=default_data_collator, callbacks=[timer])
+    trainer.train()
+    steady = timer.times[2:]
+    seconds = steady[-1] - steady[0]
+    tokens = (len(steady) - 1) * batch * block_size
+    return {"trainer": trainer_name, "steps": steps, "batch": batch, "block_size": block_size,
+            "tokens_per_s": tokens / seconds, "seconds_per_step": seconds / (len(steady) - 1),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "final_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
+def speed_section(cli, out: dict) -> None:
+    results = []
+    for name in ("hfcompress", "trl_gkd"):
+        command = [sys.executable, __file__, "--speed-child", name, "--reference", cli.reference,
+                   "--speed-steps", str(cli.speed_steps), "--block-size", str(cli.block_size)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            raise RuntimeError(f"speed child {name} failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {name:10s} {results[-1]['tokens_per_s']:,.0f} tokens/s, peak RSS "
+              f"{results[-1]['peak_rss_bytes'] / 2**20:,.0f} MiB", flush=True)
+    import trl
+
+    ours, theirs = results
+    out["speed"] = {"reference": cli.reference, "trl_version": trl.__version__, "loss": "generalized JSD beta=0.5",
+                    "results": results, "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"]}
+    print(f"\n### Training speed: {cli.reference} teacher, half-depth student, batch 8x{cli.block_size}, "
+          f"JSD(β=0.5), trl {trl.__version__} GKDTrainer(lmbda=0)\n")
+    print(markdown(["trainer", "tokens/s", "s/step", "peak RSS (MiB)", "speed vs TRL"],
+                   [[r["trainer"], r["tokens_per_s"], r["seconds_per_step"], r["peak_rss_bytes"] / 2**20,
+                     r["tokens_per_s"] / theirs["tokens_per_s"]] for r in results]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default="small", help="reference teacher size (tiny/small/base)")
+    parser.add_argument("--sections", default="quality,memory,speed")
+    parser.add_argument("--steps", type=int, default=150, help="training steps of the quality runs")
+    parser.add_argument("--budgets", default="", help="other step counts for the token-budget sweep, e.g. 50,400")
+    parser.add_argument("--variants", default="", help="comma-separated quality variants (default: all)")
+    parser.add_argument("--overrides", default="", help="JSON DistillationConfig overrides for non-CE variants")
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--eval-blocks", type=int, default=128)
+    parser.add_argument("--speed-steps", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--speed-child", default=None, help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    cli.budgets = [int(b) for b in cli.budgets.split(",") if b]
+
+    if cli.memory_child:
+        print(json.dumps(memory_child(cli.memory_child, 8192, 32000, 512, 1024)))
+        return
+    if cli.speed_child:
+        print(json.dumps(speed_child(cli.speed_child, cli.reference, cli.speed_steps, 8, cli.block_size, 0.5)))
+        return
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    out = {"command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]), "machine": machine()}
+    sections = cli.sections.split(",")
+    if "quality" in sections:
+        quality_section(cli, out)
+    if "memory" in sections:
+        memory_section(cli, out)
+    if "speed" in sections:
+        speed_section(cli, out)
+    if cli.out:
+        cli.out.parent.mkdir(parents=True, exist_ok=True)
+        cli.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+        print(f"\nwrote {cli.out}")
+
+
+if __name__ == "__main__":
+    main()
