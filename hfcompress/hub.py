@@ -13,7 +13,8 @@ from .loading import WEIGHT_SUFFIXES, check_model_dir
 logger = logging.getLogger(__name__)
 
 # Files a user needs to load the model; a push without them uploads something that does not load.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "sentencepiece.bpe.model")
 _SKIPPED = (".", "__pycache__")
 
 

@@ -271,3 +271,31 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 def dataclass_to_yaml_dict(instance) -> dict:
     return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance) if f.init}
 
+
+
+def flat_stage_arguments(path: str | os.PathLike, kind: str) -> dict:
+    """The keys of a YAML file for one job, for ``scripts/*.py --config FILE``.
+
+    ``FILE`` is either a flat mapping of argument names, or a recipe: then the first stage of ``kind`` is
+    taken, with the recipe's ``model`` as its input (``model`` for quantize, ``teacher`` for distill) unless
+    the stage sets it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must hold a mapping of argument names to values (or a recipe)")
+    if "stages" not in document:
+        return document
+    for stage in document.get("stages") or []:
+        if isinstance(stage, dict) and kind in stage:
+            values = {k: v for k, v in (stage[kind] or {}).items() if k not in COMMON_STAGE_KEYS}
+            input_key = {"distill": "teacher", "quantize": "model"}.get(kind)
+            if input_key and document.get("model") and input_key not in values:
+                values[input_key] = document["model"]
+            return values
+    raise ConfigError(f"recipe {path} has no {kind!r} stage")
