@@ -349,18 +349,17 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     handler = METHODS[config.method]
     report = QuantizationReport(method=config.method, config=config.to_dict(),
                                 calibration_samples=0 if blocks is None else blocks.shape[0])
-    done: set[str] = set()
 
     def run(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> None:
         before = {n: _rtn_error(t.weight, t.group_size, t.hessian, config) for n, t in layer_targets.items()}
         results = handler(layer, layer_name, layer_targets, config, generator, probe)
         for name, t in layer_targets.items():
             _install(model, t, results[name], config)
+            targets[name] = None  # drop our reference: the float weight can be freed now
             report.layers.append(LayerReport(
                 name=name, bits=config.bits, group_size=t.group_size, fallback=t.group_size != config.group_size,
                 error_before=before[name], error_after=results[name].error,
                 metric="weight" if t.stats is None else "output", extra=results[name].extra))
-            done.add(name)
 
     was_training = model.training
     model.eval()
@@ -378,18 +377,19 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                     layer = model.get_submodule(layer_name)  # the layer itself may have been a target
                 C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
             del inputs
-        rest = {n: m for n, m in targets.items() if n not in done}
+        rest = {n: m for n, m in targets.items() if m is not None}
         if rest:
             if blocks is not None:
                 logger.info("quantizing %d layer(s) outside the decoder layers with RTN: %s", len(rest),
                             ", ".join(rest))
             bar = tqdm(rest.items(), desc=f"rtn {config.bits}-bit", disable=not progress or blocks is not None,
                        unit="layer")
-            rtn = {n: Target(n, m, group_sizes[n]) for n, m in bar}
-            for name, target in rtn.items():
+            for name, module in bar:
+                target = Target(name, module, group_sizes[name])
                 before = _rtn_error(target.weight, target.group_size, None, config)
                 result = _rtn_one(target, config, generator)
                 _install(model, target, result, config)
+                targets[name] = None
                 report.layers.append(LayerReport(
                     name=name, bits=config.bits, group_size=target.group_size,
                     fallback=target.group_size != config.group_size, error_before=before,

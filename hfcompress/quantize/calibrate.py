@@ -60,8 +60,24 @@ def calibration_blocks(data, tokenizer, num_samples: int, seq_len: int, seed: in
                         "or pass a pre-tokenized (N, T) LongTensor")
     if isinstance(data, (list, tuple)) and not data:
         raise DataError("calibration data is an empty list; pass texts, a dataset, 'stdlib' or token ids")
-    texts = load_texts(data)
-    blocks = pack_blocks(texts, tokenizer, seq_len)  # (M, seq_len); raises on empty/too-short text
+    texts = [t for t in load_texts(data) if t]
+    if not texts:
+        raise DataError("calibration data holds no non-empty text")
+    # Tokenize only what is needed: documents in a seeded random order until they hold (generously, at
+    # >= 1 character per token) enough tokens, growing the pool if they still fall short.
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    budget = 8 * num_samples * seq_len
+    while True:
+        chosen, chars = [], 0
+        for i in order:
+            chosen.append(texts[i])
+            chars += len(texts[i])
+            if chars >= budget:
+                break
+        blocks = pack_blocks(chosen, tokenizer, seq_len)  # (M, seq_len); raises on too-short text
+        if blocks.shape[0] >= num_samples or len(chosen) == len(texts):
+            break
+        budget *= 4
     if blocks.shape[0] < num_samples:
         raise DataError(f"calibration data holds only {blocks.shape[0]} sequences of {seq_len} tokens but "
                         f"num_samples={num_samples}; pass more text or lower num_samples/seq_len")

@@ -245,3 +245,25 @@ def test_awq_skips_folds_that_would_change_the_function(tiny_tokenizer, calibrat
     folded = {layer.extra.get("awq_folded_into") for layer in model.hfcompress_report.layers}
     assert "self_attn_layer_norm" not in folded and "final_layer_norm" not in folded
     assert "self_attn.v_proj" in folded
+
+
+def test_calibration_data_sources(tiny_llama, tiny_tokenizer, calibration_texts, tmp_path):
+    """Texts, a datasets.Dataset and a text-source string give the same token blocks for the same seed."""
+    import datasets
+
+    from hfcompress.quantize.calibrate import calibration_blocks
+
+    as_list = calibration_blocks(calibration_texts, tiny_tokenizer, 4, 32, seed=3)
+    as_dataset = calibration_blocks(datasets.Dataset.from_dict({"text": calibration_texts}), tiny_tokenizer, 4, 32,
+                                    seed=3)
+    assert as_list.shape == (4, 32) and torch.equal(as_list, as_dataset)
+    assert not torch.equal(as_list, calibration_blocks(calibration_texts, tiny_tokenizer, 4, 32, seed=4))
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, text in enumerate(calibration_texts):
+        (folder / f"{i}.py").write_text(text)
+    from_folder = calibration_blocks(str(folder), tiny_tokenizer, 4, 32, seed=3)
+    assert from_folder.shape == (4, 32)
+    quantize(tiny_llama, _config(method="gptq", num_samples=4, seq_len=32), calibration_data=str(folder),
+             tokenizer=tiny_tokenizer, progress=False)
+    assert tiny_llama.hfcompress_report.calibration_samples == 4
