@@ -157,6 +157,9 @@ def cmd_distill(args) -> int:
     from .distill.cli_args import parse_distill_args
     from .pipeline import run_distill
 
+    if args.rest in (["-h"], ["--help"]):
+        # HfArgumentParser prints every DistillationConfig/TrainingArguments flag with its default.
+        args.rest = ["--help"]
     out = run_distill(*parse_distill_args(args.rest))
     print(f"wrote {out}")
     return 0
@@ -265,9 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv[:1] == ["distill"]:
+        # Everything after `distill` belongs to the distillation parser (argparse's REMAINDER would
+        # otherwise swallow a leading option such as --help into the top-level parser).
+        args = argparse.Namespace(command="distill", func=cmd_distill, rest=argv[1:], verbose=False, quiet=False)
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "quiet", False):

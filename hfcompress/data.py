@@ -179,7 +179,8 @@ def token_stream(texts: Iterable[str], tokenizer, add_eos: bool = True) -> torch
     texts = [t for t in texts if t]
     if not texts:
         raise DataError("the text source is empty: no non-empty documents to tokenize")
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # verbose=False: documents longer than the model's context are expected here (they are cut into blocks).
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id if add_eos else None
     pieces = []
     for ids in encoded:
