@@ -199,11 +199,13 @@ def propagate(layer: nn.Module, inputs: LayerInputs) -> None:
         if args:
             hidden = layer_output(layer(*args, **kwargs))
             inputs.args[i] = (hidden,) + tuple(args[1:])
-        else:  # hidden states passed by keyword
-            key = next(iter(kwargs))
+        elif "hidden_states" in kwargs:  # passed by keyword
             kwargs = dict(kwargs)
-            kwargs[key] = layer_output(layer(**kwargs))
+            kwargs["hidden_states"] = layer_output(layer(**kwargs))
             inputs.kwargs[i] = kwargs
+        else:
+            raise ConfigError(f"cannot tell which input of {type(layer).__name__} is the hidden state (no "
+                              f"positional argument nor 'hidden_states'); check sequential_targets")
 
 
 @torch.no_grad()

@@ -34,6 +34,14 @@ ROWS = [
     (f"int{bits} {name} g128", dict(method=method, bits=bits, group_size=128))
     for bits in (4, 3, 2) for name, method in (("RTN", "rtn"), ("GPTQ", "gptq"), ("AWQ", "awq"))
 ]
+# --extra: the non-default knobs, at the hardest bit width that still works well.
+EXTRA_ROWS = [
+    ("int3 GPTQ act_order g128", dict(method="gptq", bits=3, group_size=128, act_order=True)),
+    ("int3 GPTQ mse g128", dict(method="gptq", bits=3, group_size=128, observer="mse")),
+    ("int3 RTN mse g128 (calibrated)", dict(method="rtn", bits=3, group_size=128, observer="mse")),
+    ("int4 RTN asym g128", dict(method="rtn", bits=4, group_size=128, symmetric=False)),
+    ("int4 GPTQ asym g128", dict(method="gptq", bits=4, group_size=128, symmetric=False)),
+]
 
 
 def _reset_peak_rss() -> bool:
@@ -71,7 +79,8 @@ def run_one(args) -> None:
     if spec["config"]["method"] is not None:
         config = QuantizationConfig(num_samples=blocks["calibration"].shape[0],
                                     seq_len=blocks["calibration"].shape[1], **spec["config"])
-        calibration = blocks["calibration"] if config.needs_calibration else None
+        uses_data = config.needs_calibration or config.observer == "mse"
+        calibration = blocks["calibration"] if uses_data else None
         quantize(model, config, calibration_data=calibration, progress=False)
         report = model.hfcompress_report
         if report.layers:
@@ -108,7 +117,8 @@ def _mib(value) -> str:
 
 def table(results: list[dict]) -> str:
     fp32 = next(r for r in results if r["name"] == "fp32")["perplexity"]
-    rtn = {r["config"].get("bits"): r["perplexity"] for r in results if r["name"].endswith("RTN g128")}
+    rtn = {r["config"].get("bits"): r["perplexity"] for r in results
+           if r["name"].endswith(" RTN g128") and "perplexity" in r}
     lines = ["| configuration | perplexity | vs fp32 | gap to fp32 closed vs RTN | mean layer output error (RTN -> "
              "method) | quantize s | peak RSS while quantizing, MiB (before) | weights MiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -136,6 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
     parser.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks scored")
     parser.add_argument("--only", nargs="*", help="run only the rows whose names contain one of these")
+    parser.add_argument("--extra", action="store_true", help="also run act_order / mse / asymmetric rows")
     parser.add_argument("--out", required=True, help="JSON results path")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -149,7 +160,8 @@ def main(argv=None) -> int:
     from hfcompress.reference import reference_model
 
     model_dir = reference_model(args.size)
-    rows = [r for r in ROWS if not args.only or r[0] == "fp32" or any(o in r[0] for o in args.only)]
+    rows = ROWS + (EXTRA_ROWS if args.extra else [])
+    rows = [r for r in rows if not args.only or r[0] == "fp32" or any(o in r[0] for o in args.only)]
     results = []
     with tempfile.TemporaryDirectory(prefix="quant_quality-") as tmp:
         blocks_path = Path(tmp) / "blocks.safetensors"
