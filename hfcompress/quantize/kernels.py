@@ -146,10 +146,19 @@ def int8_kernel_supports(in_features: int) -> bool:
     return in_features % INT8_KERNEL_K_MULTIPLE == 0
 
 
+# From this many rows (prefill) on, converting the int8 weight to the activation dtype and using the dense
+# (AMX/oneDNN) GEMM beats _weight_int8pack_mm, whose CPU kernel is built for a few rows (decode).
+INT8_DENSE_MIN_ROWS = 16
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 zero_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ ((q - z) * s).T with per-channel s (N,) and ``zero_scale`` = z * s (N,) or None."""
-    y = torch.ops.aten._weight_int8pack_mm(x, q, scale)  # (M, N)
+    if x.shape[0] >= INT8_DENSE_MIN_ROWS:
+        # int8 codes are exact in bfloat16/float16/float32; the scale is per output row, so it factors out.
+        y = torch.nn.functional.linear(x, q.to(x.dtype)) * scale  # (M, N)
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(x, q, scale)  # (M, N)
     if zero_scale is not None:
         # (x @ (q s).T) - rowsum(x) * (z s): the zero point's contribution is rank one.
         # Subtract in float32 so the correction adds no rounding of its own.

@@ -69,20 +69,21 @@ def test_int4_kernel_matches_float64(bits, group_size, symmetric):
     kernel_group = kernels.int4_kernel_group_size(n, k, group_size)
     assert kernel_group == (256 if group_size is None else group_size)
     layer = Int4PackedLinear(q, scale, zero, group_size, None, torch.bfloat16, kernel_group)
-    x = torch.randn(3, k).to(torch.bfloat16)
+    x = torch.randn(19, k).to(torch.bfloat16)
     assert_within_bound(layer(x), x, q, scale, zero, group_size)
     # dequantized_weight reads back the same weight (bf16 rounding of scale and zero term only)
     w64, magnitude = (t.t() for t in reference64(torch.eye(k), q, scale, zero, group_size))
     assert ((layer.dequantized_weight().double() - w64).abs() <= 2 * U * magnitude + 1e-9).all()
 
 
+@pytest.mark.parametrize("rows", [5, kernels.INT8_DENSE_MIN_ROWS + 3])  # decode kernel / prefill dense path
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_int8_kernel_matches_float64(symmetric, bits):
+def test_int8_kernel_matches_float64(symmetric, bits, rows):
     n, k = 40, 96  # N % 16 != 0: shapes the int4 kernel refuses still run here
     q, scale, zero = random_quantized(n, k, bits, None, symmetric, seed=1)
     layer = Int8PackedLinear(q, scale, zero, None, torch.bfloat16)
-    x = torch.randn(5, k).to(torch.bfloat16)
+    x = torch.randn(rows, k).to(torch.bfloat16)
     # Asymmetric: the kernel's own output x @ (q s).T is rounded before the rank-one correction.
     extra = None
     if not symmetric:

@@ -1,0 +1,379 @@
+"""Packed runtime speed and memory, side by side: batch 1, greedy, 128 new tokens.
+
+A random-initialised Llama with realistic shapes (default: hidden 2048, 16 layers, MLP 5632, 32 heads / 4 KV
+heads, vocab 32000: ~0.84B parameters; only shapes matter for speed and memory, not trained weights) is run as
+
+* plain transformers, float32 and bfloat16;
+* our packed runtime (``hfcompress.load_compressed``) on int8 (W8A16, per channel) and int4 (W4A16, group 128)
+  compressed-tensors checkpoints of it (written with compressed-tensors' own API, the steps llm-compressor
+  takes, or ``--writer hfcompress`` for ``hfcompress.quantize``; every Linear including ``lm_head`` is
+  quantized, the embedding table stays bfloat16);
+* the same two checkpoints loaded by plain ``AutoModelForCausalLM.from_pretrained`` (which decompresses them);
+* bitsandbytes LLM.int8 and NF4 (transformers' integration, bfloat16 compute, its fast CPU path on);
+* torchao int8 weight-only, in the peer venv (``scripts/bench/.venv-peers``), when it is there.
+
+Decode and prefill tokens/s (median and spread over repeats, ``common.generation_speed``), weight bytes in
+memory (``common.weight_bytes``, counting quantization metadata), and the memory-bandwidth floor: decode has
+to stream every weight once per token (except the embedding table, of which one row is read), so
+``floor tokens/s = measured read bandwidth / weight bytes read per token``.
+
+    python scripts/bench/runtime_speed.py --out scripts/bench/results/runtime_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (stdlib + torch + safetensors only: importable from the peer venv)
+
+PEER_PYTHON = common.BENCH_DIR / ".venv-peers" / "bin" / "python"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Model and checkpoints
+# ------------------------------------------------------------------------------------------------------
+def llama_config(args):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                       num_key_value_heads=args.kv_heads, max_position_embeddings=1024, tie_word_embeddings=False,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def random_model(args, dtype=torch.float32):
+    """The same random weights every call (seeded), so every variant quantizes the same model."""
+    from transformers import LlamaForCausalLM
+
+    common.seed_everything(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(llama_config(args)).to(dtype).eval()
+    return model
+
+
+def write_ct_checkpoint(model, out_dir: Path, num_bits: int, group_size: int | None) -> Path:
+    """Min/max (RTN) symmetric weight-only quantization of every Linear with compressed-tensors' API, saved
+    in its pack-quantized format (apply_quantization_config -> calculate_qparams -> ModelCompressor)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    strategy = "group" if group_size else "channel"
+    args = QuantizationArgs(num_bits=num_bits, type="int", symmetric=True, strategy=strategy, group_size=group_size)
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                ignore=[])
+    apply_quantization_config(model, config, show_progress=False)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "quantization_scheme", None) is None:
+                continue
+            w = module.weight.data  # (N, K)
+            if group_size:
+                w = w.reshape(w.shape[0], -1, group_size)  # (N, G, gs)
+                lo, hi = w.amin(-1), w.amax(-1)
+            else:
+                lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+            scale, zero = calculate_qparams(lo, hi, args)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(out_dir)
+    compressor.update_config(str(out_dir))
+    return out_dir
+
+
+def write_hfcompress_checkpoint(model, out_dir: Path, num_bits: int, group_size: int | None) -> Path:
+    from hfcompress.quantize.api import quantize
+    from hfcompress.quantize.config import QuantizationConfig
+    from hfcompress.quantize.saving import save_checkpoint
+
+    quantized = quantize(model, QuantizationConfig(method="rtn", bits=num_bits, group_size=group_size, ignore=[]))
+    return save_checkpoint(quantized, out_dir, overwrite=True)
+
+
+def checkpoint(args, name: str, num_bits: int, group_size: int | None) -> Path:
+    out_dir = Path(args.work) / f"{name}-{args.writer}-h{args.hidden}-l{args.layers}"
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    writer = write_hfcompress_checkpoint if args.writer == "hfcompress" else write_ct_checkpoint
+    started = time.perf_counter()
+    writer(random_model(args), out_dir, num_bits, group_size)
+    print(f"wrote {out_dir} in {time.perf_counter() - started:.0f} s", flush=True)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------------
+# Variants
+# ------------------------------------------------------------------------------------------------------
+def decode_bytes_per_token(model) -> int:
+    """Weight bytes streamed per decoded token: everything but the input embedding table (one row read)."""
+    embedding = model.get_input_embeddings()
+    table = sum(common.weight_bytes(m) for m in [embedding]) if embedding is not None else 0
+    row = table // max(1, getattr(embedding, "num_embeddings", 1))
+    return common.weight_bytes(model) - table + row
+
+
+MAIN = ("transformers fp32", "transformers bf16", "ours int8", "ours int4")
+
+
+def variants(args):
+    """name -> (description, loader). The MAIN ones stay loaded together and are timed round-robin (so load
+    drift from other processes hits them alike); the others are loaded, timed once and freed one by one."""
+    from transformers import AutoModelForCausalLM
+
+    def ours(bits, group):
+        from hfcompress.quantize.runtime import load_compressed
+
+        path = checkpoint(args, f"w{bits}a16", bits, group)
+        return lambda: load_compressed(path, progress=False)
+
+    def plain(bits, group):
+        path = checkpoint(args, f"w{bits}a16", bits, group)
+        return lambda: AutoModelForCausalLM.from_pretrained(path).eval()
+
+    def bnb(method):
+        from types import SimpleNamespace
+
+        from hfcompress.quantize.bnb import quantize_bnb
+
+        def load():
+            config = SimpleNamespace(method=method, bnb_threshold=6.0, bnb_double_quant=True,
+                                     bnb_compute_dtype="bfloat16", bnb_block_size=64, ignore=[])
+            model = quantize_bnb(random_model(args, torch.bfloat16), config)
+            # Speed as users get it from from_pretrained: bitsandbytes' fast CPU path repacks on first use
+            # (we switch it off only to keep models serializable, see hfcompress.quantize.bnb).
+            for module in model.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = True
+            return model
+        return load
+
+    return {
+        "transformers fp32": ("plain transformers, float32", lambda: random_model(args)),
+        "transformers bf16": ("plain transformers, bfloat16", lambda: random_model(args, torch.bfloat16)),
+        "ours int8": ("load_compressed, W8A16 per channel, int8pack kernel, bf16 activations", ours(8, None)),
+        "ours int4": ("load_compressed, W4A16 group 128, int4pack kernel, bf16 activations", ours(4, 128)),
+        "transformers <- int8 ckpt": ("same W8A16 folder, plain from_pretrained (decompressed)", plain(8, None)),
+        "transformers <- int4 ckpt": ("same W4A16 folder, plain from_pretrained (decompressed)", plain(4, 128)),
+        "bnb int8": ("bitsandbytes LLM.int8 (threshold 6), bf16 model", bnb("bnb_int8")),
+        "bnb nf4": ("bitsandbytes NF4, double quant, block 64, bf16 compute", bnb("bnb_nf4")),
+    }
+
+
+@torch.no_grad()
+def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """One greedy ``generate`` with a clock at every step (a logits processor runs right after each
+    forward): prefill = start -> first step (prompt forward), decode = the (new_tokens - 1) steps after it.
+    Decode tokens/s is then exactly what ``common.generation_speed`` measures as (T(N) - T(1)) / (N - 1),
+    from one run instead of two."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    clock = StepClock()
+    start = time.perf_counter()
+    model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   logits_processor=LogitsProcessorList([clock]))
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    return {"prefill_s": clock.times[0] - start, "step_s": steps, "new_tokens": new_tokens}
+
+
+def summarize_runs(runs: list[dict], prompt_len: int) -> dict:
+    decode = [len(r["step_s"]) / sum(r["step_s"]) for r in runs]
+    steps = sorted(s for r in runs for s in r["step_s"])
+    pct = lambda p: steps[min(len(steps) - 1, int(p * len(steps)))]  # noqa: E731
+    return {"decode_tokens_per_s": common.summarize(decode),
+            "prefill_tokens_per_s": common.summarize([prompt_len / r["prefill_s"] for r in runs]),
+            "step_ms": {"median": 1e3 * pct(0.5), "p10": 1e3 * pct(0.1), "p90": 1e3 * pct(0.9)},
+            "new_tokens": runs[0]["new_tokens"], "runs": len(runs)}
+
+
+def sizes(model) -> dict:
+    return {"weight_bytes": common.weight_bytes(model), "decode_bytes_per_token": decode_bytes_per_token(model)}
+
+
+def prompt_tokens(args) -> torch.Tensor:
+    return torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+
+
+def run_torchao_worker(args, new_tokens: int) -> dict:
+    """torchao int8 weight-only, measured in the peer venv by this same script (``--torchao-worker``)."""
+    if not PEER_PYTHON.is_file():
+        return {"status": "skipped", "error": f"no peer venv at {PEER_PYTHON.parent.parent}"}
+    out = Path(args.work) / "torchao_result.json"
+    out.unlink(missing_ok=True)
+    options = {k: v for k, v in vars(args).items()
+               if k in ("hidden", "layers", "intermediate", "vocab", "heads", "kv_heads", "prompt")}
+    cmd = [str(PEER_PYTHON), __file__, "--torchao-worker", "--out", str(out), f"--new-tokens={new_tokens}"]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        return {"status": "error", "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.read_text())
+
+
+def torchao_worker(args) -> None:
+    def body(result):
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        model = random_model(args, torch.bfloat16)
+        quantize_(model, Int8WeightOnlyConfig())
+        prompt = prompt_tokens(args)
+        timed_generate(model, prompt, 4)  # warm-up
+        result.update(sizes(model), **summarize_runs([timed_generate(model, prompt, args.new_tokens)], args.prompt))
+        result["versions"] = common.package_versions(["torchao", "transformers", "torch"])
+
+    common.run_and_record(args.out, {"variant": "torchao int8wo"}, body)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------------
+def table(results: dict, bandwidth_gbps: float) -> str:
+    base = results.get("transformers fp32", {})
+    base_decode = base.get("decode_tokens_per_s", {}).get("median")
+    base_bytes = base.get("weight_bytes")
+    ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
+    header = ("| variant | decode tok/s: median of runs (spread) | step ms p10/p50/p90 | vs fp32 | "
+              "prefill tok/s | weights in memory | vs fp32 | floor tok/s | % of floor | tokens x runs |")
+    lines = [header, "|" + "---|" * 10]
+    for name, r in results.items():
+        if r.get("status", "ok") != "ok":
+            lines.append(f"| {name} | {r.get('status')}: {r.get('error', '')} |" + " |" * 8)
+            continue
+        decode, prefill, step = r["decode_tokens_per_s"], r["prefill_tokens_per_s"], r["step_ms"]
+        floor = bandwidth_gbps * 1e9 / r["decode_bytes_per_token"]
+        lines.append(
+            f"| {name} | {decode['median']:.2f} (±{decode['spread_pct'] / 2:.0f}%) | "
+            f"{step['p10']:.0f}/{step['median']:.0f}/{step['p90']:.0f} | {ratio(decode['median'], base_decode)} | "
+            f"{prefill['median']:.1f} | {r['weight_bytes'] / 2**20:,.0f} MiB | "
+            f"{r['weight_bytes'] / base_bytes:.3f}x | {floor:.2f} | {100 * decode['median'] / floor:.0f}% | "
+            f"{r['new_tokens']} x {r['runs']} |" if base_bytes else "")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each main variant")
+    parser.add_argument("--budget-minutes", type=float, default=14.0,
+                        help="the non-main variants generate fewer tokens if the run would take longer")
+    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--writer", choices=["compressed-tensors", "hfcompress"], default="compressed-tensors")
+    parser.add_argument("--work", default=str(common.WORK_DIR / "runtime_speed"))
+    parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--torchao-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.torchao_worker:
+        torchao_worker(args)
+        return 0
+
+    started = time.perf_counter()
+    info = {"machine": common.machine_info(), "args": vars(args),
+            "versions": common.package_versions(["torch", "transformers", "compressed-tensors", "bitsandbytes"])}
+    bandwidth = common.memory_bandwidth_gbps(size_mib=1024)
+    print(f"read bandwidth: {bandwidth['read_gb_per_s']['median']:.1f} GB/s", flush=True)
+    prompt = prompt_tokens(args)
+    table_of = variants(args)
+    wanted = [n for n in table_of if not args.only or n in args.only]
+    results: dict[str, dict] = {}
+
+    # 1. The main variants, resident together, timed round-robin.
+    main_models, runs = {}, {}
+    for name in [n for n in wanted if n in MAIN]:
+        description, load = table_of[name]
+        try:
+            model = load()
+            timed_generate(model, prompt, 4)  # warm-up: allocations, kernel selection, KV cache
+            main_models[name], runs[name] = model, []
+            results[name] = {"description": description, "status": "ok", **sizes(model)}
+        except Exception as exc:  # one broken variant must not hide the others
+            results[name] = {"description": description, "status": "error", "error": common.error_line(exc)}
+    for round_ in range(args.repeats):
+        for name, model in main_models.items():
+            runs[name].append(timed_generate(model, prompt, args.new_tokens))
+            rate = args.new_tokens / sum(runs[name][-1]["step_s"])
+            print(f"round {round_ + 1}: {name}: decode {rate:.2f} tok/s ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+    for name in main_models:
+        results[name].update(summarize_runs(runs[name], args.prompt))
+    main_models = None
+    gc.collect()
+
+    # 2. The others, one at a time, one run each; fewer tokens if the time budget would be exceeded.
+    per_token_s = max((r["step_ms"]["median"] / 1e3 for r in results.values() if "step_ms" in r), default=1.0)
+    others = [n for n in wanted if n not in MAIN] + ([] if args.no_torchao else ["torchao int8wo"])
+    for index, name in enumerate(others):
+        left = args.budget_minutes * 60 - (time.perf_counter() - started)
+        affordable = int(left / max(1, len(others) - index) / (1.5 * per_token_s)) - 20  # load time margin
+        new_tokens = max(16, min(args.new_tokens, affordable))
+        t0 = time.perf_counter()
+        if name == "torchao int8wo":
+            results[name] = {"description": "torchao Int8WeightOnlyConfig, bf16 model (peer venv)",
+                             **run_torchao_worker(args, new_tokens)}
+        else:
+            description, load = table_of[name]
+            model = None
+            try:
+                model = load()
+                timed_generate(model, prompt, 4)
+                results[name] = {"description": description, "status": "ok", **sizes(model),
+                                 **summarize_runs([timed_generate(model, prompt, new_tokens)], args.prompt)}
+            except Exception as exc:  # recorded, not raised
+                results[name] = {"description": description, "status": "error", "error": common.error_line(exc)}
+            finally:
+                model = None
+                gc.collect()
+        r = results[name]
+        summary = (f"decode {r['decode_tokens_per_s']['median']:.2f} tok/s over {r['new_tokens']} tokens"
+                   if r.get("status") == "ok" else f"{r.get('status')}: {r.get('error')}")
+        print(f"{name}: {summary} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    bw = bandwidth["read_gb_per_s"]["median"]
+    text = table(results, bw)
+    info["machine"]["loadavg_at_end"] = list(__import__("os").getloadavg())
+    payload = {**info, "bandwidth": bandwidth, "results": results, "table_markdown": text,
+               "wall_seconds": time.perf_counter() - started}
+    print()
+    print(f"Llama h{args.hidden} L{args.layers} MLP {args.intermediate} vocab {args.vocab}, batch 1, greedy, "
+          f"prompt {args.prompt}, {args.new_tokens} new tokens, {args.repeats} rounds; read bandwidth "
+          f"{bw:.1f} GB/s; torch threads {torch.get_num_threads()}")
+    print(text)
+    if args.out:
+        common.write_json(args.out, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
