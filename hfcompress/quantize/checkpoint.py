@@ -355,11 +355,13 @@ def expected_ct_tensors(name: str, module: torch.nn.Module, weights) -> dict[str
 
 
 def check_zero_point(info: TensorInfo, n: int, groups: int, num_bits: int) -> str | None:
-    """Zero points may be packed int32 (ceil(N*b/32), G) or unpacked (N, G) (older writers)."""
+    """Zero points are packed int32 along N: (ceil(N*b/32), G), or those words zero-padded to N rows (what
+    hfcompress writes where compressed-tensors 0.20 allocates the unpacked shape when loading); older
+    writers stored them unpacked (N, G) as int8 or float."""
     packed = (math.ceil(n * num_bits / 32), groups)
-    if info.dtype == "I32" and info.shape == packed:
+    if info.dtype == "I32" and info.shape in (packed, (n, groups)):
         return None
     if info.dtype in ("I8", "F32", "F16", "BF16") and info.shape in ((n, groups), (n,)):
         return None
     return (f"tensor {info.name!r} in {info.file.name} has {info.dtype} {list(info.shape)}, expected packed "
-            f"int32 {list(packed)} or unpacked ({n}, {groups})")
+            f"int32 {list(packed)} (or zero-padded to {n} rows) or unpacked ({n}, {groups})")

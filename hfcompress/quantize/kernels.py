@@ -60,14 +60,17 @@ def unpack_weight(packed: torch.Tensor, num_bits: int, shape: tuple[int, int]) -
 def unpack_zero_point(zero_point: torch.Tensor, num_bits: int, out_features: int) -> torch.Tensor:
     """Stored zero point -> signed int8 (N, G).
 
-    compressed-tensors packs asymmetric zero points along dim 0 (N) into int32 (ceil(N*b/32), G);
-    older writers stored them unpacked as int8 (N, G) or float.
+    compressed-tensors packs asymmetric zero points along dim 0 (N) into int32 (ceil(N*b/32), G), possibly
+    zero-padded to N rows; older writers stored them unpacked as int8 (N, G) or float.
     """
     if zero_point.dtype == torch.int32:
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
         num_groups = zero_point.shape[-1]
-        return unpack_from_int32(zero_point, num_bits, torch.Size((out_features, num_groups)), packed_dim=0)
+        words = math.ceil(out_features * num_bits / 32)
+        # Rows past the packed words are zero padding (see checkpoint.check_zero_point).
+        return unpack_from_int32(zero_point[:words].contiguous(), num_bits,
+                                 torch.Size((out_features, num_groups)), packed_dim=0)
     return zero_point.round().to(torch.int8) if zero_point.is_floating_point() else zero_point.to(torch.int8)
 
 

@@ -192,6 +192,12 @@ def _expected_compressed_tensors(model, config: dict, reader: TensorReader, repo
                                            f"has a ({n}, {k}) weight")
             elif tensor.endswith("weight_scale"):
                 _check_scale(reader, info, report, allow_zero=False)
+            elif tensor.endswith("weight_zero_point") and info.dtype == "I32" and info.shape[0] == n:
+                words = math.ceil(n * weights.num_bits / 32)
+                stored = _read(reader, tensor, report)
+                if words < n and stored is not None and stored[words:].any():
+                    report.problems.append(f"tensor {tensor!r} in {info.file.name}: rows {words}..{n - 1} should be "
+                                           "zero padding after the packed zero points")
         for optional in ("bias", "weight_g_idx"):
             accounted[f"{name}.{optional}"] = True
     return accounted
