@@ -55,7 +55,9 @@ def cmd_quant(args) -> int:
         blocks = common.load_blocks_file(args.blocks)
         calibration = blocks["calibration"][: args.num_calibration]  # (N, T)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        # The random speed model has no tokenizer; text is never needed here (calibration is token ids).
+        has_tokenizer = (Path(args.model) / "tokenizer_config.json").is_file()
+        tokenizer = AutoTokenizer.from_pretrained(args.model) if has_tokenizer else None
         result["fp32_weight_bytes"] = common.weight_bytes(model)
         result["baseline_rss_bytes"] = common.current_rss_bytes()
         result["num_calibration_blocks"] = int(calibration.shape[0]) if args.method in ("gptq", "awq") else 0
@@ -75,7 +77,8 @@ def cmd_quant(args) -> int:
             result["perplexity"] = common.perplexity(model, blocks["eval"])
         if args.save:
             model.save_pretrained(args.save)
-            tokenizer.save_pretrained(args.save)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(args.save)
             result["checkpoint_dir"] = str(args.save)
             result["checkpoint_bytes"] = common.checkpoint_bytes(args.save)
 
@@ -188,15 +191,18 @@ def cmd_distill(args) -> int:
                 gradient_checkpointing=False, bf16=False, fp16=False, logging_steps=max(1, args.steps // 5),
                 save_strategy="no", report_to=[], seed=0, data_seed=0, dataloader_drop_last=True, use_cpu=True,
                 disable_tqdm=True, **objective)
+            timer = common.step_timer()
             trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
-                                          train_dataset=BlockDataset(train), processing_class=tokenizer)
+                                          train_dataset=BlockDataset(train), processing_class=tokenizer,
+                                          callbacks=[timer])
             result["baseline_rss_bytes"] = common.current_rss_bytes()
             start = time.perf_counter()
             output = trainer.train()
             seconds = time.perf_counter() - start
             result["peak_rss_bytes"] = common.peak_rss_bytes()
             tokens = args.steps * args.batch_size * int(train.shape[1])
-            result.update(train_seconds=seconds, train_tokens=tokens, tokens_per_s=tokens / seconds,
+            result.update(common.steady_throughput(timer.times, args.batch_size * int(train.shape[1])))
+            result.update(train_seconds=seconds, train_tokens=tokens, wall_tokens_per_s=tokens / seconds,
                           train_runtime_reported=output.metrics.get("train_runtime"),
                           final_train_loss=output.training_loss)
             result["perplexity"] = common.perplexity(trainer.model, blocks["eval"])

