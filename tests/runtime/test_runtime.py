@@ -252,3 +252,32 @@ def test_error_truncated_file(int4_checkpoint):
     file.write_bytes(data[: len(data) - 100])
     with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
         load_compressed(int4_checkpoint)
+
+
+def test_error_kv_cache_scheme(int4_checkpoint):
+    _rewrite_config(int4_checkpoint, lambda c: c["quantization_config"].update(
+        kv_cache_scheme={"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}))
+    with pytest.raises(UnsupportedSchemeError, match="kv_cache_scheme"):
+        load_compressed(int4_checkpoint)
+
+
+def test_hub_ids_go_through_snapshot_download(monkeypatch, int4_checkpoint):
+    """A repo id is fetched with huggingface_hub.snapshot_download (weights as safetensors, no pickles);
+    download failures become one-line CheckpointErrors. No network: the download is faked."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        if repo_id == "org/missing":
+            raise OSError("404 Client Error: Repository Not Found for url: https://huggingface.co/org/missing")
+        return str(int4_checkpoint)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = load_compressed("org/tiny-w4a16", progress=False)
+    assert isinstance(model.model.layers[0].mlp.up_proj, Int4PackedLinear)
+    assert calls[0][0] == "org/tiny-w4a16" and "*.safetensors" in calls[0][1]
+    assert not any(p.endswith((".bin", ".pt", ".pth")) for p in calls[0][1])
+    with pytest.raises(CheckpointError, match="could not download 'org/missing'.*Repository Not Found"):
+        load_compressed("org/missing")
