@@ -245,7 +245,8 @@ def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generato
         A.divide_output(modules[prev], scale)
         if reference is not None:
             folded = probe()
-            if (folded - reference).norm() > 1e-3 * reference.norm():
+            tolerance = max(1e-3, 4 * torch.finfo(reference.dtype).eps)  # rounding of the rescaled weights
+            if (folded - reference).float().norm() > tolerance * reference.float().norm():
                 A.scale_inputs([t.module for t in group], 1.0 / scale)
                 A.divide_output(modules[prev], 1.0 / scale)
                 logger.info("AWQ: %s.%s feeds more than %s; not folding a scale into it", layer_name, prev,

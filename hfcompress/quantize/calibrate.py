@@ -232,19 +232,34 @@ class InputStats:
 
 @torch.no_grad()
 def collect_stats(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs) -> dict[str, InputStats]:
-    """Run ``layer`` on its inputs and gather :class:`InputStats` for each of ``modules`` (name -> linear)."""
+    """Run ``layer`` on its inputs and gather :class:`InputStats` for each of ``modules`` (name -> linear).
+
+    Each batch stops as soon as every one of ``modules`` has seen its input: the rest of the layer is not
+    needed.
+    """
     stats: dict[str, InputStats] = {}
+    pending: set[str] = set()
     handles = []
+
+    def hook(name, args):
+        stats[name].add(args[0].detach())
+        pending.discard(name)
+        if not pending:
+            raise _StopForward
+
     for name, module in modules.items():
         in_features = linear_shape(module)[1]
         device = next(module.parameters()).device
         stats[name] = InputStats(torch.zeros(in_features, in_features, device=device),
                                  torch.zeros(in_features, device=device))
-        handles.append(module.register_forward_hook(
-            lambda mod, args, out, s=stats[name]: s.add(args[0].detach())))
+        handles.append(module.register_forward_hook(lambda mod, args, out, name=name: hook(name, args)))
     try:
         for args, kwargs in zip(inputs.args, inputs.kwargs):
-            layer(*args, **kwargs)
+            pending.update(modules)
+            try:
+                layer(*args, **kwargs)
+            except _StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()
