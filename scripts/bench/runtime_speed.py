@@ -9,13 +9,18 @@ heads, vocab 32000: ~0.84B parameters; only shapes matter for speed and memory, 
   takes, or ``--writer hfcompress`` for ``hfcompress.quantize``; every Linear including ``lm_head`` is
   quantized, the embedding table stays bfloat16);
 * the same two checkpoints loaded by plain ``AutoModelForCausalLM.from_pretrained`` (which decompresses them);
-* bitsandbytes LLM.int8 and NF4 (transformers' integration, bfloat16 compute, its fast CPU path on);
+* bitsandbytes LLM.int8 and NF4 (``from_pretrained(bf16 folder, quantization_config=BitsAndBytesConfig)``,
+  bfloat16 compute, bitsandbytes' fast CPU kernels on);
 * torchao int8 weight-only, in the peer venv (``scripts/bench/.venv-peers``), when it is there.
 
-Decode and prefill tokens/s (median and spread over repeats, ``common.generation_speed``), weight bytes in
-memory (``common.weight_bytes``, counting quantization metadata), and the memory-bandwidth floor: decode has
-to stream every weight once per token (except the embedding table, of which one row is read), so
-``floor tokens/s = measured read bandwidth / weight bytes read per token``.
+fp32 and our int8/int4 (the targets) stay loaded together and are timed round-robin, ``--repeats`` runs each,
+so load drift from other processes hits them alike; the others are timed once each, with fewer new tokens if
+the run would exceed ``--budget-minutes``. Every run clocks each decode step (``timed_generate``), so the
+table gives the median over runs and the per-step p10/p50/p90. Weight bytes in memory use
+``common.weight_bytes`` (quantization metadata included). The memory-bandwidth floor: decode streams every
+weight once per token (except the embedding table, of which one row is read), so
+``floor tokens/s = read bandwidth / weight bytes read per token``, with the read bandwidth the larger of a
+float32 ``sum`` and a float32 matrix-vector product over 1 GiB.
 
     python scripts/bench/runtime_speed.py --out scripts/bench/results/runtime_speed.json
 """
@@ -106,6 +111,14 @@ def write_hfcompress_checkpoint(model, out_dir: Path, num_bits: int, group_size:
     return save_checkpoint(quantized, out_dir, overwrite=True)
 
 
+def bf16_checkpoint(args) -> Path:
+    """The random model saved once in bfloat16 (what the bitsandbytes variants load and quantize)."""
+    out_dir = Path(args.work) / f"bf16-h{args.hidden}-l{args.layers}"
+    if not (out_dir / "config.json").is_file():
+        random_model(args, torch.bfloat16).save_pretrained(out_dir)
+    return out_dir
+
+
 def checkpoint(args, name: str, num_bits: int, group_size: int | None) -> Path:
     out_dir = Path(args.work) / f"{name}-{args.writer}-h{args.hidden}-l{args.layers}"
     if (out_dir / "config.json").is_file():
@@ -120,6 +133,18 @@ def checkpoint(args, name: str, num_bits: int, group_size: int | None) -> Path:
 # ------------------------------------------------------------------------------------------------------
 # Variants
 # ------------------------------------------------------------------------------------------------------
+def gemv_bandwidth_gbps(size_mib: int = 1024, repeats: int = 5) -> dict:
+    """Read bandwidth as a float32 matrix-vector product sees it (exactly the traffic of float32 decode).
+
+    On this machine it reads faster than ``common.memory_bandwidth_gbps``' ``sum`` (which is partly
+    compute-bound under CPU contention); the floor uses the larger of the two."""
+    matrix = torch.ones(size_mib * 2**20 // 4 // 4096, 4096)
+    vector = torch.ones(4096)
+    times = common.repeat_seconds(lambda: torch.mv(matrix, vector), repeats, warmup=1)
+    return {"read_gb_per_s": common.summarize([matrix.numel() * 4 / t / 1e9 for t in times]),
+            "buffer_mib": size_mib}
+
+
 def decode_bytes_per_token(model) -> int:
     """Weight bytes streamed per decoded token: everything but the input embedding table (one row read)."""
     embedding = model.get_input_embeddings()
@@ -128,7 +153,7 @@ def decode_bytes_per_token(model) -> int:
     return common.weight_bytes(model) - table + row
 
 
-MAIN = ("transformers fp32", "transformers bf16", "ours int8", "ours int4")
+MAIN = ("transformers fp32", "ours int8", "ours int4")
 
 
 def variants(args):
@@ -147,20 +172,20 @@ def variants(args):
         return lambda: AutoModelForCausalLM.from_pretrained(path).eval()
 
     def bnb(method):
-        from types import SimpleNamespace
-
-        from hfcompress.quantize.bnb import quantize_bnb
+        from transformers import BitsAndBytesConfig
 
         def load():
-            config = SimpleNamespace(method=method, bnb_threshold=6.0, bnb_double_quant=True,
-                                     bnb_compute_dtype="bfloat16", bnb_block_size=64, ignore=[])
-            model = quantize_bnb(random_model(args, torch.bfloat16), config)
-            # Speed as users get it from from_pretrained: bitsandbytes' fast CPU path repacks on first use
-            # (we switch it off only to keep models serializable, see hfcompress.quantize.bnb).
-            for module in model.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = True
-            return model
+            # transformers' own path: from_pretrained(float checkpoint, quantization_config=...), which also
+            # leaves bitsandbytes' fast CPU kernels on (hfcompress.quantize.bnb switches their repacking off
+            # to keep models serializable; here we time what transformers users run).
+            if method == "bnb_int8":
+                config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=[])
+            else:
+                config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                                            llm_int8_skip_modules=[])
+            return AutoModelForCausalLM.from_pretrained(bf16_checkpoint(args), quantization_config=config,
+                                                        dtype=torch.bfloat16, device_map={"": "cpu"}).eval()
         return load
 
     return {
@@ -295,18 +320,26 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    import logging
+
+    # bitsandbytes logs "inputs will be cast to float16" at every LLM.int8 matmul
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if args.torchao_worker:
         torchao_worker(args)
         return 0
 
     started = time.perf_counter()
-    info = {"machine": common.machine_info(), "args": vars(args),
-            "versions": common.package_versions(["torch", "transformers", "compressed-tensors", "bitsandbytes"])}
-    bandwidth = common.memory_bandwidth_gbps(size_mib=1024)
-    print(f"read bandwidth: {bandwidth['read_gb_per_s']['median']:.1f} GB/s", flush=True)
     prompt = prompt_tokens(args)
     table_of = variants(args)
     wanted = [n for n in table_of if not args.only or n in args.only]
+    info = {"machine": common.machine_info(), "args": vars(args),
+            "versions": common.package_versions(["torch", "transformers", "compressed-tensors", "bitsandbytes"])}
+    bandwidth = {"sum": common.memory_bandwidth_gbps(size_mib=1024), "gemv": gemv_bandwidth_gbps()}
+    bw = max(b["read_gb_per_s"]["median"] for b in bandwidth.values())
+    print(f"read bandwidth: sum {bandwidth['sum']['read_gb_per_s']['median']:.1f} GB/s, "
+          f"gemv {bandwidth['gemv']['read_gb_per_s']['median']:.1f} GB/s", flush=True)
+    if "bnb int8" in wanted or "bnb nf4" in wanted:
+        bf16_checkpoint(args)  # written once, before the clock-sensitive part
     results: dict[str, dict] = {}
 
     # 1. The main variants, resident together, timed round-robin.
@@ -336,7 +369,8 @@ def main(argv=None) -> int:
     others = [n for n in wanted if n not in MAIN] + ([] if args.no_torchao else ["torchao int8wo"])
     for index, name in enumerate(others):
         left = args.budget_minutes * 60 - (time.perf_counter() - started)
-        affordable = int(left / max(1, len(others) - index) / (1.5 * per_token_s)) - 20  # load time margin
+        # each remaining variant gets an equal share of the time left, minus ~60 s to load it
+        affordable = int((left / max(1, len(others) - index) - 60) / (1.3 * per_token_s))
         new_tokens = max(16, min(args.new_tokens, affordable))
         t0 = time.perf_counter()
         if name == "torchao int8wo":
@@ -360,10 +394,9 @@ def main(argv=None) -> int:
                    if r.get("status") == "ok" else f"{r.get('status')}: {r.get('error')}")
         print(f"{name}: {summary} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    bw = bandwidth["read_gb_per_s"]["median"]
     text = table(results, bw)
     info["machine"]["loadavg_at_end"] = list(__import__("os").getloadavg())
-    payload = {**info, "bandwidth": bandwidth, "results": results, "table_markdown": text,
+    payload = {**info, "bandwidth": bandwidth, "read_gb_per_s_used": bw, "results": results, "table_markdown": text,
                "wall_seconds": time.perf_counter() - started}
     print()
     print(f"Llama h{args.hidden} L{args.layers} MLP {args.intermediate} vocab {args.vocab}, batch 1, greedy, "
