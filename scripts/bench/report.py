@@ -141,7 +141,8 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
         rows = []
         for label, pair in pairs.items():
             o, t = pair.get("hfcompress", {}), pair.get("llm-compressor", {})
-            rows.append([label + (" (down_proj fp)" if o.get("ignore_down_proj") or t.get("ignore_down_proj") else ""),
+            rows.append([label + (" (down_proj fp)" if o.get("ignore_down_proj") or t.get("ignore_down_proj") else "")
+                         + (f" [llm-compressor: {t['note']}]" if t.get("note") else ""),
                          _f(o.get("perplexity")) if _ok(o) else f"error: {o.get('error')}",
                          _f(t.get("perplexity")) if _ok(t) else f"error: {t.get('error')}",
                          _ratio(o.get("perplexity"), t.get("perplexity"), 4),
@@ -175,11 +176,13 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
                          rows))
     default = [r for r in results if r.get("table") == "llmc_default"]
     for r in default:
-        out.append(f"\nllm-compressor's own default, {r.get('label')}: "
-                   + (f"perplexity {_f(r.get('perplexity'))}" if _ok(r) else f"**refused**: `{r.get('error')}`")
-                   + (f"; hfcompress quantizes such layers with a smaller group instead (see the fallback "
-                      f"column above)." if not _ok(r) else ""))
-
+        is_default = r["name"].endswith("-default")
+        out.append(f"\nllm-compressor, {r.get('label')}: "
+                   + (f"perplexity {_f(r.get('perplexity'))}" if _ok(r) else f"**failed**: `{r.get('error')}`")
+                   + ("; hfcompress quantizes such layers with a smaller group instead (see the fallback column "
+                      "above)." if is_default and not _ok(r) else "")
+                   + ("; the head-to-head row above reruns it with that pinning turned into a no-op (it only "
+                      "speeds host-to-device copies)." if "pin" in str(r.get("traceback", "")) else ""))
     peers = [r for r in results if r.get("table") == "peers"]
     if peers:
         rows = []

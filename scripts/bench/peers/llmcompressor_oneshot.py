@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ignore", nargs="*", default=["lm_head"],
                         help="llm-compressor ignore list (names or 're:' regexes)")
     parser.add_argument("--num-calibration", type=int, default=None, help="default: all calibration blocks")
+    parser.add_argument("--patch-pin-memory", action="store_true",
+                        help="make llm-compressor's activation-cache pin_memory a no-op (it fails on machines "
+                             "without an accelerator; pinning only speeds host-to-device copies, no numeric effect)")
     parser.add_argument("--save", default=None, help="write the compressed checkpoint here")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     group_size = args.group_size or None
     fields = {"tool": "llm-compressor", "method": args.method, "bits": args.bits, "group_size": group_size,
               "symmetric": not args.asymmetric, "actorder": args.actorder, "ignore": args.ignore,
+              "patched_pin_memory": args.patch_pin_memory,
               "versions": common.package_versions(["llmcompressor", "compressed-tensors", "transformers",
                                                    "torch"])}
 
@@ -88,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                               args.dampening, args.actorder)
 
         from llmcompressor import oneshot
+
+        if args.patch_pin_memory:
+            from llmcompressor.pipelines.cache import IntermediatesCache
+
+            IntermediatesCache.pin_memory = lambda self, *a, **k: None
 
         start = time.perf_counter()
         oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe,
