@@ -357,3 +357,33 @@ def run_and_record(out: str | os.PathLike, fields: dict, body: Callable[[dict], 
     result.setdefault("peak_rss_bytes", peak_rss_bytes())
     write_json(out, result)
     return code
+
+
+def step_timer():
+    """A ``transformers.TrainerCallback`` that records the wall time at the end of every optimizer step."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.times:
+                self.times.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def steady_throughput(times: list[float], tokens_per_step: int, warmup_steps: int = 2) -> dict:
+    """Tokens/s over the steps after ``warmup_steps`` (first steps pay allocation/dispatch warm-up), with the
+    median and spread of the per-step rates."""
+    durations = [b - a for a, b in zip(times, times[1:])][warmup_steps:]
+    if not durations:
+        durations = [b - a for a, b in zip(times, times[1:])]
+    rates = [tokens_per_step / d for d in durations]
+    return {"tokens_per_s": tokens_per_step * len(durations) / sum(durations),
+            "per_step_tokens_per_s": summarize(rates), "measured_steps": len(durations),
+            "warmup_steps_excluded": warmup_steps if len(durations) < len(times) - 1 else 0}

@@ -73,15 +73,17 @@ def main(argv: list[str] | None = None) -> int:
                 save_strategy="no", report_to=[], seed=0, data_seed=0, dataloader_drop_last=True,
                 use_cpu=True, disable_dropout=True,
             )
+            timer = common.step_timer()
             trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
-                                 processing_class=tokenizer, data_collator=collate)
+                                 processing_class=tokenizer, data_collator=collate, callbacks=[timer])
             result["baseline_rss_bytes"] = common.current_rss_bytes()
             start = time.perf_counter()
             output = trainer.train()
             seconds = time.perf_counter() - start
         result["peak_rss_bytes"] = common.peak_rss_bytes()
         tokens = args.steps * args.batch_size * int(train.shape[1])
-        result.update(train_seconds=seconds, train_tokens=tokens, tokens_per_s=tokens / seconds,
+        result.update(common.steady_throughput(timer.times, args.batch_size * int(train.shape[1])))
+        result.update(train_seconds=seconds, train_tokens=tokens, wall_tokens_per_s=tokens / seconds,
                       train_runtime_reported=output.metrics.get("train_runtime"),
                       final_train_loss=output.training_loss)
         result["perplexity"] = common.perplexity(trainer.model, blocks["eval"])
