@@ -58,8 +58,10 @@ class QuantizationConfig:
     damp: float = field(default=0.01, metadata={"help": (
         "GPTQ dampening, as a fraction of the mean Hessian diagonal added to the diagonal")})
     block_size: int = field(default=128, metadata={"help": "GPTQ lazy-batch block size (columns)"})
-    act_order: bool = field(default=False, metadata={"help": (
-        "GPTQ: quantize columns in order of decreasing Hessian diagonal (groups keep their original columns)")})
+    act_order: bool = field(default=True, metadata={"help": (
+        "GPTQ: quantize columns in order of decreasing Hessian diagonal, with every group's scales fixed from "
+        "the original weights (llm-compressor's default actorder='static'); False: columns in order, each "
+        "group's scales from the already-updated weights (the original GPTQ)")})
     dtype: str = field(default="bfloat16", metadata={"help": "target dtype of method='cast': float16 or bfloat16"})
     sequential_targets: list[str] | None = field(default=None, metadata={"help": (
         "names (or 're:' patterns) of the decoder-layer modules calibrated one at a time; found "

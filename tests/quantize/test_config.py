@@ -9,7 +9,7 @@ from hfcompress.quantize.config import QuantizationConfig
 def test_json_round_trip_keeps_every_field():
     config = QuantizationConfig(method="gptq", bits=3, group_size=None, symmetric=False, rounding="stochastic",
                                 seed=7, observer="mse", ignore=["lm_head", "re:.*gate.*"], num_samples=4,
-                                seq_len=32, damp=0.05, block_size=16, act_order=True,
+                                seq_len=32, damp=0.05, block_size=16, act_order=False,
                                 sequential_targets=["re:model\\.layers\\.\\d+"])
     again = QuantizationConfig.from_json(config.to_json())
     assert again == config

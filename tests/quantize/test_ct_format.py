@@ -158,6 +158,8 @@ def test_plain_transformers_loads_our_checkpoints_with_the_same_outputs(tmp_path
         got = report[folder]
         assert got["quantized_modules"] == quantized, folder  # compressed-tensors rebuilt every layer
         assert got["max_abs_diff"] <= 1e-4 * max(1.0, got["scale"]), (folder, got)
+    gptq = json.loads((tmp_path / "gptq-int4-sym-g32" / "config.json").read_text())["quantization_config"]
+    assert gptq["config_groups"]["group_0"]["weights"]["actorder"] == "weight"  # as llm-compressor writes it
     config = json.loads((tmp_path / "rtn-int4-asym-g128-fallback" / "config.json").read_text())
     assert config["hfcompress"]["fallback_group_sizes"] == {"model.layers.0.mlp.down_proj": 64,
                                                             "model.layers.1.mlp.down_proj": 64}
