@@ -36,7 +36,7 @@ ROWS = [
 ]
 # --extra: the non-default knobs, at the hardest bit width that still works well.
 EXTRA_ROWS = [
-    ("int3 GPTQ act_order g128", dict(method="gptq", bits=3, group_size=128, act_order=True)),
+    ("int3 GPTQ in-order g128", dict(method="gptq", bits=3, group_size=128, act_order=False)),
     ("int3 GPTQ mse g128", dict(method="gptq", bits=3, group_size=128, observer="mse")),
     ("int3 RTN mse g128 (calibrated)", dict(method="rtn", bits=3, group_size=128, observer="mse")),
     ("int4 RTN asym g128", dict(method="rtn", bits=4, group_size=128, symmetric=False)),
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
     parser.add_argument("--eval-blocks", type=int, default=256, help="held-out blocks scored")
     parser.add_argument("--only", nargs="*", help="run only the rows whose names contain one of these")
-    parser.add_argument("--extra", action="store_true", help="also run act_order / mse / asymmetric rows")
+    parser.add_argument("--extra", action="store_true", help="also run in-order GPTQ / mse / asymmetric rows")
     parser.add_argument("--out", required=True, help="JSON results path")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
