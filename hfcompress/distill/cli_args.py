@@ -75,10 +75,10 @@ def _suggest(key: str, names: list[str]) -> str:
 def parse_distill_args(argv: list[str] | None = None) -> tuple[DistillScriptArguments, DistillationConfig]:
     """Flags (and ``--config file.yaml``) -> (DistillScriptArguments, DistillationConfig).
 
-    YAML keys must be fields of one of the two dataclasses; an unknown key raises ``ConfigError`` naming the
-    closest field. ``output_dir`` defaults to ``distill-output``.
+    The YAML file is a flat mapping or a recipe (its first ``distill`` stage, see
+    ``hfcompress.recipe.flat_stage_arguments``). Keys must be fields of one of the two dataclasses; an unknown
+    key raises ``ConfigError`` naming the closest field. ``output_dir`` defaults to ``distill-output``.
     """
-    import yaml
     from transformers import HfArgumentParser
 
     argv = list(argv) if argv is not None else []
@@ -93,16 +93,14 @@ def parse_distill_args(argv: list[str] | None = None) -> tuple[DistillScriptArgu
     names = [f.name for cls in (DistillScriptArguments, DistillationConfig) for f in dataclasses.fields(cls)]
     defaults: dict = {"output_dir": "distill-output"}
     if config_path is not None:
-        path = Path(config_path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of argument names to values")
+        from ..recipe import flat_stage_arguments
+
+        # A flat mapping of argument names, or a recipe whose first `distill` stage is taken.
+        loaded = flat_stage_arguments(config_path, "distill")
         for key in loaded:
             if key not in names:
-                raise ConfigError(f"{path}: unknown key {key!r}{_suggest(key, names)}; keys are the fields of "
-                                  f"DistillScriptArguments and DistillationConfig")
+                raise ConfigError(f"{config_path}: unknown key {key!r}{_suggest(key, names)}; keys are the fields "
+                                  f"of DistillScriptArguments and DistillationConfig")
         defaults.update(loaded)
     parser.set_defaults(**defaults)
     try:

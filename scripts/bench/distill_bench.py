@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -53,7 +52,7 @@ QUALITY_VARIANTS: dict[str, tuple[str, dict]] = {
     "default": ("DistillationConfig defaults", dict()),
 }
 
-COMMON = dict(per_device_train_batch_size=8, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.05,
+COMMON = dict(per_device_train_batch_size=8, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05,
               weight_decay=0.0, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
               seed=0, train_sampling_strategy="sequential")
 
@@ -61,6 +60,14 @@ COMMON = dict(per_device_train_batch_size=8, learning_rate=1e-3, lr_scheduler_ty
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
             platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+TABLES: list[str] = []  # every printed table, in order; saved as out["markdown"] for run.py's RESULTS.md
+
+
+def emit(title: str, table: str) -> None:
+    TABLES.append(f"{title}\n\n{table}\n")
+    print(f"\n{title}\n\n{table}", flush=True)
 
 
 def markdown(headers: list[str], rows: list[list]) -> str:
@@ -120,6 +127,23 @@ class Quality:
         return result
 
 
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def variant(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value:key=value`` (overrides on top of the named variant, e.g. ce:learning_rate=3e-3)."""
+    name, *extra = spec.split(":")
+    description, overrides = QUALITY_VARIANTS[name]
+    changes = dict(item.split("=", 1) for item in extra)
+    if changes:
+        description += " (" + ", ".join(f"{k}={v}" for k, v in changes.items()) + ")"
+    return description, {**overrides, **{k: _value(v) for k, v in changes.items()}}
+
+
 def quality_section(cli, out: dict) -> None:
     budgets = sorted({cli.steps, *cli.budgets})
     bench = Quality(cli.reference, cli.block_size, max(budgets) * COMMON["per_device_train_batch_size"],
@@ -133,9 +157,9 @@ def quality_section(cli, out: dict) -> None:
         names.insert(0, "ce")
     runs = {}
     for name in names:
-        description, overrides = QUALITY_VARIANTS[name]
-        overrides = {**overrides, **json.loads(cli.overrides or "{}")} if name != "ce" else overrides
-        runs[name] = bench.run(name, overrides, cli.steps, work)
+        description, overrides = variant(name)
+        runs[name] = bench.run(name.replace(":", "_").replace("=", ""), overrides, cli.steps, work,
+                               cli.student_layers)
         runs[name]["description"] = description
         print(f"  {name:12s} val {runs[name]['validation']:.3f}  test {runs[name]['test']:.3f}  "
               f"ratio {runs[name]['validation'] / runs['ce']['validation']:.3f}  ({runs[name]['seconds']:.0f}s)",
@@ -145,8 +169,8 @@ def quality_section(cli, out: dict) -> None:
         if steps == cli.steps:
             budget_runs.append((steps, runs["ce"], runs.get("default")))
             continue
-        ce = bench.run("ce", QUALITY_VARIANTS["ce"][1], steps, work)
-        default = bench.run("default", {}, steps, work)
+        ce = bench.run("ce", QUALITY_VARIANTS["ce"][1], steps, work, cli.student_layers)
+        default = bench.run("default", {}, steps, work, cli.student_layers)
         print(f"  budget {steps}: ce {ce['validation']:.3f} default {default['validation']:.3f}", flush=True)
         budget_runs.append((steps, ce, default))
     out["quality"] = {"reference": cli.reference, "teacher": teacher_ppl, "steps": cli.steps,
@@ -155,15 +179,17 @@ def quality_section(cli, out: dict) -> None:
     ce = runs["ce"]
     rows = [[name, run["description"], run["validation"], run["test"], run["validation"] / ce["validation"],
              run["test"] / ce["test"]] for name, run in runs.items()]
-    print(f"\n### Quality: {cli.reference} teacher ({teacher_ppl['validation']:.2f} val ppl), student with half the "
-          f"layers, {cli.steps} steps x {COMMON['per_device_train_batch_size']}x{cli.block_size} tokens\n")
-    print(markdown(["variant", "objective", "val ppl", "test ppl", "val ratio vs CE", "test ratio vs CE"], rows))
+    depth = f"{cli.student_layers} layers" if cli.student_layers else "half the layers"
+    emit(f"### Quality: {cli.reference} teacher (val ppl {teacher_ppl['validation']:.2f}, test "
+         f"{teacher_ppl['test']:.2f}), student with {depth}, {cli.steps} steps x "
+         f"{COMMON['per_device_train_batch_size']}x{cli.block_size} tokens",
+         markdown(["variant", "objective", "val ppl", "test ppl", "val ratio vs CE", "test ratio vs CE"], rows))
     if len(budget_runs) > 1:
         rows = [[s, s * COMMON["per_device_train_batch_size"] * cli.block_size, c["validation"],
                  d["validation"] if d else float("nan"),
                  (d["validation"] / c["validation"]) if d else float("nan")] for s, c, d in budget_runs]
-        print("\n### Ratio vs token budget (default recipe vs CE)\n")
-        print(markdown(["steps", "tokens", "CE val ppl", "default val ppl", "ratio"], rows))
+        emit("### Ratio vs token budget (DistillationConfig defaults vs CE)",
+             markdown(["steps", "tokens", "CE val ppl", "default val ppl", "ratio"], rows))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -220,8 +246,8 @@ def memory_section(cli, out: dict) -> None:
         result["ratio_vs_unchunked"] = result["peak_growth_bytes"] / unchunked
     out["memory"] = {"positions": 8192, "vocab": 32000, "student_width": 512, "teacher_width": 1024,
                      "loss": "0.5 forward KL + 0.5 CE", "results": results}
-    print("\n### Memory of one loss step (forward+backward), N=8192 positions, V=32000, H_s=512, H_t=1024\n")
-    print(markdown(["variant", "peak growth (MiB)", "ratio vs unchunked", "seconds", "loss"],
+    emit("### Memory of one loss step (forward+backward), N=8192 positions, V=32000, H_s=512, H_t=1024",
+         markdown(["variant", "peak growth (MiB)", "ratio vs unchunked", "seconds", "loss"],
                    [[r["variant"], r["peak_growth_bytes"] / 2**20, r["ratio_vs_unchunked"], r["seconds"], r["loss"]]
                     for r in results]))
 
@@ -231,6 +257,7 @@ def memory_section(cli, out: dict) -> None:
 # --------------------------------------------------------------------------------------------------------
 def speed_child(trainer_name: str, reference: str, steps: int, batch: int, block_size: int, beta: float) -> dict:
     """Train `steps` steps with one trainer; tokens/s over the steps after the first two; peak RSS."""
+    import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, default_data_collator
 
     from hfcompress import make_student
@@ -244,7 +271,10 @@ def speed_child(trainer_name: str, reference: str, steps: int, batch: int, block
     torch.manual_seed(0)
     student = make_student(teacher, num_layers=max(1, num_layers(teacher) // 2))
     blocks = load_blocks("stdlib:validation", tokenizer, block_size, num_blocks=steps * batch, seed=0)
-    dataset = BlockDataset(blocks)
+    # TRL's trainers take a `datasets.Dataset`; both trainers get the same one.
+    dataset = datasets.Dataset.from_dict({key: [row[key].tolist() for row in BlockDataset(blocks)]
+                                          for key in ("input_ids", "attention_mask", "labels")})
+    dataset.set_format("torch")
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -282,6 +312,12 @@ def speed_child(trainer_name: str, reference: str, steps: int, batch: int, block
 
 
 def speed_section(cli, out: dict) -> None:
+    try:
+        import trl
+    except ImportError:  # `pip install --dry-run trl` shows it leaves transformers as is: install it beside us
+        out["speed"] = {"skipped": "trl is not installed in this environment (pip install trl)"}
+        print("speed: skipped, trl is not installed (pip install trl)", flush=True)
+        return
     results = []
     for name in ("hfcompress", "trl_gkd"):
         command = [sys.executable, __file__, "--speed-child", name, "--reference", cli.reference,
@@ -292,14 +328,12 @@ def speed_section(cli, out: dict) -> None:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"  {name:10s} {results[-1]['tokens_per_s']:,.0f} tokens/s, peak RSS "
               f"{results[-1]['peak_rss_bytes'] / 2**20:,.0f} MiB", flush=True)
-    import trl
-
     ours, theirs = results
     out["speed"] = {"reference": cli.reference, "trl_version": trl.__version__, "loss": "generalized JSD beta=0.5",
                     "results": results, "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"]}
-    print(f"\n### Training speed: {cli.reference} teacher, half-depth student, batch 8x{cli.block_size}, "
-          f"JSD(β=0.5), trl {trl.__version__} GKDTrainer(lmbda=0)\n")
-    print(markdown(["trainer", "tokens/s", "s/step", "peak RSS (MiB)", "speed vs TRL"],
+    emit(f"### Training speed: {cli.reference} teacher, half-depth student, batch 8x{cli.block_size}, "
+         f"JSD(β=0.5), trl {trl.__version__} GKDTrainer(lmbda=0)",
+         markdown(["trainer", "tokens/s", "s/step", "peak RSS (MiB)", "speed vs TRL"],
                    [[r["trainer"], r["tokens_per_s"], r["seconds_per_step"], r["peak_rss_bytes"] / 2**20,
                      r["tokens_per_s"] / theirs["tokens_per_s"]] for r in results]))
 
@@ -310,8 +344,9 @@ def main() -> None:
     parser.add_argument("--sections", default="quality,memory,speed")
     parser.add_argument("--steps", type=int, default=150, help="training steps of the quality runs")
     parser.add_argument("--budgets", default="", help="other step counts for the token-budget sweep, e.g. 50,400")
-    parser.add_argument("--variants", default="", help="comma-separated quality variants (default: all)")
-    parser.add_argument("--overrides", default="", help="JSON DistillationConfig overrides for non-CE variants")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated quality variants (default: all), each 'name' or 'name:key=value:...'")
+    parser.add_argument("--student-layers", type=int, default=None, help="student depth (default: half the teacher's)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--eval-blocks", type=int, default=128)
     parser.add_argument("--speed-steps", type=int, default=12)
@@ -339,6 +374,7 @@ def main() -> None:
         memory_section(cli, out)
     if "speed" in sections:
         speed_section(cli, out)
+    out["markdown"] = "\n".join(TABLES)
     if cli.out:
         cli.out.parent.mkdir(parents=True, exist_ok=True)
         cli.out.write_text(json.dumps(out, indent=2, default=str) + "\n")

@@ -95,3 +95,11 @@ def test_yaml_typo_names_the_closest_field(tmp_path):
         parse_distill_args(["--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(ConfigError, match="temperature"):
         parse_distill_args(["--temperature", "0", "--report_to", "none"])
+
+
+def test_parse_recipe_distill_stage(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: r\nmodel: reference:tiny\nstages:\n  - distill:\n      loss: tvd\n      block_size: 32\n")
+    script, config = parse_distill_args(["--config", str(recipe), "--report_to", "none",
+                                         "--output_dir", str(tmp_path / "out")])
+    assert (script.teacher, script.block_size, config.loss) == ("reference:tiny", 32, "tvd")
