@@ -100,10 +100,11 @@ PROFILES = {
         quant_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g64", "hqq_int4_g128", "hqq_int3_g128", "hqq_int2_g128",
                      "quanto_int8", "quanto_int4", "torchao_int8", "torchao_int4"],
         speed_config=SPEED_05B, speed_peers=["bnb_int8", "bnb_nf4", "torchao_int8", "quanto_int8"],
-        new_tokens=128, prompt_tokens=64, repeats=3, distill_steps=150, distill_batch=8, embed_sentences=256,
+        new_tokens=128, prompt_tokens=64, repeats=3, distill_steps=60, distill_batch=8, embed_sentences=256,
         embed_calibration_blocks=32,
         embed_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g64", "quanto_int8", "quanto_int4", "torchao_int8"],
-        pipeline_steps=300, timeout_s=3600),
+        pipeline_steps=150, timeout_s=3600,
+        helper_args={"distill": ["--variants", "ce,fkl_ce,default"]}),
 }
 
 
@@ -150,6 +151,9 @@ class Runner:
         seconds = time.perf_counter() - started
         if job.out.is_file():
             result = json.loads(job.out.read_text())
+            result.setdefault("status", "ok" if code == 0 else "error")  # helpers' JSON has no status field
+            if result["status"] == "error" and not result.get("error"):
+                result["error"] = f"exit code {code}"
         else:
             tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] if log.exists() \
                 else []
@@ -174,6 +178,22 @@ def teacher_dir(profile: Profile) -> Path:
     from hfcompress.reference import reference_model
 
     return Path(reference_model(profile.teacher, progress=False))
+
+
+def wait_for_reference(size: str, minutes: float) -> None:
+    """Wait (up to ``minutes``) while another process is training the reference teacher ``size``, instead of
+    starting a second training: its temporary folder ``.<size>-*`` exists until it is renamed into place."""
+    from hfcompress.reference import reference_path
+
+    target = reference_path(size)
+    deadline = time.time() + 60 * minutes
+    announced = False
+    while not (target / "reference_metrics.json").is_file() and list(target.parent.glob(f".{size}-*")) \
+            and time.time() < deadline:
+        if not announced:
+            print(f"waiting for the '{size}' reference teacher being trained by another process ...", flush=True)
+            announced = True
+        time.sleep(20)
 
 
 def prepare_blocks(profile: Profile, teacher: Path, work: Path) -> Path:
@@ -361,7 +381,47 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
 
 
 def runtime_section(runner: Runner, profile: Profile, ctx: dict) -> None:
-    model, J, t = ctx["speed_model"], runner.work / "json", profile.timeout_s
+    """Speed/memory. In the full profile the runtime capability's own ``runtime_speed.py`` (fp32/bf16, our packed int8/int4, the same
+    checkpoints through plain transformers, bitsandbytes, torchao in the peer venv) is run on this profile's
+    model shapes when it exists; otherwise (or for ``--smoke``) our own per-variant runner below."""
+    helper = BENCH_DIR / "runtime_speed.py"
+    if helper.is_file() and profile.name == "full":
+        runtime_from_helper(runner, profile, helper)
+        return
+    own_runtime_section(runner, profile, ctx)
+
+
+def runtime_from_helper(runner: Runner, profile: Profile, helper: Path) -> None:
+    cfg, out = profile.speed_config, runner.work / "json" / "helper-runtime.json"
+    argv = [helper, "--hidden", cfg["hidden_size"], "--layers", cfg["num_hidden_layers"], "--intermediate",
+            cfg["intermediate_size"], "--vocab", cfg["vocab_size"], "--heads", cfg["num_attention_heads"],
+            "--kv-heads", cfg["num_key_value_heads"], "--prompt", profile.prompt_tokens, "--new-tokens",
+            profile.new_tokens, "--repeats", profile.repeats, "--work", runner.work / "runtime_speed",
+            *(["--no-torchao"] if runner.peer_python is None else []), "--out", out]
+    result = runner.run(Job("runtime", "helper-runtime_speed.py", "helper", argv, out, profile.timeout_s * 2,
+                            dict(helper="runtime_speed.py")))
+    runner.results["runtime"].remove(result)
+    if result.get("status") == "error" and "results" not in result:
+        runner.results["runtime"].append(result)
+        return
+    rename = {"transformers fp32": "fp32", "ours int8": "packed-int8", "ours int4": "packed-int4"}
+    for name, row in (result.get("results") or {}).items():
+        entry = {k: v for k, v in row.items() if k not in ("decode_tokens_per_s", "prefill_tokens_per_s")}
+        entry.update(name=rename.get(name, name), label=name + (f" — {row['description']}" if row.get(
+            "description") else ""), table="speed", section="runtime",
+            side="peer" if name.startswith(("bnb", "torchao")) else "ours", log=result.get("log"),
+            speed={"decode_tokens_per_s": row.get("decode_tokens_per_s"),
+                   "prefill_tokens_per_s": row.get("prefill_tokens_per_s")})
+        entry.setdefault("status", "ok" if row.get("decode_tokens_per_s") else "error")
+        runner.results["runtime"].append(entry)
+    if result.get("bandwidth"):
+        runner.results["bandwidth"] = result["bandwidth"]
+    runner.results.setdefault("helper_markdown", {})["runtime_speed.py"] = result.get("table_markdown", "")
+    runner.results["runtime_helper_command"] = result.get("command")
+
+
+def own_runtime_section(runner: Runner, profile: Profile, ctx: dict) -> None:
+    model, J, t = prepare_speed_model(profile, runner.work), runner.work / "json", profile.timeout_s
     speed = ["--new-tokens", profile.new_tokens, "--prompt-tokens", profile.prompt_tokens,
              "--repeats", profile.repeats]
     # Our int8 / int4 checkpoints of the speed model (RTN: the weights are random, only shapes matter).
@@ -459,20 +519,22 @@ def embed_section(runner: Runner, profile: Profile, ctx: dict) -> None:
 def helper_scripts(runner: Runner, profile: Profile, ctx: dict, only: list[str]) -> None:
     """The other helpers' own bench scripts, when present: run as-is; their markdown goes into RESULTS.md."""
     scripts = {
-        "quant": ("quant_quality.py", ["--reference", profile.teacher]),
-        "runtime": ("runtime_speed.py", []),
-        "distill": ("distill_bench.py", ["--reference", profile.teacher]),
+        "quant": ("quant_quality.py", ["--size", profile.teacher, "--num-samples", profile.calibration_blocks,
+                                       "--eval-blocks", profile.eval_blocks]),
+        "distill": ("distill_bench.py", ["--reference", profile.teacher, "--steps", profile.distill_steps]),
     }
     for section, (script, args) in scripts.items():
         path = BENCH_DIR / script
-        if section not in only or not path.is_file() or profile.name == "smoke":
+        if section not in only or not path.is_file() or profile.name != "full":
             continue
         out = runner.work / "json" / f"helper-{section}.json"
         extra = profile.helper_args.get(section, [])
-        runner.run(Job(section, f"helper-{script}", "ours", [str(path), *args, *map(str, extra), "--out", out],
+        runner.run(Job(section, f"helper-{script}", "helper", [str(path), *args, *map(str, extra), "--out", out],
                        out, profile.timeout_s * 2, dict(helper=script)))
         log = runner.work / "logs" / f"{section}-helper-{script}.log"
-        runner.results.setdefault("helper_markdown", {})[script] = report.markdown_from_log(log)
+        saved = json.loads(out.read_text()) if out.is_file() else {}
+        text = next((saved[k] for k in ("table_markdown", "markdown", "table") if isinstance(saved.get(k), str)), "")
+        runner.results.setdefault("helper_markdown", {})[script] = text or report.markdown_from_log(log)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -486,10 +548,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-setup", action="store_true", help="never create the peer venv (use it if present)")
     parser.add_argument("--results", type=Path, default=None, help="markdown output (default: RESULTS.md here, "
                                                                     "or work/RESULTS-<profile>.md for smoke/quick)")
+    parser.add_argument("--wait-for-teacher", type=float, default=120, metavar="MINUTES",
+                        help="wait this long for a reference teacher another process is training (default 120)")
+    parser.add_argument("--teacher", choices=["tiny", "small", "base"], default=None,
+                        help="override the profile's reference teacher")
     parser.add_argument("--work", type=Path, default=BENCH_DIR / "work", help="scratch folder for shared inputs")
     args = parser.parse_args(argv)
 
     profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.teacher:
+        profile.teacher = args.teacher
     only = list(args.only or SECTIONS)
     work = args.work.resolve() / profile.name
     work.mkdir(parents=True, exist_ok=True)
@@ -522,20 +590,33 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(work, results, peer_python)
 
     print(f"profile {profile.name}: teacher '{profile.teacher}', sections {', '.join(only)}", flush=True)
-    ctx: dict = {"teacher": teacher_dir(profile)}
-    ctx["blocks"] = prepare_blocks(profile, ctx["teacher"], work)
-    if {"distill", "pipeline"} & set(only):
-        ctx["student"] = prepare_student(profile, ctx["teacher"], work)
-    if "runtime" in only:
-        ctx["speed_model"] = prepare_speed_model(profile, work)
-    results["teacher"] = {"size": profile.teacher, "path": str(ctx["teacher"]),
-                          "metrics": json.loads((ctx["teacher"] / "reference_metrics.json").read_text())}
+    ctx: dict = {}
+
+    def need_teacher() -> None:
+        """Shared teacher inputs, made on first use (runtime and embed do not need the teacher)."""
+        if "teacher" in ctx:
+            return
+        wait_for_reference(profile.teacher, args.wait_for_teacher)
+        ctx["teacher"] = teacher_dir(profile)
+        ctx["blocks"] = prepare_blocks(profile, ctx["teacher"], work)
+        if {"distill", "pipeline"} & set(only):
+            ctx["student"] = prepare_student(profile, ctx["teacher"], work)
+        results["teacher"] = {"size": profile.teacher, "path": str(ctx["teacher"]),
+                              "metrics": json.loads((ctx["teacher"] / "reference_metrics.json").read_text())}
 
     sections = {"quant": quant_section, "runtime": runtime_section, "distill": distill_section,
                 "pipeline": pipeline_section, "embed": embed_section}
-    for name in only:
+    # Sections that need no teacher first: the reference teacher may still be training in another process.
+    for name in sorted(only, key=lambda n: n not in ("runtime", "embed")):
+        if name in ("quant", "distill", "pipeline") or (name == "runtime" and profile.name != "full"):
+            need_teacher()
         sections[name](runner, profile, ctx)
-        common.write_json(work / "results.json", results)  # a partial run still leaves its numbers
+        # A partial run still leaves its numbers (the session may end before the last section).
+        results["total_seconds"] = round(time.time() - started, 1)
+        common.write_json(work / "results.json", results)
+        report.write(results, results_md)
+    if profile.name == "full":
+        need_teacher()
     helper_scripts(runner, profile, ctx, only)
     results["total_seconds"] = round(time.time() - started, 1)
     common.write_json(work / "results.json", results)

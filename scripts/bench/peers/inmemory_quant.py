@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.task == "embed":
             fp32 = AutoModel.from_pretrained(args.model, dtype=torch.float32)
             reference = common.mean_pooled_embeddings(fp32, data["eval_input_ids"], data["eval_attention_mask"])
+            result["fp32_weight_bytes"] = common.weight_bytes(fp32)
             del fp32
         result["baseline_rss_bytes"] = common.current_rss_bytes()
         if args.tool in ("fp32", "bf16"):
