@@ -195,7 +195,18 @@ def checkpoint_bytes(path: str | os.PathLike) -> int:
 # Memory and time
 # --------------------------------------------------------------------------------------------------------
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far. Each tool runs in its own process, so this is its peak."""
+    """Peak resident set size of this process so far. Each tool runs in its own process, so this is its peak.
+
+    Linux: ``VmHWM`` from /proc/self/status, the high-water mark of this process's own address space. Not
+    ``getrusage().ru_maxrss``: across fork + exec Linux carries the *parent's* high-water mark into the child's
+    ``ru_maxrss``, so every subprocess of a big driver would report at least the driver's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
