@@ -606,8 +606,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sections = {"quant": quant_section, "runtime": runtime_section, "distill": distill_section,
                 "pipeline": pipeline_section, "embed": embed_section}
-    # Sections that need no teacher first: the reference teacher may still be training in another process.
-    for name in sorted(only, key=lambda n: n not in ("runtime", "embed")):
+    # Most important first, the longest (runtime) last; RESULTS.md is rewritten after each section.
+    order = ("quant", "embed", "distill", "pipeline", "runtime")
+    for name in sorted(only, key=order.index):
         if name in ("quant", "distill", "pipeline") or (name == "runtime" and profile.name != "full"):
             need_teacher()
         sections[name](runner, profile, ctx)
