@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import HFCompressError
+from ..errors import ConfigError, HFCompressError
 from . import kernels
 from .checkpoint import (
     CheckpointError,
@@ -264,10 +264,10 @@ def _resolve_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str):
         value = getattr(torch, dtype.replace("torch.", ""), None)
         if not isinstance(value, torch.dtype):
-            raise HFCompressError(f"load_compressed: unknown dtype {dtype!r}; use bfloat16, float16 or float32")
+            raise ConfigError(f"load_compressed: unknown dtype {dtype!r}; use bfloat16, float16 or float32")
         dtype = value
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise HFCompressError(f"load_compressed: dtype must be bfloat16, float16 or float32, got {dtype}")
+        raise ConfigError(f"load_compressed: dtype must be bfloat16, float16 or float32, got {dtype}")
     return dtype
 
 

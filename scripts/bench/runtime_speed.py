@@ -225,6 +225,12 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> dict:
     return {"prefill_s": clock.times[0] - start, "step_s": steps, "new_tokens": new_tokens}
 
 
+def affordable_tokens(warm_up: dict, seconds_left: float, most: int) -> int:
+    """New tokens that fit in ``seconds_left``, from the step time of the 4-token warm-up (at least 16)."""
+    per_token = max(warm_up["step_s"]) if warm_up["step_s"] else 1.0
+    return max(16, min(most, int((seconds_left - warm_up["prefill_s"]) / (1.2 * per_token))))
+
+
 def summarize_runs(runs: list[dict], prompt_len: int) -> dict:
     decode = [len(r["step_s"]) / sum(r["step_s"]) for r in runs]
     steps = sorted(s for r in runs for s in r["step_s"])
@@ -243,7 +249,7 @@ def prompt_tokens(args) -> torch.Tensor:
     return torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
 
 
-def run_torchao_worker(args, new_tokens: int) -> dict:
+def run_torchao_worker(args, seconds: float) -> dict:
     """torchao int8 weight-only, measured in the peer venv by this same script (``--torchao-worker``)."""
     if not PEER_PYTHON.is_file():
         return {"status": "skipped", "error": f"no peer venv at {PEER_PYTHON.parent.parent}"}
@@ -251,7 +257,8 @@ def run_torchao_worker(args, new_tokens: int) -> dict:
     out.unlink(missing_ok=True)
     options = {k: v for k, v in vars(args).items()
                if k in ("hidden", "layers", "intermediate", "vocab", "heads", "kv_heads", "prompt")}
-    cmd = [str(PEER_PYTHON), __file__, "--torchao-worker", "--out", str(out), f"--new-tokens={new_tokens}"]
+    cmd = [str(PEER_PYTHON), __file__, "--torchao-worker", "--out", str(out), f"--new-tokens={args.new_tokens}",
+           f"--budget-minutes={seconds / 60}"]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not out.is_file():
@@ -260,14 +267,18 @@ def run_torchao_worker(args, new_tokens: int) -> dict:
 
 
 def torchao_worker(args) -> None:
+    started = time.perf_counter()
+
     def body(result):
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         model = random_model(args, torch.bfloat16)
         quantize_(model, Int8WeightOnlyConfig())
         prompt = prompt_tokens(args)
-        timed_generate(model, prompt, 4)  # warm-up
-        result.update(sizes(model), **summarize_runs([timed_generate(model, prompt, args.new_tokens)], args.prompt))
+        warm_up = timed_generate(model, prompt, 4)
+        left = args.budget_minutes * 60 - (time.perf_counter() - started)
+        tokens = affordable_tokens(warm_up, left, args.new_tokens)
+        result.update(sizes(model), **summarize_runs([timed_generate(model, prompt, tokens)], args.prompt))
         result["versions"] = common.package_versions(["torchao", "transformers", "torch"])
 
     common.run_and_record(args.out, {"variant": "torchao int8wo"}, body)
@@ -364,26 +375,24 @@ def main(argv=None) -> int:
     main_models = None
     gc.collect()
 
-    # 2. The others, one at a time, one run each; fewer tokens if the time budget would be exceeded.
-    per_token_s = max((r["step_ms"]["median"] / 1e3 for r in results.values() if "step_ms" in r), default=1.0)
+    # 2. The others, one at a time, one run each; each gets an equal share of the time left and generates
+    #    as many tokens (up to --new-tokens) as its warm-up step time says fit in that share.
     others = [n for n in wanted if n not in MAIN] + ([] if args.no_torchao else ["torchao int8wo"])
     for index, name in enumerate(others):
-        left = args.budget_minutes * 60 - (time.perf_counter() - started)
-        # each remaining variant gets an equal share of the time left, minus ~60 s to load it
-        affordable = int((left / max(1, len(others) - index) - 60) / (1.3 * per_token_s))
-        new_tokens = max(16, min(args.new_tokens, affordable))
         t0 = time.perf_counter()
+        share = (args.budget_minutes * 60 - (t0 - started)) / (len(others) - index)
         if name == "torchao int8wo":
             results[name] = {"description": "torchao Int8WeightOnlyConfig, bf16 model (peer venv)",
-                             **run_torchao_worker(args, new_tokens)}
+                             **run_torchao_worker(args, share)}
         else:
             description, load = table_of[name]
             model = None
             try:
                 model = load()
-                timed_generate(model, prompt, 4)
+                warm_up = timed_generate(model, prompt, 4)
+                tokens = affordable_tokens(warm_up, share - (time.perf_counter() - t0), args.new_tokens)
                 results[name] = {"description": description, "status": "ok", **sizes(model),
-                                 **summarize_runs([timed_generate(model, prompt, new_tokens)], args.prompt)}
+                                 **summarize_runs([timed_generate(model, prompt, tokens)], args.prompt)}
             except Exception as exc:  # recorded, not raised
                 results[name] = {"description": description, "status": "error", "error": common.error_line(exc)}
             finally:
