@@ -204,14 +204,19 @@ def _expected_compressed_tensors(model, config: dict, reader: TensorReader, repo
 
 
 def _bnb_quant_state(reader: TensorReader, info: TensorInfo, report: VerifyReport) -> dict | None:
-    from bitsandbytes.functional import unpack_tensor_to_dict
+    """bitsandbytes stores the non-tensor quant_state (shape, blocksize, dtype...) as JSON bytes in a uint8
+    tensor (``bitsandbytes.utils.pack_dict_to_tensor``); decoded here without importing bitsandbytes."""
+    import json
 
     tensor = _read(reader, info.name, report)
     if tensor is None:
         return None
     try:
-        return unpack_tensor_to_dict(tensor)
-    except Exception as exc:  # a corrupted JSON blob
+        state = json.loads(bytes(tensor.to(torch.uint8).tolist()).decode("utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        return state
+    except (UnicodeDecodeError, ValueError) as exc:
         report.problems.append(f"tensor {info.name!r} in {info.file.name} is not a readable bitsandbytes "
                                f"quant_state ({type(exc).__name__})")
         return None
