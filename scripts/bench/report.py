@@ -508,6 +508,11 @@ def write(results: dict, path: Path) -> None:
         "that when the load changes — read ratios, not absolute values. Perplexities, cosines and byte counts "
         "are deterministic (fixed seeds, same blocks).\n",
     ]
+    done = [name for name in ("quant", "embed", "distill", "pipeline", "runtime") if results.get(name)]
+    missing = [name for name in results.get("sections", []) if name not in done]
+    if missing:
+        head.append(f"**Partial run:** sections {', '.join(missing)} had not finished when this file was written "
+                     f"(only {', '.join(done) or 'none'} are complete).\n")
     hl = headline_lines(headline)
     if hl:
         head += ["## Headline ratios\n"] + hl + [""]
@@ -553,3 +558,22 @@ def check_markdown(text: str) -> list[str]:
                 problems.append(f"table at line {block[0][0]} has no header separator")
             block = []
     return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render a RESULTS-style markdown (and plots) from a run's results.json: formatting only."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results_json", type=Path)
+    parser.add_argument("markdown", type=Path)
+    args = parser.parse_args(argv)
+    write(json.loads(args.results_json.read_text()), args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
