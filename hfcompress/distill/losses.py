@@ -109,6 +109,10 @@ class LogitLoss:
         t = self.temperature
         student_logp = F.log_softmax(student_logits / t, dim=-1)  # (N, V)
         teacher_logp = F.log_softmax(teacher_logits / t, dim=-1)
+        return self._divergence(student_logp, teacher_logp)
+
+    def _divergence(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
         if self.loss == "forward_kl":
             value = forward_kl(student_logp, teacher_logp)
         elif self.loss == "reverse_kl":
@@ -128,11 +132,17 @@ class LogitLoss:
     def per_position(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                      targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weighted objective, distillation term, cross-entropy term), each (N,)."""
-        ce = F.cross_entropy(student_logits, targets, reduction="none")  # (N,)
         if self.kd_weight == 0 or teacher_logits is None:
-            kd = torch.zeros_like(ce)
+            ce = F.cross_entropy(student_logits, targets, reduction="none")  # (N,)
+            return self.ce_weight * ce, torch.zeros_like(ce), ce
+        t = self.temperature
+        student_logp = F.log_softmax(student_logits / t if t != 1.0 else student_logits, dim=-1)  # (N, V)
+        teacher_logp = F.log_softmax(teacher_logits / t if t != 1.0 else teacher_logits, dim=-1)
+        kd = self._divergence(student_logp, teacher_logp)
+        if t == 1.0:  # reuse the student's log-probs: one (N, V) tensor less per chunk
+            ce = F.nll_loss(student_logp, targets, reduction="none")
         else:
-            kd = self.divergence(student_logits, teacher_logits)
+            ce = F.cross_entropy(student_logits, targets, reduction="none")
         return self.kd_weight * kd + self.ce_weight * ce, kd, ce
 
 

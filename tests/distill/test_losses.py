@@ -158,6 +158,19 @@ def test_temperature_scaling_keeps_gradients_independent_of_temperature():
         assert torch.allclose(z.grad, limit, rtol=0.1 * 50 / t, atol=1e-3 * 50 / t)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_objective_mixes_distillation_and_cross_entropy(temperature):
+    student, teacher = random_logits(seed=19), random_logits(seed=20)
+    targets = torch.tensor([0, 3, 5, 7, 9, 10])
+    weighted, kd, ce = LogitLoss(loss="forward_kl", temperature=temperature, kd_weight=0.3,
+                                 ce_weight=0.6).per_position(student, teacher, targets)
+    p = (teacher / temperature).softmax(-1)
+    expected_kd = temperature ** 2 * kl_reference(p, (student / temperature).softmax(-1))
+    expected_ce = -student.log_softmax(-1)[torch.arange(6), targets]  # always at T = 1
+    assert torch.allclose(kd, expected_kd, atol=1e-12) and torch.allclose(ce, expected_ce, atol=1e-12)
+    assert torch.allclose(weighted, 0.3 * expected_kd + 0.6 * expected_ce, atol=1e-12)
+
+
 # ----- positions ---------------------------------------------------------------------------------------------
 def test_ignored_labels_are_excluded():
     labels = torch.tensor([[5, 6, -100, 7, 8], [-100, -100, 1, 2, -100]])
@@ -187,10 +200,10 @@ def _setup(n=23, hs=8, ht=12, v=17, dtype=F64, bias=True, seed=0):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("chunk_size", [1, 5, 0])
-def test_chunked_equals_unchunked_loss_and_gradients(loss, chunk_size):
+@pytest.mark.parametrize("chunk_size,temperature", [(1, 1.5), (5, 1.0), (0, 2.0)])
+def test_chunked_equals_unchunked_loss_and_gradients(loss, chunk_size, temperature):
     h, ht, ws, bs, wt, bt, y = _setup()
-    spec = LogitLoss(loss=loss, temperature=1.5, kd_weight=0.7, ce_weight=0.4)
+    spec = LogitLoss(loss=loss, temperature=temperature, kd_weight=0.7, ce_weight=0.4)
     student_head, teacher_head = LMHead(ws, bs, scale=0.9, softcap=6.0), LMHead(wt, bt, scale=0.9, softcap=6.0)
     chunked = chunked_logit_loss(h, student_head, y, spec, ht, teacher_head, chunk_size=chunk_size)
     grads_chunked = torch.autograd.grad(2.5 * chunked[0], [h, ws, bs])
