@@ -25,6 +25,8 @@ _EXPORTS = {
     "QuantizationConfig": "hfcompress.quantize.config",
     "quantize": "hfcompress.quantize.api",
     "load_compressed": "hfcompress.quantize.runtime",
+    "save_checkpoint": "hfcompress.quantize.saving",
+    "verify_checkpoint": "hfcompress.quantize.verify",
     "DistillationConfig": "hfcompress.distill.config",
     "DistillationTrainer": "hfcompress.distill.trainer",
     "make_student": "hfcompress.distill.student",
@@ -83,4 +85,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .quantize.api import quantize
     from .quantize.config import QuantizationConfig
     from .quantize.runtime import load_compressed
+    from .quantize.saving import save_checkpoint
+    from .quantize.verify import verify_checkpoint
     from .reference import reference_model

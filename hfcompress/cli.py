@@ -136,8 +136,10 @@ def cmd_eval(args) -> int:
 def cmd_verify(args) -> int:
     from .quantize.verify import verify_checkpoint
 
-    report = verify_checkpoint(args.path)
+    report = verify_checkpoint(args.path, deep=not args.quick)
     print(report.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0 if report.ok else 1
 
 
@@ -263,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", formatter_class=_Formatter,
                        help="check a checkpoint's tensors against its config (shapes, dtypes, scales)")
     p.add_argument("path", help="checkpoint folder")
+    p.add_argument("--quick", action="store_true",
+                   help="headers, layout and scales only; skip reading every float tensor")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     p.set_defaults(func=cmd_verify)
     return parser
 

@@ -76,3 +76,17 @@ def test_console_script_error_has_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("hfcompress eval: error:") and "Traceback" not in proc.stderr
+
+
+def test_verify_reports_a_corrupted_checkpoint(tmp_path, tiny_reference_dir, capsys):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in tiny_reference_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    assert main(["verify", str(folder), "--json", str(tmp_path / "v.json")]) == 0
+    assert json.loads((tmp_path / "v.json").read_text())["ok"] is True
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
+    capsys.readouterr()
+    assert main(["verify", str(folder)]) == 1
+    assert "model.safetensors" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_clean_python, small_llama
+from .conftest import run_clean_python, small_llama
 
 from hfcompress.errors import ConfigError
 from hfcompress.quantize.bnb import quantize_bnb

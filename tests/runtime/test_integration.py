@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import small_llama
+from .conftest import small_llama
 
 from hfcompress.quantize.runtime import DequantLinear, Int4PackedLinear, Int8PackedLinear, load_compressed
 from hfcompress.quantize.saving import save_checkpoint

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_dequantized_reference
+from .conftest import load_dequantized_reference
 from safetensors.torch import load_file
 
 from hfcompress.quantize.runtime import Int4PackedLinear, Int8PackedLinear, load_compressed

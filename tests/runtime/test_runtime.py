@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import ct_reference_logits, load_dequantized_reference, small_llama, write_ct_checkpoint
+from .conftest import ct_reference_logits, load_dequantized_reference, small_llama, write_ct_checkpoint
 
 from hfcompress.evaluate import count_parameters, weight_bytes
 from hfcompress.errors import HFCompressError

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_clean_python, small_llama, write_ct_checkpoint
+from .conftest import run_clean_python, small_llama, write_ct_checkpoint
 
 from hfcompress.errors import HFCompressError
 from hfcompress.quantize.saving import CheckpointExistsError, save_checkpoint

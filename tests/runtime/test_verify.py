@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import small_llama, write_ct_checkpoint
+from .conftest import small_llama, write_ct_checkpoint
 from safetensors.torch import load_file, save_file
 
 from hfcompress.quantize.saving import save_checkpoint
