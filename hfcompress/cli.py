@@ -106,6 +106,8 @@ def cmd_reference(args) -> int:
         print(f"  parameters:                      {metrics['num_parameters']:,}")
         print(f"  validation perplexity:           {metrics['validation_perplexity']:.2f}")
         print(f"  unigram baseline perplexity:     {metrics['unigram_validation_perplexity']:.2f}")
+        if "validation_bits_per_byte" in metrics:
+            print(f"  validation bits per byte:        {metrics['validation_bits_per_byte']:.4f}")
         print(f"  training: {metrics['train_tokens']:,} tokens in {metrics['train_seconds']:.0f}s")
     return 0
 

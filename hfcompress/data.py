@@ -174,6 +174,11 @@ def _looks_like_hub_id(text: str) -> bool:
 # --------------------------------------------------------------------------------------------------------
 # Documents -> fixed-length token blocks
 # --------------------------------------------------------------------------------------------------------
+def utf8_bytes(texts: Iterable[str]) -> int:
+    """Bytes of the documents as UTF-8, plus one per document for the EOS separator of :func:`token_stream`."""
+    return sum(len(t.encode("utf-8")) + 1 for t in texts if t)
+
+
 def token_stream(texts: Iterable[str], tokenizer, add_eos: bool = True) -> torch.Tensor:
     """Tokenize documents and concatenate them (separated by EOS when the tokenizer has one) -> (N,)."""
     texts = [t for t in texts if t]
@@ -204,9 +209,14 @@ def pack_blocks(
     Every kept token appears in exactly one block. With ``num_blocks``, that many distinct blocks are drawn
     without replacement using ``seed`` (the same seed gives the same blocks in the same order).
     """
+    return pack_stream(token_stream(texts, tokenizer, add_eos=add_eos), block_size, num_blocks=num_blocks,
+                       seed=seed)
+
+
+def pack_stream(stream: torch.Tensor, block_size: int, num_blocks: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Cut a token stream (N,) into blocks; see :func:`pack_blocks`."""
     if block_size < 2:
         raise DataError(f"block_size must be at least 2 tokens, got {block_size}")
-    stream = token_stream(texts, tokenizer, add_eos=add_eos)
     total = stream.numel() // block_size
     if total == 0:
         raise DataError(

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import check_block_size, load_texts, pack_blocks, token_stream
+from .data import check_block_size, load_texts, pack_stream, token_stream, utf8_bytes
 from .errors import DataError
 
 
@@ -190,6 +190,7 @@ class EvalResult:
     num_blocks: int
     scored_tokens: int
     perplexity: float
+    bits_per_byte: float  # tokenizer-independent: mean bits per token x tokens per UTF-8 byte of the text
     num_parameters: int
     weight_bytes: int
     checkpoint_bytes: int | None = None
@@ -229,6 +230,7 @@ def format_table(results: list[EvalResult]) -> str:
     """A plain-text table, one row per metric and one column per model."""
     rows = [
         ("perplexity", lambda r: _fmt(r.perplexity, 3)),
+        ("bits per byte", lambda r: _fmt(r.bits_per_byte, 4)),
         ("scored tokens", lambda r: _fmt(r.scored_tokens)),
         ("parameters", lambda r: _fmt(r.num_parameters)),
         ("checkpoint on disk", lambda r: _human_bytes(r.checkpoint_bytes)),
@@ -285,8 +287,10 @@ def evaluate(
     block_size = block_size or min(context, 512)
     check_block_size(block_size, model.config)
 
+    stream = token_stream(texts, tokenizer)
+    tokens_per_byte = stream.numel() / utf8_bytes(texts)
     if stride is not None and stride != block_size:
-        blocks, score_from = strided_windows(token_stream(texts, tokenizer), block_size, stride)
+        blocks, score_from = strided_windows(stream, block_size, stride)
         if num_blocks is not None:
             blocks = blocks[:num_blocks]
         # The first window is scored from position 1, later ones only on their last `stride` tokens.
@@ -296,7 +300,7 @@ def evaluate(
                                                            score_from=score_from, progress=progress)
             nll, count = nll + more_nll, count + more_count
     else:
-        blocks = pack_blocks(texts, tokenizer, block_size, num_blocks=num_blocks, seed=seed)
+        blocks = pack_stream(stream, block_size, num_blocks=num_blocks, seed=seed)
         nll, count = negative_log_likelihood(model, blocks, batch_size=batch_size, progress=progress)
 
     result = EvalResult(
@@ -306,6 +310,7 @@ def evaluate(
         num_blocks=int(blocks.shape[0]),
         scored_tokens=count,
         perplexity=math.exp(nll / count),
+        bits_per_byte=nll / count / math.log(2) * tokens_per_byte,
         num_parameters=count_parameters(model),
         weight_bytes=weight_bytes(model),
         checkpoint_bytes=checkpoint_bytes(checkpoint_dir) if checkpoint_dir else None,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_stdlib_corpus, pack_blocks
+from .data import load_stdlib_corpus, pack_blocks, token_stream, utf8_bytes
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -176,6 +176,8 @@ def train_reference(size: str, output_dir: Path, progress: bool = True) -> dict:
     train_seconds = time.perf_counter() - started
 
     model.eval()
+    val_perplexity = perplexity(model, val_blocks, batch_size=8)
+    val_texts = corpus["validation"]["text"]
     metrics = {
         "size": size,
         "spec": asdict(spec),
@@ -183,7 +185,10 @@ def train_reference(size: str, output_dir: Path, progress: bool = True) -> dict:
         "train_tokens": spec.steps * spec.batch_size * spec.context,
         "train_seconds": round(train_seconds, 1),
         "final_train_loss": loss_value,
-        "validation_perplexity": perplexity(model, val_blocks, batch_size=8),
+        "validation_perplexity": val_perplexity,
+        # Per-token perplexities of different vocabularies are not comparable; bits per byte is.
+        "validation_bits_per_byte": math.log2(val_perplexity) * token_stream(val_texts, tokenizer).numel()
+        / utf8_bytes(val_texts),
         "unigram_validation_perplexity": unigram_perplexity(train_blocks, val_blocks, len(tokenizer)),
         "torch_threads": torch.get_num_threads(),
     }

@@ -52,10 +52,12 @@ def test_evaluate_reports_every_field(tiny_reference_dir):
     result = ev.evaluate(str(tiny_reference_dir), data="stdlib:test", block_size=64, num_blocks=8,
                          new_tokens=8, progress=False)
     d = result.to_dict()
-    for key in ("perplexity", "num_parameters", "checkpoint_bytes", "weight_bytes", "prefill_tokens_per_s",
+    for key in ("perplexity", "bits_per_byte", "num_parameters", "checkpoint_bytes", "weight_bytes", "prefill_tokens_per_s",
                 "decode_tokens_per_s", "peak_rss_bytes"):
         assert d[key] is not None and d[key] > 0, key
     assert result.scored_tokens == 8 * 63
+    # bits/byte = log2(perplexity) x tokens per byte, and a byte-level BPE has at most one token per byte
+    assert 0 < result.bits_per_byte <= math.log2(result.perplexity)
     assert result.weight_bytes == result.num_parameters * 4
     assert abs(result.checkpoint_bytes - result.weight_bytes) < 0.05 * result.weight_bytes
     assert "perplexity" in result.table()
