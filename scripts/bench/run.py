@@ -327,7 +327,9 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
         ours("gptq-int8-channel", "--method", "gptq", "--bits", 8, "--group-size", 0, label="GPTQ int8 per-channel")
     g = profile.group_size
     for bits in profile.bits:
-        for method in ("rtn", "gptq", "awq") if bits != 2 or profile.extra_quant else ("rtn", "gptq"):
+        methods = ("rtn", "gptq") if profile.name == "smoke" or (bits == 2 and not profile.extra_quant) \
+            else ("rtn", "gptq", "awq")
+        for method in methods:
             ours(f"{method}-int{bits}-g{g}", "--method", method, "--bits", bits, "--group-size", g,
                  label=f"{method.upper()} int{bits} g{g}")
     if profile.extra_quant:

@@ -32,7 +32,7 @@ def smoke_run(tmp_path_factory, tiny_reference_dir):
     env = dict(os.environ, HFCOMPRESS_HOME=str(home), HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--smoke", "--no-peers", "--only", "quant",
                            "distill", "--work", str(work), "--results", str(results_md)],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return work, results_md
 
