@@ -502,7 +502,11 @@ def write(results: dict, path: Path) -> None:
         f"{machine.get('python')}, torch threads {machine.get('torch_threads')}"
         + (f"; load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}" if load else "") + ".\n",
         f"Reference teacher `{profile['teacher']}`: {_f(teacher.get('num_parameters'))} parameters, validation "
-        f"perplexity {_f(teacher.get('validation_perplexity'))} (trained by `hfcompress.reference`).\n",
+        f"perplexity {_f(teacher.get('validation_perplexity'))} (trained by `hfcompress.reference`)."
+        + (f" The issues state their quality targets for the `base` teacher; it was still being trained by another "
+           f"process when this run started, so this run measured the `{profile['teacher']}` teacher "
+           f"(`--teacher {profile['teacher']}`); the target lines below apply those thresholds to it."
+           if profile["name"] == "full" and profile["teacher"] != "base" else "") + "\n",
         "**Noise.** The machine is shared (other jobs ran during this benchmark, see the load average); "
         "wall-time and tokens/s numbers carry the spread shown beside them and differ run to run by more than "
         "that when the load changes — read ratios, not absolute values. Perplexities, cosines and byte counts "
@@ -513,6 +517,10 @@ def write(results: dict, path: Path) -> None:
     if missing:
         head.append(f"**Partial run:** sections {', '.join(missing)} had not finished when this file was written "
                      f"(only {', '.join(done) or 'none'} are complete).\n")
+    if profile["name"] == "full" and not missing and not {"quant_quality.py", "distill_bench.py"} & set(
+            results.get("helper_markdown") or {}):
+        head.append("The capabilities' own scripts `quant_quality.py` and `distill_bench.py` did not complete within "
+                    "this invocation; their own committed tables are separate runs.\n")
     hl = headline_lines(headline)
     if hl:
         head += ["## Headline ratios\n"] + hl + [""]
