@@ -224,7 +224,8 @@ def parse_recipe(document, overrides: list[str] | None = None, source: str = "",
 
     recipe = Recipe(name=name, model=document.get("model"), description=str(document.get("description") or ""),
                     output_dir=str(document.get("output_dir") or f"runs/{name}"), stages=stages,
-                    source=source if not overrides else yaml.safe_dump(document, sort_keys=False), path=path)
+                    source=source if source and not overrides else yaml.safe_dump(document, sort_keys=False),
+                    path=path)
     _check_inputs(recipe, where)
     return recipe
 
