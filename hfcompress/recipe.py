@@ -248,7 +248,7 @@ def _check_inputs(recipe: Recipe, where: str) -> None:
             if "/" not in ref or ref.startswith((".", "/", "~")):
                 raise ConfigError(f"{where}: stage {index} ({stage.name}) refers to {ref!r}, which is neither an "
                                   f"earlier stage nor an existing path{suggest(ref, produced)}")
-        if spec.needs_input and not stage.input and not any(s in produced for s in produced):
+        if spec.needs_input and not stage.input and not produced:
             raise ConfigError(f"{where}: stage {index} ({stage.name}) needs an input model: set the recipe's "
                               f"'model' key or the stage's 'input'")
         if spec.produces_model:
