@@ -50,7 +50,7 @@ class DistillationConfig(TrainingArguments):
                           "al. 2015). The cross-entropy term always uses T = 1."},
     )
     kd_weight: float = field(
-        default=0.5,
+        default=1.0,
         metadata={"help": "Weight of the logit-distillation term (>= 0)."},
     )
     ce_weight: float = field(
@@ -69,7 +69,7 @@ class DistillationConfig(TrainingArguments):
     )
     # ----- hidden-state distillation -----
     hidden_weight: float = field(
-        default=0.0,
+        default=3.0,
         metadata={"help": "Weight of the hidden-state loss (>= 0); 0 turns hidden-state distillation off."},
     )
     hidden_loss: str = field(

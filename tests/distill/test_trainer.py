@@ -42,7 +42,7 @@ class MaskedBlocks(torch.utils.data.Dataset):
 
 def test_distillation_loss_falls(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
     student = make_student(tiny_teacher, num_layers=1)
-    args = config(tmp_path, kd_weight=1.0, ce_weight=0.0, max_steps=25)
+    args = config(tmp_path, kd_weight=1.0, ce_weight=0.0, hidden_weight=0.0, max_steps=25)
     trainer = DistillationTrainer(model=student, teacher_model=tiny_teacher, args=args,
                                   train_dataset=BlockDataset(distill_blocks[:48]),
                                   eval_dataset=BlockDataset(distill_blocks[48:64]), processing_class=tiny_tokenizer)
