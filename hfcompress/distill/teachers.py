@@ -1,10 +1,17 @@
 """The teacher: loading, freezing, placement under ``accelerate``, vocabulary alignment, LM-head access.
 
-Placement follows the parallelism of the run: under DDP (and single-process, FSDP) the teacher is
-prepared with ``accelerator.prepare_model(..., evaluation_mode=True)``: moved to the device and wrapped for
-mixed precision, but not in DDP (it has no gradients to reduce), i.e. one full replica per rank. Under
-DeepSpeed ZeRO-3 the teacher is sharded across ranks with a DeepSpeed inference engine (no optimizer), the
-way TRL's trainers do; under ZeRO-1/2 it is replicated (ZeRO stage 0).
+Placement follows the parallelism of the run:
+
+* single process and DDP: ``accelerator.prepare_model(..., evaluation_mode=True)`` moves it to the device
+  and applies mixed precision, but does not wrap it in DDP (it has no gradients to reduce): one full
+  replica per rank;
+* FSDP2: sharded like the student, with accelerate's ``fsdp2_prepare_model`` (its parameters become
+  DTensors; the LM head is gathered once per step for the chunked loss). FSDP1 keeps a replica (its flat
+  parameters cannot be read outside forward);
+* DeepSpeed ZeRO-3: sharded with a DeepSpeed inference engine (no optimizer), as TRL's trainers do; under
+  ZeRO-1/2 it is replicated (ZeRO stage 0).
+
+The FSDP and DeepSpeed paths need GPUs and are not exercised by the CPU test-suite.
 """
 
 from __future__ import annotations
@@ -69,6 +76,12 @@ def prepare_teacher(teacher, accelerator):
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return _prepare_deepspeed_teacher(teacher, accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
+            from accelerate.utils import fsdp2_prepare_model
+
+            return freeze(fsdp2_prepare_model(accelerator, teacher))
+        logger.info("FSDP1: the teacher is replicated on every rank; use fsdp_version 2 to shard it")
     return freeze(accelerator.prepare_model(teacher, evaluation_mode=True))
 
 

@@ -70,6 +70,13 @@ def emit(title: str, table: str) -> None:
     print(f"\n{title}\n\n{table}", flush=True)
 
 
+def save(cli, out: dict) -> None:
+    """Write what is measured so far (the quality section runs for hours; a stopped run keeps its rows)."""
+    if cli.out:
+        cli.out.parent.mkdir(parents=True, exist_ok=True)
+        cli.out.write_text(json.dumps({**out, "markdown": "\n".join(TABLES)}, indent=2, default=str) + "\n")
+
+
 def markdown(headers: list[str], rows: list[list]) -> str:
     def cell(value):
         if isinstance(value, float):
@@ -164,6 +171,8 @@ def quality_section(cli, out: dict) -> None:
         print(f"  {name:12s} val {runs[name]['validation']:.3f}  test {runs[name]['test']:.3f}  "
               f"ratio {runs[name]['validation'] / runs['ce']['validation']:.3f}  ({runs[name]['seconds']:.0f}s)",
               flush=True)
+        out["quality_partial"] = runs
+        save(cli, out)
     budget_runs = []
     for steps in budgets:
         if steps == cli.steps:
@@ -173,6 +182,10 @@ def quality_section(cli, out: dict) -> None:
         default = bench.run("default", {}, steps, work, cli.student_layers)
         print(f"  budget {steps}: ce {ce['validation']:.3f} default {default['validation']:.3f}", flush=True)
         budget_runs.append((steps, ce, default))
+        out["budgets_partial"] = [{"steps": s, "ce": c, "default": d} for s, c, d in budget_runs]
+        save(cli, out)
+    out.pop("quality_partial", None)
+    out.pop("budgets_partial", None)
     out["quality"] = {"reference": cli.reference, "teacher": teacher_ppl, "steps": cli.steps,
                       "tokens_per_step": COMMON["per_device_train_batch_size"] * cli.block_size,
                       "runs": runs, "budgets": [{"steps": s, "ce": c, "default": d} for s, c, d in budget_runs]}
@@ -372,12 +385,11 @@ def main() -> None:
         quality_section(cli, out)
     if "memory" in sections:
         memory_section(cli, out)
+        save(cli, out)
     if "speed" in sections:
         speed_section(cli, out)
-    out["markdown"] = "\n".join(TABLES)
+    save(cli, out)
     if cli.out:
-        cli.out.parent.mkdir(parents=True, exist_ok=True)
-        cli.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
         print(f"\nwrote {cli.out}")
 
 
