@@ -52,6 +52,12 @@ QUALITY_VARIANTS: dict[str, tuple[str, dict]] = {
     "default": ("DistillationConfig defaults", dict()),
 }
 
+# What a quality run's result depends on besides the data: the cache key of --cache.
+RESOLVED_FIELDS = ("loss", "temperature", "kd_weight", "ce_weight", "beta", "skew_alpha", "hidden_weight",
+                   "hidden_loss", "layer_map", "loss_chunk_size", "learning_rate", "lr_scheduler_type", "warmup_steps",
+                   "weight_decay", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+                   "max_grad_norm", "adam_beta1", "adam_beta2", "optim")
+
 COMMON = dict(per_device_train_batch_size=8, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.05,
               weight_decay=0.0, logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
               seed=0, train_sampling_strategy="sequential")
@@ -92,12 +98,17 @@ def markdown(headers: list[str], rows: list[list]) -> str:
 # (a) quality
 # --------------------------------------------------------------------------------------------------------
 class Quality:
-    def __init__(self, reference: str, block_size: int, max_blocks: int, eval_blocks: int):
+    def __init__(self, reference: str, block_size: int, max_blocks: int, eval_blocks: int,
+                 cache_path: Path | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from hfcompress.data import load_blocks
         from hfcompress.reference import reference_model
 
+        self.reference, self.block_size, self.num_eval_blocks = reference, block_size, eval_blocks
+        self.cache_path = cache_path
+        self.cache = json.loads(cache_path.read_text()) if cache_path and cache_path.is_file() else (
+            {} if cache_path else None)
         self.teacher_dir = reference_model(reference)
         self.tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
         self.teacher = AutoModelForCausalLM.from_pretrained(self.teacher_dir).eval()
@@ -116,11 +127,16 @@ class Quality:
         from hfcompress.data import BlockDataset
         from hfcompress.distill.hidden import num_layers
 
-        torch.manual_seed(0)
         layers = student_layers or max(1, num_layers(self.teacher) // 2)
-        student = make_student(self.teacher, num_layers=layers)
         settings = {**COMMON, **overrides}
         args = DistillationConfig(output_dir=str(output_dir / name), max_steps=steps, **settings)
+        key = self.cache_key(args, steps, layers)
+        if self.cache is not None and key in self.cache:
+            cached = dict(self.cache[key])
+            print(f"  ({name}: cached result of an identical run)", flush=True)
+            return {**cached, "variant": name, "cached": True}
+        torch.manual_seed(0)
+        student = make_student(self.teacher, num_layers=layers)
         blocks = self.train_blocks[: steps * args.per_device_train_batch_size]
         trainer = DistillationTrainer(model=student, teacher_model=self.teacher, args=args,
                                       train_dataset=BlockDataset(blocks), processing_class=self.tokenizer)
@@ -130,8 +146,22 @@ class Quality:
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         result = {"variant": name, "steps": steps, "train_tokens": int(blocks.numel()), "seconds": seconds,
                   "settings": {k: v for k, v in settings.items() if k not in ("report_to",)},
+                  "resolved": {k: getattr(args, k) for k in RESOLVED_FIELDS},
                   "last_log": logs[-1] if logs else {}, **self.perplexities(student)}
+        if self.cache is not None:
+            self.cache[key] = result
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            self.cache_path.write_text(json.dumps(self.cache, indent=1, default=str) + "\n")
         return result
+
+    def cache_key(self, args, steps: int, layers: int) -> str:
+        """Everything that determines a run's result: the resolved objective (defaults included), the training
+        arguments that matter, the data and the evaluation. Runs are deterministic (seed 0, one thread,
+        sequential batches), so an identical key gives the identical result."""
+        fields = {k: getattr(args, k) for k in RESOLVED_FIELDS}
+        return json.dumps({"reference": self.reference, "steps": steps, "layers": layers,
+                           "block_size": self.block_size, "eval_blocks": self.num_eval_blocks, **fields},
+                          sort_keys=True, default=str)
 
 
 def _value(text: str):
@@ -151,58 +181,86 @@ def variant(spec: str) -> tuple[str, dict]:
     return description, {**overrides, **{k: _value(v) for k, v in changes.items()}}
 
 
+def is_baseline(name: str) -> bool:
+    """CE-only runs: 'ce' and its overrides ('ce:learning_rate=2e-3'); the best of them is the baseline."""
+    return name.split(":")[0] == "ce"
+
+
+def best_baseline(runs: dict) -> str:
+    return min((name for name in runs if is_baseline(name)), key=lambda name: runs[name]["validation"])
+
+
 def quality_section(cli, out: dict) -> None:
     budgets = sorted({cli.steps, *cli.budgets})
     bench = Quality(cli.reference, cli.block_size, max(budgets) * COMMON["per_device_train_batch_size"],
-                    cli.eval_blocks)
+                    cli.eval_blocks, cache_path=cli.cache)
     teacher_ppl = bench.perplexities(bench.teacher)
     print(f"teacher {cli.reference}: validation ppl {teacher_ppl['validation']:.2f}, test {teacher_ppl['test']:.2f}",
           flush=True)
     work = ROOT / "scripts" / "bench" / "work" / "distill"
     names = cli.variants.split(",") if cli.variants else list(QUALITY_VARIANTS)
-    if "ce" not in names:
+    if not any(is_baseline(name) for name in names):
         names.insert(0, "ce")
+
+    def train(name: str, steps: int) -> dict:
+        description, overrides = variant(name)
+        result = bench.run(name.replace(":", "_").replace("=", ""), overrides, steps, work, cli.student_layers)
+        result["description"] = description
+        return result
+
     runs = {}
     for name in names:
-        description, overrides = variant(name)
-        runs[name] = bench.run(name.replace(":", "_").replace("=", ""), overrides, cli.steps, work,
-                               cli.student_layers)
-        runs[name]["description"] = description
+        runs[name] = train(name, cli.steps)
+        base = runs[best_baseline(runs)]
         print(f"  {name:12s} val {runs[name]['validation']:.3f}  test {runs[name]['test']:.3f}  "
-              f"ratio {runs[name]['validation'] / runs['ce']['validation']:.3f}  ({runs[name]['seconds']:.0f}s)",
+              f"ratio {runs[name]['validation'] / base['validation']:.3f}  ({runs[name]['seconds']:.0f}s)",
               flush=True)
         out["quality_partial"] = runs
         save(cli, out)
+    # Token-budget sweep: the budget variants (CE baselines and distillation recipes) at every step count.
+    budget_names = cli.budget_variants.split(",") if cli.budget_variants else ["ce", "default"]
+    if not any(is_baseline(name) for name in budget_names):
+        budget_names.insert(0, "ce")
     budget_runs = []
-    for steps in budgets:
-        if steps == cli.steps:
-            budget_runs.append((steps, runs["ce"], runs.get("default")))
-            continue
-        ce = bench.run("ce", QUALITY_VARIANTS["ce"][1], steps, work, cli.student_layers)
-        default = bench.run("default", {}, steps, work, cli.student_layers)
-        print(f"  budget {steps}: ce {ce['validation']:.3f} default {default['validation']:.3f}", flush=True)
-        budget_runs.append((steps, ce, default))
-        out["budgets_partial"] = [{"steps": s, "ce": c, "default": d} for s, c, d in budget_runs]
+    for steps in budgets if len(budgets) > 1 else []:
+        at = {name: runs[name] if steps == cli.steps and name in runs else train(name, steps) for name in budget_names}
+        base = best_baseline(at)
+        print(f"  budget {steps}: " + ", ".join(f"{n} {r['validation']:.2f}" for n, r in at.items())
+              + f" (baseline {base})", flush=True)
+        budget_runs.append({"steps": steps, "tokens": steps * COMMON["per_device_train_batch_size"] * cli.block_size,
+                            "baseline": base, "runs": at})
+        out["budgets_partial"] = budget_runs
         save(cli, out)
     out.pop("quality_partial", None)
     out.pop("budgets_partial", None)
+    baseline = best_baseline(runs)
     out["quality"] = {"reference": cli.reference, "teacher": teacher_ppl, "steps": cli.steps,
                       "tokens_per_step": COMMON["per_device_train_batch_size"] * cli.block_size,
-                      "runs": runs, "budgets": [{"steps": s, "ce": c, "default": d} for s, c, d in budget_runs]}
-    ce = runs["ce"]
-    rows = [[name, run["description"], run["validation"], run["test"], run["validation"] / ce["validation"],
-             run["test"] / ce["test"]] for name, run in runs.items()]
+                      "baseline": baseline, "runs": runs, "budgets": budget_runs}
+    ce = runs[baseline]
+    rows = [[name, run["description"], run["settings"].get("learning_rate"), run["validation"], run["test"],
+             run["validation"] / ce["validation"], run["test"] / ce["test"]] for name, run in runs.items()]
     depth = f"{cli.student_layers} layers" if cli.student_layers else "half the layers"
     emit(f"### Quality: {cli.reference} teacher (val ppl {teacher_ppl['validation']:.2f}, test "
          f"{teacher_ppl['test']:.2f}), student with {depth}, {cli.steps} steps x "
-         f"{COMMON['per_device_train_batch_size']}x{cli.block_size} tokens",
-         markdown(["variant", "objective", "val ppl", "test ppl", "val ratio vs CE", "test ratio vs CE"], rows))
-    if len(budget_runs) > 1:
-        rows = [[s, s * COMMON["per_device_train_batch_size"] * cli.block_size, c["validation"],
-                 d["validation"] if d else float("nan"),
-                 (d["validation"] / c["validation"]) if d else float("nan")] for s, c, d in budget_runs]
-        emit("### Ratio vs token budget (DistillationConfig defaults vs CE)",
-             markdown(["steps", "tokens", "CE val ppl", "default val ppl", "ratio"], rows))
+         f"{COMMON['per_device_train_batch_size']}x{cli.block_size} tokens; ratios vs the best CE-only run "
+         f"(`{baseline}`)",
+         markdown(["variant", "objective", "lr", "val ppl", "test ppl", "val ratio vs CE", "test ratio vs CE"], rows))
+    if budget_runs:
+        headers = ["steps", "tokens", "best CE", "best CE val ppl"]
+        for name in budget_names:
+            headers += [f"`{name}` val ppl"] + ([] if is_baseline(name) else [f"`{name}` ratio"])
+        rows = []
+        for entry in budget_runs:
+            base = entry["runs"][entry["baseline"]]["validation"]
+            row = [entry["steps"], entry["tokens"], entry["baseline"], base]
+            for name in budget_names:
+                row += [entry["runs"][name]["validation"]]
+                if not is_baseline(name):
+                    row += [entry["runs"][name]["validation"] / base]
+            rows.append(row)
+        emit("### Ratio vs token budget (validation perplexity; ratios vs the best CE-only run at that budget)",
+             markdown(headers, rows))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -359,6 +417,12 @@ def main() -> None:
     parser.add_argument("--budgets", default="", help="other step counts for the token-budget sweep, e.g. 50,400")
     parser.add_argument("--variants", default="",
                         help="comma-separated quality variants (default: all), each 'name' or 'name:key=value:...'")
+    parser.add_argument("--budget-variants", default="",
+                        help="variants run at every --budgets step count (default: ce,default); the best CE-only "
+                             "one is the baseline at each budget")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="JSON file of finished quality runs, keyed by everything that determines them; "
+                             "identical runs are read from it instead of retrained")
     parser.add_argument("--student-layers", type=int, default=None, help="student depth (default: half the teacher's)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--eval-blocks", type=int, default=128)
