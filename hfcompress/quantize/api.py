@@ -36,7 +36,7 @@ from . import ct_format
 from . import primitives as P
 from .config import QuantizationConfig, QuantizationError
 from .gptq import gptq_quantize
-from .modules import CompressedLinear
+from .modules import CompressedLinear, dequantized_weights_cached
 
 logger = logging.getLogger(__name__)
 
@@ -210,14 +210,32 @@ def quantize_rtn(layer, layer_name, targets: dict[str, Target], config, generato
 
 
 def quantize_gptq(layer, layer_name, targets: dict[str, Target], config, generator, probe=None) -> dict[str, Quantized]:
+    """GPTQ each linear against its input Hessian.
+
+    Linears that share one input (hence one Hessian: q/k/v, gate/up) and one group size are quantized as a
+    single matrix stacked along the output dimension: GPTQ treats every output row independently given the
+    Hessian (scales, clipping and error feedback are all per row), so this gives the same codes with one
+    column sweep instead of several. Stochastic rounding keeps one sweep per linear, so that its random
+    stream does not depend on which linears happen to be stacked.
+    """
+    buckets: dict[tuple, list[Target]] = {}
+    for t in targets.values():
+        shared = config.rounding == "nearest" and t.stats is not None
+        key = (id(t.stats), t.group_size, t.weight.dtype) if shared else (t.name,)
+        buckets.setdefault(key, []).append(t)
     results = {}
-    for name, t in targets.items():
-        weight = t.weight
+    for group in buckets.values():
+        weights = [t.weight for t in group]
         codes, scale, zero_point = gptq_quantize(
-            weight, t.hessian, config.bits, t.group_size, symmetric=config.symmetric, damp=config.damp,
-            block_size=config.block_size, act_order=config.act_order, observer=config.observer,
-            rounding=config.rounding, generator=generator)
-        results[name] = _finish(t, weight, scale, zero_point, codes)
+            torch.cat(weights) if len(weights) > 1 else weights[0], group[0].hessian, config.bits,
+            group[0].group_size, symmetric=config.symmetric, damp=config.damp, block_size=config.block_size,
+            act_order=config.act_order, observer=config.observer, rounding=config.rounding, generator=generator)
+        start = 0
+        for t, weight in zip(group, weights):
+            rows = slice(start, start + weight.shape[0])
+            start = rows.stop
+            results[t.name] = _finish(t, weight, scale[rows], None if zero_point is None else zero_point[rows],
+                                      codes[rows])
     return results
 
 
@@ -376,7 +394,8 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                     run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
                         probe=lambda layer=layer: C.run_first_batch(layer, inputs))
                     layer = model.get_submodule(layer_name)  # the layer itself may have been a target
-                C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
+                with dequantized_weights_cached(layer):
+                    C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
             del inputs
         rest = {n: m for n, m in targets.items() if m is not None}
         if rest:

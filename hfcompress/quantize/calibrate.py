@@ -230,19 +230,42 @@ class InputStats:
         self.hessian, self.count = P.accumulate_hessian(self.hessian, self.count, rows)
 
 
+class _ShareMismatch(Exception):
+    """Linears that shared one input tensor on the first batch did not on a later one."""
+
+
 @torch.no_grad()
-def collect_stats(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs) -> dict[str, InputStats]:
+def collect_stats(layer: nn.Module, modules: dict[str, nn.Module], inputs: LayerInputs,
+                  share: bool = True) -> dict[str, InputStats]:
     """Run ``layer`` on its inputs and gather :class:`InputStats` for each of ``modules`` (name -> linear).
 
-    Each batch stops as soon as every one of ``modules`` has seen its input: the rest of the layer is not
-    needed.
+    Linears fed the very same tensor (q/k/v projections, gate/up projections) get one shared
+    :class:`InputStats` object: ``E[x x^T]`` is accumulated once for them, and the methods can treat them as
+    one wider matrix with one Hessian. Each batch stops as soon as every one of ``modules`` has seen its
+    input: the rest of the layer is not needed.
     """
     stats: dict[str, InputStats] = {}
     pending: set[str] = set()
+    seen: list[tuple[torch.Tensor, str]] = []  # this batch's distinct inputs and the first linear fed each
+    leader: dict[str, str] = {}  # linear -> the linear whose statistics it shares (decided on batch 0)
+    first_batch = True
     handles = []
 
     def hook(name, args):
-        stats[name].add(args[0].detach())
+        x = args[0]
+        owner = next((n for t, n in seen if t is x), None) if share else None
+        if first_batch:
+            leader[name] = owner or name
+            if owner is None:
+                seen.append((x, name))
+                stats[name].add(x.detach())
+            else:
+                stats[name] = stats[owner]
+        elif leader[name] != (owner or name):
+            raise _ShareMismatch
+        elif owner is None:
+            seen.append((x, name))
+            stats[name].add(x.detach())
         pending.discard(name)
         if not pending:
             raise _StopForward
@@ -252,17 +275,29 @@ def collect_stats(layer: nn.Module, modules: dict[str, nn.Module], inputs: Layer
         device = next(module.parameters()).device
         stats[name] = InputStats(torch.zeros(in_features, in_features, device=device),
                                  torch.zeros(in_features, device=device))
-        handles.append(module.register_forward_hook(lambda mod, args, out, name=name: hook(name, args)))
+        # A pre-hook: the batch can stop before the last linear computes anything.
+        handles.append(module.register_forward_pre_hook(lambda mod, args, name=name: hook(name, args)))
     try:
         for args, kwargs in zip(inputs.args, inputs.kwargs):
             pending.update(modules)
+            seen.clear()
             try:
                 layer(*args, **kwargs)
             except _StopForward:
                 pass
+            first_batch = False
+    except _ShareMismatch:
+        mismatch = True
+    else:
+        mismatch = False
     finally:
+        seen.clear()
         for handle in handles:
             handle.remove()
+    if mismatch:
+        logger.debug("linears of %s do not always share inputs; collecting their statistics separately",
+                     type(layer).__name__)
+        return collect_stats(layer, modules, inputs, share=False)
     return stats
 
 

@@ -101,6 +101,8 @@ def gptq_quantize(
 
     Hinv = inverse_hessian_cholesky(H, damp)  # upper (in, in)
     codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=W.device)
+    qmin, qmax = P.quant_range(bits)
+    current_group, s_col, s_work, z_col, z_scale = -1, None, None, None, None
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         W1 = W[:, i1:i2].clone()
@@ -121,13 +123,24 @@ def gptq_quantize(
                 scale[:, group] = s[:, 0]
                 if z is not None:
                     zero_point[:, group] = z[:, 0]
-            w = W1[:, i:i + 1]  # (out, 1)
-            s = scale[:, group:group + 1]
-            z = None if zero_point is None else zero_point[:, group:group + 1]
-            q = P.quantize(w, s, z, bits, None, rounding, generator)  # (out, 1)
-            codes[:, i1 + i] = q[:, 0]
-            err = (w[:, 0] - P.dequantize(q, s, z, None, dtype=work)[:, 0]) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)  # OBS update, eq. (3)
+            if group != current_group:  # this group's scale/zero point as columns, converted once
+                current_group = group
+                s_col, s_work = scale[:, group], scale[:, group].to(work)
+                z_col = None if zero_point is None else zero_point[:, group].to(work)
+                z_scale = None if zero_point is None else zero_point[:, group].to(scale_dtype)
+            w = W1[:, i]  # (out,)
+            if stochastic:
+                q = P.round_values(w / s_work, rounding, generator)
+            else:
+                q = torch.round(w / s_work)
+            if z_col is not None:
+                q = q + z_col
+            q = q.clamp_(qmin, qmax)
+            codes[:, i1 + i] = q.to(torch.int8)
+            # dequantized in the scale's dtype, as P.dequantize and compressed-tensors do
+            deq = q.to(scale_dtype) if z_scale is None else q.to(scale_dtype) - z_scale
+            err = (w - (deq * s_col).to(work)) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # OBS update, eq. (3)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
 

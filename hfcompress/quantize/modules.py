@@ -16,6 +16,8 @@ The module stores exactly the tensors the format stores, under the same names, s
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -88,7 +90,9 @@ class CompressedLinear(nn.Module):
         return P.dequantize(self.codes(), self.weight_scale, self.zero_point(), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantized_weight()
+        weight = getattr(self, "_cached_weight", None)
+        if weight is None:
+            weight = self.dequantized_weight()
         bias = self.bias
         if weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
@@ -103,6 +107,21 @@ class CompressedLinear(nn.Module):
         granularity = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"{granularity}, symmetric={self.symmetric}, bias={self.bias is not None}")
+
+
+@contextmanager
+def dequantized_weights_cached(root: nn.Module):
+    """Within the block, the :class:`CompressedLinear` modules under ``root`` reuse one dequantized weight
+    instead of unpacking it at every call (used while running calibration batches through a quantized layer;
+    costs one float copy of those weights while it lasts)."""
+    modules = [m for m in root.modules() if isinstance(m, CompressedLinear)]
+    for module in modules:
+        module._cached_weight = module.dequantized_weight()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._cached_weight = None
 
 
 def _refuse_unsupported(module: CompressedLinear, prefix: str, keep_vars: bool) -> None:
