@@ -145,6 +145,62 @@ def gemv_bandwidth_gbps(size_mib: int = 1024, repeats: int = 5) -> dict:
             "buffer_mib": size_mib}
 
 
+def kernel_streaming(out_features: int, in_features: int, total_mib: int = 768, repeats: int = 3) -> list[dict]:
+    """Batch-1 throughput of each weight kernel on its own, weights streamed from memory.
+
+    Each kernel multiplies one activation row by a stack of distinct (out, in) weights holding ``total_mib``
+    MiB in fp32 terms (well beyond the last-level cache, as in decode), so it reads every weight from DRAM;
+    ``G weights/s`` and the weight bytes read per second tell whether a kernel is bandwidth- or compute-bound.
+    The decode ceiling vs fp32 is the fp32 kernel's time per weight over this kernel's: what replacing every
+    fp32 linear by this kernel can give at most, before any other cost of a decode step."""
+    from hfcompress.quantize import kernels
+
+    count = max(2, total_mib * 2**20 // (4 * out_features * in_features))
+    x32 = torch.randn(1, in_features, generator=torch.Generator().manual_seed(0))
+    x16 = x32.to(torch.bfloat16)
+    scale = torch.rand(out_features, dtype=torch.bfloat16) / 64
+    group = kernels.int4_kernel_group_size(out_features, in_features, 128)
+
+    def setups():
+        yield "fp32 linear", 4.0, lambda: [torch.randn(out_features, in_features) for _ in range(count)], \
+            lambda w: torch.nn.functional.linear(x32, w)
+        yield "bf16 linear", 2.0, lambda: [torch.randn(out_features, in_features, dtype=torch.bfloat16)
+                                           for _ in range(count)], lambda w: torch.nn.functional.linear(x16, w)
+        yield "int8pack (bf16 activations)", 1.0, lambda: [
+            torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8) for _ in range(count)], \
+            lambda q: torch.ops.aten._weight_int8pack_mm(x16, q, scale)
+        if group is not None:
+            def int4_weights():
+                return [kernels.pack_int4_cpu(torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8),
+                                              scale[:, None].float(), None, None, group) for _ in range(count)]
+            yield f"int4pack g{group} (bf16 activations)", 0.5, int4_weights, \
+                lambda p: kernels.int4_matmul_cpu(x16, p[0], group, p[1])
+
+    rows = []
+    for name, bytes_per_weight, make, run in setups():
+        weights = make()
+        times = common.repeat_seconds(lambda: [run(w) for w in weights], repeats, warmup=1)
+        per_weight = min(times) / (count * out_features * in_features)
+        rows.append({"kernel": name, "shape": [out_features, in_features], "matrices": count,
+                     "g_weights_per_s": 1e-9 / per_weight, "gb_per_s": bytes_per_weight * 1e-9 / per_weight,
+                     "seconds_per_weight": per_weight})
+        weights = None
+        gc.collect()
+    fp32 = rows[0]["seconds_per_weight"]
+    for row in rows:
+        row["decode_ceiling_vs_fp32"] = fp32 / row["seconds_per_weight"]
+    return rows
+
+
+def kernel_table(rows: list[dict]) -> str:
+    lines = ["| kernel (batch 1, weights from DRAM) | shape (out, in) | G weights/s | weight GB/s read | "
+             "ceiling vs fp32 linear |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['shape'][0]} x {r['shape'][1]} | {r['g_weights_per_s']:.2f} | "
+                     f"{r['gb_per_s']:.1f} | {r['decode_ceiling_vs_fp32']:.2f}x |")
+    return "\n".join(lines)
+
+
 def decode_bytes_per_token(model) -> int:
     """Weight bytes streamed per decoded token: everything but the input embedding table (one row read)."""
     embedding = model.get_input_embeddings()
@@ -327,6 +383,7 @@ def main(argv=None) -> int:
     parser.add_argument("--writer", choices=["compressed-tensors", "hfcompress"], default="compressed-tensors")
     parser.add_argument("--work", default=str(common.WORK_DIR / "runtime_speed"))
     parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel streaming table")
     parser.add_argument("--torchao-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -404,8 +461,15 @@ def main(argv=None) -> int:
         print(f"{name}: {summary} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     text = table(results, bw)
+    kernels_rows = []
+    if not args.no_kernels:
+        kernels_rows = kernel_streaming(args.intermediate, args.hidden)
+        text += ("\n\nWeight kernels on their own (the MLP shape, weights streamed from DRAM; best of 3). "
+                 "'ceiling vs fp32 linear' bounds what the kernel can give a decode step:\n\n"
+                 + kernel_table(kernels_rows))
     info["machine"]["loadavg_at_end"] = list(__import__("os").getloadavg())
     payload = {**info, "bandwidth": bandwidth, "read_gb_per_s_used": bw, "results": results, "table_markdown": text,
+               "kernels": kernels_rows,
                "wall_seconds": time.perf_counter() - started}
     print()
     print(f"Llama h{args.hidden} L{args.layers} MLP {args.intermediate} vocab {args.vocab}, batch 1, greedy, "
