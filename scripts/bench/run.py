@@ -608,8 +608,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sections = {"quant": quant_section, "runtime": runtime_section, "distill": distill_section,
                 "pipeline": pipeline_section, "embed": embed_section}
-    # Most important first, the longest (runtime) last; RESULTS.md is rewritten after each section.
-    order = ("quant", "embed", "distill", "pipeline", "runtime")
+    # RESULTS.md is rewritten after each section, so a run cut short still reports what it finished.
+    order = ("quant", "embed", "runtime", "distill", "pipeline")
     for name in sorted(only, key=order.index):
         if name in ("quant", "distill", "pipeline") or (name == "runtime" and profile.name != "full"):
             need_teacher()
