@@ -49,7 +49,10 @@ QUALITY_VARIANTS: dict[str, tuple[str, dict]] = {
                    dict(loss="forward_kl", kd_weight=0.5, ce_weight=0.5, hidden_weight=1.0, hidden_loss="cosine")),
     "fkl_ce_mse": ("0.5 forward KL + 0.5 CE + 1.0 MSE hidden (uniform map)",
                    dict(loss="forward_kl", kd_weight=0.5, ce_weight=0.5, hidden_weight=1.0, hidden_loss="mse")),
-    "default": ("DistillationConfig defaults", dict()),
+    "prev_default": ("previous defaults: 1.0 forward KL + 0.5 CE + 3 cosine hidden",
+                     dict(loss="forward_kl", temperature=1.0, kd_weight=1.0, ce_weight=0.5, hidden_weight=3.0,
+                          hidden_loss="cosine")),
+    "default": ("DistillationConfig defaults (1.0 forward KL + 0.5 CE + 10 cosine hidden)", dict()),
 }
 
 # What a quality run's result depends on besides the data: the cache key of --cache.
@@ -86,7 +89,9 @@ def save(cli, out: dict) -> None:
 def markdown(headers: list[str], rows: list[list]) -> str:
     def cell(value):
         if isinstance(value, float):
-            return f"{value:.3f}" if abs(value) < 100 else f"{value:,.0f}"
+            if abs(value) < 100:
+                return f"{value:.3f}"
+            return f"{value:.2f}" if abs(value) < 1000 else f"{value:,.0f}"
         return str(value)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -153,6 +158,14 @@ class Quality:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             self.cache_path.write_text(json.dumps(self.cache, indent=1, default=str) + "\n")
         return result
+
+    def is_cached(self, overrides: dict, steps: int, student_layers=None) -> bool:
+        from hfcompress import DistillationConfig
+        from hfcompress.distill.hidden import num_layers
+
+        args = DistillationConfig(output_dir="unused", max_steps=steps, **{**COMMON, **overrides})
+        layers = student_layers or max(1, num_layers(self.teacher) // 2)
+        return self.cache is not None and self.cache_key(args, steps, layers) in self.cache
 
     def cache_key(self, args, steps: int, layers: int) -> str:
         """Everything that determines a run's result: the resolved objective (defaults included), the training
@@ -223,7 +236,12 @@ def quality_section(cli, out: dict) -> None:
         budget_names.insert(0, "ce")
     budget_runs = []
     for steps in budgets if len(budgets) > 1 else []:
-        at = {name: runs[name] if steps == cli.steps and name in runs else train(name, steps) for name in budget_names}
+        at = {}
+        for name in budget_names:
+            if steps == cli.steps and name in runs:
+                at[name] = runs[name]
+            elif not cli.budget_cached_only or bench.is_cached(variant(name)[1], steps, cli.student_layers):
+                at[name] = train(name, steps)
         base = best_baseline(at)
         print(f"  budget {steps}: " + ", ".join(f"{n} {r['validation']:.2f}" for n, r in at.items())
               + f" (baseline {base})", flush=True)
@@ -238,7 +256,7 @@ def quality_section(cli, out: dict) -> None:
                       "tokens_per_step": COMMON["per_device_train_batch_size"] * cli.block_size,
                       "baseline": baseline, "runs": runs, "budgets": budget_runs}
     ce = runs[baseline]
-    rows = [[name, run["description"], run["settings"].get("learning_rate"), run["validation"], run["test"],
+    rows = [[name, run["description"], f'{run["settings"].get("learning_rate"):g}', run["validation"], run["test"],
              run["validation"] / ce["validation"], run["test"] / ce["test"]] for name, run in runs.items()]
     depth = f"{cli.student_layers} layers" if cli.student_layers else "half the layers"
     emit(f"### Quality: {cli.reference} teacher (val ppl {teacher_ppl['validation']:.2f}, test "
@@ -255,9 +273,10 @@ def quality_section(cli, out: dict) -> None:
             base = entry["runs"][entry["baseline"]]["validation"]
             row = [entry["steps"], entry["tokens"], entry["baseline"], base]
             for name in budget_names:
-                row += [entry["runs"][name]["validation"]]
+                run = entry["runs"].get(name)
+                row += [run["validation"] if run else "—"]
                 if not is_baseline(name):
-                    row += [entry["runs"][name]["validation"] / base]
+                    row += [run["validation"] / base if run else "—"]
             rows.append(row)
         emit("### Ratio vs token budget (validation perplexity; ratios vs the best CE-only run at that budget)",
              markdown(headers, rows))
@@ -420,6 +439,9 @@ def main() -> None:
     parser.add_argument("--budget-variants", default="",
                         help="variants run at every --budgets step count (default: ce,default); the best CE-only "
                              "one is the baseline at each budget")
+    parser.add_argument("--budget-cached-only", action="store_true",
+                        help="in the budget sweep, only report the runs --cache already holds (no training); "
+                             "missing cells show as —")
     parser.add_argument("--cache", type=Path, default=None,
                         help="JSON file of finished quality runs, keyed by everything that determines them; "
                              "identical runs are read from it instead of retrained")

@@ -103,3 +103,10 @@ def test_parse_recipe_distill_stage(tmp_path):
     script, config = parse_distill_args(["--config", str(recipe), "--report_to", "none",
                                          "--output_dir", str(tmp_path / "out")])
     assert (script.teacher, script.block_size, config.loss) == ("reference:tiny", 32, "tvd")
+
+
+def test_defaults_are_the_benchmarked_recipe():
+    """scripts/bench/results/distill_base.md: forward KL 1.0 + CE 0.5 + cosine hidden-state loss 10, T=1."""
+    args = DistillationConfig(output_dir="unused", report_to=[])
+    assert (args.loss, args.temperature, args.kd_weight, args.ce_weight, args.hidden_weight, args.hidden_loss,
+            args.layer_map) == ("forward_kl", 1.0, 1.0, 0.5, 10.0, "cosine", "uniform")
