@@ -112,8 +112,10 @@ class Quality:
 
         self.reference, self.block_size, self.num_eval_blocks = reference, block_size, eval_blocks
         self.cache_path = cache_path
-        self.cache = json.loads(cache_path.read_text()) if cache_path and cache_path.is_file() else (
-            {} if cache_path else None)
+        self.cache = None if cache_path is None else {}
+        if cache_path and cache_path.is_file():
+            for key, result in json.loads(cache_path.read_text()).items():
+                self.cache[_normal_key(json.loads(key))] = result
         self.teacher_dir = reference_model(reference)
         self.tokenizer = AutoTokenizer.from_pretrained(self.teacher_dir)
         self.teacher = AutoModelForCausalLM.from_pretrained(self.teacher_dir).eval()
@@ -172,9 +174,15 @@ class Quality:
         arguments that matter, the data and the evaluation. Runs are deterministic (seed 0, one thread,
         sequential batches), so an identical key gives the identical result."""
         fields = {k: getattr(args, k) for k in RESOLVED_FIELDS}
-        return json.dumps({"reference": self.reference, "steps": steps, "layers": layers,
-                           "block_size": self.block_size, "eval_blocks": self.num_eval_blocks, **fields},
-                          sort_keys=True, default=str)
+        return _normal_key({"reference": self.reference, "steps": steps, "layers": layers,
+                            "block_size": self.block_size, "eval_blocks": self.num_eval_blocks, **fields})
+
+
+def _normal_key(fields: dict) -> str:
+    """JSON of the fields with every number as a float, so hidden_weight=10 and 10.0 are the same run."""
+    fields = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+              for k, v in fields.items()}
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def _value(text: str):
