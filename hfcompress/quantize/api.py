@@ -386,6 +386,7 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
         if blocks is not None:
             inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
             bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
+            last = layers[-1][0]
             for layer_name, layer in bar:
                 bar.set_postfix_str(layer_name)
                 inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
@@ -394,8 +395,9 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                     run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
                         probe=lambda layer=layer: C.run_first_batch(layer, inputs))
                     layer = model.get_submodule(layer_name)  # the layer itself may have been a target
-                with dequantized_weights_cached(layer):
-                    C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
+                if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
+                    with dequantized_weights_cached(layer):
+                        C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
             del inputs
         rest = {n: m for n, m in targets.items() if m is not None}
         if rest:

@@ -330,6 +330,8 @@ def machine_info() -> dict:
         info["memory_gib"] = round(total_kib / 2**20, 1)
     except (OSError, StopIteration):
         pass
+    info["cpu_count"] = os.cpu_count()  # nproc honours OMP_NUM_THREADS; this does not
+    info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     info["loadavg_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return info
 

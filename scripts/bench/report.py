@@ -38,6 +38,11 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _ppl_verdict(ours: float, theirs: float) -> str:
+    """'no worse', or by how much worse (perplexities are deterministic: any excess is real, not noise)."""
+    return "no worse" if ours <= theirs else f"WORSE by {100 * (ours / theirs - 1):+.3f}%"
+
+
 def _ok(result: dict) -> bool:
     return result.get("status") == "ok"
 
@@ -161,7 +166,7 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
             if _ok(o) and _ok(t) and label.startswith("GPTQ"):
                 bits = label.split("W")[1].split("A")[0]
                 checks.append(f"vs llm-compressor GPTQ W{bits}A16: perplexity {o['perplexity']:.3f} vs "
-                              f"{t['perplexity']:.3f} ({'no worse' if o['perplexity'] <= t['perplexity'] * 1.001 else 'WORSE'}), "
+                              f"{t['perplexity']:.3f} ({_ppl_verdict(o['perplexity'], t['perplexity'])}), "
                               f"wall time {o['quantize_seconds'] / t['quantize_seconds']:.2f}× theirs (target ≤ 0.5×: "
                               f"{'met' if o['quantize_seconds'] <= 0.5 * t['quantize_seconds'] else 'NOT met'})")
         out.append("\n### Head to head with llm-compressor (same calibration blocks, same settings)\n")
@@ -514,9 +519,10 @@ def write(results: dict, path: Path) -> None:
         f"{results['date']}, {results.get('total_seconds', 0) / 60:.1f} minutes. Every number below comes from "
         f"that run; each measurement ran alone in its own process, one after another, our side with the project's "
         f"environment and the peers with `scripts/bench/.venv-peers`.\n",
-        f"Machine: {machine.get('cpu_model')} ({machine.get('cpu_flags') or 'no AVX2/AVX-512 flags'}), `nproc` = "
-        f"{machine.get('nproc')}, {machine.get('memory_gib')} GiB RAM, {machine.get('platform')}, Python "
-        f"{machine.get('python')}, torch threads {machine.get('torch_threads')}"
+        f"Machine: {machine.get('cpu_model')} ({machine.get('cpu_flags') or 'no AVX2/AVX-512 flags'}), "
+        f"{machine.get('cpu_count') or machine.get('nproc')} vCPUs, {machine.get('memory_gib')} GiB RAM, "
+        f"{machine.get('platform')}, Python {machine.get('python')}, torch threads {machine.get('torch_threads')}"
+        + (f" (`OMP_NUM_THREADS={machine['omp_num_threads']}`)" if machine.get("omp_num_threads") else "")
         + (f"; load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}" if load else "") + ".\n",
         f"Reference teacher `{profile['teacher']}`: {_f(teacher.get('num_parameters'))} parameters, validation "
         f"perplexity {_f(teacher.get('validation_perplexity'))} (trained by `hfcompress.reference`)."
@@ -524,6 +530,7 @@ def write(results: dict, path: Path) -> None:
            f"process when this run started, so this run measured the `{profile['teacher']}` teacher "
            f"(`--teacher {profile['teacher']}`); the target lines below apply those thresholds to it."
            if profile["name"] == "full" and profile["teacher"] != "base" else "") + "\n",
+        *(f"**Note.** {note}\n" for note in results.get("notes", [])),
         "**Noise.** The machine is shared (other jobs ran during this benchmark, see the load average); "
         "wall-time and tokens/s numbers carry the spread shown beside them and differ run to run by more than "
         "that when the load changes — read ratios, not absolute values. Perplexities, cosines and byte counts "

@@ -64,7 +64,7 @@ def test_smoke_markdown_is_well_formed(smoke_run):
     text = results_md.read_text()
     assert report.check_markdown(text) == []
     assert "python scripts/bench/run.py --smoke --no-peers" in text  # the exact command
-    assert "`nproc` =" in text and "## Versions" in text
+    assert " vCPUs, " in text and "## Versions" in text
     for heading in ("## Quantization: quality and cost", "## Distillation", "## Peers and runs that could not run"):
         assert heading in text
     assert "peers were not run" in text
