@@ -149,30 +149,32 @@ def kernel_streaming(out_features: int, in_features: int, total_mib: int = 768, 
     """Batch-1 throughput of each weight kernel on its own, weights streamed from memory.
 
     Each kernel multiplies one activation row by a stack of distinct (out, in) weights holding ``total_mib``
-    MiB in fp32 terms (well beyond the last-level cache, as in decode), so it reads every weight from DRAM;
+    MiB of *its own* storage (well beyond the last-level cache, as in decode), so it reads every weight from DRAM;
     ``G weights/s`` and the weight bytes read per second tell whether a kernel is bandwidth- or compute-bound.
     The decode ceiling vs fp32 is the fp32 kernel's time per weight over this kernel's: what replacing every
     fp32 linear by this kernel can give at most, before any other cost of a decode step."""
     from hfcompress.quantize import kernels
 
-    count = max(2, total_mib * 2**20 // (4 * out_features * in_features))
+    def count(bytes_per_weight: float) -> int:  # matrices of this kernel's storage filling total_mib
+        return max(2, int(total_mib * 2**20 // (bytes_per_weight * out_features * in_features)))
+
     x32 = torch.randn(1, in_features, generator=torch.Generator().manual_seed(0))
     x16 = x32.to(torch.bfloat16)
     scale = torch.rand(out_features, dtype=torch.bfloat16) / 64
     group = kernels.int4_kernel_group_size(out_features, in_features, 128)
 
     def setups():
-        yield "fp32 linear", 4.0, lambda: [torch.randn(out_features, in_features) for _ in range(count)], \
+        yield "fp32 linear", 4.0, lambda: [torch.randn(out_features, in_features) for _ in range(count(4.0))], \
             lambda w: torch.nn.functional.linear(x32, w)
         yield "bf16 linear", 2.0, lambda: [torch.randn(out_features, in_features, dtype=torch.bfloat16)
-                                           for _ in range(count)], lambda w: torch.nn.functional.linear(x16, w)
+                                           for _ in range(count(2.0))], lambda w: torch.nn.functional.linear(x16, w)
         yield "int8pack (bf16 activations)", 1.0, lambda: [
-            torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8) for _ in range(count)], \
+            torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8) for _ in range(count(1.0))], \
             lambda q: torch.ops.aten._weight_int8pack_mm(x16, q, scale)
         if group is not None:
             def int4_weights():
                 return [kernels.pack_int4_cpu(torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8),
-                                              scale[:, None].float(), None, None, group) for _ in range(count)]
+                                              scale[:, None].float(), None, None, group) for _ in range(count(0.5))]
             yield f"int4pack g{group} (bf16 activations)", 0.5, int4_weights, \
                 lambda p: kernels.int4_matmul_cpu(x16, p[0], group, p[1])
 
@@ -180,8 +182,8 @@ def kernel_streaming(out_features: int, in_features: int, total_mib: int = 768, 
     for name, bytes_per_weight, make, run in setups():
         weights = make()
         times = common.repeat_seconds(lambda: [run(w) for w in weights], repeats, warmup=1)
-        per_weight = min(times) / (count * out_features * in_features)
-        rows.append({"kernel": name, "shape": [out_features, in_features], "matrices": count,
+        per_weight = min(times) / (len(weights) * out_features * in_features)
+        rows.append({"kernel": name, "shape": [out_features, in_features], "matrices": len(weights),
                      "g_weights_per_s": 1e-9 / per_weight, "gb_per_s": bytes_per_weight * 1e-9 / per_weight,
                      "seconds_per_weight": per_weight})
         weights = None
