@@ -145,6 +145,62 @@ class LogitLoss:
             ce = F.cross_entropy(student_logits, targets, reduction="none")
         return self.kd_weight * kd + self.ce_weight * ce, kd, ce
 
+    # Losses whose gradient w.r.t. the student's logits :meth:`per_position_and_grad` writes in closed form.
+    CLOSED_FORM = ("forward_kl", "reverse_kl")
+
+    def has_closed_form(self, with_teacher: bool) -> bool:
+        return not with_teacher or self.kd_weight == 0 or self.loss in self.CLOSED_FORM
+
+    def per_position_and_grad(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                              targets: torch.Tensor, need_grad: bool = True):
+        """:meth:`per_position` plus the gradient of ``weighted.sum()`` w.r.t. ``student_logits`` (N, V),
+        without autograd (None when ``need_grad`` is False). Only where :meth:`has_closed_form`.
+
+        With q = softmax(z/T), p = softmax(z_teacher/T), q₁ = softmax(z), e_y the label's one-hot:
+
+        * ``T²·KL(p‖q)``: gradient ``T (q − p)`` (the T² cancels one 1/T of the chain rule; Hinton et al.);
+        * ``T²·KL(q‖p)``: gradient ``T q ⊙ (log q − log p − KL(q‖p))``;
+        * cross-entropy: gradient ``q₁ − e_y``.
+
+        The (N, V) buffers are updated in place: about half the passes over them that autograd makes.
+        """
+        rows = torch.arange(student_logits.shape[0], device=student_logits.device)
+        t = self.temperature
+        if self.kd_weight == 0 or teacher_logits is None:
+            log_q1 = F.log_softmax(student_logits, dim=-1)
+            ce = -log_q1[rows, targets]
+            grad = None
+            if need_grad:
+                grad = log_q1.exp_().mul_(self.ce_weight)
+                grad[rows, targets] -= self.ce_weight
+            return self.ce_weight * ce, torch.zeros_like(ce), ce, grad
+        log_q = F.log_softmax(student_logits / t if t != 1.0 else student_logits, dim=-1)  # (N, V)
+        log_p = F.log_softmax(teacher_logits / t if t != 1.0 else teacher_logits, dim=-1)
+        # The cross-entropy is logged even at ce_weight 0, as per_position does.
+        log_q1 = log_q if t == 1.0 else F.log_softmax(student_logits, dim=-1)
+        ce = -log_q1[rows, targets]
+        kd_scale = self.kd_weight * t  # d(kd_weight T² D)/dz = kd_weight T² (1/T) dD/d(z/T)
+        ce_in_q = self.ce_weight if t == 1.0 else 0.0  # at T = 1 the cross-entropy's q₁ is q itself
+        grad = None
+        if self.loss == "forward_kl":
+            kd = (t * t) * forward_kl(log_q, log_p)
+            if need_grad:  # (kd_scale + ce_in_q) q − kd_scale p, in place over log q and log p
+                grad = log_q.exp_().mul_(kd_scale + ce_in_q).sub_(log_p.exp_(), alpha=kd_scale)
+        elif self.loss == "reverse_kl":
+            diff = log_q - log_p  # log q − log p
+            q = log_q.exp_()
+            raw = (q * diff).sum(-1)  # KL(q‖p) per position
+            kd = (t * t) * raw
+            if need_grad:  # kd_scale q (diff − KL) + ce_in_q q
+                grad = diff.sub_(raw[:, None]).mul_(kd_scale).add_(ce_in_q).mul_(q)
+        else:
+            raise ValueError(f"no closed-form gradient for loss {self.loss!r}")
+        if need_grad and self.ce_weight:
+            if t != 1.0:
+                grad.add_(log_q1.exp_(), alpha=self.ce_weight)
+            grad[rows, targets] -= self.ce_weight
+        return self.kd_weight * kd + self.ce_weight * ce, kd, ce, grad
+
 
 # --------------------------------------------------------------------------------------------------------
 # Positions: causal shift and ignored labels
@@ -217,6 +273,15 @@ class LMHead:
             out = self.softcap * torch.tanh(out / self.softcap)
         return out
 
+    def grad_before_transforms(self, logits: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
+        """Chain rule through softcap and scale: gradient w.r.t. ``h Wᵀ + b`` from that w.r.t. the
+        :meth:`logits` output (updated in place). With z = c·tanh(u/c), dz/du = 1 − (z/c)²."""
+        if self.softcap is not None:
+            grad_logits.mul_(1.0 - (logits / self.softcap).square())
+        if self.scale != 1.0:
+            grad_logits.mul_(self.scale)
+        return grad_logits
+
 
 class _ChunkedLogitLoss(torch.autograd.Function):
     """Sum over positions of the objective, chunk by chunk, with each chunk's gradient taken immediately."""
@@ -238,26 +303,45 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         kd_total, ce_total = total.clone(), total.clone()
         n = student_hidden.shape[0]
         step = chunk_size if chunk_size and chunk_size > 0 else max(n, 1)
+        # Forward/reverse KL and cross-entropy have closed-form logit gradients: no autograd graph per chunk.
+        closed_form = spec.has_closed_form(teacher_hidden is not None) and bool((targets >= 0).all())
         for start in range(0, n, step):
             end = min(start + step, n)
             teacher_logits = None
             if teacher_hidden is not None:
                 with torch.no_grad():
                     teacher_logits = teacher_head.logits(teacher_hidden[start:end].to(dtype), wt, bt)  # (C, V)
-            hs = student_hidden[start:end].detach().to(dtype).requires_grad_(want[0])
-            with torch.enable_grad():
-                student_logits = student_head.logits(hs, ws, bs)  # (C, V)
-                weighted, kd, ce = spec.per_position(student_logits, teacher_logits, targets[start:end])
-                chunk_total = weighted.sum()
-            inputs = [t for t, w in ((hs, want[0]), (ws, want[1]), (bs, want[2])) if w]
-            if inputs:
-                grads = iter(torch.autograd.grad(chunk_total, inputs))
-                if want[0]:
-                    grad_hidden[start:end] = next(grads)
-                if want[1]:
-                    grad_ws += next(grads)
-                if want[2]:
-                    grad_bs += next(grads)
+            if closed_form:
+                with torch.no_grad():
+                    hs = student_hidden[start:end].detach().to(dtype)
+                    student_logits = student_head.logits(hs, ws, bs)  # (C, V)
+                    weighted, kd, ce, grad_logits = spec.per_position_and_grad(
+                        student_logits, teacher_logits, targets[start:end], need_grad=any(want))
+                    chunk_total = weighted.sum()
+                    if grad_logits is not None:
+                        g = student_head.grad_before_transforms(student_logits, grad_logits)  # (C, V)
+                        if want[0]:
+                            torch.mm(g, ws, out=grad_hidden[start:end])
+                        if want[1]:
+                            grad_ws.addmm_(g.t(), hs)
+                        if want[2]:
+                            grad_bs += g.sum(0)
+                    del grad_logits
+            else:
+                hs = student_hidden[start:end].detach().to(dtype).requires_grad_(want[0])
+                with torch.enable_grad():
+                    student_logits = student_head.logits(hs, ws, bs)  # (C, V)
+                    weighted, kd, ce = spec.per_position(student_logits, teacher_logits, targets[start:end])
+                    chunk_total = weighted.sum()
+                inputs = [t for t, w in ((hs, want[0]), (ws, want[1]), (bs, want[2])) if w]
+                if inputs:
+                    grads = iter(torch.autograd.grad(chunk_total, inputs))
+                    if want[0]:
+                        grad_hidden[start:end] = next(grads)
+                    if want[1]:
+                        grad_ws += next(grads)
+                    if want[2]:
+                        grad_bs += next(grads)
             total += chunk_total.detach()
             kd_total += kd.detach().sum()
             ce_total += ce.detach().sum()

@@ -12,7 +12,8 @@ Conventions (those of compressed-tensors' ``pack-quantized`` format):
 
 Two native CPU kernels take such weights without materialising W in float:
 
-* ``aten._weight_int8pack_mm(x, q_int8 (N, K), scale (N,))`` computes ``x @ (q * scale[:, None]).T``:
+* ``hfcompress::int8_gemv`` (our kernel, see native.py) and ``aten._weight_int8pack_mm(x, q_int8 (N, K),
+  scale (N,))`` compute ``x @ (q * scale[:, None]).T``:
   per-channel only, no zero point. An asymmetric zero point is handled by linearity:
   ``x @ ((q - z) s).T = x @ (q s).T - rowsum(x) (z s)``.
 * ``aten._weight_int4pack_mm_for_cpu(x, packed, g, scales_and_zeros (K/g, N, 2))`` computes
@@ -143,25 +144,32 @@ def int4_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, kernel_group_size: in
 
 
 # ------------------------------------------------------------------------------------------------------
-# int8: aten._weight_int8pack_mm
+# int8: hfcompress::int8_gemv (native.py), else aten._weight_int8pack_mm
 # ------------------------------------------------------------------------------------------------------
 def int8_kernel_supports(in_features: int) -> bool:
-    return in_features % INT8_KERNEL_K_MULTIPLE == 0
+    """Whether a per-channel int8 weight with this K can run packed (our kernel takes any K)."""
+    from .native import int8_gemv_available
+
+    return in_features % INT8_KERNEL_K_MULTIPLE == 0 or int8_gemv_available()
 
 
 # From this many rows (prefill) on, converting the int8 weight to the activation dtype and using the dense
-# (AMX/oneDNN) GEMM beats _weight_int8pack_mm, whose CPU kernel is built for a few rows (decode).
+# (AMX/oneDNN) GEMM beats the weight-streaming kernels, which are built for a few rows (decode).
 INT8_DENSE_MIN_ROWS = 16
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 zero_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ ((q - z) * s).T with per-channel s (N,) and ``zero_scale`` = z * s (N,) or None."""
-    if x.shape[0] >= INT8_DENSE_MIN_ROWS:
+    """x (M, K) @ ((q - z) * s).T with per-channel float32 s (N,) and ``zero_scale`` = z * s (N,) or None."""
+    from .native import int8_gemv, int8_gemv_available
+
+    if x.shape[0] >= INT8_DENSE_MIN_ROWS or x.shape[1] % INT8_KERNEL_K_MULTIPLE:
         # int8 codes are exact in bfloat16/float16/float32; the scale is per output row, so it factors out.
-        y = torch.nn.functional.linear(x, q.to(x.dtype)) * scale  # (M, N)
+        y = torch.nn.functional.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # (M, N)
+    elif x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and int8_gemv_available():
+        y = int8_gemv(x, q, scale)  # (M, N), float32 sums
     else:
-        y = torch.ops.aten._weight_int8pack_mm(x, q, scale)  # (M, N)
+        y = torch.ops.aten._weight_int8pack_mm(x, q, scale.to(x.dtype))  # (M, N)
     if zero_scale is not None:
         # (x @ (q s).T) - rowsum(x) * (z s): the zero point's contribution is rank one.
         # Subtract in float32 so the correction adds no rounding of its own.

@@ -9,8 +9,9 @@ Module choice per layer (CPU):
 
 * ``Int4PackedLinear``: b <= 4 bits, N % 16 == 0 and a group size the int4 kernel takes
   (``aten._weight_int4pack_mm_for_cpu``; symmetric or asymmetric, group or channel);
-* ``Int8PackedLinear``: per-channel/tensor weights of <= 8 bits with K % 16 == 0
-  (``aten._weight_int8pack_mm``; an asymmetric zero point adds a rank-one correction);
+* ``Int8PackedLinear``: per-channel/tensor weights of <= 8 bits (our AVX-512/AVX2 ``hfcompress::int8_gemv``,
+  compiled on first use, see native.py; else ``aten._weight_int8pack_mm``, which needs K % 16 == 0; an
+  asymmetric zero point adds a rank-one correction);
 * ``DequantLinear``: everything else (int8 groups, odd shapes, activation-ordered ``g_idx``, non-CPU devices)
   keeps the checkpoint's int32 words and dequantizes on the fly;
 * ``PackedEmbedding``: quantized embeddings dequantize only the looked-up rows.
@@ -118,15 +119,16 @@ class Int4PackedLinear(PackedLinear):
 
 
 class Int8PackedLinear(PackedLinear):
-    """Per-channel int8 weights (N, K) + scale (N,) for ``aten._weight_int8pack_mm``."""
+    """Per-channel int8 weights (N, K) + float32 scale (N,) for hfcompress's int8 kernel (native.py), or
+    ``aten._weight_int8pack_mm`` where that kernel cannot be built."""
 
     def __init__(self, q, scale, zero_point, bias, dtype):
         n, k = q.shape
         super().__init__(k, n, bias, dtype)
         scale = scale.reshape(n).to(torch.float32)
         self.register_buffer("weight_int8", q.to(torch.int8).contiguous())
-        self.register_buffer("weight_scale", scale.to(dtype))
-        zero_scale = None if zero_point is None else (zero_point.reshape(n).to(torch.float32) * scale).to(dtype)
+        self.register_buffer("weight_scale", scale)
+        zero_scale = None if zero_point is None else zero_point.reshape(n).to(torch.float32) * scale
         self.register_buffer("zero_scale", zero_scale)
 
     def _matmul(self, x):
@@ -139,7 +141,9 @@ class Int8PackedLinear(PackedLinear):
         return w.to(self.compute_dtype)
 
     def extra_repr(self):
-        return super().extra_repr() + ", kernel=int8pack"
+        from .native import int8_gemv_available
+
+        return super().extra_repr() + (", kernel=int8_gemv" if int8_gemv_available() else ", kernel=int8pack")
 
 
 class DequantLinear(PackedLinear):

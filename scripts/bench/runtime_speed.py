@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import subprocess
 import sys
@@ -153,7 +154,7 @@ def kernel_streaming(out_features: int, in_features: int, total_mib: int = 768, 
     ``G weights/s`` and the weight bytes read per second tell whether a kernel is bandwidth- or compute-bound.
     The decode ceiling vs fp32 is the fp32 kernel's time per weight over this kernel's: what replacing every
     fp32 linear by this kernel can give at most, before any other cost of a decode step."""
-    from hfcompress.quantize import kernels
+    from hfcompress.quantize import kernels, native
 
     def count(bytes_per_weight: float) -> int:  # matrices of this kernel's storage filling total_mib
         return max(2, int(total_mib * 2**20 // (bytes_per_weight * out_features * in_features)))
@@ -168,9 +169,15 @@ def kernel_streaming(out_features: int, in_features: int, total_mib: int = 768, 
             lambda w: torch.nn.functional.linear(x32, w)
         yield "bf16 linear", 2.0, lambda: [torch.randn(out_features, in_features, dtype=torch.bfloat16)
                                            for _ in range(count(2.0))], lambda w: torch.nn.functional.linear(x16, w)
-        yield "int8pack (bf16 activations)", 1.0, lambda: [
-            torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8) for _ in range(count(1.0))], \
+        def int8_weights():
+            return [torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8) for _ in range(count(1.0))]
+
+        yield "int8pack (bf16 activations)", 1.0, int8_weights, \
             lambda q: torch.ops.aten._weight_int8pack_mm(x16, q, scale)
+        if native.int8_gemv_available():
+            scale32 = scale.float()
+            yield "hfcompress int8_gemv (bf16 activations)", 1.0, int8_weights, \
+                lambda q: native.int8_gemv(x16, q, scale32)
         if group is not None:
             def int4_weights():
                 return [kernels.pack_int4_cpu(torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8),
@@ -219,6 +226,9 @@ def variants(args):
     drift from other processes hits them alike); the others are loaded, timed once and freed one by one."""
     from transformers import AutoModelForCausalLM
 
+    native = importlib.import_module("hfcompress.quantize.native")
+    int8_kernel = "hfcompress int8_gemv" if native.int8_gemv_available() else "int8pack"
+
     def ours(bits, group):
         from hfcompress.quantize.runtime import load_compressed
 
@@ -249,7 +259,8 @@ def variants(args):
     return {
         "transformers fp32": ("plain transformers, float32", lambda: random_model(args)),
         "transformers bf16": ("plain transformers, bfloat16", lambda: random_model(args, torch.bfloat16)),
-        "ours int8": ("load_compressed, W8A16 per channel, int8pack kernel, bf16 activations", ours(8, None)),
+        "ours int8": (f"load_compressed, W8A16 per channel, {int8_kernel} kernel, bf16 activations",
+                      ours(8, None)),
         "ours int4": ("load_compressed, W4A16 group 128, int4pack kernel, bf16 activations", ours(4, 128)),
         "transformers <- int8 ckpt": ("same W8A16 folder, plain from_pretrained (decompressed)", plain(8, None)),
         "transformers <- int4 ckpt": ("same W4A16 folder, plain from_pretrained (decompressed)", plain(4, 128)),
@@ -403,7 +414,9 @@ def main(argv=None) -> int:
     table_of = variants(args)
     wanted = [n for n in table_of if not args.only or n in args.only]
     info = {"machine": common.machine_info(), "args": vars(args),
-            "versions": common.package_versions(["torch", "transformers", "compressed-tensors", "bitsandbytes"])}
+            "versions": common.package_versions(["torch", "transformers", "compressed-tensors", "bitsandbytes"]),
+            "native_kernels": importlib.import_module("hfcompress.quantize.native").native_kernel_status()}
+    print(f"native kernels: {info['native_kernels']}", flush=True)
     bandwidth = {"sum": common.memory_bandwidth_gbps(size_mib=1024), "gemv": gemv_bandwidth_gbps()}
     bw = max(b["read_gb_per_s"]["median"] for b in bandwidth.values())
     print(f"read bandwidth: sum {bandwidth['sum']['read_gb_per_s']['median']:.1f} GB/s, "

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hfcompress.distill.losses import (LMHead, LogitLoss, chunked_logit_loss, forward_kl, generalized_jsd,
                                        hidden_state_loss, logit_loss_from_logits, next_token_targets, normalize,
@@ -248,3 +249,38 @@ def test_hidden_state_losses():
     assert hidden_state_loss([a], [3 * a], "cosine").item() == pytest.approx(0.0, abs=1e-12)  # scale-free
     with pytest.raises(ValueError):
         hidden_state_loss([a], [b], "l1")
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (1.0, 0.6), (2.5, 0.6), (0.7, 0.0)])
+def test_closed_form_logit_gradient_matches_autograd(loss, temperature, ce_weight):
+    """per_position_and_grad's hand-written gradient == autograd through per_position, in float64."""
+    g = torch.Generator().manual_seed(4)
+    zs = torch.randn(9, 13, generator=g, dtype=F64) * 3
+    zt = torch.randn(9, 13, generator=g, dtype=F64) * 3
+    y = torch.randint(0, 13, (9,), generator=g)
+    spec = LogitLoss(loss=loss, temperature=temperature, kd_weight=0.8, ce_weight=ce_weight)
+    assert spec.has_closed_form(with_teacher=True)
+    leaf = zs.clone().requires_grad_(True)
+    weighted, kd, ce = spec.per_position(leaf, zt, y)
+    (expected,) = torch.autograd.grad(weighted.sum(), [leaf])
+    weighted2, kd2, ce2, grad = spec.per_position_and_grad(zs.clone(), zt.clone(), y)
+    for a, b in ((weighted, weighted2), (kd, kd2), (ce, ce2)):
+        assert torch.allclose(a.detach(), b, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(grad, expected, rtol=1e-10, atol=1e-12)
+    # cross-entropy only (no teacher): q - e_y scaled by ce_weight
+    _, _, _, grad_ce = LogitLoss(ce_weight=0.3).per_position_and_grad(zs.clone(), None, y)
+    assert torch.allclose(grad_ce, 0.3 * (torch.softmax(zs, -1) - F.one_hot(y, 13)), atol=1e-12)
+    assert not LogitLoss(loss="jsd").has_closed_form(with_teacher=True)
+
+
+def test_chunked_with_ignored_targets_uses_autograd_path():
+    """Targets of -100 (never passed by the trainer, but possible for direct callers) are ignored, as in
+    the full-logits reference."""
+    h, ht, ws, bs, wt, bt, y = _setup()
+    y = y.clone()
+    y[::3] = -100
+    spec = LogitLoss(kd_weight=0.0, ce_weight=1.0)
+    chunked = chunked_logit_loss(h, LMHead(ws, bs), y, spec, chunk_size=4)
+    full = logit_loss_from_logits(LMHead(ws, bs).logits(h, ws, bs), None, y, spec)
+    assert torch.allclose(chunked[0], full[0], rtol=1e-10)

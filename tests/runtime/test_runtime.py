@@ -18,6 +18,7 @@ from .conftest import ct_reference_logits, load_dequantized_reference, small_lla
 
 from hfcompress.evaluate import count_parameters, weight_bytes
 from hfcompress.errors import HFCompressError
+from hfcompress.quantize import native
 from hfcompress.quantize.checkpoint import CheckpointError, UnsupportedSchemeError
 from hfcompress.quantize.runtime import (
     DequantLinear,
@@ -85,15 +86,20 @@ def test_round_trip(tmp_path, bits, strategy, group_size, symmetric, expected):
 
 
 def test_odd_shapes_fall_back_and_stay_exact(tmp_path):
-    """N % 16 != 0 or K % 16 != 0: per-channel int4 goes to the int8 kernel where K allows, else dequantizes."""
+    """N % 16 != 0 or K % 16 != 0: per-channel int4 goes to an int8 kernel where K allows, else dequantizes."""
     model = small_llama(intermediate=72)
     write_ct_checkpoint(model, tmp_path, num_bits=4, strategy="channel", symmetric=False)
-    ours = load_compressed(tmp_path, progress=False)
-    mlp = ours.model.layers[0].mlp
-    assert type(mlp.gate_proj) is Int8PackedLinear  # N = 72
-    assert type(mlp.down_proj) is DequantLinear  # K = 72: neither kernel takes it
-    assert type(ours.model.layers[0].self_attn.q_proj) is Int4PackedLinear
-    check_close_to_reference(tmp_path, ours)
+    for native_on in ("1", "0"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("HFCOMPRESS_NATIVE_KERNELS", native_on)
+            ours = load_compressed(tmp_path, progress=False)
+            mlp = ours.model.layers[0].mlp
+            assert type(mlp.gate_proj) is Int8PackedLinear  # N = 72
+            # K = 72: our int8 kernel takes any K; PyTorch's needs K % 16 == 0, so without ours it dequantizes
+            expected = Int8PackedLinear if native_on == "1" and native.int8_gemv_available() else DequantLinear
+            assert type(mlp.down_proj) is expected
+            assert type(ours.model.layers[0].self_attn.q_proj) is Int4PackedLinear
+            check_close_to_reference(tmp_path, ours)
 
 
 def test_quantized_embeddings_head_and_mixed_groups(tmp_path, llama):

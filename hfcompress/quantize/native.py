@@ -1,0 +1,107 @@
+"""hfcompress's own CPU kernels, compiled on first use.
+
+PyTorch's ``aten._weight_int8pack_mm`` is compute-bound at batch 1 on CPU (about 1.4-1.7x the float32 GEMV
+per weight), so int8 decode cannot get near the memory-bandwidth floor with it. ``csrc/int8_gemv.cpp``
+streams int8 weights with AVX-512 or AVX2 (chosen at run time) and accumulates in float32.
+
+The source is compiled with ``torch.utils.cpp_extension`` the first time it is needed (a C++ compiler and
+ninja are required; the build takes under a minute and is cached in ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``). When it cannot be built, or ``HFCOMPRESS_NATIVE_KERNELS=0`` is set, callers
+fall back to PyTorch's kernels with one warning, and results stay correct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
+_ENV_SWITCH = "HFCOMPRESS_NATIVE_KERNELS"
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "loaded": bool, "error": str
+
+
+def _disabled_by_env() -> bool:
+    return os.environ.get(_ENV_SWITCH, "1").strip().lower() in {"0", "false", "no", "off"}
+
+
+def _already_registered() -> bool:
+    try:
+        torch.ops.hfcompress.int8_gemv  # noqa: B018 - attribute lookup raises when the op is missing
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
+    cpp_extension.load(
+        # The digest in the name keeps builds of different sources apart in a shared extensions folder.
+        name=f"hfcompress_int8_gemv_{digest}",
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def int8_gemv_available() -> bool:
+    """True when ``torch.ops.hfcompress.int8_gemv`` can be called (building it on first use)."""
+    if _disabled_by_env():
+        return False
+    if "loaded" in _state:
+        return bool(_state["loaded"])
+    with _lock:
+        if "loaded" not in _state:
+            try:
+                if not _already_registered():
+                    logger.info("building hfcompress's int8 CPU kernel (first use; cached afterwards)")
+                    _build()
+                _register_fake()
+                _state["loaded"] = True
+            except Exception as error:  # no compiler, no ninja, read-only cache...: fall back, say why once
+                _state["loaded"] = False
+                _state["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+                logger.warning(
+                    "hfcompress's int8 CPU kernel could not be built (%s); using PyTorch's "
+                    "_weight_int8pack_mm instead, which is slower at batch 1. Install a C++ compiler and "
+                    "ninja to get it, or set %s=0 to silence this.", _state["error"], _ENV_SWITCH)
+    return bool(_state["loaded"])
+
+
+def native_kernel_status() -> dict:
+    """What the native kernels are doing, for benchmark reports: {"int8_gemv": "loaded" | reason}."""
+    if _disabled_by_env():
+        return {"int8_gemv": f"disabled by {_ENV_SWITCH}"}
+    return {"int8_gemv": "loaded" if int8_gemv_available() else f"unavailable ({_state.get('error')})"}
+
+
+def _register_fake() -> None:
+    """Shape function so the op traces under ``torch.compile`` / meta tensors."""
+    if _state.get("fake_registered"):
+        return
+    try:
+        @torch.library.register_fake("hfcompress::int8_gemv")
+        def _(x, q, scale, isa=-1):
+            return x.new_empty((x.shape[0], q.shape[0]))
+    except RuntimeError:  # already registered in this process (e.g. by a second import path)
+        pass
+    _state["fake_registered"] = True
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, isa: int = -1) -> torch.Tensor:
+    """``x (M, K) @ (q (N, K) * scale (N,)[:, None]).T`` in x's dtype (float32 or bfloat16), float32 sums.
+
+    ``isa`` picks the code path (-1: the best the CPU has; 0 portable, 1 AVX2, 2 AVX-512), for tests.
+    Call only when :func:`int8_gemv_available` is True.
+    """
+    return torch.ops.hfcompress.int8_gemv(x, q, scale, isa)

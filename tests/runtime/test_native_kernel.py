@@ -1,0 +1,117 @@
+"""hfcompress's own int8 CPU kernel (native.py, csrc/int8_gemv.cpp): every code path against float64, and
+the fallback to PyTorch's kernel when it is switched off or cannot be built.
+
+Error bound: the kernel converts x to float32 (exact for float32/bfloat16 inputs), multiplies by exact
+int8 codes and sums K products in float32 in some order, then multiplies by the float32 scale. Each
+partial sum is rounded with relative error <= 2**-24, so |y - y_64| <= (K + 1) 2**-24 sum_k |x_k q_nk| s_n
+(the standard gamma_K bound); a bfloat16 output adds <= 2**-8 |y_n|. A wrong row, column tail or scale
+gives errors of order sum |x q| s itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from hfcompress.quantize import kernels, native
+
+pytestmark = pytest.mark.skipif(not native.int8_gemv_available(), reason="int8 kernel could not be built here")
+
+ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512"}
+
+
+def isa_or_skip(isa):
+    probe = torch.zeros(1, 16), torch.zeros(1, 16, dtype=torch.int8), torch.ones(1)
+    try:
+        native.int8_gemv(*probe, isa=isa)
+    except RuntimeError as error:
+        assert "requested but this CPU supports" in str(error)
+        pytest.skip(f"this CPU has no {ISA_NAMES[isa]} path")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("isa", [0, 1, 2], ids=ISA_NAMES.get)
+def test_int8_gemv_matches_float64(isa, m, dtype):
+    isa_or_skip(isa)
+    g = torch.Generator().manual_seed(m)
+    for n, k in [(37, 16), (9, 72), (64, 257), (5, 3)]:  # row blocks with tails, K tails of every path
+        x = torch.randn(m, k, generator=g).to(dtype)
+        q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+        y = native.int8_gemv(x, q, scale, isa=isa)
+        assert y.dtype == dtype and y.shape == (m, n)
+        products = x.double() @ q.double().t()
+        y64 = products * scale.double()
+        bound = (k + 1) * 2.0 ** -24 * ((x.double().abs() @ q.double().abs().t()) * scale.double())
+        if dtype == torch.bfloat16:
+            bound = bound + 2.0 ** -8 * y64.abs()
+        assert ((y.double() - y64).abs() <= bound + 1e-30).all(), (isa, m, n, k)
+
+
+def test_int8_gemv_paths_agree_bitwise_on_exact_inputs():
+    """Small integer activations make every partial sum exact in float32: all paths give identical bits."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (3, 200), generator=g).float()
+    q = torch.randint(-128, 128, (21, 200), generator=g, dtype=torch.int8)
+    scale = torch.full((21,), 0.5)
+    expected = (x.double() @ q.double().t() * 0.5).float()
+    for isa in (0, 1, 2):
+        try:
+            y = native.int8_gemv(x, q, scale, isa=isa)
+        except RuntimeError:
+            continue
+        assert torch.equal(y, expected), ISA_NAMES[isa]
+
+
+def test_int8_gemv_rejects_bad_inputs():
+    x, q, scale = torch.zeros(1, 16), torch.zeros(4, 16, dtype=torch.int8), torch.ones(4)
+    with pytest.raises(RuntimeError, match="must agree on K"):
+        native.int8_gemv(torch.zeros(1, 8), q, scale)
+    with pytest.raises(RuntimeError, match="q must be int8"):
+        native.int8_gemv(x, q.float(), scale)
+    with pytest.raises(RuntimeError, match="one value per weight row"):
+        native.int8_gemv(x, q, torch.ones(3))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        native.int8_gemv(x.half(), q, scale)
+    with pytest.raises(RuntimeError, match="requested but this CPU supports"):
+        native.int8_gemv(x, q, scale, isa=7)
+
+
+def test_int8_matmul_falls_back_when_switched_off(monkeypatch):
+    """HFCOMPRESS_NATIVE_KERNELS=0 routes decode to aten._weight_int8pack_mm: same result to bf16 rounding."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, generator=g).bfloat16()
+    q = torch.randint(-128, 128, (48, 64), generator=g, dtype=torch.int8)
+    scale = torch.rand(48, generator=g) * 0.01 + 1e-3
+    ours = kernels.int8_matmul(x, q, scale)
+    monkeypatch.setenv("HFCOMPRESS_NATIVE_KERNELS", "0")
+    assert not native.int8_gemv_available()
+    assert native.native_kernel_status() == {"int8_gemv": "disabled by HFCOMPRESS_NATIVE_KERNELS"}
+    theirs = kernels.int8_matmul(x, q, scale)
+    y64 = x.double() @ (q.double() * scale.double()[:, None]).t()
+    magnitude = x.double().abs() @ (q.double().abs() * scale.double()[:, None]).t()
+    # theirs rounds the scale to bf16 and its output to bf16; ours only the output
+    assert ((theirs.double() - y64).abs() <= 2 * 2.0 ** -8 * magnitude + 1e-12).all()
+    assert ((ours.double() - y64).abs() <= 2.0 ** -8 * y64.abs() + 1e-5 * magnitude).all()
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_already_registered", lambda: False)
+
+    def broken_build():
+        raise RuntimeError("Error building extension: c++: not found")
+
+    monkeypatch.setattr(native, "_build", broken_build)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert not native.int8_gemv_available()
+        assert not native.int8_gemv_available()  # cached: built (and warned) once
+    warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
+    assert len(warnings) == 1 and "c++: not found" in warnings[0].getMessage()
+    assert "unavailable" in native.native_kernel_status()["int8_gemv"]
+    # the decode path still works, through PyTorch's kernel
+    x, q, scale = torch.ones(1, 32).bfloat16(), torch.ones(8, 32, dtype=torch.int8), torch.full((8,), 0.5)
+    assert torch.equal(kernels.int8_matmul(x, q, scale), torch.full((1, 8), 16.0).bfloat16())
