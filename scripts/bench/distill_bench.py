@@ -174,7 +174,11 @@ class Quality:
         arguments that matter, the data and the evaluation. Runs are deterministic (seed 0, one thread,
         sequential batches), so an identical key gives the identical result."""
         fields = {k: getattr(args, k) for k in RESOLVED_FIELDS}
-        return _normal_key({"reference": self.reference, "steps": steps, "layers": layers,
+        from hfcompress.reference import REFERENCE_SPECS
+
+        revision = REFERENCE_SPECS[self.reference].revision  # another teacher revision is another run
+        return _normal_key({"reference": self.reference, **({"revision": revision} if revision > 1 else {}),
+                            "steps": steps, "layers": layers,
                             "block_size": self.block_size, "eval_blocks": self.num_eval_blocks, **fields})
 
 

@@ -201,7 +201,8 @@ def prepare_blocks(profile: Profile, teacher: Path, work: Path) -> Path:
 
     from hfcompress.data import load_blocks
 
-    path = work / f"blocks-{profile.name}-{profile.teacher}.safetensors"
+    # teacher.name carries the reference revision (e.g. base-v2): a retrained teacher gets fresh inputs.
+    path = work / f"blocks-{profile.name}-{teacher.name}.safetensors"
     if path.is_file():
         return path
     tokenizer = AutoTokenizer.from_pretrained(teacher)
@@ -220,7 +221,7 @@ def prepare_student(profile: Profile, teacher: Path, work: Path) -> Path:
 
     from hfcompress import make_student
 
-    path = work / f"student-init-{profile.teacher}"
+    path = work / f"student-init-{teacher.name}"
     if (path / "config.json").is_file():
         return path
     model = AutoModelForCausalLM.from_pretrained(teacher)

@@ -19,7 +19,7 @@ from hfcompress.quantize import kernels, native
 
 pytestmark = pytest.mark.skipif(not native.int8_gemv_available(), reason="int8 kernel could not be built here")
 
-ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512"}
+ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512", 3: "avx512-vnni"}
 
 
 def isa_or_skip(isa):
@@ -33,7 +33,7 @@ def isa_or_skip(isa):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize("isa", [0, 1, 2], ids=ISA_NAMES.get)
+@pytest.mark.parametrize("isa", [0, 1, 2, 3], ids=ISA_NAMES.get)
 def test_int8_gemv_matches_float64(isa, m, dtype):
     isa_or_skip(isa)
     g = torch.Generator().manual_seed(m)
@@ -46,6 +46,9 @@ def test_int8_gemv_matches_float64(isa, m, dtype):
         products = x.double() @ q.double().t()
         y64 = products * scale.double()
         bound = (k + 1) * 2.0 ** -24 * ((x.double().abs() @ q.double().abs().t()) * scale.double())
+        if isa == 3:  # fixed point: each x_k moves by <= 2^-22 max|x| (then exact integer sums)
+            amax = x.double().abs().amax(dim=1, keepdim=True)
+            bound = 2.0 ** -22 * amax * (q.double().abs().sum(1) * scale.double())[None, :] + 2.0 ** -23 * y64.abs()
         if dtype == torch.bfloat16:
             bound = bound + 2.0 ** -8 * y64.abs()
         assert ((y.double() - y64).abs() <= bound + 1e-30).all(), (isa, m, n, k)
@@ -58,7 +61,7 @@ def test_int8_gemv_paths_agree_bitwise_on_exact_inputs():
     q = torch.randint(-128, 128, (21, 200), generator=g, dtype=torch.int8)
     scale = torch.full((21,), 0.5)
     expected = (x.double() @ q.double().t() * 0.5).float()
-    for isa in (0, 1, 2):
+    for isa in (0, 1, 2, 3):
         try:
             y = native.int8_gemv(x, q, scale, isa=isa)
         except RuntimeError:
@@ -115,3 +118,45 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
     # the decode path still works, through PyTorch's kernel
     x, q, scale = torch.ones(1, 32).bfloat16(), torch.ones(8, 32, dtype=torch.int8), torch.full((8,), 0.5)
     assert torch.equal(kernels.int8_matmul(x, q, scale), torch.full((1, 8), 16.0).bfloat16())
+
+
+def test_int8_gemv_threads_split_rows_without_changing_results():
+    """Rows are split over ATen's OpenMP pool (the extension is built with -fopenmp); each row's sum is
+    computed by one thread in one order, so any thread count gives identical bits."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 300, generator=g)
+    q = torch.randint(-128, 128, (1001, 300), generator=g, dtype=torch.int8)
+    scale = torch.rand(1001, generator=g) + 0.5
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.int8_gemv(x, q, scale)
+        torch.set_num_threads(max(2, before))
+        many = native.int8_gemv(x, q, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+def test_int8_gemv_vnni_edge_rows():
+    """The fixed-point path: an all-zero row gives zeros, a non-finite row goes to the float path (NaN/Inf
+    propagate as in a float matmul), rows of very different magnitude each get their own exponent, and a
+    K too long for int32 digit sums (>= 65536) takes the float path."""
+    isa_or_skip(3)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randint(-128, 128, (8, 200), generator=g, dtype=torch.int8)
+    scale = torch.rand(8, generator=g) + 0.5
+    x = torch.randn(4, 200, generator=g)
+    x[0] = 0
+    x[2] *= 1e-30
+    x[3] *= 1e30
+    y = native.int8_gemv(x, q, scale, isa=3)
+    y64 = x.double() @ q.double().t() * scale.double()
+    assert torch.equal(y[0], torch.zeros(8))
+    assert torch.allclose(y[1:].double(), y64[1:], rtol=1e-5, atol=0)
+    x[1, 7] = float("nan")
+    assert torch.isnan(native.int8_gemv(x, q, scale, isa=3)[1]).all()
+    x_long = torch.randn(1, 65536, generator=g)
+    q_long = torch.randint(-128, 128, (3, 65536), generator=g, dtype=torch.int8)
+    y_long = native.int8_gemv(x_long, q_long, torch.ones(3), isa=3)
+    assert torch.allclose(y_long.double(), x_long.double() @ q_long.double().t(), rtol=1e-4)

@@ -3,10 +3,20 @@
 //   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k]      x: (M, K) float32 or bfloat16, q: (N, K) int8
 //
 // Decode multiplies one activation row by every weight once, so the time is the time to stream the int8
-// weights from memory. The kernel converts 16 (AVX-512) or 8 (AVX2) int8 weights at a time to float32 and
-// accumulates with FMA in float32; a block of 4 weight rows shares each activation load, and up to 4
-// activation rows share each weight load. Rows are split over ATen's thread pool. The instruction set is
-// chosen at run time, so one build serves every x86-64 CPU; other CPUs take the portable loop.
+// weights from memory, and the work per weight byte must stay small enough to keep up with it. Paths:
+//
+// * AVX-512 VNNI (fastest): each activation row is written in fixed point, x_k = X_k 2^e with |X_k| <= 2^22
+//   (e from the row's largest |x|), and X_k is split into three balanced base-256 digits, so
+//   sum_k q_k X_k = 2^16 A + 2^8 B + C with A, B, C integer dot products of the int8 weights with int8 digits.
+//   VPDPBUSD computes 64 such products per instruction, in exact int32 arithmetic. It multiplies unsigned by
+//   signed bytes, so it sees u = q + 128 and the result is corrected by 128 sum_k X_k. The only rounding is
+//   that of x to the 2^e grid (<= 2^-22 max|x| per element; exact for bfloat16 inputs within 2^14 of the
+//   row's maximum) and the final conversion to float.
+// * AVX-512 / AVX2: convert 16 / 8 int8 weights at a time to float32 and accumulate with FMA in float32.
+// * a portable loop for other CPUs (and non-finite activations go to the float paths).
+//
+// A block of 4 weight rows shares each activation load. Rows are split over ATen's OpenMP pool (the build
+// uses -fopenmp). The instruction set is chosen at run time, so one build serves every x86-64 CPU.
 //
 // Registered as the operator ``hfcompress::int8_gemv`` (see kernels.py for how it is built and used).
 
@@ -17,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -30,8 +41,18 @@ namespace {
 
 constexpr int kRows = 4;   // weight rows per block
 constexpr int kMaxM = 4;   // activation rows per pass
+// Software prefetch distance along each weight row, in bytes: one cache line is requested per 64 weights read.
+// Measured on a Sapphire Rapids VM core: +10-30% weight throughput from DRAM at batch 1 (noisy), no loss in cache.
+constexpr int kPrefetch = 512;
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kVnni = 3 };
+
+// Fixed-point form of one activation row for the VNNI path: three digit rows of kp bytes (zero padded).
+struct Digits {
+  std::vector<int8_t> bytes;  // (3, kp): most significant digit row first
+  int64_t sum = 0;            // sum_k X_k
+  int exponent = 0;           // x_k = X_k 2^exponent
+};
 
 // Portable loop: also the reference for the vector paths.
 void rows_scalar(const float* x, int64_t m_count, int64_t K, const int8_t* q, int64_t n_begin,
@@ -59,6 +80,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void block_avx512(const flo
   for (int r = 0; r < kRows; ++r) w[r] = q + (n0 + (r < rows ? r : 0)) * K;
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
+    if ((k & 63) == 0)
+      for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kPrefetch), _MM_HINT_T0);
     __m512 wf[kRows];
     for (int r = 0; r < kRows; ++r)
       wf[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k))));
@@ -98,6 +121,8 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* x, int64_t K, c
   for (int r = 0; r < kRows; ++r) w[r] = q + (n0 + (r < rows ? r : 0)) * K;
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
+    if ((k & 63) == 0)
+      for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kPrefetch), _MM_HINT_T0);
     __m256 wf[kRows];
     for (int r = 0; r < kRows; ++r) {
       int64_t bytes;
@@ -118,10 +143,47 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* x, int64_t K, c
   }
 }
 
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
+    const Digits& d, int64_t K, int64_t kp, const int8_t* q, int64_t n0, int rows, const float* scale, float* y) {
+  __m512i acc[3][kRows];
+  for (int j = 0; j < 3; ++j)
+    for (int r = 0; r < kRows; ++r) acc[j][r] = _mm512_setzero_si512();
+  const int8_t* w[kRows];
+  for (int r = 0; r < kRows; ++r) w[r] = q + (n0 + (r < rows ? r : 0)) * K;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // q ^ 0x80 read as unsigned = q + 128
+  const int8_t* digit[3] = {d.bytes.data(), d.bytes.data() + kp, d.bytes.data() + 2 * kp};
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512i u[kRows];
+    if (k + 64 <= K) {
+      for (int r = 0; r < kRows; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kPrefetch), _MM_HINT_T0);
+        u[r] = _mm512_xor_si512(_mm512_loadu_si512(w[r] + k), flip);
+      }
+    } else {  // the tail: bytes past K read as 0 (then 128 after the flip) and meet zero digits
+      const __mmask64 mask = (~__mmask64{0}) >> (64 - (K - k));
+      for (int r = 0; r < kRows; ++r) u[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w[r] + k), flip);
+    }
+    for (int j = 0; j < 3; ++j) {
+      const __m512i dj = _mm512_loadu_si512(digit[j] + k);
+      for (int r = 0; r < kRows; ++r) acc[j][r] = _mm512_dpbusd_epi32(acc[j][r], u[r], dj);
+    }
+  }
+  const double unit = std::ldexp(1.0, d.exponent);
+  for (int r = 0; r < rows; ++r) {
+    // |A|, |B|, |C| <= 255 * 128 * K < 2^31 for K < 65536 (checked by the caller).
+    const int64_t a = _mm512_reduce_add_epi32(acc[0][r]), b = _mm512_reduce_add_epi32(acc[1][r]),
+                  c = _mm512_reduce_add_epi32(acc[2][r]);
+    const int64_t dot = (a << 16) + (b << 8) + c - 128 * d.sum;  // sum_k q_k X_k, exact
+    y[n0 + r] = static_cast<float>(static_cast<double>(dot) * unit * static_cast<double>(scale[n0 + r]));
+  }
+}
+
 Isa detect_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl")) return Isa::kAvx512;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  if (avx512 && __builtin_cpu_supports("avx512vnni")) return Isa::kVnni;
+  if (avx512) return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
   return Isa::kScalar;
 }
@@ -148,6 +210,43 @@ Isa cached_isa() {
 #endif
 }
 
+// x (K floats) -> fixed point X 2^e with |X| <= 2^22, split into balanced base-256 digits. False when the
+// row has a non-finite value (the float paths then propagate it).
+bool make_digits(const float* x, int64_t K, int64_t kp, Digits& d) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    finite &= std::isfinite(x[k]);
+    amax = std::max(amax, std::fabs(x[k]));
+  }
+  if (!finite) return false;
+  d.bytes.assign(static_cast<size_t>(3 * kp), 0);
+  d.sum = 0;
+  d.exponent = 0;
+  if (amax == 0.f) return true;
+  int top;
+  std::frexp(amax, &top);  // amax < 2^top
+  d.exponent = top - 22;
+  // x 2^-e is exact in float (a power-of-two scaling) and below 2^22 in magnitude, so nearbyint is exact too.
+  const float inv = std::ldexp(1.0f, -d.exponent);
+  int8_t* high = d.bytes.data();
+  int8_t* mid = high + kp;
+  int8_t* low = mid + kp;
+  int64_t sum = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int32_t X = static_cast<int32_t>(std::nearbyint(x[k] * inv));  // |X| <= 2^22
+    sum += X;
+    const int32_t l = ((X + 128) & 255) - 128;  // balanced digits: X = 2^16 h + 2^8 m + l, each in [-128, 127]
+    const int32_t rest = (X - l) >> 8;
+    const int32_t m = ((rest + 128) & 255) - 128;
+    high[k] = static_cast<int8_t>((rest - m) >> 8);  // |h| <= 65
+    mid[k] = static_cast<int8_t>(m);
+    low[k] = static_cast<int8_t>(l);
+  }
+  d.sum = sum;
+  return true;
+}
+
 void rows_any(Isa isa, const float* x, int64_t m_count, int64_t K, const int8_t* q, int64_t n_begin,
               int64_t n_end, const float* scale, float* y, int64_t N) {
 #ifdef HFC_X86
@@ -163,13 +262,13 @@ void rows_any(Isa isa, const float* x, int64_t m_count, int64_t K, const int8_t*
   rows_scalar(x, m_count, K, q, n_begin, n_end, scale, y, N);
 }
 
-// isa: -1 = the best the CPU has; 0 = portable loop, 1 = AVX2, 2 = AVX-512 (for tests of each path).
+// isa: -1 = the best the CPU has; 0 = portable loop, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI (for tests).
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t isa_request) {
   const Isa best = cached_isa();
   TORCH_CHECK(isa_request >= -1 && isa_request <= static_cast<int64_t>(best),
               "hfcompress::int8_gemv: instruction set ", isa_request, " requested but this CPU supports up to ",
-              static_cast<int>(best), " (0 = portable, 1 = AVX2, 2 = AVX-512)");
-  const Isa isa = isa_request < 0 ? best : static_cast<Isa>(isa_request);
+              static_cast<int>(best), " (0 = portable, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI)");
+  Isa isa = isa_request < 0 ? best : static_cast<Isa>(isa_request);
   TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(),
               "hfcompress::int8_gemv runs on CPU tensors");
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1),
@@ -199,6 +298,24 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   // Blocks of kRows rows; ~64 KiB of weights per task keeps the split cheap next to the work.
   const int64_t blocks = (N + kRows - 1) / kRows;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, K * kRows));
+#ifdef HFC_X86
+  if (isa == Isa::kVnni && K < 65536) {
+    const int64_t kp = (K + 63) / 64 * 64;
+    std::vector<Digits> digits(static_cast<size_t>(M));
+    bool finite = true;
+    for (int64_t m = 0; m < M && finite; ++m) finite = make_digits(xf.data() + m * K, K, kp, digits[m]);
+    if (finite) {
+      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n0 = b0 * kRows; n0 < std::min(N, b1 * kRows); n0 += kRows)
+            block_vnni(digits[m], K, kp, qp, n0, static_cast<int>(std::min<int64_t>(kRows, N - n0)), sp,
+                       y + m * N);
+      });
+      return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
+    }
+  }
+  if (isa == Isa::kVnni) isa = Isa::kAvx512;  // non-finite activations or huge K: the float path
+#endif
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int64_t n_begin = b0 * kRows, n_end = std::min(N, b1 * kRows);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
