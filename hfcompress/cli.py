@@ -187,6 +187,16 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_kernels(args) -> int:
+    """Build hfcompress's native CPU kernels now (they are otherwise built on first use) and say what runs."""
+    from .quantize.native import native_kernel_status
+
+    status = native_kernel_status()
+    for name, state in status.items():
+        print(f"{name}: {state}")
+    return 0 if all(state == "loaded" for state in status.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hfcompress", formatter_class=_Formatter,
@@ -271,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="headers, layout and scales only; skip reading every float tensor")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("kernels", formatter_class=_Formatter,
+                       help="build the native CPU kernels ahead of first use (e.g. in a Docker image) and report "
+                            "them; exit code 1 when one cannot be built (PyTorch's kernels are used instead)")
+    p.set_defaults(func=cmd_kernels)
     return parser
 
 

@@ -12,7 +12,7 @@ def test_help_lists_subcommands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("reference", "eval", "quantize", "distill", "run", "push", "verify"):
+    for command in ("reference", "eval", "quantize", "distill", "run", "push", "verify", "kernels"):
         assert command in out
 
 
@@ -22,6 +22,18 @@ def test_subcommand_help_shows_defaults(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: hfcompress " + command in capsys.readouterr().out
+
+
+def test_kernels_reports_each_kernel(capsys, monkeypatch):
+    from hfcompress.quantize import native
+
+    code = main(["kernels"])
+    out = capsys.readouterr().out
+    assert out.startswith("int8_gemv: ")
+    assert code == (0 if native.int8_gemv_available() else 1)
+    monkeypatch.setenv("HFCOMPRESS_NATIVE_KERNELS", "0")
+    assert main(["kernels"]) == 1
+    assert capsys.readouterr().out == "int8_gemv: disabled by HFCOMPRESS_NATIVE_KERNELS\n"
 
 
 def _one_line_error(capsys, argv, expected):
