@@ -227,14 +227,14 @@ bool make_digits(const float* x, int64_t K, int64_t kp, Digits& d) {
   int top;
   std::frexp(amax, &top);  // amax < 2^top
   d.exponent = top - 22;
-  // x 2^-e is exact in float (a power-of-two scaling) and below 2^22 in magnitude, so nearbyint is exact too.
-  const float inv = std::ldexp(1.0f, -d.exponent);
+  // x 2^-e is exact in double (a power-of-two scaling; 2^-e itself may not fit a float for tiny rows).
+  const double inv = std::ldexp(1.0, -d.exponent);
   int8_t* high = d.bytes.data();
   int8_t* mid = high + kp;
   int8_t* low = mid + kp;
   int64_t sum = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const int32_t X = static_cast<int32_t>(std::nearbyint(x[k] * inv));  // |X| <= 2^22
+    const int32_t X = static_cast<int32_t>(std::nearbyint(static_cast<double>(x[k]) * inv));  // |X| <= 2^22
     sum += X;
     const int32_t l = ((X + 128) & 255) - 128;  // balanced digits: X = 2^16 h + 2^8 m + l, each in [-128, 127]
     const int32_t rest = (X - l) >> 8;
