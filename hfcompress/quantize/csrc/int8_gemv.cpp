@@ -41,9 +41,16 @@ namespace {
 
 constexpr int kRows = 4;   // weight rows per block
 constexpr int kMaxM = 4;   // activation rows per pass
-// Software prefetch distance along each weight row, in bytes: one cache line is requested per 64 weights read.
-// Measured on a Sapphire Rapids VM core: +10-30% weight throughput from DRAM at batch 1 (noisy), no loss in cache.
-constexpr int kPrefetch = 512;
+// Software prefetch: each of a block's 4 row streams requests the cache line kPrefetch bytes ahead, and past
+// the end of its row it continues into the same row of the next block, so the streams never restart cold
+// at a block boundary (rows of decode matrices are only 1-8 KiB). On a Sapphire Rapids VM core, streaming
+// 1536-4096-wide int8 matrices from DRAM: 1.3-1.8x the throughput of prefetching within rows only, ~2x none.
+constexpr int64_t kPrefetch = 1024;
+
+inline const char* prefetch_target(const int8_t* q, int64_t K, int64_t n0, int r, int64_t k) {
+  const int64_t ahead = k + kPrefetch;
+  return reinterpret_cast<const char*>(ahead < K ? q + (n0 + r) * K + ahead : q + (n0 + kRows + r) * K + (ahead - K));
+}
 
 enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kVnni = 3 };
 
@@ -81,7 +88,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void block_avx512(const flo
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     if ((k & 63) == 0)
-      for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kPrefetch), _MM_HINT_T0);
+      for (int r = 0; r < kRows; ++r) _mm_prefetch(prefetch_target(q, K, n0, r, k), _MM_HINT_T0);
     __m512 wf[kRows];
     for (int r = 0; r < kRows; ++r)
       wf[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + k))));
@@ -122,7 +129,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* x, int64_t K, c
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     if ((k & 63) == 0)
-      for (int r = 0; r < kRows; ++r) _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kPrefetch), _MM_HINT_T0);
+      for (int r = 0; r < kRows; ++r) _mm_prefetch(prefetch_target(q, K, n0, r, k), _MM_HINT_T0);
     __m256 wf[kRows];
     for (int r = 0; r < kRows; ++r) {
       int64_t bytes;
@@ -156,7 +163,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
     __m512i u[kRows];
     if (k + 64 <= K) {
       for (int r = 0; r < kRows; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w[r] + k + kPrefetch), _MM_HINT_T0);
+        _mm_prefetch(prefetch_target(q, K, n0, r, k), _MM_HINT_T0);
         u[r] = _mm512_xor_si512(_mm512_loadu_si512(w[r] + k), flip);
       }
     } else {  // the tail: bytes past K read as 0 (then 128 after the flip) and meet zero digits
