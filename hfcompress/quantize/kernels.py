@@ -30,6 +30,8 @@ import sys
 
 import torch
 
+from .native import int8_gemv, int8_gemv_available
+
 # Group sizes accepted by aten._weight_int4pack_mm_for_cpu (checked in its CPU implementation).
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # aten._convert_weight_to_int4pack_for_cpu needs N divisible by this.
@@ -148,8 +150,6 @@ def int4_matmul_cpu(x: torch.Tensor, packed: torch.Tensor, kernel_group_size: in
 # ------------------------------------------------------------------------------------------------------
 def int8_kernel_supports(in_features: int) -> bool:
     """Whether a per-channel int8 weight with this K can run packed (our kernel takes any K)."""
-    from .native import int8_gemv_available
-
     return in_features % INT8_KERNEL_K_MULTIPLE == 0 or int8_gemv_available()
 
 
@@ -161,8 +161,6 @@ INT8_DENSE_MIN_ROWS = 16
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 zero_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ ((q - z) * s).T with per-channel float32 s (N,) and ``zero_scale`` = z * s (N,) or None."""
-    from .native import int8_gemv, int8_gemv_available
-
     if x.shape[0] >= INT8_DENSE_MIN_ROWS or x.shape[1] % INT8_KERNEL_K_MULTIPLE:
         # int8 codes are exact in bfloat16/float16/float32; the scale is per output row, so it factors out.
         y = torch.nn.functional.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # (M, N)
