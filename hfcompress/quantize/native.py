@@ -1,6 +1,6 @@
 """hfcompress's own CPU kernels, compiled on first use.
 
-PyTorch's ``aten._weight_int8pack_mm`` is compute-bound at batch 1 on CPU (about 1.4-1.8x the float32 GEMV
+PyTorch's ``aten._weight_int8pack_mm`` is compute-bound at batch 1 on CPU (about 1.2-1.8x the float32 GEMV
 per weight), so int8 decode cannot get near the memory-bandwidth floor with it. ``csrc/int8_gemv.cpp``
 streams the int8 weights with the best of AVX-512 VNNI (exact integer dot products against a fixed-point
 form of the activations, 64 weights per instruction), AVX-512 or AVX2 (float32 FMA), chosen at run time, and
@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
 _ENV_SWITCH = "HFCOMPRESS_NATIVE_KERNELS"
+# at::parallel_for is an OpenMP pragma inlined from ATen's headers: without -fopenmp it runs on one thread.
+# The extension then links libgomp.so.1, which resolves to the copy torch already loaded.
+_CFLAGS = ["-O3", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool, "error": str
 
@@ -45,14 +48,12 @@ def _already_registered() -> bool:
 def _build() -> None:
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(_SOURCE.read_bytes() + b"-fopenmp").hexdigest()[:10]
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode()).hexdigest()[:10]
     cpp_extension.load(
-        # The digest in the name keeps builds of different sources apart in a shared extensions folder.
+        # The digest in the name keeps builds of different sources or flags apart in a shared extensions folder.
         name=f"hfcompress_int8_gemv_{digest}",
         sources=[str(_SOURCE)],
-        # at::parallel_for is an OpenMP pragma inlined from ATen's headers: without -fopenmp it runs on one
-        # thread. The extension then links libgomp.so.1, which resolves to the copy torch already loaded.
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=_CFLAGS,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
