@@ -161,13 +161,15 @@ INT8_DENSE_MIN_ROWS = 16
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 zero_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ ((q - z) * s).T with per-channel float32 s (N,) and ``zero_scale`` = z * s (N,) or None."""
-    if x.shape[0] >= INT8_DENSE_MIN_ROWS or x.shape[1] % INT8_KERNEL_K_MULTIPLE:
-        # int8 codes are exact in bfloat16/float16/float32; the scale is per output row, so it factors out.
-        y = torch.nn.functional.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # (M, N)
-    elif x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and int8_gemv_available():
-        y = int8_gemv(x, q, scale)  # (M, N), float32 sums
-    else:
+    decode = x.shape[0] < INT8_DENSE_MIN_ROWS
+    if decode and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and int8_gemv_available():
+        y = int8_gemv(x, q, scale)  # (M, N), float32 sums; any K
+    elif decode and x.shape[1] % INT8_KERNEL_K_MULTIPLE == 0:
         y = torch.ops.aten._weight_int8pack_mm(x, q, scale.to(x.dtype))  # (M, N)
+    else:
+        # Prefill, or a K PyTorch's kernel cannot take: int8 codes are exact in bfloat16/float16/float32, and
+        # the scale is per output row, so it factors out of the dense GEMM.
+        y = torch.nn.functional.linear(x, q.to(x.dtype)) * scale.to(x.dtype)  # (M, N)
     if zero_scale is not None:
         # (x @ (q s).T) - rowsum(x) * (z s): the zero point's contribution is rank one.
         # Subtract in float32 so the correction adds no rounding of its own.

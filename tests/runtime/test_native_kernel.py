@@ -160,3 +160,20 @@ def test_int8_gemv_vnni_edge_rows():
     q_long = torch.randint(-128, 128, (3, 65536), generator=g, dtype=torch.int8)
     y_long = native.int8_gemv(x_long, q_long, torch.ones(3), isa=3)
     assert torch.allclose(y_long.double(), x_long.double() @ q_long.double().t(), rtol=1e-4)
+
+
+def test_int8_matmul_decodes_any_k_with_our_kernel(monkeypatch):
+    """K % 16 != 0 (which PyTorch's kernel cannot take) still decodes through our kernel, not a dense
+    dequantized matmul; prefill rows go to the dense GEMM."""
+    calls = []
+    monkeypatch.setattr(kernels, "int8_gemv", lambda *args: calls.append(args[0].shape) or native.int8_gemv(*args))
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-128, 128, (24, 72), generator=g, dtype=torch.int8)
+    scale = torch.rand(24, generator=g) + 0.5
+    for rows in (1, kernels.INT8_DENSE_MIN_ROWS):
+        x = torch.randn(rows, 72, generator=g).bfloat16()
+        y = kernels.int8_matmul(x, q, scale)
+        y64 = x.double() @ (q.double() * scale.double()[:, None]).t()
+        magnitude = x.double().abs() @ (q.double().abs() * scale.double()[:, None]).t()
+        assert ((y.double() - y64).abs() <= 2 * 2.0 ** -8 * magnitude + 1e-12).all()
+    assert calls == [(1, 72)]
