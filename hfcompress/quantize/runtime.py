@@ -9,9 +9,9 @@ Module choice per layer (CPU):
 
 * ``Int4PackedLinear``: b <= 4 bits, N % 16 == 0 and a group size the int4 kernel takes
   (``aten._weight_int4pack_mm_for_cpu``; symmetric or asymmetric, group or channel);
-* ``Int8PackedLinear``: per-channel/tensor weights of <= 8 bits (our AVX-512/AVX2 ``hfcompress::int8_gemv``,
-  compiled on first use, see native.py; else ``aten._weight_int8pack_mm``, which needs K % 16 == 0; an
-  asymmetric zero point adds a rank-one correction);
+* ``Int8PackedLinear``: per-channel/tensor weights of <= 8 bits (our ``hfcompress::int8_gemv``: AVX-512 VNNI,
+  AVX-512 or AVX2, compiled on first use, see native.py; else ``aten._weight_int8pack_mm``, which needs
+  K % 16 == 0; an asymmetric zero point adds a rank-one correction);
 * ``DequantLinear``: everything else (int8 groups, odd shapes, activation-ordered ``g_idx``, non-CPU devices)
   keeps the checkpoint's int32 words and dequantizes on the fly;
 * ``PackedEmbedding``: quantized embeddings dequantize only the looked-up rows.
