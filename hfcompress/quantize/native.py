@@ -104,6 +104,16 @@ def _register_fake() -> None:
     _state["fake_registered"] = True
 
 
+def int8_gemv_op():
+    """The operator's overload (``torch.ops.hfcompress.int8_gemv.default``), looked up once: the
+    ``torch.ops`` attribute chain costs microseconds per call, which decode pays ~100 times per token.
+    Call only when :func:`int8_gemv_available` is True."""
+    op = _state.get("op")
+    if op is None:
+        op = _state["op"] = torch.ops.hfcompress.int8_gemv.default
+    return op
+
+
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, isa: int = -1) -> torch.Tensor:
     """``x (M, K) @ (q (N, K) * scale (N,)[:, None]).T`` in x's dtype (float32 or bfloat16), float32 sums.
 
@@ -111,4 +121,4 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, isa: int = 
     for tests.
     Call only when :func:`int8_gemv_available` is True.
     """
-    return torch.ops.hfcompress.int8_gemv(x, q, scale, isa)
+    return int8_gemv_op()(x, q, scale, isa)

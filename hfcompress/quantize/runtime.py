@@ -16,6 +16,10 @@ Module choice per layer (CPU):
   keeps the checkpoint's int32 words and dequantizes on the fly;
 * ``PackedEmbedding``: quantized embeddings dequantize only the looked-up rows.
 
+Projections that read the same tensor (q/k/v, gate/up) share one kernel call over their concatenated
+int8 weights (``fuse_projections``, on by default; the modules keep their names as ``SharedInputSlice``).
+``quantize_embeddings=True`` additionally stores a float input embedding table as int8 rows.
+
 Activations run in ``dtype`` (bfloat16 by default): on CPUs without AMX the packed kernels are several times
 slower with float32 activations than the float32 matmul they replace, and 1.5-2x faster in bfloat16.
 """
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, HFCompressError
 from . import kernels
+from .native import int8_gemv_available, int8_gemv_op
 from .checkpoint import (
     CheckpointError,
     TensorReader,
@@ -51,7 +56,8 @@ from .checkpoint import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_compressed", "PackedLinear", "Int4PackedLinear", "Int8PackedLinear", "DequantLinear",
-           "PackedEmbedding"]
+           "PackedEmbedding", "SharedInputProjections", "SharedInputSlice", "fuse_shared_input_projections",
+           "kernel_module", "Int8RowEmbedding", "quantize_input_embeddings"]
 
 
 class PackedModuleMixin:
@@ -131,8 +137,34 @@ class Int8PackedLinear(PackedLinear):
         zero_scale = None if zero_point is None else zero_point.reshape(n).to(torch.float32) * scale
         self.register_buffer("zero_scale", zero_scale)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Decode's fast path: one token through our kernel with no Python work beyond the call (the generic
+        # path's reshapes, conversions and kernel choice cost about as much as the kernel on small layers).
+        if (x.dtype is self.compute_dtype and x.device.type == "cpu" and self.bias is None
+                and self.zero_scale is None and x.numel() == self.in_features and int8_gemv_available()):
+            y = int8_gemv_op()(x.reshape(1, self.in_features), self.weight_int8, self.weight_scale, -1)
+            return y.view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
     def _matmul(self, x):
         return kernels.int8_matmul(x, self.weight_int8, self.weight_scale, self.zero_scale)
+
+    @classmethod
+    def concatenate(cls, members: list["Int8PackedLinear"]) -> "Int8PackedLinear | None":
+        """One module computing every member's output side by side, or None when they cannot share a call."""
+        first = members[0]
+        if any((m.bias is None) != (first.bias is None) or (m.zero_scale is None) != (first.zero_scale is None)
+               for m in members):
+            return None
+        fused = cls.__new__(cls)
+        PackedLinear.__init__(fused, first.in_features, sum(m.out_features for m in members),
+                              None if first.bias is None else torch.cat([m.bias for m in members]),
+                              first.compute_dtype)
+        fused.register_buffer("weight_int8", torch.cat([m.weight_int8 for m in members]))
+        fused.register_buffer("weight_scale", torch.cat([m.weight_scale for m in members]))
+        fused.register_buffer("zero_scale", None if first.zero_scale is None
+                              else torch.cat([m.zero_scale for m in members]))
+        return fused
 
     def dequantized_weight(self):
         w = self.weight_int8.to(torch.float32) * self.weight_scale.to(torch.float32)[:, None]
@@ -141,8 +173,6 @@ class Int8PackedLinear(PackedLinear):
         return w.to(self.compute_dtype)
 
     def extra_repr(self):
-        from .native import int8_gemv_available
-
         return super().extra_repr() + (", kernel=int8_gemv" if int8_gemv_available() else ", kernel=int8pack")
 
 
@@ -192,6 +222,161 @@ class PackedEmbedding(PackedModuleMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.num_bits}, group_size={self.group_size}"
+
+
+class Int8RowEmbedding(PackedModuleMixin, nn.Module):
+    """An embedding table quantized at load time (``load_compressed(..., quantize_embeddings=True)``):
+    int8 codes with one float32 scale per row (symmetric, round to nearest), dequantizing only the rows
+    looked up. Each entry is within half a quantization step (max|row| / 254) of the float value it
+    replaces."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, padding_idx=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.out_features, self.in_features = weight.shape  # for logical_num_parameters
+        self.compute_dtype, self.padding_idx = dtype, padding_idx
+        w = weight.detach().to(torch.float32)
+        scale = w.abs().amax(dim=1) / 127  # (V,)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        self.register_buffer("weight_scale", scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight_int8[input_ids].to(torch.float32) * self.weight_scale[input_ids].unsqueeze(-1)
+        return rows.to(self.compute_dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return (self.weight_int8.to(torch.float32) * self.weight_scale[:, None]).to(self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits=8, per-row scales (quantized at load)"
+
+
+def quantize_input_embeddings(model: nn.Module) -> bool:
+    """Replace the model's float input embedding table by an :class:`Int8RowEmbedding`. Skipped, with a
+    warning, when the table is shared with another module (tied output head), whose float weight it is."""
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        return False
+    weight = embedding.weight
+    shared_with = [name for name, module in model.named_modules()
+                   if module is not embedding and getattr(module, "weight", None) is weight]
+    if shared_with:
+        logger.warning("quantize_embeddings: the input embedding table is tied to %s; keeping it in floating "
+                       "point (quantize that head in the checkpoint to save its memory)", ", ".join(shared_with))
+        return False
+    model.set_input_embeddings(Int8RowEmbedding(weight, weight.dtype if weight.is_floating_point() else
+                                                torch.float32, embedding.padding_idx))
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------
+# Projections that read the same input share one kernel call
+# ------------------------------------------------------------------------------------------------------
+# Sibling linears that a block always calls on the same tensor: attention's query/key/value projections and
+# a gated MLP's gate/up projections (Llama, Mistral, Qwen2, Gemma, Phi-3-style names; GPT-2 and Falcon
+# already store them fused). At batch 1 every kernel call streams its weights from memory and pays a fixed
+# cost (the call itself, converting the activation row), so one call over the concatenated weights is
+# faster than three, with identical results (each output row is the same dot product either way).
+FUSABLE_SIBLINGS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),  # Mixtral-style experts / some Llama ports
+)
+
+
+class SharedInputProjections(nn.Module):
+    """Several projections of one input computed by one packed module (``fused``).
+
+    The block still calls each projection on its own (``SharedInputSlice``): the first call computes all of
+    them and keeps the others' outputs, which the next calls collect if they pass the very same, unmodified
+    tensor. A call with any other input (or after the input was modified in place) computes afresh, so
+    the results never depend on the call pattern.
+    """
+
+    def __init__(self, fused: PackedLinear, sizes: list[int]):
+        super().__init__()
+        self.fused = fused
+        self.sizes = list(sizes)
+        self._pending: tuple | None = None  # (input, its version, outputs not collected yet)
+
+    def output_for(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        pending = self._pending
+        if pending is not None and pending[0] is x and pending[1] == x._version and pending[2][index] is not None:
+            out = pending[2][index]
+            pending[2][index] = None
+            if all(o is None for o in pending[2]):
+                self._pending = None  # release the input and outputs as soon as all are collected
+            return out
+        parts = [part.contiguous() for part in self.fused(x).split(self.sizes, dim=-1)]
+        out, parts[index] = parts[index], None
+        self._pending = (x, x._version, parts)
+        return out
+
+
+class SharedInputSlice(PackedModuleMixin, nn.Module):
+    """One projection of a :class:`SharedInputProjections` group, in its original place in the model.
+
+    The first slice of a group registers the group as its submodule (so ``model.to()`` and byte counts
+    see the weights once); the others only refer to it.
+    """
+
+    def __init__(self, group: SharedInputProjections, index: int, in_features: int, out_features: int,
+                 owner: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.index = in_features, out_features, index
+        if owner:
+            self.group = group
+        else:
+            self.__dict__["_group_ref"] = group  # not a submodule: the owner slice registers it
+
+    @property
+    def shared(self) -> SharedInputProjections:
+        return self._modules["group"] if "group" in self._modules else self.__dict__["_group_ref"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.output_for(self.index, x)
+
+    def logical_num_parameters(self) -> int:
+        return 0  # the group's packed module counts the weights of all its slices, once
+
+    def dequantized_weight(self) -> torch.Tensor:
+        start = sum(self.shared.sizes[:self.index])
+        return self.shared.fused.dequantized_weight()[start:start + self.out_features]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"shares its input's kernel call with {len(self.shared.sizes) - 1} sibling(s)")
+
+
+def kernel_module(module: nn.Module) -> nn.Module:
+    """The module that runs ``module``'s kernel: the shared packed module for a fused projection, else itself."""
+    return module.shared.fused if isinstance(module, SharedInputSlice) else module
+
+
+def fuse_shared_input_projections(model: nn.Module) -> int:
+    """Replace each :data:`FUSABLE_SIBLINGS` group of packed linears by one shared kernel call (see
+    :class:`SharedInputProjections`). Returns the number of groups fused."""
+    fused_groups = 0
+    for parent_name, parent in list(model.named_modules()):
+        for names in FUSABLE_SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            # int8 only: the int4 kernel's packed layout interleaves output rows, so it does not concatenate.
+            if not all(isinstance(m, Int8PackedLinear) for m in members):
+                continue
+            if len({(m.in_features, m.compute_dtype) for m in members}) != 1:
+                continue
+            fused = Int8PackedLinear.concatenate(members)
+            if fused is None:
+                continue
+            group = SharedInputProjections(fused, [m.out_features for m in members])
+            for index, (name, member) in enumerate(zip(names, members)):
+                setattr(parent, name, SharedInputSlice(group, index, member.in_features, member.out_features,
+                                                       owner=index == 0))
+            fused_groups += 1
+    if fused_groups:
+        logger.debug("fused %d groups of projections that share their input", fused_groups)
+    return fused_groups
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -326,7 +511,7 @@ def _tie_missing(model: nn.Module, missing: set[str]) -> set[str]:
 
 def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, *, trust_remote_code: bool = False,
-                    progress: bool = True):
+                    progress: bool = True, fuse_projections: bool = True, quantize_embeddings: bool = False):
     """Load a compressed-tensors ``pack-quantized`` checkpoint (ours or llm-compressor's) for inference
     with weights kept packed.
 
@@ -336,6 +521,14 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
         device: where to run; "cpu" (default) uses the native int4/int8 kernels, other devices the
             dequantize-on-the-fly fallback.
         dtype: activation and unquantized-weight dtype; bfloat16 by default (see the module docstring).
+        fuse_projections: let projections that read the same input (q/k/v, gate/up) share one kernel call
+            over their concatenated weights (:func:`fuse_shared_input_projections`); same results, faster
+            decode. The modules keep their names and places in the model.
+        quantize_embeddings: also quantize a floating-point input embedding table, here at load time, to
+            int8 with one scale per row (:class:`Int8RowEmbedding`): ~half the memory of a bfloat16 table,
+            and decode reads one row of it per token, so speed is unchanged. Off by default because it
+            goes beyond what the checkpoint stores. (A checkpoint whose embeddings are already quantized
+            loads them packed either way.)
 
     Returns the ``PreTrainedModel`` in eval mode; ``generate()`` works as usual. Raises
     :class:`~hfcompress.quantize.checkpoint.CheckpointError` (one line, naming the file/tensor) for a folder
@@ -384,6 +577,10 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     missing = _tie_missing(model, still_meta)
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
+    if fuse_projections:
+        fuse_shared_input_projections(model)
+    if quantize_embeddings:
+        quantize_input_embeddings(model)
 
     model.to(device).eval().requires_grad_(False)
     _load_generation_config(model, folder)

@@ -161,7 +161,7 @@ def cmd_speed(args) -> int:
 def cmd_distill(args) -> int:
     """Train the shared student initialisation with hfcompress's DistillationTrainer (or cross-entropy only)."""
     fields = {"tool": "hfcompress", "objective": args.objective, "steps": args.steps, "batch_size": args.batch_size,
-              "learning_rate": args.learning_rate, "versions": common.package_versions(VERSIONS)}
+              "learning_rate": args.learning_rate, "bf16": args.bf16, "versions": common.package_versions(VERSIONS)}
 
     def body(result: dict) -> None:
         import tempfile
@@ -188,7 +188,7 @@ def cmd_distill(args) -> int:
             config = DistillationConfig(
                 output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                 learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-                gradient_checkpointing=False, bf16=False, fp16=False, logging_steps=max(1, args.steps // 5),
+                gradient_checkpointing=False, bf16=args.bf16, fp16=False, logging_steps=max(1, args.steps // 5),
                 save_strategy="no", report_to=[], seed=0, data_seed=0, dataloader_drop_last=True, use_cpu=True,
                 disable_tqdm=True, **objective)
             timer = common.step_timer()
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (TrainingArguments.bf16)")
     p.add_argument("--save", default=None)
     p.add_argument("--out", required=True)
     args = parser.parse_args(argv)

@@ -407,7 +407,8 @@ def runtime_from_helper(runner: Runner, profile: Profile, helper: Path) -> None:
     if result.get("status") == "error" and "results" not in result:
         runner.results["runtime"].append(result)
         return
-    rename = {"transformers fp32": "fp32", "ours int8": "packed-int8", "ours int4": "packed-int4"}
+    rename = {"transformers fp32": "fp32", "ours int8": "packed-int8", "ours int4": "packed-int4",
+              "ours int8 + int8 embeddings": "packed-int8-emb8"}
     for name, row in (result.get("results") or {}).items():
         entry = {k: v for k, v in row.items() if k not in ("decode_tokens_per_s", "prefill_tokens_per_s")}
         entry.update(name=rename.get(name, name), label=name + (f" — {row['description']}" if row.get(

@@ -218,7 +218,7 @@ def decode_bytes_per_token(model) -> int:
     return common.weight_bytes(model) - table + row
 
 
-MAIN = ("transformers fp32", "ours int8", "ours int4")
+MAIN = ("transformers fp32", "ours int8", "ours int8 + int8 embeddings", "ours int4")
 
 
 def variants(args):
@@ -229,11 +229,11 @@ def variants(args):
     native = importlib.import_module("hfcompress.quantize.native")
     int8_kernel = "hfcompress int8_gemv" if native.int8_gemv_available() else "int8pack"
 
-    def ours(bits, group):
+    def ours(bits, group, **kwargs):
         from hfcompress.quantize.runtime import load_compressed
 
         path = checkpoint(args, f"w{bits}a16", bits, group)
-        return lambda: load_compressed(path, progress=False)
+        return lambda: load_compressed(path, progress=False, **kwargs)
 
     def plain(bits, group):
         path = checkpoint(args, f"w{bits}a16", bits, group)
@@ -261,6 +261,8 @@ def variants(args):
         "transformers bf16": ("plain transformers, bfloat16", lambda: random_model(args, torch.bfloat16)),
         "ours int8": (f"load_compressed, W8A16 per channel, {int8_kernel} kernel, bf16 activations",
                       ours(8, None)),
+        "ours int8 + int8 embeddings": ("the same, with the bf16 input embedding table quantized to int8 per row "
+                                        "at load (quantize_embeddings=True)", ours(8, None, quantize_embeddings=True)),
         "ours int4": ("load_compressed, W4A16 group 128, int4pack kernel, bf16 activations", ours(4, 128)),
         "transformers <- int8 ckpt": ("same W8A16 folder, plain from_pretrained (decompressed)", plain(8, None)),
         "transformers <- int4 ckpt": ("same W4A16 folder, plain from_pretrained (decompressed)", plain(4, 128)),

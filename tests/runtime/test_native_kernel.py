@@ -11,6 +11,7 @@ gives errors of order sum |x q| s itself.
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -52,6 +53,42 @@ def test_int8_gemv_matches_float64(isa, m, dtype):
         if dtype == torch.bfloat16:
             bound = bound + 2.0 ** -8 * y64.abs()
         assert ((y.double() - y64).abs() <= bound + 1e-30).all(), (isa, m, n, k)
+
+
+def _fixed_point_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The VNNI path's exact arithmetic in float64: x_k -> X_k = round-half-even(x_k 2^-e) with
+    2^(e+22) > max|x| >= 2^(e+21), integer dot products, then dot * 2^e * scale rounded once to float32."""
+    out = []
+    for row in x.double():
+        amax = row.abs().max().item()
+        if amax == 0:
+            out.append(torch.zeros(q.shape[0], dtype=torch.float64))
+            continue
+        e = math.frexp(amax)[1] - 22
+        X = torch.round(row * 2.0 ** -e)  # torch.round rounds half to even, like nearbyint
+        dot = q.double() @ X  # exact: integers below 2^53
+        out.append(dot * 2.0 ** e * scale.double())
+    return torch.stack(out).float()
+
+
+def test_int8_gemv_vnni_is_exactly_its_fixed_point_arithmetic():
+    """Bitwise equal to the float64 emulation for every K tail (the digits are built 16 lanes at a time),
+    for magnitudes across the float range, and for values exactly halfway between two grid points."""
+    isa_or_skip(3)
+    g = torch.Generator().manual_seed(11)
+    for k in list(range(1, 70)) + [127, 128, 129, 1000]:
+        q = torch.randint(-128, 128, (6, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(6, generator=g) + 0.25
+        x = torch.randn(3, k, generator=g) * torch.tensor([[1.0], [3e-20], [7e15]])
+        assert torch.equal(native.int8_gemv(x, q, scale, isa=3), _fixed_point_reference(x, q, scale)), k
+    # Halfway cases: x_k = (n + 1/2) 2^e must round to the even neighbour, and the row's maximum sets e.
+    k = 40
+    halves = (torch.randint(-1000, 1000, (1, k), generator=g).double() + 0.5)
+    halves[0, 0] = 2.0 ** 21 + 0.5  # max|x| in [2^21, 2^22): e = 0 after scaling by 2^-10 below
+    x = (halves * 2.0 ** -10).float()
+    q = torch.randint(-128, 128, (5, k), generator=g, dtype=torch.int8)
+    scale = torch.ones(5)
+    assert torch.equal(native.int8_gemv(x, q, scale, isa=3), _fixed_point_reference(x, q, scale))
 
 
 def test_int8_gemv_paths_agree_bitwise_on_exact_inputs():

@@ -24,7 +24,10 @@ from hfcompress.quantize.runtime import (
     DequantLinear,
     Int4PackedLinear,
     Int8PackedLinear,
+    Int8RowEmbedding,
     PackedEmbedding,
+    SharedInputSlice,
+    kernel_module,
     load_compressed,
 )
 
@@ -71,7 +74,7 @@ def test_round_trip(tmp_path, bits, strategy, group_size, symmetric, expected):
                         symmetric=symmetric)
     ours = load_compressed(tmp_path, progress=False)
     assert type(ours.model.layers[0].mlp.down_proj) is expected
-    assert type(ours.model.layers[1].self_attn.k_proj) is expected
+    assert type(kernel_module(ours.model.layers[1].self_attn.k_proj)) is expected
     assert type(ours.lm_head) is torch.nn.Linear  # ignored by the config: stays float
     assert ours.dtype == torch.bfloat16
     error, bf16_error = check_close_to_reference(tmp_path, ours)
@@ -94,11 +97,11 @@ def test_odd_shapes_fall_back_and_stay_exact(tmp_path):
             patch.setenv("HFCOMPRESS_NATIVE_KERNELS", native_on)
             ours = load_compressed(tmp_path, progress=False)
             mlp = ours.model.layers[0].mlp
-            assert type(mlp.gate_proj) is Int8PackedLinear  # N = 72
+            assert type(kernel_module(mlp.gate_proj)) is Int8PackedLinear  # N = 72
             # K = 72: our int8 kernel takes any K; PyTorch's needs K % 16 == 0, so without ours it dequantizes
             expected = Int8PackedLinear if native_on == "1" and native.int8_gemv_available() else DequantLinear
             assert type(mlp.down_proj) is expected
-            assert type(ours.model.layers[0].self_attn.q_proj) is Int4PackedLinear
+            assert type(kernel_module(ours.model.layers[0].self_attn.q_proj)) is Int4PackedLinear
             check_close_to_reference(tmp_path, ours)
 
 
@@ -113,7 +116,7 @@ def test_quantized_embeddings_head_and_mixed_groups(tmp_path, llama):
     assert isinstance(ours.model.embed_tokens, PackedEmbedding)
     assert isinstance(ours.lm_head, Int4PackedLinear)
     assert isinstance(ours.model.layers[0].mlp.down_proj, Int8PackedLinear)
-    assert isinstance(ours.model.layers[0].mlp.up_proj, Int4PackedLinear)
+    assert isinstance(kernel_module(ours.model.layers[0].mlp.up_proj), Int4PackedLinear)
     reference, bf16 = ct_reference_logits(llama, TOKENS)
     assert (logits(ours) - reference).abs().max() <= 3 * (bf16 - reference).abs().max()
     config = json.loads((tmp_path / "config.json").read_text())
@@ -156,6 +159,80 @@ def test_float32_activations_and_state_dict_refused(tmp_path, llama):
     check_close_to_reference(tmp_path, ours)
     with pytest.raises(HFCompressError, match="inference-only"):
         ours.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Projections sharing one kernel call; embeddings quantized at load
+# ------------------------------------------------------------------------------------------------------
+def test_fused_projections_give_the_same_results(tmp_path, llama):
+    write_ct_checkpoint(llama, tmp_path, num_bits=8, strategy="channel")
+    fused = load_compressed(tmp_path, dtype="float32", progress=False)
+    separate = load_compressed(tmp_path, dtype="float32", progress=False, fuse_projections=False)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert all(isinstance(m, SharedInputSlice) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj,
+                                                         mlp.up_proj))
+    assert attn.q_proj.shared is attn.v_proj.shared and mlp.gate_proj.shared is not attn.q_proj.shared
+    assert type(mlp.down_proj) is Int8PackedLinear and type(separate.model.layers[0].self_attn.q_proj) is Int8PackedLinear
+    # Same weights, counted once; same logical size; still refuses to be saved.
+    assert count_parameters(fused) == count_parameters(separate)
+    assert weight_bytes(fused) == weight_bytes(separate)
+    with pytest.raises(HFCompressError, match="inference-only"):
+        fused.state_dict()
+    # Decode-sized inputs go through our kernel row by row: bitwise equal. Prefill uses a dense GEMM over
+    # the concatenated weight, equal to rounding.
+    with torch.no_grad():
+        one = TOKENS[:1, :1]
+        assert torch.equal(fused(one).logits, separate(one).logits)
+    assert torch.allclose(logits(fused), logits(separate), rtol=1e-5, atol=1e-5)
+    prompt = TOKENS[:1, :5]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(fused.generate(prompt, **kwargs), separate.generate(prompt, **kwargs))
+    for slice_ in (attn.q_proj, attn.k_proj, attn.v_proj):
+        reference = getattr(separate.model.layers[0].self_attn, {0: "q_proj", 1: "k_proj", 2: "v_proj"}[slice_.index])
+        assert torch.equal(slice_.dequantized_weight(), reference.dequantized_weight())
+
+
+def test_fused_projection_slices_never_serve_stale_outputs(tmp_path, llama):
+    write_ct_checkpoint(llama, tmp_path, num_bits=8, strategy="channel")
+    fused = load_compressed(tmp_path, dtype="float32", progress=False).model.layers[0].self_attn
+    separate = load_compressed(tmp_path, dtype="float32", progress=False,
+                               fuse_projections=False).model.layers[0].self_attn
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        assert torch.equal(fused.q_proj(x), separate.q_proj(x))
+        x.mul_(2)  # modified in place after q_proj computed k and v: they must be recomputed
+        assert torch.equal(fused.k_proj(x), separate.k_proj(x))
+        y = torch.randn(1, 1, 64)  # another tensor: computed afresh
+        assert torch.equal(fused.v_proj(y), separate.v_proj(y))
+        assert torch.equal(fused.q_proj(y), separate.q_proj(y))  # collected from the v_proj call
+        assert torch.equal(fused.k_proj(y), separate.k_proj(y))
+        assert fused.q_proj.shared._pending is None  # everything collected: nothing held
+
+
+def test_quantize_embeddings_at_load(tmp_path, llama):
+    float_table = llama.model.embed_tokens.weight.detach().clone()
+    write_ct_checkpoint(llama, tmp_path, num_bits=8, strategy="channel")
+    plain = load_compressed(tmp_path, dtype="float32", progress=False)
+    ours = load_compressed(tmp_path, dtype="float32", progress=False, quantize_embeddings=True)
+    table = ours.model.embed_tokens
+    assert isinstance(table, Int8RowEmbedding)
+    # Round to nearest on a per-row grid of max|row| / 127: within half a step of every entry.
+    step = float_table.abs().amax(dim=1, keepdim=True) / 127
+    assert ((table.dequantized_weight() - float_table).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert weight_bytes(plain) - weight_bytes(ours) == float_table.numel() * 3 - float_table.shape[0] * 4
+    assert count_parameters(ours) == count_parameters(plain)
+    with torch.no_grad():
+        looked_up = table(TOKENS)
+    assert torch.equal(looked_up, table.dequantized_weight()[TOKENS])
+    assert (logits(ours) - logits(plain)).abs().max() < 0.05 * logits(plain).abs().max()
+
+
+def test_quantize_embeddings_keeps_a_tied_table(tmp_path, caplog):
+    write_ct_checkpoint(small_llama(tie=True), tmp_path, num_bits=8, strategy="channel")
+    with caplog.at_level("WARNING"):
+        ours = load_compressed(tmp_path, progress=False, quantize_embeddings=True)
+    assert type(ours.model.embed_tokens) is torch.nn.Embedding
+    assert "tied" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -282,7 +359,7 @@ def test_hub_ids_go_through_snapshot_download(monkeypatch, int4_checkpoint):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model = load_compressed("org/tiny-w4a16", progress=False)
-    assert isinstance(model.model.layers[0].mlp.up_proj, Int4PackedLinear)
+    assert isinstance(kernel_module(model.model.layers[0].mlp.up_proj), Int4PackedLinear)
     assert calls[0][0] == "org/tiny-w4a16" and "*.safetensors" in calls[0][1]
     assert not any(p.endswith((".bin", ".pt", ".pth")) for p in calls[0][1])
     with pytest.raises(CheckpointError, match="could not download 'org/missing'.*Repository Not Found"):

@@ -18,6 +18,11 @@
 // A block of 4 weight rows shares each activation load. Rows are split over ATen's OpenMP pool (the build
 // uses -fopenmp). The instruction set is chosen at run time, so one build serves every x86-64 CPU.
 //
+// Decode calls this ~100 times per token, on layers that stream in tens of microseconds, so fixed costs per
+// call matter: the fixed-point digits are computed with AVX-512 (identical to the scalar reference), float32
+// activations are read in place, scratch buffers are reused per thread, and the VNNI path writes its output
+// directly in the activation dtype.
+//
 // Registered as the operator ``hfcompress::int8_gemv`` (see kernels.py for how it is built and used).
 
 #include <ATen/Parallel.h>
@@ -60,6 +65,11 @@ struct Digits {
   int64_t sum = 0;            // sum_k X_k
   int exponent = 0;           // x_k = X_k 2^exponent
 };
+
+// Decode calls the kernel ~100 times per token on small inputs, so per-call costs (allocations, the
+// activation conversion) are a visible share of a step: scratch buffers are kept per thread and reused.
+thread_local std::vector<float> tls_x;
+thread_local std::vector<Digits> tls_digits;
 
 // Portable loop: also the reference for the vector paths.
 void rows_scalar(const float* x, int64_t m_count, int64_t K, const int8_t* q, int64_t n_begin,
@@ -150,8 +160,9 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* x, int64_t K, c
   }
 }
 
+template <typename Out>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
-    const Digits& d, int64_t K, int64_t kp, const int8_t* q, int64_t n0, int rows, const float* scale, float* y) {
+    const Digits& d, int64_t K, int64_t kp, const int8_t* q, int64_t n0, int rows, const float* scale, Out* y) {
   __m512i acc[3][kRows];
   for (int j = 0; j < 3; ++j)
     for (int r = 0; r < kRows; ++r) acc[j][r] = _mm512_setzero_si512();
@@ -181,7 +192,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
     const int64_t a = _mm512_reduce_add_epi32(acc[0][r]), b = _mm512_reduce_add_epi32(acc[1][r]),
                   c = _mm512_reduce_add_epi32(acc[2][r]);
     const int64_t dot = (a << 16) + (b << 8) + c - 128 * d.sum;  // sum_k q_k X_k, exact
-    y[n0 + r] = static_cast<float>(static_cast<double>(dot) * unit * static_cast<double>(scale[n0 + r]));
+    y[n0 + r] = static_cast<Out>(static_cast<float>(static_cast<double>(dot) * unit * static_cast<double>(scale[n0 + r])));
   }
 }
 
@@ -219,7 +230,7 @@ Isa cached_isa() {
 
 // x (K floats) -> fixed point X 2^e with |X| <= 2^22, split into balanced base-256 digits. False when the
 // row has a non-finite value (the float paths then propagate it).
-bool make_digits(const float* x, int64_t K, int64_t kp, Digits& d) {
+bool make_digits_scalar(const float* x, int64_t K, int64_t kp, Digits& d) {
   float amax = 0.f;
   bool finite = true;
   for (int64_t k = 0; k < K; ++k) {
@@ -252,6 +263,72 @@ bool make_digits(const float* x, int64_t K, int64_t kp, Digits& d) {
   }
   d.sum = sum;
   return true;
+}
+
+#ifdef HFC_X86
+// make_digits with AVX-512, identical results: x 2^-e is computed in float32, where it is exact (a power-of-two
+// scaling of a float that lands at most 2^22 in magnitude; results that underflow round to 0 either way), and
+// rounded half-to-even to an integer exactly as nearbyint does. Only when 2^-e is not itself a normal float
+// (rows of magnitude below ~2^-104 or above ~2^149) does it defer to the scalar version.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) bool make_digits_avx512(const float* x, int64_t K, int64_t kp,
+                                                                        Digits& d) {
+  const __m512 big = _mm512_set1_ps(3.4028234663852886e38f);
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 finite = 0xffff;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + k));
+    finite &= _mm512_cmp_ps_mask(a, big, _CMP_LE_OQ);  // false for inf and NaN
+    vmax = _mm512_max_ps(vmax, a);
+  }
+  if (k < K) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail, x + k));
+    finite &= _mm512_cmp_ps_mask(a, big, _CMP_LE_OQ);
+    vmax = _mm512_max_ps(vmax, a);
+  }
+  if (finite != 0xffff) return false;
+  const float amax = _mm512_reduce_max_ps(vmax);
+  d.bytes.assign(static_cast<size_t>(3 * kp), 0);
+  d.sum = 0;
+  d.exponent = 0;
+  if (amax == 0.f) return true;
+  int top;
+  std::frexp(amax, &top);
+  const int exponent = top - 22;
+  if (-exponent < -126 || -exponent > 127) return make_digits_scalar(x, K, kp, d);
+  d.exponent = exponent;
+  const __m512 inv = _mm512_set1_ps(std::ldexp(1.0f, -exponent));
+  const __m512i c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
+  int8_t* high = d.bytes.data();
+  int8_t* mid = high + kp;
+  int8_t* low = mid + kp;
+  __m512i sum_lo = _mm512_setzero_si512(), sum_hi = _mm512_setzero_si512();
+  for (k = 0; k < K; k += 16) {
+    const __mmask16 lanes = K - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + k), inv);
+    const __m512i X = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    sum_lo = _mm512_add_epi64(sum_lo, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(X)));
+    sum_hi = _mm512_add_epi64(sum_hi, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(X, 1)));
+    const __m512i l = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(X, c128), c255), c128);
+    const __m512i rest = _mm512_srai_epi32(_mm512_sub_epi32(X, l), 8);
+    const __m512i m = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(rest, c128), c255), c128);
+    const __m512i h = _mm512_srai_epi32(_mm512_sub_epi32(rest, m), 8);
+    _mm512_mask_cvtepi32_storeu_epi8(high + k, lanes, h);
+    _mm512_mask_cvtepi32_storeu_epi8(mid + k, lanes, m);
+    _mm512_mask_cvtepi32_storeu_epi8(low + k, lanes, l);
+  }
+  d.sum = _mm512_reduce_add_epi64(_mm512_add_epi64(sum_lo, sum_hi));
+  return true;
+}
+#endif
+
+// The VNNI path's digits (the AVX-512 version on CPUs that run that path; ``vector`` false: the reference).
+bool make_digits(const float* x, int64_t K, int64_t kp, Digits& d, bool vector = true) {
+#ifdef HFC_X86
+  if (vector) return make_digits_avx512(x, K, kp, d);
+#endif
+  return make_digits_scalar(x, K, kp, d);
 }
 
 void rows_any(Isa isa, const float* x, int64_t m_count, int64_t K, const int8_t* q, int64_t n_begin,
@@ -288,18 +365,19 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   const at::Tensor qc = q.contiguous();
   const at::Tensor sc = scale.contiguous();
-  // Activations in float32: K values per row, negligible next to the N*K weights.
-  std::vector<float> xf(static_cast<size_t>(M * K));
-  if (x.scalar_type() == at::kFloat) {
-    const at::Tensor xc = x.contiguous();
-    std::memcpy(xf.data(), xc.data_ptr<float>(), sizeof(float) * M * K);
-  } else {
-    const at::Tensor xc = x.contiguous();
+  const at::Tensor xc = x.contiguous();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  // Activations in float32 (K values per row, negligible next to the N*K weights): float32 input is read
+  // in place, bfloat16 converted into this thread's scratch buffer.
+  const float* xf = nullptr;
+  if (bf16) {
+    tls_x.resize(static_cast<size_t>(M * K));
     const c10::BFloat16* src = xc.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(src[i]);
+    for (int64_t i = 0; i < M * K; ++i) tls_x[i] = static_cast<float>(src[i]);
+    xf = tls_x.data();
+  } else {
+    xf = xc.data_ptr<float>();
   }
-  at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
-  float* y = yf.data_ptr<float>();
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   // Blocks of kRows rows; ~64 KiB of weights per task keeps the split cheap next to the work.
@@ -308,30 +386,41 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 #ifdef HFC_X86
   if (isa == Isa::kVnni && K < 65536) {
     const int64_t kp = (K + 63) / 64 * 64;
-    std::vector<Digits> digits(static_cast<size_t>(M));
+    if (tls_digits.size() < static_cast<size_t>(M)) tls_digits.resize(static_cast<size_t>(M));
     bool finite = true;
-    for (int64_t m = 0; m < M && finite; ++m) finite = make_digits(xf.data() + m * K, K, kp, digits[m]);
+    for (int64_t m = 0; m < M && finite; ++m) finite = make_digits(xf + m * K, K, kp, tls_digits[m]);
     if (finite) {
-      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t n0 = b0 * kRows; n0 < std::min(N, b1 * kRows); n0 += kRows)
-            block_vnni(digits[m], K, kp, qp, n0, static_cast<int>(std::min<int64_t>(kRows, N - n0)), sp,
-                       y + m * N);
-      });
-      return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
+      // The digits live in the calling thread's storage; the worker threads only read them.
+      const Digits* digits = tls_digits.data();
+      at::Tensor out = at::empty({M, N}, x.options());  // written directly in x's dtype
+      auto run = [&](auto* y) {
+        at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n0 = b0 * kRows; n0 < std::min(N, b1 * kRows); n0 += kRows)
+              block_vnni(digits[m], K, kp, qp, n0, static_cast<int>(std::min<int64_t>(kRows, N - n0)), sp,
+                         y + m * N);
+        });
+      };
+      if (bf16)
+        run(out.data_ptr<c10::BFloat16>());
+      else
+        run(out.data_ptr<float>());
+      return out;
     }
   }
   if (isa == Isa::kVnni) isa = Isa::kAvx512;  // non-finite activations or huge K: the float path
 #endif
+  at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
+  float* y = yf.data_ptr<float>();
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     const int64_t n_begin = b0 * kRows, n_end = std::min(N, b1 * kRows);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
       const int64_t m_count = std::min<int64_t>(kMaxM, M - m0);
       // Each pass writes rows m0.. of y; the offsets keep the (M, N) layout.
-      rows_any(isa, xf.data() + m0 * K, m_count, K, qp, n_begin, n_end, sp, y + m0 * N, N);
+      rows_any(isa, xf + m0 * K, m_count, K, qp, n_begin, n_end, sp, y + m0 * N, N);
     }
   });
-  return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
+  return bf16 ? yf.to(x.scalar_type()) : yf;
 }
 
 }  // namespace

@@ -44,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (TrainingArguments.bf16)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     fields = {"tool": "trl", "trainer": "GKDTrainer(lmbda=0, beta=0, seq_kd=False)", "steps": args.steps,
-              "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+              "batch_size": args.batch_size, "learning_rate": args.learning_rate, "bf16": args.bf16,
               "versions": common.package_versions(["trl", "transformers", "torch", "accelerate"])}
 
     def body(result: dict) -> None:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                 learning_rate=args.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
                 lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0, max_length=int(train.shape[1]),
-                gradient_checkpointing=False, bf16=False, fp16=False, logging_steps=max(1, args.steps // 5),
+                gradient_checkpointing=False, bf16=args.bf16, fp16=False, logging_steps=max(1, args.steps // 5),
                 save_strategy="no", report_to=[], seed=0, data_seed=0, dataloader_drop_last=True,
                 use_cpu=True, disable_dropout=True,
             )
