@@ -229,7 +229,8 @@ def quantize_gptq(layer, layer_name, targets: dict[str, Target], config, generat
         codes, scale, zero_point = gptq_quantize(
             torch.cat(weights) if len(weights) > 1 else weights[0], group[0].hessian, config.bits,
             group[0].group_size, symmetric=config.symmetric, damp=config.damp, block_size=config.block_size,
-            act_order=config.act_order, observer=config.observer, rounding=config.rounding, generator=generator)
+            act_order=config.act_order, static_groups=config.static_groups, observer=config.observer,
+            rounding=config.rounding, generator=generator)
         start = 0
         for t, weight in zip(group, weights):
             rows = slice(start, start + weight.shape[0])
@@ -384,19 +385,22 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     model.eval()
     try:
         if blocks is not None:
-            inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
+            autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
+            with autocast():
+                inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
             bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
             last = layers[-1][0]
             for layer_name, layer in bar:
                 bar.set_postfix_str(layer_name)
                 inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
                 if inside:
-                    stats = C.collect_stats(layer, inside, inputs)
+                    with autocast():
+                        stats = C.collect_stats(layer, inside, inputs)
                     run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
                         probe=lambda layer=layer: C.run_first_batch(layer, inputs))
                     layer = model.get_submodule(layer_name)  # the layer itself may have been a target
                 if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
-                    with dequantized_weights_cached(layer):
+                    with dequantized_weights_cached(layer), autocast():
                         C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
             del inputs
         rest = {n: m for n, m in targets.items() if m is not None}

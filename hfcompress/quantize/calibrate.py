@@ -9,6 +9,7 @@ sequential scheme: later layers are calibrated on the outputs of the already-qua
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
@@ -136,6 +137,19 @@ def find_sequential_layers(model: nn.Module, targets: list[str] | None,
 # --------------------------------------------------------------------------------------------------------
 # Layer inputs and statistics
 # --------------------------------------------------------------------------------------------------------
+def calibration_autocast(model: nn.Module, dtype_name: str | None):
+    """``torch.autocast`` in ``dtype_name`` on the model's device for the calibration forward passes, or a
+    no-op context for None (or the model's own dtype)."""
+    if dtype_name is None:
+        return contextlib.nullcontext()
+    dtype = getattr(torch, dtype_name)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype == dtype:
+            return contextlib.nullcontext()
+        break
+    return torch.autocast(device_type=_model_device(model).type, dtype=dtype)
+
+
 class _StopForward(Exception):
     """Raised by the capture hook once the first decoder layer's inputs are recorded."""
 
@@ -196,12 +210,13 @@ def layer_output(output):
 def propagate(layer: nn.Module, inputs: LayerInputs) -> None:
     """Replace each batch's hidden states by the layer's output (the next layer's input), in place."""
     for i, (args, kwargs) in enumerate(zip(inputs.args, inputs.kwargs)):
+        # The output keeps the input's dtype, also when the layer ran under autocast in a narrower one.
         if args:
-            hidden = layer_output(layer(*args, **kwargs))
+            hidden = layer_output(layer(*args, **kwargs)).to(args[0].dtype)
             inputs.args[i] = (hidden,) + tuple(args[1:])
         elif "hidden_states" in kwargs:  # passed by keyword
             kwargs = dict(kwargs)
-            kwargs["hidden_states"] = layer_output(layer(**kwargs))
+            kwargs["hidden_states"] = layer_output(layer(**kwargs)).to(kwargs["hidden_states"].dtype)
             inputs.kwargs[i] = kwargs
         else:
             raise ConfigError(f"cannot tell which input of {type(layer).__name__} is the hidden state (no "

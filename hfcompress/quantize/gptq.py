@@ -49,6 +49,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    static_groups: bool = False,
     observer: str = "minmax",
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
@@ -57,9 +58,10 @@ def gptq_quantize(
 
     Returns codes (out, in) int8, scales (out, G) in ``weight``'s dtype and zero points (out, G) or None.
     Scales of a group are fixed when GPTQ reaches its first column, from the already-updated weights (the
-    paper's "lazy" grouping). With ``act_order`` columns are visited in order of decreasing ``diag(H)`` but a
-    group keeps its original consecutive columns (its scales are then fixed up front from the original
-    weights — llm-compressor's ``actorder="weight"``), so the stored format is the plain group layout.
+    paper's "lazy" grouping), unless ``static_groups``: then every group's scales are fixed up front from the
+    original weights, as llm-compressor does. With ``act_order`` columns are visited in order of decreasing
+    ``diag(H)`` but a group keeps its original consecutive columns (its scales are then always fixed up front
+    — llm-compressor's ``actorder="weight"``), so the stored format is the plain group layout.
     Computes in float32, or float64 when given float64.
     """
     work = torch.promote_types(weight.dtype, torch.float32)
@@ -84,7 +86,7 @@ def gptq_quantize(
 
     scale = torch.empty(out_features, G, dtype=scale_dtype, device=W.device)
     zero_point = None if symmetric else torch.empty(out_features, G, dtype=torch.int32, device=W.device)
-    static = act_order or group_size is None
+    static = act_order or static_groups or group_size is None
     if static:  # fix every group's scales from the (dead-column-zeroed) original weights
         for group in range(G):
             cols = slice(group * g, (group + 1) * g)

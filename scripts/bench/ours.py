@@ -29,7 +29,8 @@ def _config(args, num_samples: int, seq_len: int):
 
     kwargs = dict(method=args.method, bits=args.bits, group_size=args.group_size or None,
                   symmetric=not args.asymmetric, observer=args.observer, ignore=list(args.ignore),
-                  num_samples=num_samples, seq_len=seq_len, damp=args.damp, act_order=args.act_order, seed=0)
+                  num_samples=num_samples, seq_len=seq_len, damp=args.damp, act_order=args.act_order, seed=0,
+                  calibration_dtype=getattr(args, "calibration_dtype", None))
     if args.method == "cast":
         kwargs = dict(method="cast", dtype=args.dtype, ignore=list(args.ignore))
     return QuantizationConfig(**kwargs)
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--act-order", action="store_true")
         p.add_argument("--observer", default="minmax", choices=["minmax", "mse"])
         p.add_argument("--damp", type=float, default=0.01)
+        p.add_argument("--calibration-dtype", default=None, choices=["bfloat16", "float16"],
+                       help="gptq/awq: calibration forward passes under autocast in this dtype")
         p.add_argument("--dtype", default="bfloat16", help="target dtype of --method cast")
         p.add_argument("--ignore", nargs="*", default=["lm_head"])
         p.add_argument("--num-calibration", type=int, default=None)

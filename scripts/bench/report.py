@@ -150,29 +150,35 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
         for r in matched:
             pairs.setdefault(r["label"], {})[r.get("tool")] = r
         rows = []
+        # "hfcompress-bf16cal": our same settings with calibration_dtype="bfloat16" (a second row per scheme,
+        # against the same llm-compressor run).
+        variants = (("hfcompress", "", ""), ("hfcompress-bf16cal", " — ours with calibration_dtype=bfloat16",
+                                               "_bf16cal"))
         for label, pair in pairs.items():
-            o, t = pair.get("hfcompress", {}), pair.get("llm-compressor", {})
-            rows.append([label + (" (down_proj fp)" if o.get("ignore_down_proj") or t.get("ignore_down_proj") else "")
-                         + (f" [llm-compressor: {t['note']}]" if t.get("note") else ""),
-                         _f(o.get("perplexity")) if _ok(o) else f"error: {o.get('error')}",
-                         _f(t.get("perplexity")) if _ok(t) else f"error: {t.get('error')}",
-                         _ratio(o.get("perplexity"), t.get("perplexity"), 4),
-                         _f(o.get("quantize_seconds"), 2), _f(t.get("quantize_seconds"), 2),
-                         _ratio(o.get("quantize_seconds"), t.get("quantize_seconds")),
-                         _mib(o.get("peak_rss_bytes")), _mib(t.get("peak_rss_bytes")),
-                         _f(o.get("checkpoint_bytes")), _f(t.get("checkpoint_bytes"))])
-            if _ok(o) and _ok(t) and label.startswith("GPTQ W4"):
-                headline["gptq_w4_time_ratio"] = o["quantize_seconds"] / t["quantize_seconds"]
-                headline["gptq_w4_ppl_ratio"] = o["perplexity"] / t["perplexity"]
-            if _ok(o) and _ok(t) and label.startswith("GPTQ W3"):
-                headline["gptq_w3_time_ratio"] = o["quantize_seconds"] / t["quantize_seconds"]
-                headline["gptq_w3_ppl_ratio"] = o["perplexity"] / t["perplexity"]
-            if _ok(o) and _ok(t) and label.startswith("GPTQ"):
-                bits = label.split("W")[1].split("A")[0]
-                checks.append(f"vs llm-compressor GPTQ W{bits}A16: perplexity {o['perplexity']:.3f} vs "
-                              f"{t['perplexity']:.3f} ({_ppl_verdict(o['perplexity'], t['perplexity'])}), "
-                              f"wall time {o['quantize_seconds'] / t['quantize_seconds']:.2f}× theirs (target ≤ 0.5×: "
-                              f"{'met' if o['quantize_seconds'] <= 0.5 * t['quantize_seconds'] else 'NOT met'})")
+            t = pair.get("llm-compressor", {})
+            for tool, suffix, key in variants:
+                if tool not in pair and tool != "hfcompress":
+                    continue
+                o = pair.get(tool, {})
+                rows.append([label + (" (down_proj fp)" if o.get("ignore_down_proj") or t.get("ignore_down_proj") else "")
+                             + suffix + (f" [llm-compressor: {t['note']}]" if t.get("note") else ""),
+                             _f(o.get("perplexity")) if _ok(o) else f"error: {o.get('error')}",
+                             _f(t.get("perplexity")) if _ok(t) else f"error: {t.get('error')}",
+                             _ratio(o.get("perplexity"), t.get("perplexity"), 4),
+                             _f(o.get("quantize_seconds"), 2), _f(t.get("quantize_seconds"), 2),
+                             _ratio(o.get("quantize_seconds"), t.get("quantize_seconds")),
+                             _mib(o.get("peak_rss_bytes")), _mib(t.get("peak_rss_bytes")),
+                             _f(o.get("checkpoint_bytes")), _f(t.get("checkpoint_bytes"))])
+                for bits in ("4", "3"):
+                    if _ok(o) and _ok(t) and label.startswith(f"GPTQ W{bits}"):
+                        headline[f"gptq_w{bits}_time_ratio{key}"] = o["quantize_seconds"] / t["quantize_seconds"]
+                        headline[f"gptq_w{bits}_ppl_ratio{key}"] = o["perplexity"] / t["perplexity"]
+                if _ok(o) and _ok(t) and label.startswith("GPTQ"):
+                    bits = label.split("W")[1].split("A")[0]
+                    checks.append(f"vs llm-compressor GPTQ W{bits}A16{suffix}: perplexity {o['perplexity']:.3f} vs "
+                                  f"{t['perplexity']:.3f} ({_ppl_verdict(o['perplexity'], t['perplexity'])}), "
+                                  f"wall time {o['quantize_seconds'] / t['quantize_seconds']:.2f}× theirs (target ≤ "
+                                  f"0.5×: {'met' if o['quantize_seconds'] <= 0.5 * t['quantize_seconds'] else 'NOT met'})")
         out.append("\n### Head to head with llm-compressor (same calibration blocks, same settings)\n")
         out.append("Symmetric int weights, min-max observer, GPTQ dampening 0.01 of the mean Hessian diagonal, "
                    "block 128, no activation ordering, batch 1, sequential layer-by-layer calibration on both "
@@ -478,6 +484,11 @@ def headline_lines(h: dict) -> list[str]:
     if "gptq_w3_ppl_ratio" in h:
         lines.append(f"- GPTQ W3A16 vs llm-compressor: perplexity {h['gptq_w3_ppl_ratio']:.4f}×, wall time "
                      f"{h['gptq_w3_time_ratio']:.2f}× theirs")
+    for bits in (4, 3):
+        if f"gptq_w{bits}_ppl_ratio_bf16cal" in h:
+            lines.append(f"- GPTQ W{bits}A16 with calibration_dtype=bfloat16 vs llm-compressor (float32): perplexity "
+                         f"{h[f'gptq_w{bits}_ppl_ratio_bf16cal']:.4f}×, wall time "
+                         f"{h[f'gptq_w{bits}_time_ratio_bf16cal']:.2f}× theirs")
     for bits in (3, 4, 2):
         if f"gptq_gap_closed_int{bits}" in h:
             lines.append(f"- int{bits}: GPTQ closes {h[f'gptq_gap_closed_int{bits}']:.0f}% of RTN's perplexity gap to fp32")

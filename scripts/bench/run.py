@@ -369,6 +369,12 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
                        _ours("quant", *base, "--method", method, *common_args,
                              "--save", runner.work / "ckpt" / f"ours-{tag}", "--out", J / f"quant-ours-{tag}.json"),
                        J / f"quant-ours-{tag}.json", t, dict(meta, tool="hfcompress")))
+        if method == "gptq" and profile.name != "smoke":
+            # The same settings, calibration forward passes under bf16 autocast (a separate row)
+            runner.run(Job("quant", f"ours-{tag}-bf16cal", "ours",
+                           _ours("quant", *base, "--method", method, *common_args, "--calibration-dtype",
+                                 "bfloat16", "--out", J / f"quant-ours-{tag}-bf16cal.json"),
+                           J / f"quant-ours-{tag}-bf16cal.json", t, dict(meta, tool="hfcompress-bf16cal")))
     # llm-compressor's default W4A16 (group 128 on every Linear but lm_head): shows how it treats widths
     # that 128 does not divide.
     runner.run(Job("quant", "llmc-gptq-w4-g128-default", "peer",

@@ -64,6 +64,37 @@ def test_gptq_and_awq_reduce_layer_error_and_perplexity_vs_rtn(tiny_reference_di
     assert results["awq"][1] < 0.99 * results["rtn"][1]
 
 
+def test_calibration_dtype_runs_the_forward_passes_under_autocast(tiny_reference_dir, calibration_ids, eval_ids,
+                                                                   monkeypatch):
+    """calibration_dtype='bfloat16' on a float32 model: the capture/statistics/propagation passes run under
+    bf16 autocast (the quantization math does not), the model stays float32, and the result is close to the
+    float32 calibration's (bf16 rounds activations to ~3 significant digits; statistics stay float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from hfcompress.quantize import calibrate as C
+
+    seen = []
+    for name in ("capture_first_layer_inputs", "collect_stats", "propagate"):
+        original = getattr(C, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.append((_name, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(C, name, spy)
+    ppl = {}
+    for dtype in (None, "bfloat16"):
+        seen.clear()
+        model = AutoModelForCausalLM.from_pretrained(tiny_reference_dir)
+        quantize(model, _config(method="gptq", bits=3, calibration_dtype=dtype), calibration_data=calibration_ids,
+                 progress=False)
+        assert {s[1] for s in seen} == {False if dtype is None else torch.bfloat16}
+        assert {s[0] for s in seen} == {"capture_first_layer_inputs", "collect_stats", "propagate"}
+        assert not torch.is_autocast_enabled("cpu")
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        ppl[dtype] = perplexity(model, eval_ids)
+    assert abs(ppl["bfloat16"] / ppl[None] - 1) < 0.01
+
+
 def _llama(vocab_size, hidden=128, intermediate=192, layers=2, **kwargs):
     from transformers import LlamaConfig, LlamaForCausalLM
 

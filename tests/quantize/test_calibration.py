@@ -79,7 +79,7 @@ def test_stacked_gptq_gives_each_linear_the_codes_it_gets_alone():
     stacked = quantize_gptq(None, "", targets, config, torch.Generator())
     for name, module in linears.items():
         codes, scale, _ = gptq_quantize(module.weight.detach(), stats.hessian, 3, 16, damp=config.damp,
-                                        block_size=config.block_size)
+                                        block_size=config.block_size, static_groups=config.static_groups)
         # Row-independent in exact arithmetic; float32 sums may differ in order with the stacked shapes.
         mismatch = (stacked[name].codes != codes).float().mean().item()
         assert mismatch < 0.01, name

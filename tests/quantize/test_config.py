@@ -19,7 +19,7 @@ def test_json_round_trip_keeps_every_field():
 def test_every_field_has_help_and_a_simple_type():
     for f in dataclasses.fields(QuantizationConfig):
         assert f.metadata.get("help"), f.name
-        assert f.type in ("str", "int", "float", "bool", "int | None", "list[str]", "list[str] | None"), f.type
+        assert f.type in ("str", "int", "float", "bool", "int | None", "str | None", "list[str]", "list[str] | None"), f.type
 
 
 def test_defaults_ignore_lm_head_and_bnb_fields():
@@ -48,6 +48,8 @@ def test_defaults_ignore_lm_head_and_bnb_fields():
     ({"bnb_compute_dtype": "int8"}, "bnb_compute_dtype"),
     ({"bnb_block_size": 100}, "bnb_block_size"),
     ({"bnb_double_quant": 1}, "bnb_double_quant"),
+    ({"static_groups": "no"}, "static_groups"),
+    ({"calibration_dtype": "float32x"}, "calibration_dtype"),
 ])
 def test_invalid_values_raise_one_line_config_errors(kwargs, words):
     with pytest.raises(ConfigError, match=words) as info:

@@ -78,3 +78,33 @@ def test_dead_inputs_are_zeroed_and_do_not_break_the_cholesky():
     codes, scale, zp = gptq_quantize(w, hessian, 4, None)
     assert torch.isfinite(scale).all()
     assert torch.equal(codes[:, 3], torch.zeros_like(codes[:, 3]))
+
+
+def test_static_groups_fix_every_scale_from_the_original_weights():
+    """static_groups: each group's scales are the min-max scales of the *original* weights, and the column
+    sweep is the plain OBS recursion with those fixed per-group scales. Without it, later groups get their
+    scales from the updated weights, so they differ."""
+    w, hessian = _problem(n=48, seed=3)
+    group = 16
+    codes, scale, zp = gptq_quantize(w, hessian, 3, group, symmetric=False, damp=0.01, block_size=128,
+                                     static_groups=True)
+    ref_scale, ref_zp = P.compute_qparams(w, 3, group, False, scale_dtype=torch.float64)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+    assert torch.equal(zp, ref_zp)
+    expected = torch.zeros_like(codes)
+    wk = w.clone()
+    h = hessian + 0.01 * torch.diagonal(hessian).mean() * torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    hinv = torch.linalg.inv(h)
+    remaining = list(range(w.shape[1]))
+    for j in range(w.shape[1]):
+        g = j // group
+        q = P.quantize(wk[:, j:j + 1], ref_scale[:, g:g + 1], ref_zp[:, g:g + 1], 3, None)
+        expected[:, j] = q[:, 0]
+        err = (wk[:, j] - P.dequantize(q, ref_scale[:, g:g + 1], ref_zp[:, g:g + 1], None)[:, 0]) / hinv[j, j]
+        remaining.remove(j)
+        wk[:, remaining] -= err.unsqueeze(1) * hinv[j, remaining].unsqueeze(0)
+        hinv = hinv - torch.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    assert torch.equal(codes, expected)
+    lazy = gptq_quantize(w, hessian, 3, group, symmetric=False, damp=0.01, block_size=128)
+    torch.testing.assert_close(lazy[1][:, 0], scale[:, 0])  # the first group sees no updates yet
+    assert not torch.allclose(lazy[1][:, 1:], scale[:, 1:])
