@@ -250,7 +250,8 @@ def runtime_tables(results: list[dict], bandwidth: dict | None, profile: dict, h
                 headline[f"decode_{bits}_vs_fp32"] = decode / fp32_decode
                 headline[f"weights_{bits}_vs_fp32"] = r["weight_bytes"] / fp32_bytes
                 limit = 0.17 if bits == "int4" else 0.27
-                checks.append(f"{bits.replace('-emb8', ' (+ int8 embeddings at load)')} packed decode {decode / fp32_decode:.2f}× fp32 (target ≥ 2.5×: "
+                name = bits.replace("-emb8", " (+ int8 embeddings at load)")
+                checks.append(f"{name} packed decode {decode / fp32_decode:.2f}× fp32 (target ≥ 2.5×: "
                               f"{'met' if decode / fp32_decode >= 2.5 else 'NOT met'}); weights "
                               f"{r['weight_bytes'] / fp32_bytes:.3f}× fp32 (target ≤ {limit}: "
                               f"{'met' if r['weight_bytes'] / fp32_bytes <= limit else 'NOT met'})")
@@ -494,7 +495,8 @@ def headline_lines(h: dict) -> list[str]:
             lines.append(f"- int{bits}: GPTQ closes {h[f'gptq_gap_closed_int{bits}']:.0f}% of RTN's perplexity gap to fp32")
     for bits in ("int8", "int8-emb8", "int4"):
         if f"decode_{bits}_vs_fp32" in h:
-            lines.append(f"- {bits.replace('-emb8', ' (+ int8 embeddings at load)')} packed runtime: decode {h[f'decode_{bits}_vs_fp32']:.2f}× fp32 transformers, "
+            name = bits.replace("-emb8", " (+ int8 embeddings at load)")
+            lines.append(f"- {name} packed runtime: decode {h[f'decode_{bits}_vs_fp32']:.2f}× fp32 transformers, "
                          f"weights {h[f'weights_{bits}_vs_fp32']:.3f}× fp32")
     if "distill_speed_vs_trl" in h:
         lines.append(f"- distillation: {h['distill_speed_vs_trl']:.2f}× TRL GKDTrainer's tokens/s")

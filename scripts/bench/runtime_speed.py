@@ -7,7 +7,8 @@ heads, vocab 32000: ~0.84B parameters; only shapes matter for speed and memory, 
 * our packed runtime (``hfcompress.load_compressed``) on int8 (W8A16, per channel) and int4 (W4A16, group 128)
   compressed-tensors checkpoints of it (written with compressed-tensors' own API, the steps llm-compressor
   takes, or ``--writer hfcompress`` for ``hfcompress.quantize``; every Linear including ``lm_head`` is
-  quantized, the embedding table stays bfloat16);
+  quantized, the embedding table stays bfloat16), and the int8 one once more with
+  ``quantize_embeddings=True`` (the input embedding table stored as int8 rows at load);
 * the same two checkpoints loaded by plain ``AutoModelForCausalLM.from_pretrained`` (which decompresses them);
 * bitsandbytes LLM.int8 and NF4 (``from_pretrained(bf16 folder, quantization_config=BitsAndBytesConfig)``,
   bfloat16 compute, bitsandbytes' fast CPU kernels on);
