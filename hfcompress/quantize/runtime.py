@@ -290,8 +290,9 @@ class SharedInputProjections(nn.Module):
 
     The block still calls each projection on its own (``SharedInputSlice``): the first call computes all of
     them and keeps the others' outputs, which the next calls collect if they pass the very same, unmodified
-    tensor. A call with any other input (or after the input was modified in place) computes afresh, so
-    the results never depend on the call pattern.
+    tensor. A call with any other input (or after the input was modified in place; under
+    ``torch.inference_mode`` tensors carry no version counter, so there only the tensor's identity is
+    checked) computes afresh, so the results do not depend on the call pattern.
     """
 
     def __init__(self, fused: PackedLinear, sizes: list[int]):
@@ -300,9 +301,15 @@ class SharedInputProjections(nn.Module):
         self.sizes = list(sizes)
         self._pending: tuple | None = None  # (input, its version, outputs not collected yet)
 
+    @staticmethod
+    def _version(x: torch.Tensor) -> int | None:
+        # Inference-mode tensors keep no version counter: there the identity of the tensor is what is checked.
+        return None if x.is_inference() else x._version
+
     def output_for(self, index: int, x: torch.Tensor) -> torch.Tensor:
         pending = self._pending
-        if pending is not None and pending[0] is x and pending[1] == x._version and pending[2][index] is not None:
+        if (pending is not None and pending[0] is x and pending[1] == self._version(x)
+                and pending[2][index] is not None):
             out = pending[2][index]
             pending[2][index] = None
             if all(o is None for o in pending[2]):
@@ -310,7 +317,7 @@ class SharedInputProjections(nn.Module):
             return out
         parts = [part.contiguous() for part in self.fused(x).split(self.sizes, dim=-1)]
         out, parts[index] = parts[index], None
-        self._pending = (x, x._version, parts)
+        self._pending = (x, self._version(x), parts)
         return out
 
 

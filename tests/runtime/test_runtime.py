@@ -208,6 +208,13 @@ def test_fused_projection_slices_never_serve_stale_outputs(tmp_path, llama):
         assert torch.equal(fused.q_proj(y), separate.q_proj(y))  # collected from the v_proj call
         assert torch.equal(fused.k_proj(y), separate.k_proj(y))
         assert fused.q_proj.shared._pending is None  # everything collected: nothing held
+    with torch.inference_mode():  # inference tensors have no version counter: identity is checked
+        z = torch.randn(1, 1, 64)
+        assert torch.equal(fused.k_proj(z), separate.k_proj(z))
+        assert torch.equal(fused.v_proj(z), separate.v_proj(z))
+        w = torch.randn(1, 1, 64)  # another tensor than the pending one: computed afresh
+        assert torch.equal(fused.q_proj(w), separate.q_proj(w))
+        assert torch.equal(fused.k_proj(w), separate.k_proj(w))
 
 
 def test_quantize_embeddings_at_load(tmp_path, llama):
