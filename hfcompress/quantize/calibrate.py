@@ -143,10 +143,9 @@ def calibration_autocast(model: nn.Module, dtype_name: str | None):
     if dtype_name is None:
         return contextlib.nullcontext()
     dtype = getattr(torch, dtype_name)
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype == dtype:
-            return contextlib.nullcontext()
-        break
+    first = next(model.parameters(), None)
+    if first is not None and first.dtype == dtype:
+        return contextlib.nullcontext()
     return torch.autocast(device_type=_model_device(model).type, dtype=dtype)
 
 

@@ -365,7 +365,7 @@ def fuse_shared_input_projections(model: nn.Module) -> int:
     """Replace each :data:`FUSABLE_SIBLINGS` group of packed linears by one shared kernel call (see
     :class:`SharedInputProjections`). Returns the number of groups fused."""
     fused_groups = 0
-    for parent_name, parent in list(model.named_modules()):
+    for parent in list(model.modules()):
         for names in FUSABLE_SIBLINGS:
             members = [getattr(parent, n, None) for n in names]
             # int8 only: the int4 kernel's packed layout interleaves output rows, so it does not concatenate.

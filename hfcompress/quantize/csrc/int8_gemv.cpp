@@ -323,12 +323,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) bool make_digits_avx512(con
 }
 #endif
 
-// The VNNI path's digits (the AVX-512 version on CPUs that run that path; ``vector`` false: the reference).
-bool make_digits(const float* x, int64_t K, int64_t kp, Digits& d, bool vector = true) {
+// The VNNI path's digits: the AVX-512 version (every CPU that runs that path has AVX-512).
+bool make_digits(const float* x, int64_t K, int64_t kp, Digits& d) {
 #ifdef HFC_X86
-  if (vector) return make_digits_avx512(x, K, kp, d);
-#endif
+  return make_digits_avx512(x, K, kp, d);
+#else
   return make_digits_scalar(x, K, kp, d);
+#endif
 }
 
 void rows_any(Isa isa, const float* x, int64_t m_count, int64_t K, const int8_t* q, int64_t n_begin,
