@@ -189,7 +189,7 @@ def cmd_push(args) -> int:
 
 def cmd_kernels(args) -> int:
     """Build hfcompress's native CPU kernels now (they are otherwise built on first use) and say what runs."""
-    from .quantize.native import native_kernel_status
+    from .native import native_kernel_status
 
     status = native_kernel_status()
     for name, state in status.items():

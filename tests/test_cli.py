@@ -25,15 +25,16 @@ def test_subcommand_help_shows_defaults(command, capsys):
 
 
 def test_kernels_reports_each_kernel(capsys, monkeypatch):
-    from hfcompress.quantize import native
+    from hfcompress import native
 
     code = main(["kernels"])
     out = capsys.readouterr().out
-    assert out.startswith("int8_gemv: ")
-    assert code == (0 if native.int8_gemv_available() else 1)
+    assert [line.split(":")[0] for line in out.splitlines()] == ["int8_gemv", "kd_logit_loss"]
+    assert code == (0 if native.kernels_available() else 1)
     monkeypatch.setenv("HFCOMPRESS_NATIVE_KERNELS", "0")
     assert main(["kernels"]) == 1
-    assert capsys.readouterr().out == "int8_gemv: disabled by HFCOMPRESS_NATIVE_KERNELS\n"
+    assert capsys.readouterr().out == ("int8_gemv: disabled by HFCOMPRESS_NATIVE_KERNELS\n"
+                                       "kd_logit_loss: disabled by HFCOMPRESS_NATIVE_KERNELS\n")
 
 
 def _one_line_error(capsys, argv, expected):

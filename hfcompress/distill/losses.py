@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import native
+
 IGNORE_INDEX = -100
 
 
@@ -148,13 +150,27 @@ class LogitLoss:
     # Losses whose gradient w.r.t. the student's logits :meth:`per_position_and_grad` writes in closed form.
     CLOSED_FORM = ("forward_kl", "reverse_kl")
 
+    def _fused_kernel_applies(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None) -> bool:
+        def fits(logits):
+            return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+                    and logits.is_contiguous())
+
+        with_teacher = teacher_logits is not None and self.kd_weight > 0
+        return (fits(student_logits) and (not with_teacher or (fits(teacher_logits) and self.loss in self.CLOSED_FORM
+                                                               and teacher_logits.shape == student_logits.shape))
+                and native.kd_logit_loss_available())
+
     def has_closed_form(self, with_teacher: bool) -> bool:
         return not with_teacher or self.kd_weight == 0 or self.loss in self.CLOSED_FORM
 
     def per_position_and_grad(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-                              targets: torch.Tensor, need_grad: bool = True):
+                              targets: torch.Tensor, need_grad: bool = True, overwrite: bool = False):
         """:meth:`per_position` plus the gradient of ``weighted.sum()`` w.r.t. ``student_logits`` (N, V),
         without autograd (None when ``need_grad`` is False). Only where :meth:`has_closed_form`.
+
+        ``overwrite=True`` lets the gradient be written over ``student_logits`` (which the caller no longer
+        needs): float32 CPU logits then go through hfcompress's fused kernel (``hfcompress::kd_logit_loss``,
+        three sweeps per row instead of about ten passes over the chunk) when it is built.
 
         With q = softmax(z/T), p = softmax(z_teacher/T), q₁ = softmax(z), e_y the label's one-hot:
 
@@ -164,6 +180,11 @@ class LogitLoss:
 
         The (N, V) buffers are updated in place: about half the passes over them that autograd makes.
         """
+        if overwrite and self._fused_kernel_applies(student_logits, teacher_logits):
+            kind = self.loss if self.kd_weight > 0 and teacher_logits is not None else "none"
+            kd, ce = native.kd_logit_loss(student_logits, teacher_logits if kind != "none" else None, targets,
+                                          kind, self.temperature, self.kd_weight, self.ce_weight, need_grad)
+            return self.kd_weight * kd + self.ce_weight * ce, kd, ce, student_logits if need_grad else None
         rows = torch.arange(student_logits.shape[0], device=student_logits.device)
         t = self.temperature
         if self.kd_weight == 0 or teacher_logits is None:
@@ -315,8 +336,10 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 with torch.no_grad():
                     hs = student_hidden[start:end].detach().to(dtype)
                     student_logits = student_head.logits(hs, ws, bs)  # (C, V)
+                    # Softcapping's chain rule reads the logits, so the gradient may replace them only without it.
                     weighted, kd, ce, grad_logits = spec.per_position_and_grad(
-                        student_logits, teacher_logits, targets[start:end], need_grad=any(want))
+                        student_logits, teacher_logits, targets[start:end], need_grad=any(want),
+                        overwrite=student_head.softcap is None)
                     chunk_total = weighted.sum()
                     if grad_logits is not None:
                         g = student_head.grad_before_transforms(student_logits, grad_logits)  # (C, V)

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from .native import int8_gemv, int8_gemv_available
+from ..native import int8_gemv, int8_gemv_available
 
 # Group sizes accepted by aten._weight_int4pack_mm_for_cpu (checked in its CPU implementation).
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, HFCompressError
 from . import kernels
-from .native import int8_gemv_available, int8_gemv_op
+from ..native import int8_gemv_available, int8_gemv_op
 from .checkpoint import (
     CheckpointError,
     TensorReader,

@@ -227,7 +227,7 @@ def variants(args):
     drift from other processes hits them alike); the others are loaded, timed once and freed one by one."""
     from transformers import AutoModelForCausalLM
 
-    native = importlib.import_module("hfcompress.quantize.native")
+    native = importlib.import_module("hfcompress.native")
     int8_kernel = "hfcompress int8_gemv" if native.int8_gemv_available() else "int8pack"
 
     def ours(bits, group, **kwargs):
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     wanted = [n for n in table_of if not args.only or n in args.only]
     info = {"machine": common.machine_info(), "args": vars(args),
             "versions": common.package_versions(["torch", "transformers", "compressed-tensors", "bitsandbytes"]),
-            "native_kernels": importlib.import_module("hfcompress.quantize.native").native_kernel_status()}
+            "native_kernels": importlib.import_module("hfcompress.native").native_kernel_status()}
     print(f"native kernels: {info['native_kernels']}", flush=True)
     bandwidth = {"sum": common.memory_bandwidth_gbps(size_mib=1024), "gemv": gemv_bandwidth_gbps()}
     bw = max(b["read_gb_per_s"]["median"] for b in bandwidth.values())

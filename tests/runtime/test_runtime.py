@@ -18,7 +18,7 @@ from .conftest import ct_reference_logits, load_dequantized_reference, small_lla
 
 from hfcompress.evaluate import count_parameters, weight_bytes
 from hfcompress.errors import HFCompressError
-from hfcompress.quantize import native
+from hfcompress import native
 from hfcompress.quantize.checkpoint import CheckpointError, UnsupportedSchemeError
 from hfcompress.quantize.runtime import (
     DequantLinear,
