@@ -67,6 +67,10 @@ class Profile:
     embed_peers: list[str]
     pipeline_steps: int
     extra_quant: bool = True  # GPTQ int8 and MSE-clipping rows
+    # Extra short runs of the hfcompress / TRL distillation speed pair, alternating, after the main ones: the
+    # reported tokens/s of each side is the median over its runs (one run's rate moves ±20% on a shared VM).
+    distill_speed_repeats: int = 0
+    distill_speed_steps: int = 20
     helper_args: dict = field(default_factory=dict)  # extra CLI args for the other helpers' bench scripts
     timeout_s: int = 1800
 
@@ -103,7 +107,7 @@ PROFILES = {
         new_tokens=128, prompt_tokens=64, repeats=3, distill_steps=60, distill_batch=8, embed_sentences=256,
         embed_calibration_blocks=32,
         embed_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g64", "quanto_int8", "quanto_int4", "torchao_int8"],
-        pipeline_steps=150, timeout_s=3600,
+        pipeline_steps=150, timeout_s=3600, distill_speed_repeats=2,
         helper_args={"distill": ["--variants", "ce,fkl_ce,default"]}),
 }
 
@@ -487,6 +491,14 @@ def distill_section(runner: Runner, profile: Profile, ctx: dict) -> None:
         runner.run(Job("distill", "trl-gkd", "peer",
                        _peer("trl_distill.py", *args, "--out", J / "distill-trl.json"),
                        J / "distill-trl.json", t, dict(label="TRL GKDTrainer (lmbda=0, beta=0)")))
+        short = args[:-4] + ["--steps", profile.distill_speed_steps, "--batch-size", profile.distill_batch]
+        for i in range(1, profile.distill_speed_repeats + 1):  # ours, TRL, ours, TRL...: drift hits both sides
+            runner.run(Job("distill", f"ours-forward-kl-repeat{i}", "ours",
+                           _ours("distill", *short, "--objective", "forward_kl", "--out", J / f"distill-ours-r{i}.json"),
+                           J / f"distill-ours-r{i}.json", t, dict(repeat_of="ours-forward-kl")))
+            runner.run(Job("distill", f"trl-gkd-repeat{i}", "peer",
+                           _peer("trl_distill.py", *short, "--out", J / f"distill-trl-r{i}.json"),
+                           J / f"distill-trl-r{i}.json", t, dict(repeat_of="trl-gkd")))
 
 
 def pipeline_section(runner: Runner, profile: Profile, ctx: dict) -> None:
