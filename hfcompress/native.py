@@ -4,8 +4,8 @@
 per weight), so int8 decode cannot get near the memory-bandwidth floor with it. Ours streams the int8 weights with the best of AVX-512 VNNI (exact integer dot products against a fixed-point
 form of the activations, 64 weights per instruction), AVX-512 or AVX2 (float32 FMA), chosen at run time, and
 splits rows over ATen's OpenMP threads. Accuracy: float32-level (see the source's header for the bound).
-* ``hfcompress::kd_logit_loss`` (``csrc/kd_loss.cpp``), for distillation: forward/reverse KL and
-  cross-entropy of a chunk of logits and their gradient in three sweeps over each row instead of eager
+* ``hfcompress::kd_logit_loss`` (``csrc/kd_loss.cpp``), for distillation: forward/reverse KL, generalized
+  JSD and cross-entropy of a chunk of logits and their gradient in three sweeps over each row instead of eager
   PyTorch's ten passes over the whole chunk.
 
 The sources are compiled into one extension with ``torch.utils.cpp_extension`` the first time one is needed (a C++
@@ -114,7 +114,7 @@ def _register_fake() -> None:
             return x.new_empty((x.shape[0], q.shape[0]))
 
         @torch.library.register_fake("hfcompress::kd_logit_loss")
-        def _(student_logits, teacher_logits, targets, kind, temperature, kd_weight, ce_weight, need_grad):
+        def _(student_logits, teacher_logits, targets, kind, temperature, kd_weight, ce_weight, need_grad, beta=0.5):
             rows = student_logits.shape[0]
             return student_logits.new_empty((rows,)), student_logits.new_empty((rows,))
     except RuntimeError:  # already registered in this process (e.g. by a second import path)
@@ -143,15 +143,16 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, isa: int = 
 
 
 # Divergences the fused loss kernel computes, by DistillationConfig.loss name; "none" = cross-entropy only.
-KD_KINDS = {"forward_kl": 0, "reverse_kl": 1, "none": 2}
+KD_KINDS = {"forward_kl": 0, "reverse_kl": 1, "none": 2, "jsd": 3}
 
 
 def kd_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
                   loss: str, temperature: float, kd_weight: float, ce_weight: float,
-                  need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  need_grad: bool, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(T² D(p_T ‖ q_T), CE(q_1, target))`` of contiguous float32 CPU logits (rows, V).
 
-    ``loss`` is ``"forward_kl"``, ``"reverse_kl"`` or ``"none"`` (no teacher). With ``need_grad``,
+    ``loss`` is ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` (generalized, normalised as
+    :func:`hfcompress.distill.losses.generalized_jsd`; ``0 < beta < 1``) or ``"none"`` (no teacher). With ``need_grad``,
     ``student_logits`` is overwritten with the gradient of ``sum(kd_weight · kd + ce_weight · ce)`` w.r.t.
     itself. Call only when :func:`kd_logit_loss_available` is True.
     """
@@ -159,4 +160,4 @@ def kd_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | N
     if op is None:
         op = _state["kd_op"] = torch.ops.hfcompress.kd_logit_loss.default
     return op(student_logits, teacher_logits, targets, KD_KINDS[loss], float(temperature), float(kd_weight),
-              float(ce_weight), bool(need_grad))
+              float(ce_weight), bool(need_grad), float(beta))

@@ -3,13 +3,20 @@
 // For student logits a (V,) and teacher logits b (V,) of one row, temperature T, label y:
 //
 //   log q  = log_softmax(a / T)      log p = log_softmax(b / T)      log q1 = log_softmax(a)
-//   kd     = T^2 D,  D = KL(p || q) (kind 0, forward) or KL(q || p) (kind 1, reverse);  kind 2: no teacher, kd = 0
+//   kd     = T^2 D,  D = KL(p || q) (kind 0, forward), KL(q || p) (kind 1, reverse), or (kind 3) the generalized
+//            JSD normalised by 1/(beta (1 - beta)):  KL(p || m) / (1 - beta) + KL(q || m) / beta,  m = beta p + (1 - beta) q;
+//            kind 2: no teacher, kd = 0
 //   ce     = -log q1[y]
 //
 // and, when need_grad, a is overwritten with the gradient of kd_weight * kd + ce_weight * ce w.r.t. a:
 //
-//   forward:  kd_weight T (q - p)                    + ce_weight (q1 - e_y)
-//   reverse:  kd_weight T q (log q - log p - D)      + ce_weight (q1 - e_y)
+//   forward:  kd_weight T (q - p)                                  + ce_weight (q1 - e_y)
+//   reverse:  kd_weight T q (log q - log p - D)                    + ce_weight (q1 - e_y)
+//   JSD:      -(kd_weight T / beta) q (l - sum_w q_w l_w)          + ce_weight (q1 - e_y),   l = log(m / q)
+//
+// (For the JSD, dD/dq_v = log(q_v / m_v) / beta: the p/m and q/m terms of the two KLs cancel because
+// beta p + (1 - beta) q = m; the softmax's Jacobian then subtracts the q-weighted mean, which is -KL(q || m) / beta.)
+// log(m/p) and log(m/q) come from one log-add-exp per entry (see log_ratios_to_mixture).
 //
 // Eager PyTorch makes about ten passes over each (rows, V) buffer for this (two log_softmax, kl_div's
 // exp/sub/mul, the sum, the gradient's exp/mul/exp/sub), each streaming megabytes through the caches. Here a
@@ -46,7 +53,7 @@
 
 namespace {
 
-enum Kind : int64_t { kForward = 0, kReverse = 1, kNoTeacher = 2 };
+enum Kind : int64_t { kForward = 0, kReverse = 1, kNoTeacher = 2, kJsd = 3 };
 
 // e^x for x <= 0 (every argument here is a logit minus its row maximum, or a log-probability). Cody-Waite
 // reduction x = n ln2 + r with |r| <= ln2 / 2 and a degree-6 Taylor polynomial (truncation error r^7/7! <=
@@ -74,6 +81,39 @@ HFC_INLINE float exp_nonpositive(float x) {
   return poly * __builtin_bit_cast(float, (exponent + 127) << 23);
 }
 
+// log(1 + x) for x in [0, 1]: 2 atanh(s) with s = x / (2 + x) in [0, 1/3], a series in s^2 whose truncation
+// after s^15 is below 2e-9 relative; no cancellation for small x.
+HFC_INLINE float log1p_unit(float x) {
+  const float s = x / (2.0f + x);
+  const float s2 = s * s;
+  float poly = 1.0f / 15.0f;
+  poly = poly * s2 + 1.0f / 13.0f;
+  poly = poly * s2 + 1.0f / 11.0f;
+  poly = poly * s2 + 1.0f / 9.0f;
+  poly = poly * s2 + 1.0f / 7.0f;
+  poly = poly * s2 + 1.0f / 5.0f;
+  poly = poly * s2 + 1.0f / 3.0f;
+  poly = poly * s2 + 1.0f;
+  return 2.0f * s * poly;
+}
+
+// log(e^u + e^v)
+HFC_INLINE float log_add_exp(float u, float v) {
+  const float hi = u > v ? u : v, lo = u > v ? v : u;
+  return hi + log1p_unit(exp_nonpositive(lo - hi));
+}
+
+// log(m/p) and log(m/q) for m = beta p + (1 - beta) q, from r = log p - log q, lb = log beta, l1b = log(1 - beta).
+// The one of the two that stays near log beta or log(1 - beta) is a log-add-exp (no overflow, accurate for
+// small beta); the other adds r to it, so the large |r| of a near-zero probability never cancels against
+// another large number.
+HFC_INLINE void log_ratios_to_mixture(float r, float lb, float l1b, float* log_m_p, float* log_m_q) {
+  const bool p_larger = r > 0.0f;
+  const float u = log_add_exp(p_larger ? lb : l1b, p_larger ? l1b - r : lb + r);  // log(m/p) or log(m/q)
+  *log_m_p = p_larger ? u : u - r;
+  *log_m_q = p_larger ? u + r : u;
+}
+
 HFC_INLINE float row_max(const float* x, int64_t V) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
@@ -93,6 +133,7 @@ struct Settings {
   int64_t kind;
   float inv_t, t, kd_weight, ce_weight;
   bool need_grad;
+  float log_beta, log_1m_beta, beta;  // JSD only
 };
 
 // One row: returns (kd, ce) and, with need_grad, overwrites a with the gradient.
@@ -141,6 +182,28 @@ void kd_row(float* a, const float* b, int64_t V, int64_t y, const Settings& s, f
           a[v] = kscale * (exp_nonpositive(lq) - p) + cw * exp_nonpositive(a[v] - ma - log_s1);
         }
       }
+    } else if (s.kind == kJsd) {  // one sweep for the two KLs to the mixture, one for the gradient
+      const float lb = s.log_beta, l1b = s.log_1m_beta;
+      float qbar = 0.0f;  // sum_v q_v l_v = -KL(q || m)
+#pragma omp simd reduction(+ : d, qbar)
+      for (int64_t v = 0; v < V; ++v) {
+        const float lq = (a[v] - ma) * inv_t - log_sa, lp = (b[v] - mb) * inv_t - log_sb;
+        float log_m_p, log_m_q;
+        log_ratios_to_mixture(lp - lq, lb, l1b, &log_m_p, &log_m_q);
+        d -= exp_nonpositive(lp) * log_m_p;  // p log(p / m)
+        qbar += exp_nonpositive(lq) * log_m_q;
+      }
+      d = d / (1.0f - s.beta) - qbar / s.beta;
+      if (s.need_grad) {
+        const float gscale = -kscale / s.beta;
+#pragma omp simd
+        for (int64_t v = 0; v < V; ++v) {
+          const float lq = (a[v] - ma) * inv_t - log_sa, lp = (b[v] - mb) * inv_t - log_sb;
+          float log_m_p, log_m_q;
+          log_ratios_to_mixture(lp - lq, lb, l1b, &log_m_p, &log_m_q);
+          a[v] = gscale * exp_nonpositive(lq) * (log_m_q - qbar) + cw * exp_nonpositive(a[v] - ma - log_s1);
+        }
+      }
     } else {  // reverse: KL(q || p), then its gradient needs the total
 #pragma omp simd reduction(+ : d)
       for (int64_t v = 0; v < V; ++v) {
@@ -165,14 +228,16 @@ void kd_row(float* a, const float* b, int64_t V, int64_t y, const Settings& s, f
 
 std::tuple<at::Tensor, at::Tensor> kd_logit_loss(at::Tensor student, const std::optional<at::Tensor>& teacher,
                                                  const at::Tensor& targets, int64_t kind, double temperature,
-                                                 double kd_weight, double ce_weight, bool need_grad) {
+                                                 double kd_weight, double ce_weight, bool need_grad, double beta) {
   TORCH_CHECK(student.device().is_cpu() && student.scalar_type() == at::kFloat && student.dim() == 2 &&
                   student.is_contiguous(),
               "kd_logit_loss: student logits must be a contiguous float32 (rows, V) CPU tensor, got ",
               student.scalar_type(), " of shape ", student.sizes());
   const int64_t rows = student.size(0), V = student.size(1);
-  TORCH_CHECK(kind == kForward || kind == kReverse || kind == kNoTeacher, "kd_logit_loss: kind must be 0 "
-              "(forward KL), 1 (reverse KL) or 2 (no teacher), got ", kind);
+  TORCH_CHECK(kind == kForward || kind == kReverse || kind == kNoTeacher || kind == kJsd, "kd_logit_loss: kind "
+              "must be 0 (forward KL), 1 (reverse KL), 2 (no teacher) or 3 (generalized JSD), got ", kind);
+  TORCH_CHECK(kind != kJsd || (beta > 0 && beta < 1), "kd_logit_loss: the JSD's beta must be in (0, 1) (0 and 1 "
+              "are the forward and reverse KL), got ", beta);
   TORCH_CHECK(temperature > 0, "kd_logit_loss: temperature must be > 0, got ", temperature);
   const bool with_teacher = kind != kNoTeacher;
   TORCH_CHECK(!with_teacher || (teacher.has_value() && teacher->sizes() == student.sizes() &&
@@ -190,8 +255,11 @@ std::tuple<at::Tensor, at::Tensor> kd_logit_loss(at::Tensor student, const std::
   }
   at::Tensor kd = at::empty({rows}, student.options());
   at::Tensor ce = at::empty({rows}, student.options());
+  const bool jsd = kind == kJsd;
   const Settings settings{kind, static_cast<float>(1.0 / temperature), static_cast<float>(temperature),
-                          static_cast<float>(kd_weight), static_cast<float>(ce_weight), need_grad};
+                          static_cast<float>(kd_weight), static_cast<float>(ce_weight), need_grad,
+                          jsd ? static_cast<float>(std::log(beta)) : 0.0f,
+                          jsd ? static_cast<float>(std::log1p(-beta)) : 0.0f, static_cast<float>(beta)};
   float* a = student.data_ptr<float>();
   const float* b = with_teacher ? teacher->data_ptr<float>() : nullptr;
   float* kd_ptr = kd.data_ptr<float>();
@@ -208,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> kd_logit_loss(at::Tensor student, const std::
 
 TORCH_LIBRARY_FRAGMENT(hfcompress, m) {
   m.def("kd_logit_loss(Tensor(a!) student_logits, Tensor? teacher_logits, Tensor targets, int kind, "
-        "float temperature, float kd_weight, float ce_weight, bool need_grad) -> (Tensor, Tensor)");
+        "float temperature, float kd_weight, float ce_weight, bool need_grad, float beta=0.5) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hfcompress, CPU, m) { m.impl("kd_logit_loss", &kd_logit_loss); }

@@ -150,15 +150,19 @@ class LogitLoss:
     # Losses whose gradient w.r.t. the student's logits :meth:`per_position_and_grad` writes in closed form.
     CLOSED_FORM = ("forward_kl", "reverse_kl")
 
-    def _fused_kernel_applies(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None) -> bool:
-        def fits(logits):
-            return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
-                    and logits.is_contiguous())
+    def kernel_loss(self, with_teacher: bool) -> str | None:
+        """The fused kernel's name for this objective (``"none"``: cross-entropy only), None if it has none."""
+        if not with_teacher or self.kd_weight == 0:
+            return "none"
+        if self.loss == "jsd":  # β = 0 and 1 are the forward and reverse KL (see generalized_jsd)
+            return "forward_kl" if self.beta <= 0 else "reverse_kl" if self.beta >= 1 else "jsd"
+        return self.loss if self.loss in self.CLOSED_FORM else None
 
-        with_teacher = teacher_logits is not None and self.kd_weight > 0
-        return (fits(student_logits) and (not with_teacher or (fits(teacher_logits) and self.loss in self.CLOSED_FORM
-                                                               and teacher_logits.shape == student_logits.shape))
-                and native.kd_logit_loss_available())
+    def fused_kernel_applies(self, logits_dtype: torch.dtype, device: torch.device, with_teacher: bool) -> bool:
+        """Whether :meth:`per_position_and_grad` with ``overwrite=True`` runs hfcompress's fused CPU kernel on
+        logits of this dtype and device (float32 on CPU, with the kernel built)."""
+        return (torch.device(device).type == "cpu" and logits_dtype == torch.float32
+                and self.kernel_loss(with_teacher) is not None and native.kd_logit_loss_available())
 
     def has_closed_form(self, with_teacher: bool) -> bool:
         return not with_teacher or self.kd_weight == 0 or self.loss in self.CLOSED_FORM
@@ -166,25 +170,31 @@ class LogitLoss:
     def per_position_and_grad(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                               targets: torch.Tensor, need_grad: bool = True, overwrite: bool = False):
         """:meth:`per_position` plus the gradient of ``weighted.sum()`` w.r.t. ``student_logits`` (N, V),
-        without autograd (None when ``need_grad`` is False). Only where :meth:`has_closed_form`.
+        without autograd (None when ``need_grad`` is False). Only where :meth:`has_closed_form`, or where the
+        fused kernel applies.
 
-        ``overwrite=True`` lets the gradient be written over ``student_logits`` (which the caller no longer
-        needs): float32 CPU logits then go through hfcompress's fused kernel (``hfcompress::kd_logit_loss``,
-        three sweeps per row instead of about ten passes over the chunk) when it is built.
+        ``overwrite=True`` lets the gradient be written over ``student_logits`` (contiguous; the caller no
+        longer needs them): float32 CPU logits then go through hfcompress's fused kernel
+        (``hfcompress::kd_logit_loss``, three or four sweeps per row instead of about ten passes over the
+        chunk) when it is built; it also covers the generalized JSD (see :meth:`fused_kernel_applies`).
 
         With q = softmax(z/T), p = softmax(z_teacher/T), q₁ = softmax(z), e_y the label's one-hot:
 
         * ``T²·KL(p‖q)``: gradient ``T (q − p)`` (the T² cancels one 1/T of the chain rule; Hinton et al.);
         * ``T²·KL(q‖p)``: gradient ``T q ⊙ (log q − log p − KL(q‖p))``;
-        * cross-entropy: gradient ``q₁ − e_y``.
+        * cross-entropy: gradient ``q₁ − e_y``;
+        * (fused kernel only) normalised generalized JSD: gradient ``−(T/β) q ⊙ (l − Σ q l)``, l = log(m/q).
 
         The (N, V) buffers are updated in place: about half the passes over them that autograd makes.
         """
-        if overwrite and self._fused_kernel_applies(student_logits, teacher_logits):
-            kind = self.loss if self.kd_weight > 0 and teacher_logits is not None else "none"
-            kd, ce = native.kd_logit_loss(student_logits, teacher_logits if kind != "none" else None, targets,
-                                          kind, self.temperature, self.kd_weight, self.ce_weight, need_grad)
-            return self.kd_weight * kd + self.ce_weight * ce, kd, ce, student_logits if need_grad else None
+        with_teacher = teacher_logits is not None
+        if overwrite and self.fused_kernel_applies(student_logits.dtype, student_logits.device, with_teacher):
+            kind = self.kernel_loss(with_teacher)
+            logits = student_logits.contiguous()  # the gradient goes here
+            kd, ce = native.kd_logit_loss(logits, teacher_logits.contiguous() if kind != "none" else None, targets,
+                                          kind, self.temperature, self.kd_weight, self.ce_weight, need_grad,
+                                          self.beta)
+            return self.kd_weight * kd + self.ce_weight * ce, kd, ce, logits if need_grad else None
         rows = torch.arange(student_logits.shape[0], device=student_logits.device)
         t = self.temperature
         if self.kd_weight == 0 or teacher_logits is None:
@@ -324,8 +334,12 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         kd_total, ce_total = total.clone(), total.clone()
         n = student_hidden.shape[0]
         step = chunk_size if chunk_size and chunk_size > 0 else max(n, 1)
-        # Forward/reverse KL and cross-entropy have closed-form logit gradients: no autograd graph per chunk.
-        closed_form = spec.has_closed_form(teacher_hidden is not None) and bool((targets >= 0).all())
+        # Forward/reverse KL and cross-entropy have closed-form logit gradients: no autograd graph per chunk. On
+        # CPU in float32, the fused kernel computes them (and the JSD's) in place of the logits; softcapping's
+        # chain rule reads the logits, so the gradient may replace them only without it.
+        with_teacher = teacher_hidden is not None
+        fused = student_head.softcap is None and spec.fused_kernel_applies(dtype, student_hidden.device, with_teacher)
+        closed_form = (fused or spec.has_closed_form(with_teacher)) and bool((targets >= 0).all())
         for start in range(0, n, step):
             end = min(start + step, n)
             teacher_logits = None
@@ -336,10 +350,8 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 with torch.no_grad():
                     hs = student_hidden[start:end].detach().to(dtype)
                     student_logits = student_head.logits(hs, ws, bs)  # (C, V)
-                    # Softcapping's chain rule reads the logits, so the gradient may replace them only without it.
                     weighted, kd, ce, grad_logits = spec.per_position_and_grad(
-                        student_logits, teacher_logits, targets[start:end], need_grad=any(want),
-                        overwrite=student_head.softcap is None)
+                        student_logits, teacher_logits, targets[start:end], need_grad=any(want), overwrite=fused)
                     chunk_total = weighted.sum()
                     if grad_logits is not None:
                         g = student_head.grad_before_transforms(student_logits, grad_logits)  # (C, V)
