@@ -53,6 +53,8 @@
 
 namespace {
 
+#define HFC_INLINE inline __attribute__((always_inline))
+
 enum Kind : int64_t { kForward = 0, kReverse = 1, kNoTeacher = 2, kJsd = 3 };
 
 // e^x for x <= 0 (every argument here is a logit minus its row maximum, or a log-probability). Cody-Waite
@@ -60,8 +62,6 @@ enum Kind : int64_t { kForward = 0, kReverse = 1, kNoTeacher = 2, kJsd = 3 };
 // 1.2e-7 relative), then the 2^n scale built in the exponent bits. Below log(FLT_MIN) it returns FLT_MIN,
 // never a subnormal (their arithmetic is slow on x86, and ~1e-38 vs 0 cannot move a sum of probabilities);
 // NaN stays NaN.
-#define HFC_INLINE inline __attribute__((always_inline))
-
 HFC_INLINE float exp_nonpositive(float x) {
   constexpr float kLogMin = -87.33654f;  // log(FLT_MIN)
   constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
