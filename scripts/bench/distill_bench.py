@@ -298,7 +298,12 @@ def quality_section(cli, out: dict) -> None:
 # (b) memory of the loss step
 # --------------------------------------------------------------------------------------------------------
 def memory_child(variant: str, positions: int, vocab: int, student_width: int, teacher_width: int) -> dict:
-    """Run one loss step (forward + backward) and report the growth of the peak RSS over the inputs."""
+    """Run one loss step (forward + backward) and report the growth of the peak RSS over the inputs.
+
+    ``chunk_<n>``: the chunked loss (hfcompress's fused CPU kernel when built); ``chunk_<n>_eager``: the same
+    with the kernel switched off (PyTorch's operators), for the time and memory the kernel saves."""
+    if variant.endswith("_eager"):
+        os.environ["HFCOMPRESS_NATIVE_KERNELS"] = "0"
     import psutil
 
     from hfcompress.distill.losses import LMHead, LogitLoss, chunked_logit_loss, logit_loss_from_logits
@@ -333,7 +338,8 @@ def memory_child(variant: str, positions: int, vocab: int, student_width: int, t
 
 
 def memory_section(cli, out: dict) -> None:
-    variants = ["unchunked", "chunk_4096", "chunk_2048", "chunk_1024", "chunk_512", "chunk_256"]
+    variants = ["unchunked", "chunk_4096", "chunk_2048", "chunk_1024", "chunk_512", "chunk_256", "chunk_1024_eager",
+                "chunk_512_eager"]
     results = []
     for variant in variants:
         command = [sys.executable, __file__, "--memory-child", variant]
