@@ -13,6 +13,7 @@ writes the same JSON fields as the peer scripts so the two sides land in one tab
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
@@ -29,8 +30,10 @@ def _config(args, num_samples: int, seq_len: int):
 
     kwargs = dict(method=args.method, bits=args.bits, group_size=args.group_size or None,
                   symmetric=not args.asymmetric, observer=args.observer, ignore=list(args.ignore),
-                  num_samples=num_samples, seq_len=seq_len, damp=args.damp, act_order=args.act_order, seed=0,
-                  calibration_dtype=getattr(args, "calibration_dtype", None))
+                  num_samples=num_samples, seq_len=seq_len, damp=args.damp, act_order=args.act_order,
+                  seed=getattr(args, "seed", 0), calibration_dtype=getattr(args, "calibration_dtype", None))
+    if getattr(args, "no_static_groups", False):
+        kwargs["static_groups"] = False
     if args.method == "cast":
         kwargs = dict(method="cast", dtype=args.dtype, ignore=list(args.ignore))
     return QuantizationConfig(**kwargs)
@@ -39,7 +42,8 @@ def _config(args, num_samples: int, seq_len: int):
 def _fields(args) -> dict:
     return {"tool": "hfcompress", "method": args.method, "bits": args.bits if args.method != "cast" else None,
             "group_size": args.group_size or None, "symmetric": not args.asymmetric, "actorder": args.act_order,
-            "observer": args.observer, "ignore": list(args.ignore),
+            "observer": args.observer, "ignore": list(args.ignore), "seed": getattr(args, "seed", 0),
+            "static_groups": not getattr(args, "no_static_groups", False),
             "versions": common.package_versions(VERSIONS)}
 
 
@@ -59,9 +63,17 @@ def cmd_quant(args) -> int:
         # The random speed model has no tokenizer; text is never needed here (calibration is token ids).
         has_tokenizer = (Path(args.model) / "tokenizer_config.json").is_file()
         tokenizer = AutoTokenizer.from_pretrained(args.model) if has_tokenizer else None
+        if args.seed and args.method in ("gptq", "awq"):
+            # Another calibration draw: run.py draws the blocks file's calibration sequences with seed 0 this
+            # way; a pre-tokenized tensor is used as given, so QuantizationConfig.seed alone would not change it.
+            from hfcompress.data import load_blocks
+
+            calibration = load_blocks("stdlib", tokenizer, int(calibration.shape[1]), split="train",
+                                      num_blocks=int(calibration.shape[0]), seed=args.seed)
         result["fp32_weight_bytes"] = common.weight_bytes(model)
         result["baseline_rss_bytes"] = common.current_rss_bytes()
         result["num_calibration_blocks"] = int(calibration.shape[0]) if args.method in ("gptq", "awq") else 0
+        reference = copy.deepcopy(model) if args.kl else None
         if args.method != "fp32":
             config = _config(args, int(calibration.shape[0]), int(calibration.shape[1]))
             data = calibration if config.needs_calibration else None
@@ -76,6 +88,8 @@ def cmd_quant(args) -> int:
             result["fallback_layers"] = report.fallbacks
         if not args.no_eval:
             result["perplexity"] = common.perplexity(model, blocks["eval"])
+        if reference is not None:
+            result["kl_to_fp32"] = _kl_to_reference(reference, model, blocks["eval"])
         if args.save:
             model.save_pretrained(args.save)
             if tokenizer is not None:
@@ -84,6 +98,23 @@ def cmd_quant(args) -> int:
             result["checkpoint_bytes"] = common.checkpoint_bytes(args.save)
 
     return common.run_and_record(args.out, _fields(args), body)
+
+
+def _kl_to_reference(reference, model, blocks, batch_size: int = 8) -> float:
+    """Mean KL(reference || model) in nats per predicted token (the positions perplexity scores)."""
+    import torch
+
+    reference.eval()
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, blocks.shape[0], batch_size):
+            batch = blocks[start:start + batch_size]
+            p = torch.log_softmax(reference(input_ids=batch).logits[:, :-1].float(), dim=-1)
+            q = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)
+            total += (p.exp() * (p - q)).sum().item()
+            count += p.shape[0] * p.shape[1]
+    return total / count
 
 
 def cmd_embed(args) -> int:
@@ -233,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dtype", default="bfloat16", help="target dtype of --method cast")
         p.add_argument("--ignore", nargs="*", default=["lm_head"])
         p.add_argument("--num-calibration", type=int, default=None)
+        p.add_argument("--seed", type=int, default=0,
+                       help="quant, gptq/awq: draw the calibration sequences anew with this seed (0: the blocks "
+                            "file's); also QuantizationConfig.seed")
+        p.add_argument("--kl", action="store_true", help="quant: also the mean KL to the fp32 model on eval")
+        p.add_argument("--no-static-groups", action="store_true", help="gptq: static_groups=False")
         p.add_argument("--save", default=None)
         p.add_argument("--no-eval", action="store_true", help="skip perplexity (speed-only models)")
         p.add_argument("--out", required=True)
