@@ -19,6 +19,7 @@ Group sizes that do not divide a layer's width: the layer uses the largest power
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -243,21 +244,39 @@ def quantize_gptq(layer, layer_name, targets: dict[str, Target], config, generat
 def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generator, probe=None) -> dict[str, Quantized]:
     """AWQ on one decoder layer: fold the searched input scales, then clip-search and quantize each linear.
 
-    ``probe()`` runs the (still floating-point) layer on one calibration batch. A fold must leave the
-    layer's function unchanged; one that does not (the scaled output also feeds something else, e.g. the
+    Each mapping's scale search (:func:`.awq.search_scale`) measures, for linears sharing one input (q/k/v,
+    gate/up), the error at the output of their common parent block, re-run on the first
+    :data:`.awq.AWQ_SEARCH_SAMPLES` calibration sequences (:func:`.awq.block_error`); for a single linear,
+    or without ``probe.inputs``, its own output error from the input Hessian (all calibration tokens).
+
+    ``probe()`` runs the (still floating-point) layer on one calibration batch; ``probe.inputs``, when
+    present (:class:`.calibrate.LayerProbe`), holds all of the layer's calibration inputs. A fold must leave
+    the layer's function unchanged; one that does not (the scaled output also feeds something else, e.g. the
     residual branch of a post-norm block such as BERT's) is undone and that mapping skipped.
     """
     relative = {t.name[len(layer_name) + 1:]: t for t in targets.values()}
     modules = dict(layer.named_modules())
     extras: dict[str, dict] = {}
     reference = probe() if probe is not None else None
+    inputs = getattr(probe, "inputs", None)
+    autocast = getattr(probe, "autocast", contextlib.nullcontext)  # config.calibration_dtype
     for prev, linears in A.layer_mappings(layer, set(relative)):
         group = [relative[n] for n in linears]
         if len({t.group_size for t in group}) != 1:
             continue
         stats = group[0].stats
+        error, objective = None, "layer"
+        parent_name = A.common_parent(linears)
+        if inputs is not None and parent_name not in linears:
+            parent = modules[parent_name]  # "" is the layer itself
+            with autocast():
+                calls = C.capture_module_calls(layer, parent, inputs, A.AWQ_SEARCH_SAMPLES)
+            if calls:
+                error = A.block_error(parent, [t.module for t in group], calls, autocast)
+                objective = "block"
         scale, alpha = A.search_scale([t.weight for t in group], stats.hessian, stats.abs_mean, config.bits,
-                                      group[0].group_size, config.symmetric)
+                                      group[0].group_size, config.symmetric, error=error)
+        error = calls = None  # free the cached block inputs
         if alpha == 0:
             continue
         A.scale_inputs([t.module for t in group], scale)  # W' = W diag(s)
@@ -276,7 +295,7 @@ def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generato
             s.hessian = s.hessian / (scale.unsqueeze(0) * scale.unsqueeze(1))
             s.abs_mean = s.abs_mean / scale
         for t in group:
-            extras[t.name] = {"awq_alpha": alpha, "awq_folded_into": prev}
+            extras[t.name] = {"awq_alpha": alpha, "awq_folded_into": prev, "awq_objective": objective}
     results = {}
     for name, t in targets.items():
         weight = t.weight
@@ -397,7 +416,7 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                     with autocast():
                         stats = C.collect_stats(layer, inside, inputs)
                     run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
-                        probe=lambda layer=layer: C.run_first_batch(layer, inputs))
+                        probe=C.LayerProbe(layer, inputs, autocast))
                     layer = model.get_submodule(layer_name)  # the layer itself may have been a target
                 if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
                     with dequantized_weights_cached(layer), autocast():

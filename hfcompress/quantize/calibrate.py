@@ -229,6 +229,59 @@ def run_first_batch(layer: nn.Module, inputs: LayerInputs) -> torch.Tensor:
 
 
 @dataclass
+class ModuleCall:
+    """What a sub-module of a layer received on one calibration batch, and what it returned."""
+
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor  # its (first) output, detached
+
+
+@torch.no_grad()
+def capture_module_calls(layer: nn.Module, module: nn.Module, inputs: LayerInputs,
+                         max_samples: int | None = None) -> list[ModuleCall]:
+    """Run ``layer`` on its calibration batches and record each call of ``module`` (one of its sub-modules,
+    or the layer itself): its positional/keyword inputs and output, so that ``module`` can be re-run on them
+    alone. Each batch stops right after ``module`` has run. ``max_samples``: stop after the batch that
+    reaches this many sequences (all batches if None). Empty if ``module`` is never called."""
+    calls: list[ModuleCall] = []
+
+    def hook(mod, args, kwargs, output):
+        calls.append(ModuleCall(tuple(args), dict(kwargs), layer_output(output).detach()))
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    samples = 0
+    try:
+        for args, kwargs in zip(inputs.args, inputs.kwargs):
+            if max_samples is not None and samples >= max_samples:
+                break
+            try:
+                layer(*args, **kwargs)
+            except _StopForward:
+                pass
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            samples += hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.ndim > 1 else 1
+    finally:
+        handle.remove()
+    return calls
+
+
+class LayerProbe:
+    """Access to one layer's calibration inputs for the methods: calling it returns the layer's output on the
+    first batch (:func:`run_first_batch`, in full precision, to check that a reparametrization kept the
+    function); ``inputs`` holds every batch (e.g. for :func:`capture_module_calls`) and ``autocast()`` is
+    the context of the calibration forward passes (:func:`calibration_autocast`; a no-op by default)."""
+
+    def __init__(self, layer: nn.Module, inputs: LayerInputs, autocast=None):
+        self.layer, self.inputs = layer, inputs
+        self.autocast = autocast or contextlib.nullcontext
+
+    def __call__(self) -> torch.Tensor:
+        return run_first_batch(self.layer, self.inputs)
+
+
+@dataclass
 class InputStats:
     """Statistics of one linear layer's inputs: ``E[x x^T]`` (in, in) and ``E|x|`` (in,)."""
 
