@@ -13,7 +13,6 @@ writes the same JSON fields as the peer scripts so the two sides land in one tab
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 import time
@@ -30,8 +29,10 @@ def _config(args, num_samples: int, seq_len: int):
 
     kwargs = dict(method=args.method, bits=args.bits, group_size=args.group_size or None,
                   symmetric=not args.asymmetric, observer=args.observer, ignore=list(args.ignore),
-                  num_samples=num_samples, seq_len=seq_len, damp=args.damp, act_order=args.act_order,
+                  num_samples=num_samples, seq_len=seq_len, damp=args.damp,
                   seed=getattr(args, "seed", 0), calibration_dtype=getattr(args, "calibration_dtype", None))
+    if args.act_order is not None:
+        kwargs["act_order"] = args.act_order
     if getattr(args, "no_static_groups", False):
         kwargs["static_groups"] = False
     if args.method == "cast":
@@ -41,7 +42,8 @@ def _config(args, num_samples: int, seq_len: int):
 
 def _fields(args) -> dict:
     return {"tool": "hfcompress", "method": args.method, "bits": args.bits if args.method != "cast" else None,
-            "group_size": args.group_size or None, "symmetric": not args.asymmetric, "actorder": args.act_order,
+            "group_size": args.group_size or None, "symmetric": not args.asymmetric,
+            "actorder": args.act_order if args.act_order is not None else (args.method == "gptq" or None),
             "observer": args.observer, "ignore": list(args.ignore), "seed": getattr(args, "seed", 0),
             "static_groups": not getattr(args, "no_static_groups", False),
             "versions": common.package_versions(VERSIONS)}
@@ -73,7 +75,6 @@ def cmd_quant(args) -> int:
         result["fp32_weight_bytes"] = common.weight_bytes(model)
         result["baseline_rss_bytes"] = common.current_rss_bytes()
         result["num_calibration_blocks"] = int(calibration.shape[0]) if args.method in ("gptq", "awq") else 0
-        reference = copy.deepcopy(model) if args.kl else None
         if args.method != "fp32":
             config = _config(args, int(calibration.shape[0]), int(calibration.shape[1]))
             data = calibration if config.needs_calibration else None
@@ -88,8 +89,10 @@ def cmd_quant(args) -> int:
             result["fallback_layers"] = report.fallbacks
         if not args.no_eval:
             result["perplexity"] = common.perplexity(model, blocks["eval"])
-        if reference is not None:
+        if args.kl:  # the fp32 model again, loaded after the peak RSS was taken (it must not count in it)
+            reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
             result["kl_to_fp32"] = _kl_to_reference(reference, model, blocks["eval"])
+            del reference
         if args.save:
             model.save_pretrained(args.save)
             if tokenizer is not None:
@@ -256,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--bits", type=int, default=4)
         p.add_argument("--group-size", type=int, default=128, help="0 = per output channel")
         p.add_argument("--asymmetric", action="store_true")
-        p.add_argument("--act-order", action="store_true")
+        p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                       help="gptq: activation ordering (default: QuantizationConfig's, i.e. on)")
         p.add_argument("--observer", default="minmax", choices=["minmax", "mse"])
         p.add_argument("--damp", type=float, default=0.01)
         p.add_argument("--calibration-dtype", default=None, choices=["bfloat16", "float16"],

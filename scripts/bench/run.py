@@ -322,7 +322,7 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
     t = profile.timeout_s
 
     def ours(name, *args, **meta):
-        runner.run(Job("quant", name, "ours", _ours("quant", *base, *args, "--out", J / f"quant-{name}.json"),
+        runner.run(Job("quant", name, "ours", _ours("quant", *base, *args, "--kl", "--out", J / f"quant-{name}.json"),
                        J / f"quant-{name}.json", t, dict(meta, table="ours")))
 
     ours("fp32", "--method", "fp32", label="fp32", bits=32)
@@ -351,6 +351,9 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
         ignore = ["lm_head", "re:.*down_proj"] if grouped else ["lm_head"]
         tag = f"{method}-w{bits}-{'g' + str(group) if grouped else 'channel'}"
         common_args = ["--bits", bits, "--group-size", group, "--ignore", *ignore]
+        # llm-compressor runs without activation ordering here (its script passes actorder=None); so does ours,
+        # whose default is on
+        ours_args = common_args + (["--no-act-order"] if method == "gptq" else [])
         meta = dict(table="matched", label=f"{method.upper()} W{bits}A16 {'g' + str(group) if grouped else 'channel'}",
                     ignore_down_proj=grouped)
         llmc = runner.run(Job("quant", f"llmc-{tag}", "peer",
@@ -370,13 +373,13 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
                            J / f"quant-llmc-{tag}-nopin.json", t,
                            dict(meta, tool="llm-compressor", note="pin_memory patched to a no-op")))
         runner.run(Job("quant", f"ours-{tag}", "ours",
-                       _ours("quant", *base, "--method", method, *common_args,
+                       _ours("quant", *base, "--method", method, *ours_args,
                              "--save", runner.work / "ckpt" / f"ours-{tag}", "--out", J / f"quant-ours-{tag}.json"),
                        J / f"quant-ours-{tag}.json", t, dict(meta, tool="hfcompress")))
         if method == "gptq" and profile.name != "smoke":
             # The same settings, calibration forward passes under bf16 autocast (a separate row)
             runner.run(Job("quant", f"ours-{tag}-bf16cal", "ours",
-                           _ours("quant", *base, "--method", method, *common_args, "--calibration-dtype",
+                           _ours("quant", *base, "--method", method, *ours_args, "--calibration-dtype",
                                  "bfloat16", "--out", J / f"quant-ours-{tag}-bf16cal.json"),
                            J / f"quant-ours-{tag}-bf16cal.json", t, dict(meta, tool="hfcompress-bf16cal")))
     # llm-compressor's default W4A16 (group 128 on every Linear but lm_head): shows how it treats widths
