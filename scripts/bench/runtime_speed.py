@@ -155,7 +155,8 @@ def kernel_streaming(out_features: int, in_features: int, total_mib: int = 768, 
     ``G weights/s`` and the weight bytes read per second tell whether a kernel is bandwidth- or compute-bound.
     The decode ceiling vs fp32 is the fp32 kernel's time per weight over this kernel's: what replacing every
     fp32 linear by this kernel can give at most, before any other cost of a decode step."""
-    from hfcompress.quantize import kernels, native
+    from hfcompress import native
+    from hfcompress.quantize import kernels
 
     def count(bytes_per_weight: float) -> int:  # matrices of this kernel's storage filling total_mib
         return max(2, int(total_mib * 2**20 // (bytes_per_weight * out_features * in_features)))
