@@ -559,10 +559,15 @@ def write(results: dict, path: Path) -> None:
     load = machine.get("loadavg_at_start")
     head = [
         "# hfcompress side-by-side benchmarks\n",
-        f"Produced by **one invocation**: `{results['command']}` (profile `{profile['name']}`), "
-        f"{results['date']}, {results.get('total_seconds', 0) / 60:.1f} minutes. Every number below comes from "
-        f"that run; each measurement ran alone in its own process, one after another, our side with the project's "
-        f"environment and the peers with `scripts/bench/.venv-peers`.\n",
+        (f"Produced by **one invocation**: `{results['command']}` (profile `{profile['name']}`), "
+         f"{results['date']}, {results.get('total_seconds', 0) / 60:.1f} minutes. Every number below comes from "
+         f"that run" if not results.get("rerun_sections") else
+         f"Produced by `{results['command']}` (profile `{profile['name']}`), {results['date']}, with the "
+         f"{', '.join(results['rerun_sections'])} section(s) rerun alone right after by "
+         f"`{results.get('rerun_command')}` (see the notes); {results.get('total_seconds', 0) / 60:.1f} minutes "
+         f"in all")
+        + "; each measurement ran alone in its own process, one after another, our side with the project's "
+        "environment and the peers with `scripts/bench/.venv-peers`.\n",
         f"Machine: {machine.get('cpu_model')} ({machine.get('cpu_flags') or 'no AVX2/AVX-512 flags'}), "
         f"{machine.get('cpu_count') or machine.get('nproc')} vCPUs, {machine.get('memory_gib')} GiB RAM, "
         f"{machine.get('platform')}, Python {machine.get('python')}, torch threads {machine.get('torch_threads')}"
