@@ -1,17 +1,20 @@
 """hfcompress's own CPU kernels, compiled on first use.
 
-* ``hfcompress::int8_gemv`` (``csrc/int8_gemv.cpp``), for int8 decode. PyTorch's ``aten._weight_int8pack_mm`` is compute-bound at batch 1 on CPU (about 1.2-1.8x the float32 GEMV
-per weight), so int8 decode cannot get near the memory-bandwidth floor with it. Ours streams the int8 weights with the best of AVX-512 VNNI (exact integer dot products against a fixed-point
-form of the activations, 64 weights per instruction), AVX-512 or AVX2 (float32 FMA), chosen at run time, and
-splits rows over ATen's OpenMP threads. Accuracy: float32-level (see the source's header for the bound).
+* ``hfcompress::int8_gemv`` (``csrc/int8_gemv.cpp``), for int8 decode. PyTorch's
+  ``aten._weight_int8pack_mm`` is compute-bound at batch 1 on CPU (about 1.2-1.8x the float32 GEMV per
+  weight), so int8 decode cannot get near the memory-bandwidth floor with it. Ours streams the int8 weights
+  with the best of AVX-512 VNNI (exact integer dot products against a fixed-point form of the activations,
+  64 weights per instruction), AVX-512 or AVX2 (float32 FMA), chosen at run time, and splits rows over ATen's
+  OpenMP threads. Accuracy: float32-level (see the source's header for the bound).
 * ``hfcompress::kd_logit_loss`` (``csrc/kd_loss.cpp``), for distillation: forward/reverse KL, generalized
-  JSD and cross-entropy of a chunk of logits and their gradient in three sweeps over each row instead of eager
-  PyTorch's ten passes over the whole chunk.
+  JSD and cross-entropy of a chunk of logits, and their gradient, in three or four sweeps over each row
+  instead of eager PyTorch's ten or so passes over the whole chunk.
 
-The sources are compiled into one extension with ``torch.utils.cpp_extension`` the first time one is needed (a C++
-compiler and ninja are required; the build takes about a minute and is cached in ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). When it cannot be built, or ``HFCOMPRESS_NATIVE_KERNELS=0`` is set, callers
-fall back to PyTorch's kernels with one warning, and results stay correct.
+The sources are compiled into one extension with ``torch.utils.cpp_extension`` the first time one is needed
+(a C++ compiler and ninja are required; the build takes about a minute and is cached in
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). When it cannot be built, or
+``HFCOMPRESS_NATIVE_KERNELS=0`` is set, callers fall back to PyTorch's operators with one warning, and
+results stay correct.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 // For student logits a (V,) and teacher logits b (V,) of one row, temperature T, label y:
 //
 //   log q  = log_softmax(a / T)      log p = log_softmax(b / T)      log q1 = log_softmax(a)
-//   kd     = T^2 D,  D = KL(p || q) (kind 0, forward), KL(q || p) (kind 1, reverse), or (kind 3) the generalized
-//            JSD normalised by 1/(beta (1 - beta)):  KL(p || m) / (1 - beta) + KL(q || m) / beta,  m = beta p + (1 - beta) q;
+//   kd     = T^2 D,  D = KL(p || q) (kind 0, forward), KL(q || p) (kind 1, reverse), or (kind 3) the
+//            generalized JSD normalised by 1/(beta (1 - beta)):
+//            KL(p || m) / (1 - beta) + KL(q || m) / beta,  m = beta p + (1 - beta) q;
 //            kind 2: no teacher, kd = 0
 //   ce     = -log q1[y]
 //
