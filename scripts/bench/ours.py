@@ -24,7 +24,9 @@ import common  # noqa: E402
 VERSIONS = ["hfcompress", "transformers", "torch", "compressed-tensors", "bitsandbytes"]
 
 
-def _config(args, num_samples: int, seq_len: int):
+def _config(args, num_samples: int, seq_len: int, result: dict | None = None):
+    """The QuantizationConfig of these arguments; records in ``result`` the GPTQ act_order that runs (the
+    config's default when the command line leaves it unset)."""
     from hfcompress import QuantizationConfig
 
     kwargs = dict(method=args.method, bits=args.bits, group_size=args.group_size or None,
@@ -37,13 +39,16 @@ def _config(args, num_samples: int, seq_len: int):
         kwargs["static_groups"] = False
     if args.method == "cast":
         kwargs = dict(method="cast", dtype=args.dtype, ignore=list(args.ignore))
-    return QuantizationConfig(**kwargs)
+    config = QuantizationConfig(**kwargs)
+    if result is not None and config.method == "gptq":
+        result["actorder"] = config.act_order
+    return config
 
 
 def _fields(args) -> dict:
     return {"tool": "hfcompress", "method": args.method, "bits": args.bits if args.method != "cast" else None,
             "group_size": args.group_size or None, "symmetric": not args.asymmetric,
-            "actorder": args.act_order if args.act_order is not None else (args.method == "gptq" or None),
+            "actorder": args.act_order,
             "observer": args.observer, "ignore": list(args.ignore), "seed": getattr(args, "seed", 0),
             "static_groups": not getattr(args, "no_static_groups", False),
             "versions": common.package_versions(VERSIONS)}
@@ -76,7 +81,7 @@ def cmd_quant(args) -> int:
         result["baseline_rss_bytes"] = common.current_rss_bytes()
         result["num_calibration_blocks"] = int(calibration.shape[0]) if args.method in ("gptq", "awq") else 0
         if args.method != "fp32":
-            config = _config(args, int(calibration.shape[0]), int(calibration.shape[1]))
+            config = _config(args, int(calibration.shape[0]), int(calibration.shape[1]), result)
             data = calibration if config.needs_calibration else None
             start = time.perf_counter()
             quantize(model, config, calibration_data=data, tokenizer=tokenizer, progress=False)
@@ -136,7 +141,7 @@ def cmd_embed(args) -> int:
         result["fp32_weight_bytes"] = common.weight_bytes(model)
         if args.method != "fp32":
             calibration = data["calibration"][: args.num_calibration]  # (N, T) packed sentences
-            config = _config(args, int(calibration.shape[0]), int(calibration.shape[1]))
+            config = _config(args, int(calibration.shape[0]), int(calibration.shape[1]), result)
             start = time.perf_counter()
             quantize(model, config, calibration_data=calibration if config.needs_calibration else None,
                      progress=False)
