@@ -35,6 +35,7 @@ from . import awq as A
 from . import calibrate as C
 from . import ct_format
 from . import primitives as P
+from . import sequential as S
 from .config import QuantizationConfig, QuantizationError
 from .gptq import gptq_quantize
 from .modules import CompressedLinear, dequantized_weights_cached
@@ -69,6 +70,7 @@ class QuantizationReport:
     layers: list[LayerReport] = field(default_factory=list)
     calibration_samples: int = 0
     seconds: float = 0.0
+    true_sequential: bool = False  # GPTQ ran in one pass per layer (see QuantizationConfig.true_sequential)
 
     @property
     def fallbacks(self) -> dict[str, int | None]:
@@ -345,7 +347,8 @@ def _attach_report(model: nn.Module, report: QuantizationReport) -> None:
         model.config.hfcompress = {"quantization": report.config,
                                    "fallback_group_sizes": report.fallbacks,
                                    "layers": [asdict(layer) for layer in report.layers],
-                                   "calibration_samples": report.calibration_samples}
+                                   "calibration_samples": report.calibration_samples,
+                                   "true_sequential": report.true_sequential}
 
 
 def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_data=None, tokenizer=None,
@@ -389,16 +392,48 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     report = QuantizationReport(method=config.method, config=config.to_dict(),
                                 calibration_samples=0 if blocks is None else blocks.shape[0])
 
-    def run(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> None:
+    def solve(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> dict[str, tuple]:
+        """Quantize ``layer_targets``: name -> (target, result, RTN error before). Does not touch the model."""
         before = {n: _rtn_error(t.weight, t.group_size, t.hessian, config) for n, t in layer_targets.items()}
         results = handler(layer, layer_name, layer_targets, config, generator, probe)
-        for name, t in layer_targets.items():
-            _install(model, t, results[name], config)
+        return {name: (t, results[name], before[name]) for name, t in layer_targets.items()}
+
+    def install(solved: dict[str, tuple]) -> None:
+        for name, (t, result, before) in solved.items():
+            _install(model, t, result, config)
             targets[name] = None  # drop our reference: the float weight can be freed now
             report.layers.append(LayerReport(
                 name=name, bits=config.bits, group_size=t.group_size, fallback=t.group_size != config.group_size,
-                error_before=before[name], error_after=results[name].error,
-                metric="weight" if t.stats is None else "output", extra=results[name].extra))
+                error_before=before, error_after=result.error,
+                metric="weight" if t.stats is None else "output", extra=result.extra))
+
+    def run(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> None:
+        install(solve(layer, layer_name, layer_targets, probe))
+
+    def run_one_pass(layer, layer_name, inside: dict[str, nn.Module], propagate: bool) -> None:
+        """GPTQ's true-sequential order in one forward pass (:mod:`.sequential`): each group of linears is
+        quantized, and its weights replaced in place by their dequantized values, when the batches reach it;
+        the CompressedLinear modules are installed once the pass is over."""
+        solved: dict[str, tuple] = {}
+
+        def quantize_group(names: list[str], stats: C.InputStats) -> None:
+            group = solve(layer, layer_name, {n: Target(n, inside[n], group_sizes[n], stats) for n in names})
+            for name, (t, result, _) in group.items():
+                approx = P.dequantize(result.codes, result.scale, result.zero_point, t.group_size)
+                C.linear_weight(t.module).copy_(approx)  # an (out, in) view also of a Conv1D weight
+            solved.update(group)
+
+        missed = S.quantize_layer_in_one_pass(layer, inputs, inside, quantize_group, plan, layer_name, propagate)
+        if missed:
+            logger.warning("%s: no calibration batch reached %s; quantized with round-to-nearest instead",
+                           layer_name, ", ".join(missed))
+            for name in missed:
+                t = Target(name, inside[name], group_sizes[name])
+                solved[name] = (t, _rtn_one(t, config, generator), _rtn_error(t.weight, t.group_size, None, config))
+        install({name: solved[name] for name in inside})
+
+    one_pass = config.method == "gptq" and config.true_sequential
+    plan = S.SharingPlan()
 
     was_training = model.training
     model.eval()
@@ -407,11 +442,18 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
             autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
             with autocast():
                 inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
+            if one_pass:
+                one_pass = S.fits_in_memory(inputs, targets)
+            report.true_sequential = one_pass
             bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
             last = layers[-1][0]
             for layer_name, layer in bar:
                 bar.set_postfix_str(layer_name)
                 inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
+                if inside and one_pass:
+                    with autocast():
+                        run_one_pass(layer, layer_name, inside, propagate=layer_name != last)
+                    continue  # the pass has already produced the next layer's inputs
                 if inside:
                     with autocast():
                         stats = C.collect_stats(layer, inside, inputs)

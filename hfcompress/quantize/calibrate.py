@@ -209,17 +209,33 @@ def layer_output(output):
 def propagate(layer: nn.Module, inputs: LayerInputs) -> None:
     """Replace each batch's hidden states by the layer's output (the next layer's input), in place."""
     for i, (args, kwargs) in enumerate(zip(inputs.args, inputs.kwargs)):
-        # The output keeps the input's dtype, also when the layer ran under autocast in a narrower one.
-        if args:
-            hidden = layer_output(layer(*args, **kwargs)).to(args[0].dtype)
-            inputs.args[i] = (hidden,) + tuple(args[1:])
-        elif "hidden_states" in kwargs:  # passed by keyword
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = layer_output(layer(**kwargs)).to(kwargs["hidden_states"].dtype)
-            inputs.kwargs[i] = kwargs
-        else:
-            raise ConfigError(f"cannot tell which input of {type(layer).__name__} is the hidden state (no "
-                              f"positional argument nor 'hidden_states'); check sequential_targets")
+        set_layer_output(inputs, i, layer(*args, **kwargs), layer)
+
+
+def hidden_states(inputs: LayerInputs, i: int) -> torch.Tensor:
+    """Batch ``i``'s hidden states: the layer's first positional input, or its ``hidden_states`` keyword."""
+    args, kwargs = inputs.args[i], inputs.kwargs[i]
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise ConfigError("cannot tell which input of the decoder layer is the hidden state (no positional "
+                          "argument nor 'hidden_states'); check sequential_targets")
+    return hidden
+
+
+def set_layer_output(inputs: LayerInputs, i: int, output, layer: nn.Module | None = None) -> None:
+    """Replace batch ``i``'s hidden states by ``output``, a decoder layer's return value on that batch. The
+    hidden states keep the input's dtype, also when the layer ran under autocast in a narrower one."""
+    args, kwargs = inputs.args[i], inputs.kwargs[i]
+    if args:
+        inputs.args[i] = (layer_output(output).to(args[0].dtype),) + tuple(args[1:])
+    elif "hidden_states" in kwargs:  # passed by keyword
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = layer_output(output).to(kwargs["hidden_states"].dtype)
+        inputs.kwargs[i] = kwargs
+    else:
+        kind = type(layer).__name__ if layer is not None else "the decoder layer"
+        raise ConfigError(f"cannot tell which input of {kind} is the hidden state (no positional argument nor "
+                          f"'hidden_states'); check sequential_targets")
 
 
 @torch.no_grad()

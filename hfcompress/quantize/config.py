@@ -66,6 +66,12 @@ class QuantizationConfig:
         "GPTQ without act_order: fix every group's scales from the original weights before the column sweep "
         "(as llm-compressor does) instead of from the already-updated weights when the sweep reaches the "
         "group (the original GPTQ). With act_order the scales are always fixed up front")})
+    true_sequential: bool = field(default=True, metadata={"help": (
+        "gptq: one forward pass per decoder layer, each linear quantized when the calibration batches reach it, "
+        "from the outputs of the already-quantized linears before it in the layer (GPTQ's 'true sequential' "
+        "order; about half the forward passes). Holds every calibration batch's activations inside one layer "
+        "at once. False: every linear of a layer from the layer's floating-point pass, then a second pass for "
+        "the next layer's inputs (llm-compressor's order; holds only the layer inputs)")})
     calibration_dtype: str | None = field(default=None, metadata={"help": (
         "gptq/awq: run the calibration forward passes under torch.autocast in this dtype (bfloat16 or "
         "float16; input statistics still accumulate in float32), e.g. to calibrate a float32 model ~2x "
@@ -109,6 +115,7 @@ class QuantizationConfig:
             raise ConfigError(f"damp must be in [0, 1) (a fraction of the mean Hessian diagonal), got {self.damp}")
         _check_type("act_order", self.act_order, bool)
         _check_type("static_groups", self.static_groups, bool)
+        _check_type("true_sequential", self.true_sequential, bool)
         if self.calibration_dtype is not None:
             _check_choice("calibration_dtype", self.calibration_dtype, CAST_DTYPES)
         _check_choice("dtype", self.dtype, CAST_DTYPES)

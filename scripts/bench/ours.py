@@ -37,11 +37,14 @@ def _config(args, num_samples: int, seq_len: int, result: dict | None = None):
         kwargs["act_order"] = args.act_order
     if getattr(args, "no_static_groups", False):
         kwargs["static_groups"] = False
+    if getattr(args, "no_true_sequential", False):
+        kwargs["true_sequential"] = False
     if args.method == "cast":
         kwargs = dict(method="cast", dtype=args.dtype, ignore=list(args.ignore))
     config = QuantizationConfig(**kwargs)
     if result is not None and config.method == "gptq":
         result["actorder"] = config.act_order
+        result["true_sequential"] = config.true_sequential
     return config
 
 
@@ -278,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                             "file's); also QuantizationConfig.seed")
         p.add_argument("--kl", action="store_true", help="quant: also the mean KL to the fp32 model on eval")
         p.add_argument("--no-static-groups", action="store_true", help="gptq: static_groups=False")
+        p.add_argument("--no-true-sequential", action="store_true",
+                       help="gptq: true_sequential=False (two passes per layer, llm-compressor's order)")
         p.add_argument("--save", default=None)
         p.add_argument("--no-eval", action="store_true", help="skip perplexity (speed-only models)")
         p.add_argument("--out", required=True)

@@ -72,23 +72,26 @@ def test_calibration_dtype_runs_the_forward_passes_under_autocast(tiny_reference
     from transformers import AutoModelForCausalLM
 
     from hfcompress.quantize import calibrate as C
+    from hfcompress.quantize import sequential as S
 
     seen = []
-    for name in ("capture_first_layer_inputs", "collect_stats", "propagate"):
-        original = getattr(C, name)
+    for module, name in ((C, "capture_first_layer_inputs"), (C, "collect_stats"), (C, "propagate"),
+                         (S, "quantize_layer_in_one_pass")):
+        original = getattr(module, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
             seen.append((_name, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
             return _original(*args, **kwargs)
-        monkeypatch.setattr(C, name, spy)
+        monkeypatch.setattr(module, name, spy)
     ppl = {}
-    for dtype in (None, "bfloat16"):
+    for dtype, true_sequential in ((None, True), ("bfloat16", True), ("bfloat16", False)):
         seen.clear()
         model = AutoModelForCausalLM.from_pretrained(tiny_reference_dir)
-        quantize(model, _config(method="gptq", bits=3, calibration_dtype=dtype), calibration_data=calibration_ids,
-                 progress=False)
+        quantize(model, _config(method="gptq", bits=3, calibration_dtype=dtype, true_sequential=true_sequential),
+                 calibration_data=calibration_ids, progress=False)
         assert {s[1] for s in seen} == {False if dtype is None else torch.bfloat16}
-        assert {s[0] for s in seen} == {"capture_first_layer_inputs", "collect_stats", "propagate"}
+        passes = {"quantize_layer_in_one_pass"} if true_sequential else {"collect_stats", "propagate"}
+        assert {s[0] for s in seen} == {"capture_first_layer_inputs"} | passes
         assert not torch.is_autocast_enabled("cpu")
         assert all(p.dtype == torch.float32 for p in model.parameters())
         ppl[dtype] = perplexity(model, eval_ids)
