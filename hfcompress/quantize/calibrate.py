@@ -299,17 +299,19 @@ class LayerProbe:
 
 @dataclass
 class InputStats:
-    """Statistics of one linear layer's inputs: ``E[x x^T]`` (in, in) and ``E|x|`` (in,)."""
+    """Statistics of one linear layer's inputs: ``E[x x^T]`` (in, in) and ``E|x|`` (in,), the latter only if
+    ``abs_mean`` starts as a tensor (AWQ's; None skips it)."""
 
     hessian: torch.Tensor
-    abs_mean: torch.Tensor
+    abs_mean: torch.Tensor | None
     count: int = 0
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1]).float()
         n = rows.shape[0]
         total = self.count + n
-        self.abs_mean.mul_(self.count / total).add_(rows.abs().sum(0), alpha=1.0 / total)
+        if self.abs_mean is not None:
+            self.abs_mean.mul_(self.count / total).add_(rows.abs().sum(0), alpha=1.0 / total)
         self.hessian, self.count = P.accumulate_hessian(self.hessian, self.count, rows)
 
 

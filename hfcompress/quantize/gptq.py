@@ -105,11 +105,15 @@ def gptq_quantize(
     codes = torch.zeros(out_features, in_features, dtype=torch.int8, device=W.device)
     qmin, qmax = P.quant_range(bits)
     current_group, s_col, s_work, z_col, z_scale = -1, None, None, None, None
+    same_dtype = scale_dtype == work
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
-        W1 = W[:, i1:i2].clone()
+        # The block transposed, (columns, out): each column is one contiguous row for the per-column updates.
+        W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        pivots = torch.diagonal(Hinv1).tolist()
         for i in range(i2 - i1):
             column = order_list[i1 + i]  # original index of this column
             group = column // g
@@ -117,10 +121,10 @@ def gptq_quantize(
                 # Scales from the group's current weights, i.e. with every update so far: in-block
                 # columns hold them in W1; later columns have not received this block's yet.
                 stop = i1 + i + g
-                current = W1[:, i:i + g]
+                current = W1[i:i + g].t()
                 if stop > i2:
-                    later = W[:, i2:stop] - Err1[:, :i] @ Hinv[i1:i1 + i, i2:stop]
-                    current = torch.cat([W1[:, i:], later], dim=1)
+                    later = W[:, i2:stop] - Err1[:i].t() @ Hinv[i1:i1 + i, i2:stop]
+                    current = torch.cat([W1[i:].t(), later], dim=1)
                 s, z = params_for(current, H[i1 + i:stop, i1 + i:stop] if observer == "mse" else None)
                 scale[:, group] = s[:, 0]
                 if z is not None:
@@ -130,21 +134,27 @@ def gptq_quantize(
                 s_col, s_work = scale[:, group], scale[:, group].to(work)
                 z_col = None if zero_point is None else zero_point[:, group].to(work)
                 z_scale = None if zero_point is None else zero_point[:, group].to(scale_dtype)
-            w = W1[:, i]  # (out,)
+            w = W1[i]  # (out,)
             if stochastic:
                 q = P.round_values(w / s_work, rounding, generator)
             else:
                 q = torch.round(w / s_work)
             if z_col is not None:
-                q = q + z_col
-            q = q.clamp_(qmin, qmax)
-            codes[:, i1 + i] = q.to(torch.int8)
+                q += z_col
+            q.clamp_(qmin, qmax)
+            Q1[i] = q
             # dequantized in the scale's dtype, as P.dequantize and compressed-tensors do
-            deq = q.to(scale_dtype) if z_scale is None else q.to(scale_dtype) - z_scale
-            err = (w - (deq * s_col).to(work)) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # OBS update, eq. (3)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
+            if same_dtype:
+                deq = q if z_col is None else q - z_col
+                err = Err1[i]
+                torch.div(w - deq * s_work, pivots[i], out=err)
+            else:
+                deq = q.to(scale_dtype) if z_scale is None else q.to(scale_dtype) - z_scale
+                err = (w - (deq * s_col).to(work)) / pivots[i]
+                Err1[i] = err
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # OBS update, eq. (3)
+        codes[:, i1:i2] = Q1.t().to(torch.int8)
+        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]

@@ -35,7 +35,7 @@ from . import calibrate as C
 logger = logging.getLogger(__name__)
 
 
-IN_FLIGHT_FACTOR = 4.0  # see in_flight_bytes
+IN_FLIGHT_FACTOR = 6.0  # see in_flight_bytes
 MEMORY_FRACTION = 0.5  # of the free memory the one-pass scheme may plan to use
 
 
@@ -173,7 +173,7 @@ def quantize_layer_in_one_pass(
                 module = targets[name]
                 width = C.linear_shape(module)[1]
                 device = next(module.parameters()).device
-                stats = C.InputStats(torch.zeros(width, width, device=device), torch.zeros(width, device=device))
+                stats = C.InputStats(torch.zeros(width, width, device=device), None)  # GPTQ: no E|x|
                 for i in sorted(batches):
                     stats.add(parked[i].x.detach())
             relative = name[len(prefix):]

@@ -71,6 +71,9 @@ class Profile:
     # reported tokens/s of each side is the median over its runs (one run's rate moves ±20% on a shared VM).
     distill_speed_repeats: int = 0
     distill_speed_steps: int = 20
+    # Extra timing-only runs of each GPTQ llm-compressor / hfcompress pair, alternating, after the main ones:
+    # the reported seconds of each side are the median over its runs.
+    llmc_time_repeats: int = 0
     helper_args: dict = field(default_factory=dict)  # extra CLI args for the other helpers' bench scripts
     timeout_s: int = 1800
 
@@ -86,7 +89,7 @@ PROFILES = {
     "smoke": Profile(
         name="smoke", teacher="tiny", block_size=64, calibration_blocks=4, eval_blocks=4, bits=[4], group_size=32,
         llmc_jobs=[("gptq", 4, 32)], quant_peers=["bnb_int8"], speed_config=SPEED_SMOKE, speed_peers=["bnb_int8"],
-        new_tokens=4, prompt_tokens=8, repeats=1, distill_steps=3, distill_batch=2, embed_sentences=8,
+        new_tokens=4, prompt_tokens=8, repeats=1, llmc_time_repeats=1, distill_steps=3, distill_batch=2, embed_sentences=8,
         embed_calibration_blocks=2, embed_peers=["bnb_int8"], pipeline_steps=3, extra_quant=False, timeout_s=600),
     "quick": Profile(
         name="quick", teacher="small", block_size=256, calibration_blocks=16, eval_blocks=16, bits=[4, 3],
@@ -107,7 +110,7 @@ PROFILES = {
         new_tokens=128, prompt_tokens=64, repeats=3, distill_steps=60, distill_batch=8, embed_sentences=256,
         embed_calibration_blocks=32,
         embed_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g64", "quanto_int8", "quanto_int4", "torchao_int8"],
-        pipeline_steps=150, timeout_s=3600, distill_speed_repeats=2,
+        pipeline_steps=150, timeout_s=3600, distill_speed_repeats=2, llmc_time_repeats=2,
         helper_args={"distill": ["--variants", "ce,fkl_ce,default"]}),
 }
 
@@ -376,6 +379,26 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
                        _ours("quant", *base, "--method", method, *ours_args,
                              "--save", runner.work / "ckpt" / f"ours-{tag}", "--out", J / f"quant-ours-{tag}.json"),
                        J / f"quant-ours-{tag}.json", t, dict(meta, tool="hfcompress")))
+        if method == "gptq":
+            # Our two-pass order (every Hessian from the layer's floating-point pass, as llm-compressor does)
+            runner.run(Job("quant", f"ours-{tag}-2pass", "ours",
+                           _ours("quant", *base, "--method", method, *ours_args, "--no-true-sequential",
+                                 "--out", J / f"quant-ours-{tag}-2pass.json"),
+                           J / f"quant-ours-{tag}-2pass.json", t, dict(meta, tool="hfcompress-2pass")))
+            for i in range(1, profile.llmc_time_repeats + 1):  # llmc, ours, llmc, ours...: drift hits both sides
+                patched = llmc.get("table") == "llmc_default"  # the main row is the pin_memory-patched rerun
+                runner.run(Job("quant", f"llmc-{tag}-repeat{i}", "peer",
+                               _peer("llmcompressor_oneshot.py", *base, "--method", method, *common_args,
+                                     *(["--patch-pin-memory"] if patched else []), "--no-eval",
+                                     "--out", J / f"quant-llmc-{tag}-r{i}.json"),
+                               J / f"quant-llmc-{tag}-r{i}.json", t,
+                               dict(table="repeat", repeat_of=f"llmc-{tag}" + ("-nopin" if patched else ""),
+                                    tool="llm-compressor")))
+                runner.run(Job("quant", f"ours-{tag}-repeat{i}", "ours",
+                               _ours("quant", *base, "--method", method, *ours_args, "--no-eval",
+                                     "--out", J / f"quant-ours-{tag}-r{i}.json"),
+                               J / f"quant-ours-{tag}-r{i}.json", t,
+                               dict(table="repeat", repeat_of=f"ours-{tag}", tool="hfcompress")))
         if method == "gptq" and profile.name != "smoke":
             # The same settings, calibration forward passes under bf16 autocast (a separate row)
             runner.run(Job("quant", f"ours-{tag}-bf16cal", "ours",

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="make llm-compressor's activation-cache pin_memory a no-op (it fails on machines "
                              "without an accelerator; pinning only speeds host-to-device copies, no numeric effect)")
     parser.add_argument("--save", default=None, help="write the compressed checkpoint here")
+    parser.add_argument("--no-eval", action="store_true", help="skip perplexity (timing-only repeats)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_seq_length=int(calibration.shape[1]), batch_size=1, pipeline="sequential")
         result["quantize_seconds"] = time.perf_counter() - start
         result["peak_rss_bytes"] = common.peak_rss_bytes()
-        result["perplexity"] = common.perplexity(model, blocks["eval"])
+        if not args.no_eval:
+            result["perplexity"] = common.perplexity(model, blocks["eval"])
         if args.save:
             model.save_pretrained(args.save, save_compressed=True)
             tokenizer.save_pretrained(args.save)
