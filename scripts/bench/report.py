@@ -117,7 +117,10 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
                f"set. KL: mean KL(fp32 model ‖ quantized model) of the next-token distributions on the same "
                f"tokens, in millinats per token — at 4 bits the perplexity differences between methods are as small "
                f"as the spread between calibration draws, while KL separates them. GPTQ rows use the library "
-               f"defaults (activation ordering with static groups, damping 0.01).\n")
+               f"defaults (activation ordering with static groups, damping 0.01, one forward pass per decoder layer "
+               f"in GPTQ's true-sequential order: every calibration batch is in flight inside the layer at once, so "
+               f"their Δ RSS holds all of one layer's activations, not only its inputs — see the two-pass rows of "
+               f"the head to head below for the other order's time and memory).\n")
     out.append(table(["method", "perplexity", "Δ vs fp32", "KL mnats/tok", "quantize s", "peak RSS MiB", "Δ RSS MiB",
                       "weights MiB", "vs fp32", "notes"], rows))
 
