@@ -3,7 +3,8 @@
 * ``cast``: a plain dtype cast to float16/bfloat16.
 * ``rtn``: round-to-nearest (or stochastic) per group/channel, min-max or MSE-searched clipping; with
   calibration data the MSE search weights the error by the layer's input statistics.
-* ``gptq`` / ``awq``: calibrated layer by layer (see :mod:`.calibrate`, :mod:`.gptq`, :mod:`.awq`).
+* ``gptq`` / ``awq``: calibrated layer by layer (see :mod:`.calibrate`, :mod:`.gptq`, :mod:`.awq`); GPTQ by
+  default in one forward pass per layer, in GPTQ's true-sequential order (:mod:`.sequential`).
 * ``bnb_*``: delegated to :func:`hfcompress.quantize.bnb.quantize_bnb`.
 
 Integer methods replace each targeted ``nn.Linear`` (or GPT-2 ``Conv1D``) by a

@@ -4,7 +4,8 @@ The driver never holds more than one layer's inputs: it captures what the model 
 layer (hidden states plus keyword arguments such as the attention mask and rotary embeddings), then for
 each layer collects per-linear statistics (input second moment ``E[x x^T]`` and mean ``|x|``), lets the
 method quantize the layer, and runs the *quantized* layer to produce the next layer's inputs (GPTQ's
-sequential scheme: later layers are calibrated on the outputs of the already-quantized ones).
+sequential scheme: later layers are calibrated on the outputs of the already-quantized ones). GPTQ by default
+does both in one pass per layer instead (:mod:`.sequential`).
 """
 
 from __future__ import annotations
