@@ -128,8 +128,8 @@ def quantize_layer_in_one_pass(
     def hook(module, args):
         nonlocal contradicted
         me = getcurrent()
-        if me is scheduler or not args:
-            return None
+        if getattr(me, "batch", None) is None or me.parent is not scheduler or not args:
+            return None  # not one of this pass's batches (e.g. the scheduler itself)
         name = names[id(module)]
         if name in done:
             leader = leader_of.get(name)
