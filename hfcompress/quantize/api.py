@@ -425,13 +425,10 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
             solved.update(group)
 
         missed = S.quantize_layer_in_one_pass(layer, inputs, inside, quantize_group, plan, layer_name, propagate)
-        if missed:
+        if missed:  # left in ``targets``: the RTN pass below takes them
             logger.warning("%s: no calibration batch reached %s; quantized with round-to-nearest instead",
                            layer_name, ", ".join(missed))
-            for name in missed:
-                t = Target(name, inside[name], group_sizes[name])
-                solved[name] = (t, _rtn_one(t, config, generator), _rtn_error(t.weight, t.group_size, None, config))
-        install({name: solved[name] for name in inside})
+        install({name: solved[name] for name in inside if name in solved})
 
     one_pass = config.method == "gptq" and config.true_sequential
     plan = S.SharingPlan()
@@ -468,8 +465,8 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
         rest = {n: m for n, m in targets.items() if m is not None}
         if rest:
             if blocks is not None:
-                logger.info("quantizing %d layer(s) outside the decoder layers with RTN: %s", len(rest),
-                            ", ".join(rest))
+                logger.info("quantizing %d layer(s) without calibration statistics (outside the decoder layers, "
+                            "or never called) with RTN: %s", len(rest), ", ".join(rest))
             bar = tqdm(rest.items(), desc=f"rtn {config.bits}-bit", disable=not progress or blocks is not None,
                        unit="layer")
             for name, module in bar:

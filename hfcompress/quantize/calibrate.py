@@ -210,7 +210,7 @@ def layer_output(output):
 def propagate(layer: nn.Module, inputs: LayerInputs) -> None:
     """Replace each batch's hidden states by the layer's output (the next layer's input), in place."""
     for i, (args, kwargs) in enumerate(zip(inputs.args, inputs.kwargs)):
-        set_layer_output(inputs, i, layer(*args, **kwargs), layer)
+        set_layer_output(inputs, i, layer(*args, **kwargs))
 
 
 def hidden_states(inputs: LayerInputs, i: int) -> torch.Tensor:
@@ -223,20 +223,15 @@ def hidden_states(inputs: LayerInputs, i: int) -> torch.Tensor:
     return hidden
 
 
-def set_layer_output(inputs: LayerInputs, i: int, output, layer: nn.Module | None = None) -> None:
+def set_layer_output(inputs: LayerInputs, i: int, output) -> None:
     """Replace batch ``i``'s hidden states by ``output``, a decoder layer's return value on that batch. The
     hidden states keep the input's dtype, also when the layer ran under autocast in a narrower one."""
+    hidden = layer_output(output).to(hidden_states(inputs, i).dtype)
     args, kwargs = inputs.args[i], inputs.kwargs[i]
     if args:
-        inputs.args[i] = (layer_output(output).to(args[0].dtype),) + tuple(args[1:])
-    elif "hidden_states" in kwargs:  # passed by keyword
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = layer_output(output).to(kwargs["hidden_states"].dtype)
-        inputs.kwargs[i] = kwargs
-    else:
-        kind = type(layer).__name__ if layer is not None else "the decoder layer"
-        raise ConfigError(f"cannot tell which input of {kind} is the hidden state (no positional argument nor "
-                          f"'hidden_states'); check sequential_targets")
+        inputs.args[i] = (hidden,) + tuple(args[1:])
+    else:  # passed by keyword
+        inputs.kwargs[i] = {**kwargs, "hidden_states": hidden}
 
 
 @torch.no_grad()

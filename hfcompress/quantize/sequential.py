@@ -154,7 +154,7 @@ def quantize_layer_in_one_pass(
             last.pop(i, None)
             leader_input.pop(i, None)
             if propagate:
-                C.set_layer_output(inputs, i, message, layer)
+                C.set_layer_output(inputs, i, message)
         else:
             parked[i] = message
 
