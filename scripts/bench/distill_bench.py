@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -298,24 +301,13 @@ def quality_section(cli, out: dict) -> None:
 # (b) memory of the loss step
 # --------------------------------------------------------------------------------------------------------
 def _reset_peak_rss() -> bool:
+    """Linux: reset this process's peak-RSS counter (VmHWM) to its current RSS; False where that is not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _peak_rss_bytes() is not None
+        return True
     except OSError:
         return False
-
-
-def _peak_rss_bytes() -> int | None:
-    """VmHWM (peak resident set) from /proc/self/status, in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def memory_child(variant: str, positions: int, vocab: int, student_width: int, teacher_width: int) -> dict:
@@ -343,7 +335,7 @@ def memory_child(variant: str, positions: int, vocab: int, student_width: int, t
     # Linux: reset the peak-RSS counter (VmHWM) to the current RSS, so the peak measured below is the loss
     # step's alone (without the reset, a step that stays under the peak of building its inputs reads 0).
     reset = _reset_peak_rss()
-    baseline_peak = _peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline_peak = common.peak_rss_bytes()  # VmHWM (ru_maxrss where /proc is missing)
     started = time.perf_counter()
     if variant == "unchunked":
         student_logits = student_hidden @ student_weight.T  # (N, V) float32
@@ -356,7 +348,7 @@ def memory_child(variant: str, positions: int, vocab: int, student_width: int, t
                                          LMHead(teacher_weight), chunk_size=chunk)
     (total / positions).backward()
     seconds = time.perf_counter() - started
-    peak = _peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = common.peak_rss_bytes()
     return {"variant": variant, "peak_growth_bytes": peak - max(baseline_rss, baseline_peak), "peak_reset": reset,
             "inputs_bytes": baseline_rss, "seconds": seconds, "loss": total.item() / positions}
 
