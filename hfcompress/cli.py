@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .errors import HFCompressError
+from .core.errors import HFCompressError
 
 logger = logging.getLogger("hfcompress")
 
@@ -97,7 +97,7 @@ def collect_dataclass_values(args: argparse.Namespace, names: list[str]) -> dict
 # Subcommands
 # --------------------------------------------------------------------------------------------------------
 def cmd_reference(args) -> int:
-    from .reference import reference_metrics, reference_model
+    from .models.reference import reference_metrics, reference_model
 
     path = reference_model(args.size, force=args.force, progress=not args.quiet)
     metrics = reference_metrics(args.size)
@@ -113,10 +113,10 @@ def cmd_reference(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, format_table
-    from .loading import load_for_inference, load_tokenizer, resolve_model
+    from .models.evaluate import evaluate, format_table
+    from .models.loading import load_for_inference, load_tokenizer, resolve_model
 
-    from .data import load_texts
+    from .core.data import load_texts
 
     texts = load_texts(args.data, split="test")  # fail on bad data before loading any model
     results = []
@@ -136,7 +136,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .quantize.verify import verify_checkpoint
+    from .quantization.verify import verify_checkpoint
 
     report = verify_checkpoint(args.path, deep=not args.quick)
     print(report.summary())
@@ -146,8 +146,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .pipeline import run_quantize
-    from .quantize.config import QuantizationConfig
+    from .jobs.pipeline import run_quantize
+    from .quantization.config import QuantizationConfig
 
     values = collect_dataclass_values(args, args._config_fields)
     config = QuantizationConfig(**values)
@@ -158,8 +158,8 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .distill.cli_args import parse_distill_args
-    from .pipeline import run_distill
+    from .jobs.distill import parse_distill_args
+    from .jobs.pipeline import run_distill
 
     if args.rest in (["-h"], ["--help"]):
         # HfArgumentParser prints every DistillationConfig/TrainingArguments flag with its default.
@@ -170,8 +170,8 @@ def cmd_distill(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .recipe import load_recipe
-    from .runner import run_recipe
+    from .runs.recipe import load_recipe
+    from .runs.runner import run_recipe
 
     recipe = load_recipe(args.recipe, overrides=args.set)
     run_dir = run_recipe(recipe, output=args.output, overwrite=args.overwrite, progress=not args.quiet)
@@ -180,7 +180,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import push_folder
+    from .jobs.hub import push_folder
 
     push_folder(args.path, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
                 dry_run=args.dry_run, commit_message=args.commit_message)
@@ -189,7 +189,7 @@ def cmd_push(args) -> int:
 
 def cmd_kernels(args) -> int:
     """Build hfcompress's native CPU kernels now (they are otherwise built on first use) and say what runs."""
-    from .native import native_kernel_status
+    from .core.native import native_kernel_status
 
     status = native_kernel_status()
     for name, state in status.items():
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     try:
-        from .quantize.config import QuantizationConfig
+        from .quantization.config import QuantizationConfig
 
         p.set_defaults(_config_fields=add_dataclass_arguments(p, QuantizationConfig))
     except ImportError:  # pragma: no cover - the quantization package is always shipped

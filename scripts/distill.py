@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from hfcompress.distill.cli_args import distill_from_args, parse_distill_args
-from hfcompress.errors import HFCompressError
+from hfcompress.jobs.distill import distill_from_args, parse_distill_args
+from hfcompress.core.errors import HFCompressError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from hfcompress.errors import HFCompressError
-from hfcompress.quantize.config import QuantizationConfig
-from hfcompress.recipe import flat_stage_arguments
+from hfcompress.core.errors import HFCompressError
+from hfcompress.quantization.config import QuantizationConfig
+from hfcompress.runs.recipe import flat_stage_arguments
 
 
 @dataclass
@@ -44,7 +44,7 @@ def parse_args(argv: list[str]):
                  for f in cls.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
-            from hfcompress.recipe import suggest
+            from hfcompress.runs.recipe import suggest
 
             raise HFCompressError(f"--config: unknown key {unknown[0]!r}{suggest(unknown[0], known)}")
         parser.set_defaults(**values)
@@ -54,7 +54,7 @@ def parse_args(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
-    from hfcompress.pipeline import run_quantize
+    from hfcompress.jobs.pipeline import run_quantize
 
     try:
         script_args, config = parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -25,7 +25,7 @@ def hfcompress_home() -> Path:
 @pytest.fixture(scope="session")
 def tiny_reference_dir(hfcompress_home) -> Path:
     """Folder of the trained ``tiny`` reference teacher (config, safetensors, tokenizer)."""
-    from hfcompress import reference
+    from hfcompress.models import reference
 
     old = os.environ.get("HFCOMPRESS_HOME")
     os.environ["HFCOMPRESS_HOME"] = str(hfcompress_home)
@@ -56,7 +56,7 @@ def tiny_teacher(tiny_reference_dir):
 @pytest.fixture(scope="session")
 def calibration_texts():
     """A few held-out stdlib files as calibration/eval text."""
-    from hfcompress.data import load_stdlib_corpus
+    from hfcompress.core.data import load_stdlib_corpus
 
     return load_stdlib_corpus()["validation"]["text"][:8]
 

@@ -25,7 +25,7 @@ def test_subcommand_help_shows_defaults(command, capsys):
 
 
 def test_kernels_reports_each_kernel(capsys, monkeypatch):
-    from hfcompress import native
+    from hfcompress.core import native
 
     code = main(["kernels"])
     out = capsys.readouterr().out

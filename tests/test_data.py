@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from hfcompress import data
-from hfcompress.errors import DataError
+from hfcompress.core import data
+from hfcompress.core.errors import DataError
 
 
 def test_split_is_a_pure_function_of_the_path():

@@ -7,8 +7,8 @@ import hfcompress
 from hfcompress import evaluate as ev_module  # noqa: F401  (the public function)
 import importlib
 
-ev = importlib.import_module("hfcompress.evaluate")
-from hfcompress.errors import DataError
+ev = importlib.import_module("hfcompress.models.evaluate")
+from hfcompress.core.errors import DataError
 
 
 def _hand_perplexity(model, blocks):
@@ -78,9 +78,11 @@ def test_block_size_larger_than_context_is_an_error(tiny_reference_dir):
 
 
 def test_public_names_are_the_functions():
-    import hfcompress.quantize.config  # noqa: F401  (imports the subpackage first)
+    import hfcompress.quantization.config  # noqa: F401  (imports the subpackage first)
     from hfcompress import evaluate, quantize
 
-    assert callable(quantize) and quantize.__module__ == "hfcompress.quantize.api"
-    assert callable(evaluate) and evaluate.__module__ == "hfcompress.evaluate"
+    assert callable(quantize) and quantize.__module__ == "hfcompress.quantization.api"
+    assert callable(evaluate) and evaluate.__module__ == "hfcompress.models.evaluate"
+    import hfcompress.quantization  # the engine's package has its own name: importing it replaces nothing
+    assert hfcompress.quantize is quantize and hfcompress.evaluate is evaluate
     assert hfcompress.QuantizationConfig.__name__ == "QuantizationConfig"

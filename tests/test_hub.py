@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hfcompress import hub
+from hfcompress.jobs import hub
 from hfcompress.cli import main
 
 

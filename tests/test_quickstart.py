@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from hfcompress.cli import main
-from hfcompress.hub import validate_model_card
+from hfcompress.jobs.hub import validate_model_card
 
 QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
 

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from hfcompress.errors import ConfigError
-from hfcompress.recipe import load_recipe, parse_recipe
+from hfcompress.core.errors import ConfigError
+from hfcompress.runs.recipe import load_recipe, parse_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

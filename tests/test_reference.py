@@ -2,7 +2,7 @@ import json
 import os
 import time
 
-from hfcompress import reference
+from hfcompress.models import reference
 
 
 def test_tiny_reference_beats_unigram_and_loads(tiny_reference_dir):

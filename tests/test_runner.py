@@ -6,9 +6,9 @@ import os
 import pytest
 
 from hfcompress.cli import main
-from hfcompress.errors import ConfigError
-from hfcompress.recipe import parse_recipe
-from hfcompress.runner import STAGE_MARKER, run_recipe
+from hfcompress.core.errors import ConfigError
+from hfcompress.runs.recipe import parse_recipe
+from hfcompress.runs.runner import STAGE_MARKER, run_recipe
 
 EVAL = {"evaluate": {"models": ["model", "quantize"], "block_size": 64, "num_blocks": 4, "new_tokens": 4}}
 

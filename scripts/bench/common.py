@@ -62,7 +62,7 @@ def model_device(model) -> torch.device:
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
     """exp(mean NLL) over every token but the first of each (N, T) block — non-overlapping windows.
 
-    The same definition as ``hfcompress.evaluate.perplexity``, re-stated here so the peer venv (which has no
+    The same definition as ``hfcompress.models.evaluate.perplexity``, re-stated here so the peer venv (which has no
     hfcompress) scores models with byte-for-byte the same procedure.
     """
     model.eval()
@@ -244,7 +244,7 @@ def generation_speed(model, prompt: torch.Tensor, new_tokens: int = 128, repeats
 
     Prefill: one forward over ``prompt`` (1, P). Decode: (time of generating ``new_tokens`` - time of
     generating 1) / (new_tokens - 1), so the prompt's prefill is not counted in the decode rate — the same
-    definition as ``hfcompress.evaluate.measure_speed``. Each repeat pairs a 1-token and an N-token run so
+    definition as ``hfcompress.models.evaluate.measure_speed``. Each repeat pairs a 1-token and an N-token run so
     that load drift from other processes hits both halves of the difference alike.
     """
     model.eval()

@@ -110,8 +110,8 @@ class Quality:
                  cache_path: Path | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from hfcompress.data import load_blocks
-        from hfcompress.reference import reference_model
+        from hfcompress.core.data import load_blocks
+        from hfcompress.models.reference import reference_model
 
         self.reference, self.block_size, self.num_eval_blocks = reference, block_size, eval_blocks
         self.cache_path = cache_path
@@ -128,14 +128,14 @@ class Quality:
                                                seed=1) for split in ("validation", "test")}
 
     def perplexities(self, model) -> dict:
-        from hfcompress.evaluate import perplexity
+        from hfcompress.models.evaluate import perplexity
 
         return {split: perplexity(model, blocks, batch_size=16) for split, blocks in self.eval_blocks.items()}
 
     def run(self, name: str, overrides: dict, steps: int, output_dir: Path, student_layers=None) -> dict:
         from hfcompress import DistillationConfig, DistillationTrainer, make_student
-        from hfcompress.data import BlockDataset
-        from hfcompress.distill.hidden import num_layers
+        from hfcompress.core.data import BlockDataset
+        from hfcompress.distillation.hidden import num_layers
 
         layers = student_layers or max(1, num_layers(self.teacher) // 2)
         settings = {**COMMON, **overrides}
@@ -166,7 +166,7 @@ class Quality:
 
     def is_cached(self, overrides: dict, steps: int, student_layers=None) -> bool:
         from hfcompress import DistillationConfig
-        from hfcompress.distill.hidden import num_layers
+        from hfcompress.distillation.hidden import num_layers
 
         args = DistillationConfig(output_dir="unused", max_steps=steps, **{**COMMON, **overrides})
         layers = student_layers or max(1, num_layers(self.teacher) // 2)
@@ -177,7 +177,7 @@ class Quality:
         arguments that matter, the data and the evaluation. Runs are deterministic (seed 0, one thread,
         sequential batches), so an identical key gives the identical result."""
         fields = {k: getattr(args, k) for k in RESOLVED_FIELDS}
-        from hfcompress.reference import REFERENCE_SPECS
+        from hfcompress.models.reference import REFERENCE_SPECS
 
         revision = REFERENCE_SPECS[self.reference].revision  # another teacher revision is another run
         return _normal_key({"reference": self.reference, **({"revision": revision} if revision > 1 else {}),
@@ -319,7 +319,7 @@ def memory_child(variant: str, positions: int, vocab: int, student_width: int, t
         os.environ["HFCOMPRESS_NATIVE_KERNELS"] = "0"
     import psutil
 
-    from hfcompress.distill.losses import LMHead, LogitLoss, chunked_logit_loss, logit_loss_from_logits
+    from hfcompress.distillation.losses import LMHead, LogitLoss, chunked_logit_loss, logit_loss_from_logits
 
     torch.manual_seed(0)
     student_hidden = torch.randn(positions, student_width, requires_grad=True)
@@ -385,9 +385,9 @@ def speed_child(trainer_name: str, reference: str, steps: int, batch: int, block
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, default_data_collator
 
     from hfcompress import make_student
-    from hfcompress.data import BlockDataset, load_blocks
-    from hfcompress.distill.hidden import num_layers
-    from hfcompress.reference import reference_model
+    from hfcompress.core.data import BlockDataset, load_blocks
+    from hfcompress.distillation.hidden import num_layers
+    from hfcompress.models.reference import reference_model
 
     teacher_dir = reference_model(reference)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)

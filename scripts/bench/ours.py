@@ -76,7 +76,7 @@ def cmd_quant(args) -> int:
         if args.seed and args.method in ("gptq", "awq"):
             # Another calibration draw: run.py draws the blocks file's calibration sequences with seed 0 this
             # way; a pre-tokenized tensor is used as given, so QuantizationConfig.seed alone would not change it.
-            from hfcompress.data import load_blocks
+            from hfcompress.core.data import load_blocks
 
             calibration = load_blocks("stdlib", tokenizer, int(calibration.shape[1]), split="train",
                                       num_blocks=int(calibration.shape[0]), seed=args.seed)
@@ -213,7 +213,7 @@ def cmd_distill(args) -> int:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from hfcompress import DistillationConfig, DistillationTrainer
-        from hfcompress.data import BlockDataset
+        from hfcompress.core.data import BlockDataset
 
         common.seed_everything(0)
         blocks = common.load_blocks_file(args.blocks)

@@ -100,7 +100,7 @@ def run_one(args) -> None:
 def make_blocks(model_dir: Path, num_samples: int, eval_blocks: int, path: Path) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
-    from hfcompress.data import load_blocks
+    from hfcompress.core.data import load_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     seq_len = AutoConfig.from_pretrained(model_dir).max_position_embeddings
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
         run_one(args)
         return 0
 
-    from hfcompress.reference import reference_model
+    from hfcompress.models.reference import reference_model
 
     model_dir = reference_model(args.size)
     rows = ROWS + (EXTRA_ROWS if args.extra else [])

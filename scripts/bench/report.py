@@ -608,7 +608,7 @@ def write(results: dict, path: Path) -> None:
         + (f" (`OMP_NUM_THREADS={machine['omp_num_threads']}`)" if machine.get("omp_num_threads") else "")
         + (f"; load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}" if load else "") + ".\n",
         f"Reference teacher `{profile['teacher']}`: {_f(teacher.get('num_parameters'))} parameters, validation "
-        f"perplexity {_f(teacher.get('validation_perplexity'))} (trained by `hfcompress.reference`)."
+        f"perplexity {_f(teacher.get('validation_perplexity'))} (trained by `hfcompress.models.reference`)."
         + (f" The issues state their quality targets for the `base` teacher; it was still being trained by another "
            f"process when this run started, so this run measured the `{profile['teacher']}` teacher "
            f"(`--teacher {profile['teacher']}`); the target lines below apply those thresholds to it."

@@ -182,7 +182,7 @@ class Runner:
 # Shared inputs (written once, from our side)
 # --------------------------------------------------------------------------------------------------------
 def teacher_dir(profile: Profile) -> Path:
-    from hfcompress.reference import reference_model
+    from hfcompress.models.reference import reference_model
 
     return Path(reference_model(profile.teacher, progress=False))
 
@@ -190,7 +190,7 @@ def teacher_dir(profile: Profile) -> Path:
 def wait_for_reference(size: str, minutes: float) -> None:
     """Wait (up to ``minutes``) while another process is training the reference teacher ``size``, instead of
     starting a second training: its temporary folder ``.<size>-*`` exists until it is renamed into place."""
-    from hfcompress.reference import reference_path
+    from hfcompress.models.reference import reference_path
 
     target = reference_path(size)
     deadline = time.time() + 60 * minutes
@@ -206,7 +206,7 @@ def wait_for_reference(size: str, minutes: float) -> None:
 def prepare_blocks(profile: Profile, teacher: Path, work: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from hfcompress.data import load_blocks
+    from hfcompress.core.data import load_blocks
 
     # teacher.name carries the reference revision (e.g. base-v2): a retrained teacher gets fresh inputs.
     path = work / f"blocks-{profile.name}-{teacher.name}.safetensors"
@@ -268,7 +268,7 @@ def sentences(count: int, seed: int = 0) -> list[str]:
     import ast
     import random
 
-    from hfcompress.data import load_texts
+    from hfcompress.core.data import load_texts
 
     paragraphs = []
     for source in load_texts("stdlib", split="test"):
@@ -291,7 +291,7 @@ def sentences(count: int, seed: int = 0) -> list[str]:
 def prepare_embed_blocks(profile: Profile, model: Path, work: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from hfcompress.data import pack_blocks
+    from hfcompress.core.data import pack_blocks
 
     path = work / f"embed-{profile.name}.safetensors"
     if path.is_file():

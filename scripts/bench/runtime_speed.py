@@ -105,9 +105,9 @@ def write_ct_checkpoint(model, out_dir: Path, num_bits: int, group_size: int | N
 
 
 def write_hfcompress_checkpoint(model, out_dir: Path, num_bits: int, group_size: int | None) -> Path:
-    from hfcompress.quantize.api import quantize
-    from hfcompress.quantize.config import QuantizationConfig
-    from hfcompress.quantize.saving import save_checkpoint
+    from hfcompress.quantization.api import quantize
+    from hfcompress.quantization.config import QuantizationConfig
+    from hfcompress.quantization.saving import save_checkpoint
 
     quantized = quantize(model, QuantizationConfig(method="rtn", bits=num_bits, group_size=group_size, ignore=[]))
     return save_checkpoint(quantized, out_dir, overwrite=True)
@@ -155,8 +155,8 @@ def kernel_streaming(out_features: int, in_features: int, total_mib: int = 768, 
     ``G weights/s`` and the weight bytes read per second tell whether a kernel is bandwidth- or compute-bound.
     The decode ceiling vs fp32 is the fp32 kernel's time per weight over this kernel's: what replacing every
     fp32 linear by this kernel can give at most, before any other cost of a decode step."""
-    from hfcompress import native
-    from hfcompress.quantize import kernels
+    from hfcompress.core import native
+    from hfcompress.quantization import kernels
 
     def count(bytes_per_weight: float) -> int:  # matrices of this kernel's storage filling total_mib
         return max(2, int(total_mib * 2**20 // (bytes_per_weight * out_features * in_features)))
@@ -228,11 +228,11 @@ def variants(args):
     drift from other processes hits them alike); the others are loaded, timed once and freed one by one."""
     from transformers import AutoModelForCausalLM
 
-    native = importlib.import_module("hfcompress.native")
+    native = importlib.import_module("hfcompress.core.native")
     int8_kernel = "hfcompress int8_gemv" if native.int8_gemv_available() else "int8pack"
 
     def ours(bits, group, **kwargs):
-        from hfcompress.quantize.runtime import load_compressed
+        from hfcompress.quantization.runtime import load_compressed
 
         path = checkpoint(args, f"w{bits}a16", bits, group)
         return lambda: load_compressed(path, progress=False, **kwargs)
@@ -246,7 +246,7 @@ def variants(args):
 
         def load():
             # transformers' own path: from_pretrained(float checkpoint, quantization_config=...), which also
-            # leaves bitsandbytes' fast CPU kernels on (hfcompress.quantize.bnb switches their repacking off
+            # leaves bitsandbytes' fast CPU kernels on (hfcompress.quantization.bnb switches their repacking off
             # to keep models serializable; here we time what transformers users run).
             if method == "bnb_int8":
                 config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=[])
@@ -419,7 +419,7 @@ def main(argv=None) -> int:
     wanted = [n for n in table_of if not args.only or n in args.only]
     info = {"machine": common.machine_info(), "args": vars(args),
             "versions": common.package_versions(["torch", "transformers", "compressed-tensors", "bitsandbytes"]),
-            "native_kernels": importlib.import_module("hfcompress.native").native_kernel_status()}
+            "native_kernels": importlib.import_module("hfcompress.core.native").native_kernel_status()}
     print(f"native kernels: {info['native_kernels']}", flush=True)
     bandwidth = {"sum": common.memory_bandwidth_gbps(size_mib=1024), "gemv": gemv_bandwidth_gbps()}
     bw = max(b["read_gb_per_s"]["median"] for b in bandwidth.values())

@@ -11,9 +11,9 @@ import pytest
 import torch
 from .conftest import run_clean_python, small_llama
 
-from hfcompress.errors import ConfigError
-from hfcompress.quantize.bnb import quantize_bnb
-from hfcompress.quantize.saving import save_checkpoint
+from hfcompress.core.errors import ConfigError
+from hfcompress.quantization.bnb import quantize_bnb
+from hfcompress.quantization.saving import save_checkpoint
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -168,7 +168,7 @@ def test_cpu_kernel_shape_error_names_layer():
 def test_save_refuses_layers_repacked_by_bitsandbytes(tmp_path, model):
     """A 4-bit model whose CPU fast path repacked its weights cannot be written back exactly (bitsandbytes
     0.50): save_checkpoint refuses instead of writing a corrupted checkpoint."""
-    from hfcompress.errors import HFCompressError
+    from hfcompress.core.errors import HFCompressError
 
     quantized = quantize_bnb(model, bnb_config("bnb_nf4", bnb_double_quant=False, bnb_compute_dtype="float32"))
     layer = quantized.model.layers[0].mlp.up_proj

@@ -12,12 +12,18 @@ import pytest
 import torch
 from .conftest import small_llama
 
-from hfcompress.quantize.runtime import DequantLinear, Int4PackedLinear, Int8PackedLinear, kernel_module, load_compressed
-from hfcompress.quantize.saving import save_checkpoint
-from hfcompress.quantize.verify import verify_checkpoint
+from hfcompress.quantization.runtime import (
+    DequantLinear,
+    Int4PackedLinear,
+    Int8PackedLinear,
+    kernel_module,
+    load_compressed,
+)
+from hfcompress.quantization.saving import save_checkpoint
+from hfcompress.quantization.verify import verify_checkpoint
 
-api = pytest.importorskip("hfcompress.quantize.api")
-QuantizationConfig = pytest.importorskip("hfcompress.quantize.config").QuantizationConfig
+api = pytest.importorskip("hfcompress.quantization.api")
+QuantizationConfig = pytest.importorskip("hfcompress.quantization.config").QuantizationConfig
 
 TOKENS = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(3))
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfcompress.quantize import kernels
-from hfcompress.quantize.runtime import DequantLinear, Int4PackedLinear, Int8PackedLinear
+from hfcompress.quantization import kernels
+from hfcompress.quantization.runtime import DequantLinear, Int4PackedLinear, Int8PackedLinear
 
 U = 2.0 ** -8
 

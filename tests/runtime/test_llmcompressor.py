@@ -11,8 +11,8 @@ import torch
 from .conftest import load_dequantized_reference
 from safetensors.torch import load_file
 
-from hfcompress.quantize.runtime import Int4PackedLinear, Int8PackedLinear, load_compressed
-from hfcompress.quantize.verify import verify_checkpoint
+from hfcompress.quantization.runtime import Int4PackedLinear, Int8PackedLinear, load_compressed
+from hfcompress.quantization.verify import verify_checkpoint
 
 DATA = Path(__file__).parent / "data"
 CASES = {"llmcompressor-w4a16-asym-g64-rtn": Int4PackedLinear, "llmcompressor-w8a16-channel-rtn": Int8PackedLinear}

@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from hfcompress import native
-from hfcompress.quantize import kernels
+from hfcompress.core import native
+from hfcompress.quantization import kernels
 
 pytestmark = pytest.mark.skipif(not native.int8_gemv_available(), reason="int8 kernel could not be built here")
 

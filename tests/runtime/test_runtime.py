@@ -16,11 +16,11 @@ import pytest
 import torch
 from .conftest import ct_reference_logits, load_dequantized_reference, small_llama, write_ct_checkpoint
 
-from hfcompress.evaluate import count_parameters, weight_bytes
-from hfcompress.errors import HFCompressError
-from hfcompress import native
-from hfcompress.quantize.checkpoint import CheckpointError, UnsupportedSchemeError
-from hfcompress.quantize.runtime import (
+from hfcompress.models.evaluate import count_parameters, weight_bytes
+from hfcompress.core.errors import HFCompressError
+from hfcompress.core import native
+from hfcompress.quantization.checkpoint import CheckpointError, UnsupportedSchemeError
+from hfcompress.quantization.runtime import (
     DequantLinear,
     Int4PackedLinear,
     Int8PackedLinear,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from .conftest import run_clean_python, small_llama, write_ct_checkpoint
 
-from hfcompress.errors import HFCompressError
-from hfcompress.quantize.saving import CheckpointExistsError, save_checkpoint
+from hfcompress.core.errors import HFCompressError
+from hfcompress.quantization.saving import CheckpointExistsError, save_checkpoint
 
 
 def siblings(path):
@@ -130,7 +130,7 @@ assert "hfcompress" not in sys.modules
     proc = run_clean_python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     plain = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
-    from hfcompress.quantize.runtime import load_compressed
+    from hfcompress.quantization.runtime import load_compressed
 
     ours = load_compressed(out, dtype=torch.float32, progress=False)
     with torch.no_grad():

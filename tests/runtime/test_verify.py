@@ -10,8 +10,8 @@ import torch
 from .conftest import small_llama, write_ct_checkpoint
 from safetensors.torch import load_file, save_file
 
-from hfcompress.quantize.saving import save_checkpoint
-from hfcompress.quantize.verify import verify_checkpoint
+from hfcompress.quantization.saving import save_checkpoint
+from hfcompress.quantization.verify import verify_checkpoint
 
 
 def rewrite(path, edit, file="model.safetensors"):
@@ -149,7 +149,7 @@ def test_non_finite_float_weights_only_with_deep(sharded):
 
 def test_bitsandbytes_checkpoints(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from hfcompress.quantize.bnb import quantize_bnb
+    from hfcompress.quantization.bnb import quantize_bnb
 
     model = small_llama(hidden=128, intermediate=256)
     nf4 = save_checkpoint(quantize_bnb(model, SimpleNamespace(method="bnb_nf4", bnb_double_quant=False)),

@@ -1,0 +1,177 @@
+"""``DistillationConfig``: ``transformers.TrainingArguments`` plus the fields of knowledge distillation.
+
+Only distillation fields live here; everything else (learning rate, batch size, schedule, logging, saving,
+``accelerate`` settings) is a ``TrainingArguments`` field. A few of those get new defaults chosen by the
+benchmark (``scripts/bench/distill_bench.py``): see the comment above them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from ..core.errors import ConfigError
+
+LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+HIDDEN_LOSSES = ("mse", "cosine")
+LAYER_MAP_NAMES = ("uniform", "last")
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    r"""Arguments of :class:`~hfcompress.distillation.trainer.DistillationTrainer`.
+
+    The training objective per predicted token is
+
+    ``kd_weight * T² * D(p_T ‖ q_T) + ce_weight * CE(q_1, label) + hidden_weight * H(student, teacher)``
+
+    where ``p_T``/``q_T`` are the teacher/student next-token distributions at temperature ``T``, ``D`` the
+    divergence named by ``loss``, and ``H`` the hidden-state loss averaged over the mapped layers. Every term
+    is summed over the predicted tokens (``labels != -100``) and divided by the number of such tokens in the
+    whole optimizer step (all gradient-accumulation micro-batches and all data-parallel ranks).
+    """
+
+    # ----- logit distillation -----
+    loss: str = field(
+        default="forward_kl",
+        metadata={"help": "Divergence between teacher and student next-token distributions: "
+                          "'forward_kl' KL(teacher‖student) (Hinton et al. 2015), 'reverse_kl' KL(student‖teacher) "
+                          "(MiniLLM, Gu et al. 2024), 'jsd' generalized Jensen-Shannon with `beta` (GKD, Agarwal et "
+                          "al. 2024), 'skew_forward_kl'/'skew_reverse_kl' with `skew_alpha` (DistiLLM, Ko et al. "
+                          "2024), 'tvd' total variation distance (Wen et al. 2023)."},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Softmax temperature T > 0 applied to both models' logits for the distillation term; "
+                          "the term is multiplied by T² so its gradient scale does not shrink with T (Hinton et "
+                          "al. 2015). The cross-entropy term always uses T = 1."},
+    )
+    kd_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the logit-distillation term (>= 0)."},
+    )
+    ce_weight: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the ordinary next-token cross-entropy on the data's labels (>= 0)."},
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={"help": "For loss='jsd': interpolation weight in [0, 1] of the generalized JSD, normalised by "
+                          "1/(beta(1-beta)) so that beta=0 is forward KL and beta=1 is reverse KL, continuously."},
+    )
+    skew_alpha: float = field(
+        default=0.1,
+        metadata={"help": "For the skew losses: mixing weight alpha in [0, 1) of the skewed distribution, e.g. "
+                          "skew forward KL = KL(p ‖ alpha p + (1-alpha) q) (DistiLLM uses 0.1). 0 gives plain KL."},
+    )
+    # ----- hidden-state distillation -----
+    hidden_weight: float = field(
+        default=10.0,
+        metadata={"help": "Weight of the hidden-state loss (>= 0); 0 turns hidden-state distillation off. The "
+                          "default 10 (with 'cosine') is the benchmark's best on the base teacher at 50 and 150 "
+                          "steps (scripts/bench/results/distill_base.md)."},
+    )
+    hidden_loss: str = field(
+        default="cosine",
+        metadata={"help": "Hidden-state loss per mapped layer pair: 'mse' (mean squared error over the hidden "
+                          "dimension) or 'cosine' (1 - cosine similarity)."},
+    )
+    layer_map: dict[str, int] | str | None = field(
+        default="uniform",
+        metadata={"help": "Which student layer mimics which teacher layer (0-based transformer blocks; layer i is "
+                          "the output of block i, the last one after the final norm): 'uniform' (student layer i "
+                          "-> teacher layer round((i+1)*L_t/L_s)-1), 'last' (last -> last), or a "
+                          "{student_layer: teacher_layer} dict / JSON string such as '{\"1\": 3, \"3\": 7}'. "
+                          "Learned linear projections map student widths to teacher widths when they differ."},
+    )
+    # ----- memory -----
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Token positions per chunk of the logit losses. Logits are computed chunk by chunk from "
+                          "the final hidden states and the LM-head weights, and each chunk's gradient is taken "
+                          "right away, so full (batch, seq, vocab) float32 logits never exist. 0 uses the models' "
+                          "full logits (more memory; for models whose logits are not a plain linear head)."},
+    )
+    # ----- teacher -----
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for `from_pretrained` when the teacher is given as a path or Hub id, "
+                          "as a dict or JSON string, e.g. '{\"dtype\": \"bfloat16\"}' or a bitsandbytes "
+                          "'{\"quantization_config\": {\"load_in_8bit\": true}}' to hold the teacher in less "
+                          "memory."},
+    )
+
+    def __post_init__(self):
+        self.teacher_model_init_kwargs = _parse_json_dict(self.teacher_model_init_kwargs, "teacher_model_init_kwargs")
+        self.layer_map = normalize_layer_map(self.layer_map)
+        if self.loss not in LOGIT_LOSSES:
+            raise ConfigError(f"DistillationConfig.loss={self.loss!r} is not a known divergence; choose one of "
+                              f"{', '.join(LOGIT_LOSSES)}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ConfigError(f"DistillationConfig.hidden_loss={self.hidden_loss!r} is unknown; choose one of "
+                              f"{', '.join(HIDDEN_LOSSES)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"DistillationConfig.temperature must be > 0, got {self.temperature}; "
+                              f"use 1.0 for the plain distributions")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"DistillationConfig.beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), "
+                              f"got {self.beta}")
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ConfigError(f"DistillationConfig.skew_alpha must be in [0, 1), got {self.skew_alpha}")
+        for name in ("kd_weight", "ce_weight", "hidden_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"DistillationConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.kd_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
+            raise ConfigError("DistillationConfig: kd_weight, ce_weight and hidden_weight are all 0, so there is "
+                              "nothing to train; set kd_weight > 0")
+        if self.loss_chunk_size < 0:
+            raise ConfigError(f"DistillationConfig.loss_chunk_size must be >= 0 (0 = unchunked), "
+                              f"got {self.loss_chunk_size}")
+        super().__post_init__()
+
+
+def _parse_json_dict(value, name: str) -> dict | None:
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"DistillationConfig.{name} is not valid JSON ({exc.msg}): {value!r}") from exc
+        if isinstance(parsed, dict):
+            return parsed
+    raise ConfigError(f"DistillationConfig.{name} must be a dict or a JSON object string, got {value!r}")
+
+
+def normalize_layer_map(layer_map) -> str | dict[int, int]:
+    """``'uniform'``/``'last'`` stay names; a dict or JSON string becomes ``{student_layer: teacher_layer}``.
+
+    Whether the layers exist is checked against the models by the trainer (see ``hidden.resolve_layer_map``).
+    """
+    if layer_map is None:
+        return "uniform"
+    if isinstance(layer_map, str):
+        if layer_map in LAYER_MAP_NAMES:
+            return layer_map
+        if not layer_map.lstrip().startswith("{"):
+            raise ConfigError(f"DistillationConfig.layer_map={layer_map!r} is unknown; use 'uniform', 'last' or a "
+                              f"JSON object such as '{{\"1\": 3}}'")
+        layer_map = _parse_json_dict(layer_map, "layer_map")
+    if not isinstance(layer_map, dict) or not layer_map:
+        raise ConfigError(f"DistillationConfig.layer_map must be 'uniform', 'last' or a non-empty "
+                          f"{{student_layer: teacher_layer}} dict, got {layer_map!r}")
+    result = {}
+    for student, teacher in layer_map.items():
+        try:
+            s, t = int(student), int(teacher)
+        except (TypeError, ValueError):
+            raise ConfigError(f"DistillationConfig.layer_map entry {student!r}: {teacher!r} is not a pair of layer "
+                              f"numbers") from None
+        if s < 0 or t < 0:
+            raise ConfigError(f"DistillationConfig.layer_map entry {s}: {t} names a negative layer; layers are "
+                              f"numbered from 0")
+        result[s] = t
+    return result

@@ -1,0 +1,166 @@
+"""Command-line arguments of ``scripts/distill.py`` (and ``hfcompress distill``), and the run they describe.
+
+``parse_distill_args(argv)`` reads ``transformers.HfArgumentParser`` flags for two dataclasses,
+:class:`DistillScriptArguments` (models and data) and :class:`~hfcompress.distillation.config.DistillationConfig`
+(training), optionally starting from ``--config file.yaml`` whose keys are fields of either; flags given on
+the command line override the file. ``distill_from_args`` runs the distillation they describe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..core.errors import ConfigError
+from ..distillation.config import DistillationConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillScriptArguments:
+    """Which teacher, which student, which data."""
+
+    teacher: str = field(
+        default="reference:small",
+        metadata={"help": "Teacher: a model folder, a Hub id, or reference:<tiny|small|base> (the cached "
+                          "reference teachers)."},
+    )
+    student: str = field(
+        default="from-teacher",
+        metadata={"help": "Student: a model folder / Hub id, or 'from-teacher' to build one from the teacher with "
+                          "make_student (see student_num_layers)."},
+    )
+    student_num_layers: int | None = field(
+        default=None,
+        metadata={"help": "For student='from-teacher': number of layers (default: half the teacher's)."},
+    )
+    student_hidden_size: int | None = field(
+        default=None, metadata={"help": "For student='from-teacher': narrower hidden size (default: teacher's)."})
+    student_intermediate_size: int | None = field(
+        default=None, metadata={"help": "For student='from-teacher': narrower MLP size (default: teacher's)."})
+    student_layer_selection: str = field(
+        default="uniform",
+        metadata={"help": "For student='from-teacher': 'uniform' (every k-th teacher layer) or comma-separated "
+                          "teacher layer indices such as '1,3,5,7'."},
+    )
+    dataset: str = field(
+        default="stdlib",
+        metadata={"help": "Training text: any hfcompress.core.data.load_texts source ('stdlib', a file or folder, a "
+                          "datasets name)."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of `dataset` to train on."})
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Held-out text for evaluation during training (e.g. 'stdlib:validation'); none by "
+                          "default."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Text column of tabular datasets."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per training block (<= the teacher's context)."})
+    num_train_blocks: int | None = field(
+        default=None, metadata={"help": "Number of training blocks drawn from the data (default: all)."})
+    num_eval_blocks: int | None = field(
+        default=64, metadata={"help": "Number of evaluation blocks drawn from eval_dataset."})
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_distill_args(argv: list[str] | None = None) -> tuple[DistillScriptArguments, DistillationConfig]:
+    """Flags (and ``--config file.yaml``) -> (DistillScriptArguments, DistillationConfig).
+
+    The YAML file is a flat mapping or a recipe (its first ``distill`` stage, see
+    ``hfcompress.runs.recipe.flat_stage_arguments``). Keys must be fields of one of the two dataclasses; an unknown
+    key raises ``ConfigError`` naming the closest field. ``output_dir`` defaults to ``distill-output``.
+    """
+    from transformers import HfArgumentParser
+
+    argv = list(argv) if argv is not None else []
+    config_path = None
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise ConfigError("--config needs a YAML file path")
+        config_path = argv[index + 1]
+        argv = argv[:index] + argv[index + 2:]
+    parser = HfArgumentParser((DistillScriptArguments, DistillationConfig))
+    names = [f.name for cls in (DistillScriptArguments, DistillationConfig) for f in dataclasses.fields(cls)]
+    defaults: dict = {"output_dir": "distill-output"}
+    if config_path is not None:
+        from ..runs.recipe import flat_stage_arguments
+
+        # A flat mapping of argument names, or a recipe whose first `distill` stage is taken.
+        loaded = flat_stage_arguments(config_path, "distill")
+        for key in loaded:
+            if key not in names:
+                raise ConfigError(f"{config_path}: unknown key {key!r}{_suggest(key, names)}; keys are the fields "
+                                  f"of DistillScriptArguments and DistillationConfig")
+        defaults.update(loaded)
+    parser.set_defaults(**defaults)
+    try:
+        script_args, config = parser.parse_args_into_dataclasses(args=argv)
+    except SystemExit as exc:  # argparse reports unknown flags by exiting; make it our one-line error
+        if exc.code == 0:
+            raise
+        raise ConfigError(f"could not parse the distillation arguments {argv}; see --help") from None
+    return script_args, config
+
+
+def _layer_selection(text: str):
+    if text == "uniform":
+        return text
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"student_layer_selection must be 'uniform' or comma-separated layer indices, "
+                          f"got {text!r}") from None
+
+
+def build_student(script_args: DistillScriptArguments):
+    """The student named by the arguments (loaded, or made from the teacher)."""
+    from ..models.loading import load_model
+    from ..distillation.hidden import num_layers
+    from ..distillation.student import make_student
+
+    if script_args.student != "from-teacher":
+        return load_model(script_args.student)
+    teacher = load_model(script_args.teacher)  # full precision: make_student copies its weights
+    layers = script_args.student_num_layers or max(1, num_layers(teacher) // 2)
+    return make_student(teacher, num_layers=layers, hidden_size=script_args.student_hidden_size,
+                        intermediate_size=script_args.student_intermediate_size,
+                        layer_selection=_layer_selection(script_args.student_layer_selection))
+
+
+def distill_from_args(script_args: DistillScriptArguments, config: DistillationConfig) -> Path:
+    """Run the distillation the arguments describe; returns the folder of the saved student."""
+    from transformers import default_data_collator
+
+    from ..core.data import BlockDataset, check_block_size, load_blocks
+    from ..models.loading import load_tokenizer, resolve_model
+    from ..distillation.trainer import DistillationTrainer
+
+    teacher_path = resolve_model(script_args.teacher)
+    tokenizer = load_tokenizer(teacher_path)
+    student = build_student(script_args)
+    check_block_size(script_args.block_size, student.config)
+    train_blocks = load_blocks(script_args.dataset, tokenizer, script_args.block_size, split=script_args.dataset_split,
+                               num_blocks=script_args.num_train_blocks, seed=config.seed,
+                               text_column=script_args.text_column)
+    eval_dataset = None
+    if script_args.eval_dataset:
+        eval_blocks = load_blocks(script_args.eval_dataset, tokenizer, script_args.block_size, split="validation",
+                                  num_blocks=script_args.num_eval_blocks, seed=config.seed,
+                                  text_column=script_args.text_column)
+        eval_dataset = BlockDataset(eval_blocks)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher_path, args=config,
+                                  data_collator=default_data_collator, train_dataset=BlockDataset(train_blocks),
+                                  eval_dataset=eval_dataset, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model()
+    return Path(config.output_dir)

@@ -1,0 +1,207 @@
+"""End-to-end jobs shared by the CLI subcommands and the recipe stages: load -> compress -> save -> card."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..core.errors import HFCompressError
+
+logger = logging.getLogger(__name__)
+
+STDLIB_DESCRIPTION = ("The Python standard library's own source files (offline corpus shipped with every Python; "
+                      "split by file into train/validation/test).")
+
+
+def describe_data(source) -> str:
+    text = str(source)
+    if text == "stdlib" or text.startswith("stdlib:"):
+        return f"{STDLIB_DESCRIPTION} Split used: `{text.partition(':')[2] or 'train'}`."
+    return f"`{text}`"
+
+
+def _settings(config) -> dict:
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Quantize
+# --------------------------------------------------------------------------------------------------------
+def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib", max_shard_size="2GB",
+                       overwrite: bool = False, progress: bool = True, recipe_text: str | None = None,
+                       base_model: str | None = None) -> Path:
+    """Load ``model_ref``, quantize it with ``config``, save it (atomically) with its tokenizer and card."""
+    from .hub import build_model_card
+    from ..models.loading import load_model, load_tokenizer, resolve_model
+    from ..quantization.api import quantize
+    from ..quantization.saving import save_checkpoint
+
+    resolved = resolve_model(model_ref)
+    tokenizer = load_tokenizer(resolved)
+    model = load_model(resolved)
+    uses_data = config.method in ("gptq", "awq") or getattr(config, "observer", "minmax") != "minmax"
+    quantize(model, config, calibration_data=calibration_data if uses_data else None, tokenizer=tokenizer,
+             progress=progress)
+    report = getattr(model, "hfcompress_report", None)
+    settings = _settings(config)
+    fallbacks = getattr(report, "fallbacks", None)
+    if fallbacks:  # {layer: group size used} for layers the requested group size does not divide
+        settings["group_size_fallbacks"] = fallbacks
+    card = build_model_card(
+        title=f"{Path(str(base_model or model_ref)).name} ({config.method}, {config.bits}-bit)"
+        if config.method != "cast" else f"{Path(str(base_model or model_ref)).name} ({config.dtype})",
+        base_model=base_model or model_ref, method=f"post-training quantization ({config.method})",
+        settings=settings,
+        data_description=("Calibration data: " + describe_data(calibration_data)) if uses_data
+        else "No calibration data (data-free method).",
+        recipe_text=recipe_text, tags=["quantized", config.method], load_snippet=_load_snippet(config))
+    return save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
+                           extra_files={"README.md": str(card)})
+
+
+def _load_snippet(config) -> str:
+    plain = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+             "# plain transformers (compressed-tensors installed) decompresses the weights on load:\n"
+             "model = AutoModelForCausalLM.from_pretrained(\"<this folder or repo id>\")\n"
+             "tokenizer = AutoTokenizer.from_pretrained(\"<this folder or repo id>\")")
+    if config.method in ("rtn", "gptq", "awq"):
+        return plain + ("\n\n# hfcompress keeps the weights packed and runs PyTorch's int4/int8 kernels:\n"
+                        "import hfcompress\nmodel = hfcompress.load_compressed(\"<this folder or repo id>\")")
+    return plain
+
+
+def run_quantize(model_ref, out_dir, config, calibration_data="stdlib", overwrite=False, max_shard_size="2GB",
+                 progress=True) -> Path:
+    return quantize_to_folder(model_ref, out_dir, config, calibration_data=calibration_data,
+                              max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+
+
+def quantize_stage(ctx) -> dict:
+    args = ctx.config("QuantizeStageArgs")
+    config = ctx.config("QuantizationConfig")
+    base = ctx.stage.input or ctx.default_input
+    base_name = ctx.recipe.model if base == "model" else base
+    out = quantize_to_folder(ctx.input_model, ctx.work_dir, config, calibration_data=args.calibration_data,
+                             max_shard_size=args.max_shard_size, overwrite=True, progress=ctx.progress,
+                             recipe_text=ctx.recipe.source, base_model=base_name)
+    return {"output": out.name, "method": config.method, "bits": config.bits}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Distill
+# --------------------------------------------------------------------------------------------------------
+def distill_stage(ctx) -> dict:
+    """Distil the stage's input (the teacher, unless the stage names one) into a student in the stage folder."""
+    import shutil
+
+    from .distill import distill_from_args
+    from .hub import write_model_card
+
+    script_args = ctx.config("DistillScriptArguments")
+    config = ctx.config("DistillationConfig")
+    if "teacher" not in ctx.stage.raw:
+        script_args = dataclasses.replace(script_args, teacher=ctx.input_model)
+    config.output_dir = str(ctx.work_dir)
+    out = distill_from_args(script_args, config)
+    for checkpoint in Path(out).glob("checkpoint-*"):  # the stage's output is the final student only
+        shutil.rmtree(checkpoint)
+    base = ctx.stage.input or ctx.default_input
+    write_model_card(
+        out, title=f"Student distilled from {Path(str(ctx.recipe.model if base == 'model' else base)).name}",
+        base_model=ctx.recipe.model if base == "model" else base,
+        method=f"knowledge distillation ({config.loss}, T={config.temperature})",
+        settings={**ctx.stage.raw, "teacher": script_args.teacher},
+        data_description="Training data: " + describe_data(script_args.dataset),
+        recipe_text=ctx.recipe.source, tags=["distillation"])
+    return {"output": Path(out).name, "loss": config.loss, "max_steps": config.max_steps}
+
+
+def run_distill(script_args, config) -> Path:
+    from .distill import distill_from_args
+
+    return distill_from_args(script_args, config)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Evaluate
+# --------------------------------------------------------------------------------------------------------
+def evaluate_in_subprocess(model_path: str, args, json_path: Path, progress: bool = False) -> dict:
+    """Evaluate one model in a fresh process, so its peak RSS is its own and models do not share caches."""
+    command = [sys.executable, "-m", "hfcompress.cli", "eval", model_path, "--json", str(json_path),
+               "--data", args.data, "--batch-size", str(args.batch_size), "--new-tokens", str(args.new_tokens),
+               "--runtime", args.runtime]
+    for flag, value in (("--block-size", args.block_size), ("--num-blocks", args.num_blocks),
+                        ("--stride", args.stride)):
+        if value is not None:
+            command += [flag, str(value)]
+    if not args.speed:
+        command.append("--no-speed")
+    if not progress:
+        command.append("-q")
+    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode != 0:
+        message = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise HFCompressError(f"evaluating {model_path} failed: {message}")
+    return json.loads(json_path.read_text())
+
+
+def evaluate_stage(ctx) -> dict:
+    args = ctx.config("EvaluateStageArgs")
+    refs = list(args.models or ((["model"] if ctx.recipe.model else []) + ctx.produced))
+    results = []
+    for ref in refs:
+        path = ctx.resolve(ref)
+        result = evaluate_in_subprocess(path, args, ctx.work_dir / f"eval-{len(results)}.json", ctx.progress)
+        result["label"] = ref if ref != "model" else Path(str(ctx.recipe.model)).name.replace("reference:", "")
+        results.append(result)
+    ctx.write_json("results.json", results)
+    _add_metrics_to_cards(ctx, refs, results)
+    return {"results": results}
+
+
+def _add_metrics_to_cards(ctx, refs, results) -> None:
+    """Put the evaluation table into the model cards of this run's models (atomic rewrite of README.md)."""
+    from huggingface_hub import ModelCard
+
+    from .hub import _metrics_table
+
+    table = _metrics_table(results)
+    for ref in refs:
+        readme = Path(ctx.resolve(ref)) / "README.md"
+        if ref == "model" or not readme.is_file() or ctx.run_dir not in readme.parents:
+            continue
+        card = ModelCard.load(readme)
+        text = str(card)
+        start = text.find("## Evaluation")
+        end = text.find("\n## ", start + 1)
+        if start < 0 or end < 0:
+            continue
+        updated = text[:start] + f"## Evaluation\n\nMeasured by the recipe's `{ctx.stage.name}` stage:\n\n{table}\n" \
+            + text[end:]
+        tmp = readme.with_suffix(".md.tmp")
+        tmp.write_text(updated)
+        os.replace(tmp, readme)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Push
+# --------------------------------------------------------------------------------------------------------
+def push_stage(ctx) -> dict:
+    from .hub import push_folder
+
+    args = ctx.config("PushStageArgs")
+    folder = ctx.input_model
+    lines: list[str] = []
+    files = push_folder(folder, args.repo_id, private=args.private, revision=args.revision,
+                        create_pr=args.create_pr, dry_run=args.dry_run, commit_message=args.commit_message,
+                        printer=lambda line: (lines.append(line), print(line)))
+    ctx.write_json("push.json", {"repo_id": args.repo_id, "dry_run": args.dry_run, "folder": str(folder),
+                                 "files": [{"path": p, "bytes": b} for p, b in files], "log": lines})
+    return {"repo_id": args.repo_id, "dry_run": args.dry_run, "files": len(files)}

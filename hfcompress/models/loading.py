@@ -1,0 +1,99 @@
+"""Loading models and tokenizers from a folder or a Hub id, with one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..core.errors import ModelLoadError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """Return ``path`` as a Path if it is a folder holding a model (``config.json``); else raise clearly."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is a file; pass the folder that holds config.json")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{str(path)!r} is not a model folder: it has no config.json")
+    return path
+
+
+def is_local_reference(name: str) -> bool:
+    return os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~"))
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """A local model folder (checked) or a Hub id (left to ``from_pretrained``).
+
+    ``reference:small`` / ``reference:base`` name the cached reference teachers (trained on first use).
+    """
+    name = os.fspath(name_or_path)
+    if name.startswith("reference:"):
+        from .reference import reference_model
+
+        return str(reference_model(name.partition(":")[2]))
+    if is_local_reference(name):
+        return str(check_model_dir(name))
+    return name
+
+
+def load_model(name_or_path, *, trust_remote_code: bool = False, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolved, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load a causal LM from {resolved!r}: {first_line}") from exc
+
+
+def load_tokenizer(name_or_path, *, trust_remote_code: bool = False, **kwargs):
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load a tokenizer from {resolved!r}: {first_line}") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def checkpoint_bytes(path: str | os.PathLike) -> int:
+    """Bytes of weight files in a checkpoint folder (safetensors/bin shards), excluding tokenizer/config."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+
+
+def quantization_method(path: str | os.PathLike) -> str | None:
+    """``quant_method`` of a local checkpoint's config.json (``None`` for a plain model or a Hub id)."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method")
+
+
+def load_for_inference(name_or_path, runtime: str = "auto", progress: bool = False):
+    """Load a model for evaluation/generation.
+
+    ``runtime='auto'`` (or ``'packed'``) loads compressed-tensors checkpoints with
+    :func:`hfcompress.load_compressed`, which keeps the weights packed and runs the native int4/int8 kernels;
+    ``'transformers'`` (and every other checkpoint) goes through plain ``from_pretrained``.
+    """
+    resolved = resolve_model(name_or_path)
+    if runtime in ("auto", "packed") and quantization_method(resolved) == "compressed-tensors":
+        from ..quantization.runtime import load_compressed
+
+        return load_compressed(resolved, progress=progress)
+    return load_model(resolved)

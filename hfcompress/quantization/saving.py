@@ -1,0 +1,115 @@
+"""Atomic, sharded checkpoint saving: everything hfcompress writes goes through ``save_checkpoint``.
+
+The model is written with its own ``save_pretrained`` (so quantized models use their format's serialization:
+compressed-tensors, bitsandbytes) into a temporary sibling folder, checked with :func:`verify_checkpoint`,
+and only then renamed into place. A failure at any step removes the temporary folder and leaves an existing
+destination untouched; readers never see a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ..core.errors import HFCompressError
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointExistsError(HFCompressError):
+    """The destination folder already holds files and overwrite was not requested."""
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointExistsError(f"cannot save to {str(out_dir)!r}: it is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointExistsError(f"{str(out_dir)!r} is not empty; choose another folder or pass overwrite=True "
+                                    "(--overwrite) to replace it")
+
+
+def _check_bnb_cpu_repacked(model) -> None:
+    """bitsandbytes 0.50 cannot save a CPU 4-bit layer exactly once its first forward repacked it (see
+    :func:`hfcompress.quantization.bnb._keep_4bit_serializable`); refuse instead of writing a corrupted file."""
+    named_modules = getattr(model, "named_modules", None)
+    for name, module in named_modules() if callable(named_modules) else ():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise HFCompressError(
+                f"cannot save: bitsandbytes repacked layer {name!r} for its CPU kernel during a forward pass and "
+                "cannot write it back exactly (bitsandbytes 0.50); save before running the model, or quantize "
+                "with hfcompress.quantize (which keeps layers serializable)")
+
+
+def _write_extra_files(folder: Path, extra_files: dict[str, str | bytes]) -> None:
+    for name, content in extra_files.items():
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise HFCompressError(f"extra file name {name!r} must be a relative path inside the checkpoint folder")
+        target = folder / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
+
+
+def save_checkpoint(model, out_dir: str | os.PathLike, tokenizer=None, max_shard_size: int | str = "2GB",
+                    overwrite: bool = False, extra_files: dict[str, str | bytes] | None = None,
+                    verify: bool = True) -> Path:
+    """Save ``model`` (and ``tokenizer``, ``extra_files``) to ``out_dir`` atomically; return its path.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (plain, compressed-tensors or bitsandbytes quantized).
+        out_dir: the destination folder; created, or replaced when ``overwrite=True``.
+        tokenizer: saved alongside when given.
+        max_shard_size: passed to ``save_pretrained`` ("2GB", "500MB" or bytes); larger models are split into
+            ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``.
+        overwrite: replace a non-empty ``out_dir``; otherwise a non-empty folder raises
+            :class:`CheckpointExistsError`.
+        extra_files: ``{relative name: text or bytes}`` written into the folder (model card, recipe, ...).
+        verify: run :func:`hfcompress.quantization.verify.verify_checkpoint` (headers, expected tensors, scales)
+            on the written folder before it is moved into place.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    _check_destination(out_dir, overwrite)
+    _check_bnb_cpu_repacked(model)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling on the same filesystem, so the final rename is atomic.
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    backup = None
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra_files:
+            _write_extra_files(tmp, extra_files)
+        if verify:
+            from .verify import verify_checkpoint
+
+            report = verify_checkpoint(tmp, deep=False)
+            if not report.ok:
+                raise HFCompressError(f"the checkpoint written for {out_dir.name!r} failed verification: "
+                                      f"{report.problems[0]} ({len(report.problems)} problems)")
+        _check_destination(out_dir, overwrite)  # the folder may have been filled meanwhile
+        if out_dir.is_dir():
+            if any(out_dir.iterdir()):
+                backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+                out_dir.rename(backup)
+            else:
+                out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if backup is not None and backup.exists() and not out_dir.exists():
+            backup.rename(out_dir)  # put the previous checkpoint back
+            backup = None
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    logger.info("saved checkpoint to %s", out_dir)
+    return out_dir

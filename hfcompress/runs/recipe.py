@@ -1,0 +1,302 @@
+"""YAML recipes -> typed stage configs.
+
+A recipe is a YAML mapping::
+
+    # Run: hfcompress run recipes/quantize-int8-rtn.yaml
+    name: quantize-int8-rtn
+    model: reference:small          # the input of the first stage
+    output_dir: runs/quantize-int8-rtn
+    stages:
+      - quantize:                   # the stage kind ...
+          method: rtn               # ... and its keys: exactly the fields of the kind's config dataclasses
+          bits: 8
+      - evaluate:
+          models: [model, quantize]
+
+Each stage is a one-key mapping ``{kind: {key: value}}``. Every kind accepts ``name`` (default: the kind, made
+unique) and ``input`` (a path, ``model``, or an earlier stage's name; default: the last stage that produced a
+model). All other keys must be fields of the kind's dataclasses (see :mod:`hfcompress.jobs.stages`); an unknown key
+is an error with a "did you mean" suggestion, a wrong type is an error naming the stage and key.
+Loading is ``yaml.safe_load`` only; no value is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..core.errors import ConfigError
+
+TOP_LEVEL_KEYS = ("name", "description", "model", "output_dir", "stages")
+COMMON_STAGE_KEYS = ("name", "input")
+
+
+@dataclass
+class Stage:
+    kind: str
+    name: str
+    input: str | None
+    configs: dict  # dataclass name -> dataclass instance
+    raw: dict      # the stage's keys as written (after overrides), for hashing and model cards
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps({"kind": self.kind, "input": self.input, "raw": self.raw},
+                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: str | None
+    output_dir: str
+    stages: list[Stage]
+    description: str = ""
+    source: str = ""          # the YAML text (with overrides applied) as run
+    path: str | None = None
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps([self.model] + [s.digest() for s in self.stages]).encode()).hexdigest()[:16]
+
+
+def suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Type checks against dataclass annotations
+# --------------------------------------------------------------------------------------------------------
+def _type_ok(value, tp) -> bool:
+    if tp is typing.Any or tp is object:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (typing.Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation we do not check (e.g. a forward reference)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def build_dataclass(cls, values: dict, where: str):
+    """Instantiate ``cls`` from ``values`` after checking each value's type; errors name ``where``."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        tp = hints.get(key, typing.Any)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{where}: key {key!r} expects {_type_name(tp)}, got {value!r}")
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where}: {message}") from exc
+
+
+def split_by_dataclass(values: dict, classes: list, where: str) -> dict:
+    """Route each key to the first dataclass that has it; unknown keys raise with a suggestion."""
+    routed: dict[str, dict] = {cls.__name__: {} for cls in classes}
+    valid = {f.name: cls for cls in reversed(classes) for f in dataclasses.fields(cls) if f.init}
+    for key, value in values.items():
+        if key not in valid:
+            raise ConfigError(f"{where}: unknown key {key!r}{suggest(key, list(valid) + list(COMMON_STAGE_KEYS))}")
+        routed[valid[key].__name__][key] = value
+    return routed
+
+
+# --------------------------------------------------------------------------------------------------------
+# Overrides: --set stage.key=value / --set key=value
+# --------------------------------------------------------------------------------------------------------
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value or stage.key=value")
+    key, _, raw_value = text.partition("=")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(document: dict, overrides: list[str]) -> dict:
+    document = copy.deepcopy(document)
+    for text in overrides or []:
+        path, value = _parse_override(text)
+        if len(path) == 1:
+            if path[0] not in TOP_LEVEL_KEYS or path[0] == "stages":
+                raise ConfigError(f"override {text!r}: unknown top-level key {path[0]!r}"
+                                  f"{suggest(path[0], [k for k in TOP_LEVEL_KEYS if k != 'stages'])}")
+            document[path[0]] = value
+            continue
+        if len(path) != 2:
+            raise ConfigError(f"override {text!r}: use stage.key=value (stage = its name, kind or index)")
+        target, key = path
+        stages = document.get("stages") or []
+        matches = [s for i, s in enumerate(stages)
+                   if isinstance(s, dict) and len(s) == 1 and (
+                       str(i) == target or next(iter(s)) == target
+                       or (next(iter(s.values())) or {}).get("name") == target)]
+        if len(matches) != 1:
+            names = [(next(iter(s.values())) or {}).get("name") or next(iter(s)) for s in stages if isinstance(s, dict)]
+            raise ConfigError(f"override {text!r}: {'no' if not matches else 'more than one'} stage matches "
+                              f"{target!r}{suggest(target, names) if not matches else ''}")
+        body = next(iter(matches[0].values()))
+        if body is None:
+            matches[0][next(iter(matches[0]))] = body = {}
+        body[key] = value
+    return document
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------
+def parse_recipe(document, overrides: list[str] | None = None, source: str = "", path: str | None = None) -> Recipe:
+    from ..jobs.stages import STAGE_KINDS
+
+    where = path or "recipe"
+    if not isinstance(document, dict):
+        raise ConfigError(f"{where}: a recipe must be a YAML mapping with a 'stages' list")
+    document = apply_overrides(document, overrides or [])
+    for key in document:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{where}: unknown top-level key {key!r}{suggest(key, TOP_LEVEL_KEYS)}")
+    raw_stages = document.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise ConfigError(f"{where}: missing required key 'stages' (a non-empty list of stages)")
+    name = str(document.get("name") or (Path(path).stem if path else "recipe"))
+
+    stages: list[Stage] = []
+    seen_names: set[str] = set()
+    for index, entry in enumerate(raw_stages):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ConfigError(f"{where}: stage {index} must be a one-key mapping like '- quantize: {{...}}'")
+        kind, body = next(iter(entry.items()))
+        if kind not in STAGE_KINDS:
+            raise ConfigError(f"{where}: stage {index} has unknown kind {kind!r}{suggest(kind, STAGE_KINDS)}")
+        body = dict(body or {})
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: stage {index} ({kind}) must map keys to values")
+        stage_name = str(body.pop("name", None) or kind)
+        if stage_name in seen_names:
+            if "name" in (entry[kind] or {}):
+                raise ConfigError(f"{where}: two stages are named {stage_name!r}; stage names must be unique")
+            stage_name = f"{stage_name}_{index}"
+        seen_names.add(stage_name)
+        stage_input = body.pop("input", None)
+        raw = dict(body)
+        spec = STAGE_KINDS[kind]
+        stage_where = f"{where}: stage {index} ({stage_name})"
+        missing = [k for k in spec.required if k not in body]
+        if missing:
+            raise ConfigError(f"{stage_where}: missing required key {missing[0]!r}")
+        routed = split_by_dataclass(body, spec.config_classes, stage_where)
+        configs = {cls.__name__: build_dataclass(cls, {**spec.defaults.get(cls.__name__, {}),
+                                                       **routed[cls.__name__]}, stage_where)
+                   for cls in spec.config_classes}
+        stages.append(Stage(kind=kind, name=stage_name, input=stage_input, configs=configs, raw=raw))
+
+    recipe = Recipe(name=name, model=document.get("model"), description=str(document.get("description") or ""),
+                    output_dir=str(document.get("output_dir") or f"runs/{name}"), stages=stages,
+                    source=source if source and not overrides else yaml.safe_dump(document, sort_keys=False),
+                    path=path)
+    _check_inputs(recipe, where)
+    return recipe
+
+
+def _check_inputs(recipe: Recipe, where: str) -> None:
+    """Each stage's inputs must be the recipe's model, an earlier stage, a local path or a Hub id."""
+    from ..jobs.stages import STAGE_KINDS
+
+    produced = ["model"] if recipe.model else []
+    for index, stage in enumerate(recipe.stages):
+        spec = STAGE_KINDS[stage.kind]
+        references = ([stage.input] if stage.input else []) + spec.referenced_models(stage)
+        for ref in map(str, references):
+            if ref in produced or ref.startswith("reference:") or os.path.exists(os.path.expanduser(ref)):
+                continue
+            later = {s.name for s in recipe.stages[index:]}
+            if ref == "model" or ref in later:
+                raise ConfigError(f"{where}: stage {index} ({stage.name}) needs {ref!r}, which no earlier stage "
+                                  f"produces (set the recipe's 'model' or reorder the stages)")
+            if "/" not in ref or ref.startswith((".", "/", "~")):
+                raise ConfigError(f"{where}: stage {index} ({stage.name}) refers to {ref!r}, which is neither an "
+                                  f"earlier stage nor an existing path{suggest(ref, produced)}")
+        if spec.needs_input and not stage.input and not produced:
+            raise ConfigError(f"{where}: stage {index} ({stage.name}) needs an input model: set the recipe's "
+                              f"'model' key or the stage's 'input'")
+        if spec.produces_model:
+            produced.append(stage.name)
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+    return parse_recipe(document, overrides=overrides, source=text, path=str(path))
+
+
+def dataclass_to_yaml_dict(instance) -> dict:
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance) if f.init}
+
+
+
+def flat_stage_arguments(path: str | os.PathLike, kind: str) -> dict:
+    """The keys of a YAML file for one job, for ``scripts/*.py --config FILE``.
+
+    ``FILE`` is either a flat mapping of argument names, or a recipe: then the first stage of ``kind`` is
+    taken, with the recipe's ``model`` as its input (``model`` for quantize, ``teacher`` for distill) unless
+    the stage sets it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must hold a mapping of argument names to values (or a recipe)")
+    if "stages" not in document:
+        return document
+    for stage in document.get("stages") or []:
+        if isinstance(stage, dict) and kind in stage:
+            values = {k: v for k, v in (stage[kind] or {}).items() if k not in COMMON_STAGE_KEYS}
+            input_key = {"distill": "teacher", "quantize": "model"}.get(kind)
+            if input_key and document.get("model") and input_key not in values:
+                values[input_key] = document["model"]
+            return values
+    raise ConfigError(f"recipe {path} has no {kind!r} stage")
