@@ -90,15 +90,16 @@ def make_student(teacher, num_layers: int, hidden_size: int | None = None, inter
                  layer_selection: str | list[int] = "uniform"):
     """A student of the teacher's class with ``num_layers`` blocks, initialised from the teacher.
 
-    ``teacher``: a model, or a path / Hub id / ``reference:<size>`` loaded with ``load_model``.
+    ``teacher``: a model, or a path / Hub id (``reference:<size>``: resolve it first with
+    :func:`hfcompress.models.loading.resolve_model`).
     ``layer_selection``: ``"uniform"`` (every k-th layer) or the explicit teacher layer indices to keep.
     ``hidden_size`` / ``intermediate_size``: narrower widths (None keeps the teacher's); teacher tensors are
     cut to their leading block. Returns the student in train mode, on the teacher's device and dtype.
     """
     if isinstance(teacher, (str, os.PathLike)):
-        from ..models.loading import load_model
+        from ..core.pretrained import load_causal_lm
 
-        teacher = load_model(os.fspath(teacher))
+        teacher = load_causal_lm(teacher)
     teacher_config = _text_config(teacher.config)
     teacher_layers = int(teacher_config.num_hidden_layers)
     if not isinstance(num_layers, int) or not 1 <= num_layers <= teacher_layers:

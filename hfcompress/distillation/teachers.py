@@ -24,6 +24,7 @@ import os
 import torch
 
 from ..core.errors import ConfigError, ModelLoadError
+from ..core.pretrained import load_auto_tokenizer, load_causal_lm
 from .losses import LMHead
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,10 @@ def _init_kwargs(init_kwargs: dict | None) -> dict:
 
 
 def load_teacher(teacher, init_kwargs: dict | None = None):
-    """A model object is used as is; a path / Hub id / ``reference:<size>`` is loaded with ``init_kwargs``."""
+    """A model object is used as is; a path / Hub id is loaded with ``init_kwargs`` (``reference:<size>`` is
+    resolved by the caller: :func:`hfcompress.models.loading.resolve_model`)."""
     if isinstance(teacher, (str, os.PathLike)):
-        from ..models.loading import load_model
-
-        return load_model(os.fspath(teacher), **_init_kwargs(init_kwargs))
+        return load_causal_lm(teacher, **_init_kwargs(init_kwargs))
     if init_kwargs:
         raise ConfigError("teacher_model_init_kwargs is set but teacher_model is already a model object; pass "
                           "the teacher as a path to load it with those kwargs, or drop them")
@@ -122,12 +122,10 @@ def teacher_tokenizer(teacher_source):
     for candidate in candidates:
         if not candidate:
             continue
-        if not candidate.startswith("reference:") and not os.path.isdir(os.path.expanduser(candidate)):
+        if not os.path.isdir(os.path.expanduser(candidate)):
             continue  # a Hub id: loading its tokenizer may need the network; fall back to the size check
         try:
-            from ..models.loading import load_tokenizer
-
-            return load_tokenizer(candidate)
+            return load_auto_tokenizer(candidate)
         except (ModelLoadError, OSError, ValueError):
             return None
     return None

@@ -79,10 +79,10 @@ class _ProjectionsCallback(TrainerCallback):
 class DistillationTrainer(Trainer):
     """Train ``model`` (the student) to match ``teacher_model`` under :class:`DistillationConfig`.
 
-    ``model`` / ``teacher_model``: a model, or a path / Hub id / ``reference:<size>`` (the teacher is loaded
-    with ``args.teacher_model_init_kwargs``). Datasets yield ``input_ids``/``attention_mask``/``labels``
-    (``labels == -100`` marks tokens not to predict), e.g. :class:`hfcompress.core.data.BlockDataset`. Other
-    arguments are those of ``transformers.Trainer``.
+    ``model`` / ``teacher_model``: a model, or a path / Hub id (the teacher is loaded with
+    ``args.teacher_model_init_kwargs``; resolve ``reference:<size>`` first with ``models.loading.resolve_model``).
+    Datasets yield ``input_ids``/``attention_mask``/``labels`` (``labels == -100`` marks tokens not to predict),
+    e.g. :class:`hfcompress.core.data.BlockDataset`. Other arguments are those of ``transformers.Trainer``.
     """
 
     def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None, data_collator=None,
@@ -97,9 +97,9 @@ class DistillationTrainer(Trainer):
             if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
                 raise DataError(f"{name} is empty: distillation needs at least one example")
         if isinstance(model, (str, os.PathLike)):
-            from ..models.loading import load_model
+            from ..core.pretrained import load_causal_lm
 
-            model = load_model(os.fspath(model))
+            model = load_causal_lm(model)
         teacher = freeze(load_teacher(teacher_model, args.teacher_model_init_kwargs))
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)

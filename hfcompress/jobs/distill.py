@@ -93,10 +93,10 @@ def parse_distill_args(argv: list[str] | None = None) -> tuple[DistillScriptArgu
     names = [f.name for cls in (DistillScriptArguments, DistillationConfig) for f in dataclasses.fields(cls)]
     defaults: dict = {"output_dir": "distill-output"}
     if config_path is not None:
-        from ..runs.recipe import flat_stage_arguments
+        from .arguments import read_config_file
 
         # A flat mapping of argument names, or a recipe whose first `distill` stage is taken.
-        loaded = flat_stage_arguments(config_path, "distill")
+        loaded = read_config_file(config_path, "distill")
         for key in loaded:
             if key not in names:
                 raise ConfigError(f"{config_path}: unknown key {key!r}{_suggest(key, names)}; keys are the fields "

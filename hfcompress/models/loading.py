@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..core.errors import ModelLoadError
+from ..core.pretrained import load_auto_tokenizer, load_causal_lm
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -26,16 +27,27 @@ def is_local_reference(name: str) -> bool:
     return os.path.exists(os.path.expanduser(name)) or name.startswith((".", "/", "~"))
 
 
+# scheme -> function(rest of the name) -> a model folder or Hub id. ``reference`` is registered by
+# hfcompress/models/__init__.py, so this module never imports the reference trainer (which imports the
+# evaluator, which imports this module).
+_RESOLVERS: dict = {}
+
+
+def register_resolver(scheme: str, resolve) -> None:
+    """Make ``"<scheme>:<name>"`` usable wherever a model path is expected: ``resolve(name)`` -> folder/Hub id."""
+    _RESOLVERS[scheme] = resolve
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> str:
     """A local model folder (checked) or a Hub id (left to ``from_pretrained``).
 
-    ``reference:small`` / ``reference:base`` name the cached reference teachers (trained on first use).
+    ``reference:small`` / ``reference:base`` name the cached reference teachers (trained on first use); other
+    schemes can be added with :func:`register_resolver`.
     """
     name = os.fspath(name_or_path)
-    if name.startswith("reference:"):
-        from .reference import reference_model
-
-        return str(reference_model(name.partition(":")[2]))
+    scheme, colon, rest = name.partition(":")
+    if colon and scheme in _RESOLVERS and not os.path.exists(os.path.expanduser(name)):
+        return str(_RESOLVERS[scheme](rest))
     if is_local_reference(name):
         return str(check_model_dir(name))
     return name
@@ -43,25 +55,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
 
 def load_model(name_or_path, *, trust_remote_code: bool = False, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``."""
-    from transformers import AutoModelForCausalLM
-
-    resolved = resolve_model(name_or_path)
-    try:
-        return AutoModelForCausalLM.from_pretrained(resolved, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load a causal LM from {resolved!r}: {first_line}") from exc
+    return load_causal_lm(resolve_model(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
 
 
 def load_tokenizer(name_or_path, *, trust_remote_code: bool = False, **kwargs):
-    from transformers import AutoTokenizer
-
-    resolved = resolve_model(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load a tokenizer from {resolved!r}: {first_line}") from exc
+    tokenizer = load_auto_tokenizer(resolve_model(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -36,9 +35,9 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import ConfigError
+from ..jobs.arguments import COMMON_STAGE_KEYS, read_config_file, suggest
 
 TOP_LEVEL_KEYS = ("name", "description", "model", "output_dir", "stages")
-COMMON_STAGE_KEYS = ("name", "input")
 
 
 @dataclass
@@ -66,11 +65,6 @@ class Recipe:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps([self.model] + [s.digest() for s in self.stages]).encode()).hexdigest()[:16]
-
-
-def suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -273,30 +267,5 @@ def dataclass_to_yaml_dict(instance) -> dict:
     return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance) if f.init}
 
 
-
-def flat_stage_arguments(path: str | os.PathLike, kind: str) -> dict:
-    """The keys of a YAML file for one job, for ``scripts/*.py --config FILE``.
-
-    ``FILE`` is either a flat mapping of argument names, or a recipe: then the first stage of ``kind`` is
-    taken, with the recipe's ``model`` as its input (``model`` for quantize, ``teacher`` for distill) unless
-    the stage sets it.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
-    if not isinstance(document, dict):
-        raise ConfigError(f"{path} must hold a mapping of argument names to values (or a recipe)")
-    if "stages" not in document:
-        return document
-    for stage in document.get("stages") or []:
-        if isinstance(stage, dict) and kind in stage:
-            values = {k: v for k, v in (stage[kind] or {}).items() if k not in COMMON_STAGE_KEYS}
-            input_key = {"distill": "teacher", "quantize": "model"}.get(kind)
-            if input_key and document.get("model") and input_key not in values:
-                values[input_key] = document["model"]
-            return values
-    raise ConfigError(f"recipe {path} has no {kind!r} stage")
+# ``scripts/*.py --config FILE`` reads the same mapping as a recipe stage (kept under its old name).
+flat_stage_arguments = read_config_file

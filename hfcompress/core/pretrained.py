@@ -1,0 +1,49 @@
+"""``from_pretrained`` behind a one-line :class:`~hfcompress.core.errors.ModelLoadError`.
+
+The one place that turns transformers' loading exceptions into our error. It takes a folder or a Hub id as
+is: model references such as ``reference:small`` are resolved above it, by
+:func:`hfcompress.models.loading.resolve_model` (the jobs, the CLI and the scripts resolve before loading), so
+the engines (quantization/, distillation/) can load a path without importing up the layers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .errors import ModelLoadError
+
+# "<scheme>:<name>" that is not a path nor a Hub id ("reference:small"); resolved by models.loading.
+_REFERENCE = re.compile(r"^[A-Za-z][\w-]*:(?![/\\])")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def from_pretrained(auto_class, name_or_path, what: str = "a causal LM", **kwargs):
+    """``auto_class.from_pretrained(name_or_path, **kwargs)``; a failure is one ``ModelLoadError`` line."""
+    name = os.fspath(name_or_path)
+    if _REFERENCE.match(name) and not os.path.exists(os.path.expanduser(name)):
+        raise ModelLoadError(f"{name!r} is a model reference, not a path or a Hub id: resolve it first with "
+                             f"hfcompress.models.loading.resolve_model (or pass the loaded model)")
+    kwargs.setdefault("trust_remote_code", False)
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load {what} from {name!r}: {_first_line(exc)}") from exc
+
+
+def load_causal_lm(name_or_path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with a clear error (kwargs go to ``from_pretrained``)."""
+    from transformers import AutoModelForCausalLM
+
+    return from_pretrained(AutoModelForCausalLM, name_or_path, "a causal LM", **kwargs)
+
+
+def load_auto_tokenizer(name_or_path, **kwargs):
+    """``AutoTokenizer.from_pretrained`` with a clear error."""
+    from transformers import AutoTokenizer
+
+    return from_pretrained(AutoTokenizer, name_or_path, "a tokenizer", **kwargs)
