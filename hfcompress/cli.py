@@ -7,11 +7,9 @@ traceback. Heavy imports (torch, transformers) happen inside the subcommands so 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
-import typing
 from pathlib import Path
 
 from . import __version__
@@ -24,73 +22,6 @@ EXIT_USER_ERROR = 2
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults in --help and keeps the description's line breaks."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Dataclass fields -> command-line flags (the same names as YAML recipe keys)
-# --------------------------------------------------------------------------------------------------------
-def _unwrap_optional(tp):
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _parse_json_or_text(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _parse_none_or_int(text: str):
-    return None if text.lower() in ("none", "null") else int(text)
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, exclude: set[str] = frozenset()) -> list[str]:
-    """Add one ``--field-name`` flag per dataclass field (default ``None`` = keep the dataclass default)."""
-    hints = typing.get_type_hints(cls)
-    added = []
-    for field in dataclasses.fields(cls):
-        if field.name in exclude or not field.init or field.name.startswith("_"):
-            continue
-        tp = _unwrap_optional(hints.get(field.name, str))
-        origin = typing.get_origin(tp)
-        kwargs: dict = {"default": None, "dest": field.name}
-        if tp is bool:
-            kwargs["type"] = _parse_bool
-            kwargs["metavar"] = "{true,false}"
-        elif tp is int:
-            kwargs["type"] = _parse_none_or_int
-        elif tp is float:
-            kwargs["type"] = float
-        elif origin in (list, tuple):
-            kwargs["nargs"] = "*"
-        elif origin is dict or tp is dict or typing.get_origin(tp) is typing.Union:
-            kwargs["type"] = _parse_json_or_text
-        else:
-            kwargs["type"] = str
-        default = field.default if field.default is not dataclasses.MISSING else (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
-        help_text = field.metadata.get("help", "")
-        kwargs["help"] = f"{help_text} (default: {default!r})".strip()
-        parser.add_argument("--" + field.name.replace("_", "-"), **kwargs)
-        added.append(field.name)
-    return added
-
-
-def collect_dataclass_values(args: argparse.Namespace, names: list[str]) -> dict:
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -145,14 +76,32 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_quantize(args) -> int:
-    from .jobs.pipeline import run_quantize
+def quantize_parser():
+    """``hfcompress quantize``'s flags: every QuantizeStageArgs / QuantizationConfig field (``--group-size`` or
+    ``--group_size``), the keys of a recipe's quantize stage, through the one parser (jobs/arguments.py)."""
+    from .jobs.arguments import ArgumentParser
+    from .jobs.stages import QuantizeStageArgs
     from .quantization.config import QuantizationConfig
 
-    values = collect_dataclass_values(args, args._config_fields)
-    config = QuantizationConfig(**values)
-    out = run_quantize(args.model, args.output, config, calibration_data=args.calibration_data,
-                       overwrite=args.overwrite, max_shard_size=args.max_shard_size, progress=not args.quiet)
+    parser = ArgumentParser((QuantizeStageArgs, QuantizationConfig), prog="hfcompress quantize",
+                            description="Post-training quantization of a model.")
+    parser.add_argument("model", help="model folder, Hub id, or reference:small / reference:base")
+    parser.add_argument("output", help="output folder (must not exist or be empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def cmd_quantize(args) -> int:
+    from .jobs.pipeline import run_quantize
+
+    stage, config, rest = quantize_parser().parse_into_dataclasses(args.rest)
+    if rest.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    out = run_quantize(rest.model, rest.output, config, calibration_data=stage.calibration_data,
+                       overwrite=rest.overwrite, max_shard_size=stage.max_shard_size, progress=not rest.quiet)
     print(f"wrote {out}")
     return 0
 
@@ -234,20 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("quantize", formatter_class=_Formatter, help="post-training quantization of a model")
-    p.add_argument("model", help="model folder, Hub id, or reference:small / reference:base")
-    p.add_argument("output", help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--calibration-data", default="stdlib",
-                   help="text source for calibration (gptq/awq/mse observer)")
-    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    try:
-        from .quantization.config import QuantizationConfig
-
-        p.set_defaults(_config_fields=add_dataclass_arguments(p, QuantizationConfig))
-    except ImportError:  # pragma: no cover - the quantization package is always shipped
-        p.set_defaults(_config_fields=[])
+    p = sub.add_parser("quantize", formatter_class=_Formatter, add_help=False,
+                       help="post-training quantization of a model (every QuantizationConfig field is a flag; "
+                            "--help lists them)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("distill", formatter_class=_Formatter, add_help=False,
@@ -292,10 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv[:1] == ["distill"]:
-        # Everything after `distill` belongs to the distillation parser (argparse's REMAINDER would
-        # otherwise swallow a leading option such as --help into the top-level parser).
-        args = argparse.Namespace(command="distill", func=cmd_distill, rest=argv[1:], verbose=False, quiet=False)
+    if argv[:1] in (["distill"], ["quantize"]):
+        # Everything after the subcommand belongs to its HfArgumentParser (jobs/arguments.py), built only when
+        # needed (it imports transformers); argparse's REMAINDER would otherwise swallow a leading option such
+        # as --help into the top-level parser.
+        func = {"distill": cmd_distill, "quantize": cmd_quantize}[argv[0]]
+        args = argparse.Namespace(command=argv[0], func=func, rest=argv[1:], verbose=False, quiet=False)
     else:
         args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

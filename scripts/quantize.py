@@ -15,11 +15,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
 from hfcompress.core.errors import HFCompressError
+from hfcompress.jobs.arguments import ArgumentParser
 from hfcompress.quantization.config import QuantizationConfig
-from hfcompress.runs.recipe import flat_stage_arguments
 
 
 @dataclass
@@ -33,22 +31,9 @@ class QuantizeScriptArguments:
 
 
 def parse_args(argv: list[str]):
-    parser = HfArgumentParser((QuantizeScriptArguments, QuantizationConfig))
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise HFCompressError("--config needs a YAML file path")
-        values = flat_stage_arguments(argv[index + 1], "quantize")
-        argv = argv[:index] + argv[index + 2:]
-        known = {f for cls in (QuantizeScriptArguments, QuantizationConfig)
-                 for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            from hfcompress.runs.recipe import suggest
-
-            raise HFCompressError(f"--config: unknown key {unknown[0]!r}{suggest(unknown[0], known)}")
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)
+    parser = ArgumentParser((QuantizeScriptArguments, QuantizationConfig), config_kind="quantize",
+                            prog="quantize.py")
+    return parser.parse_into_dataclasses(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

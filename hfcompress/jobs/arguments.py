@@ -12,15 +12,29 @@ their options here:
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
 import os
+import sys
+import types
+import typing
 from pathlib import Path
 
 import yaml
+from transformers import HfArgumentParser
 
 from ..core.errors import ConfigError
 
 COMMON_STAGE_KEYS = ("name", "input")
+
+
+class UsageError(ConfigError):
+    """A flag the parser does not know, or a value it cannot read; ``prog`` is the command it belongs to."""
+
+    def __init__(self, message: str, prog: str = "hfcompress"):
+        super().__init__(message)
+        self.prog = prog
 
 
 def suggest(key: str, valid) -> str:
@@ -55,3 +69,179 @@ def read_config_file(path: str | os.PathLike, kind: str) -> dict:
                 values[input_key] = document["model"]
             return values
     raise ConfigError(f"recipe {path} has no {kind!r} stage")
+
+
+# --------------------------------------------------------------------------------------------------------
+# A mapping (a recipe stage, a --config file) -> the dataclasses
+# --------------------------------------------------------------------------------------------------------
+def _type_ok(value, tp) -> bool:
+    if tp is typing.Any or tp is object:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (typing.Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation we do not check (e.g. a forward reference)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _wrap(where: str | None, build):
+    """Run ``build()``; a failure of the dataclass's own checks becomes one ``ConfigError`` line at ``where``
+    (``None``: our own errors pass through as they are)."""
+    prefix = f"{where}: " if where else ""
+    try:
+        return build()
+    except ConfigError as exc:
+        if where is None:
+            raise
+        raise ConfigError(f"{prefix}{exc}") from exc
+    except (TypeError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{prefix}{message}") from exc
+
+
+def build_dataclass(cls, values: dict, where: str):
+    """Instantiate ``cls`` from ``values`` after checking each value's type; errors name ``where``."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        tp = hints.get(key, typing.Any)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{where}: key {key!r} expects {_type_name(tp)}, got {value!r}")
+    # HfArgumentParser.parse_dict is how every entry point turns names into the dataclass.
+    return _wrap(where, lambda: HfArgumentParser(cls).parse_dict(values)[0])
+
+
+def route_keys(values: dict, classes: list, where: str, extra_keys=COMMON_STAGE_KEYS) -> dict:
+    """Route each key to the first dataclass that has it; an unknown key raises with a suggestion."""
+    routed: dict[str, dict] = {cls.__name__: {} for cls in classes}
+    valid = {f.name: cls for cls in reversed(classes) for f in dataclasses.fields(cls) if f.init}
+    for key, value in values.items():
+        if key not in valid:
+            raise ConfigError(f"{where}: unknown key {key!r}{suggest(key, list(valid) + list(extra_keys))}")
+        routed[valid[key].__name__][key] = value
+    return routed
+
+
+def build_dataclasses(classes: list, values: dict, where: str, defaults: dict | None = None) -> dict:
+    """A mapping of field names -> ``{class name: instance}`` (``defaults``: class name -> field defaults)."""
+    routed = route_keys(values, classes, where)
+    return {cls.__name__: build_dataclass(cls, {**(defaults or {}).get(cls.__name__, {}), **routed[cls.__name__]},
+                                          where)
+            for cls in classes}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Flags -> the dataclasses
+# --------------------------------------------------------------------------------------------------------
+def _none_or(convert):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in "invalid <name> value"
+    return parse
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults in --help and keeps the description's line breaks."""
+
+
+class ArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` as every hfcompress entry point uses it.
+
+    On top of it: ``none`` is accepted for an optional number (``--group-size none``: per channel); a list
+    flag may be given empty (``--ignore``: nothing ignored); with ``config_kind``, ``--config FILE`` reads
+    :func:`read_config_file` and its keys become defaults that flags override; a mistake is one line naming
+    the fix (``did you mean --bits?``): a :class:`UsageError` (the entry points exit with code 2).
+    """
+
+    def __init__(self, dataclass_types=None, *, config_kind: str | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(dataclass_types, **kwargs)
+        self.config_kind = config_kind
+        optional_numbers, lists = set(), set()
+        for cls in self.dataclass_types:
+            for name, tp in typing.get_type_hints(cls).items():
+                args = [a for a in typing.get_args(tp) if a is not type(None)]
+                if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+                    if args[0] in (int, float):
+                        optional_numbers.add((name, args[0]))
+                    tp = args[0]
+                if typing.get_origin(tp) is list:
+                    lists.add(name)
+        for action in self._actions:
+            for name, number in optional_numbers:
+                if action.dest == name and action.type is number:
+                    action.type = _none_or(number)
+            if action.dest in lists and action.nargs == "+":
+                action.nargs = "*"
+        if config_kind:
+            self.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                              help=f"YAML file of these options (or a recipe: its first {config_kind} stage); "
+                                   f"flags override it")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if self.config_kind and "--config" in args:
+            index = args.index("--config")
+            if index + 1 >= len(args):
+                raise ConfigError("--config needs a YAML file path")
+            path = args[index + 1]
+            args = args[:index] + args[index + 2:]
+            values = read_config_file(path, self.config_kind)
+            route_keys(values, self.dataclass_types, str(path), extra_keys=())
+            self.set_defaults(**values)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        """A usage mistake: one :class:`UsageError` line (with a "did you mean" for an unknown flag).
+
+        Raised instead of argparse's usage-and-exit so that library callers get our error; the CLI and the
+        scripts print it as ``prog: error: message`` and exit with code 2.
+        """
+        if message.startswith("unrecognized arguments:"):
+            flags = [a for a in message.partition(":")[2].split() if a.startswith("--")]
+            known = [o for action in self._all_actions() for o in action.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(flags[0].partition("=")[0], known, n=1) if flags else []
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        raise UsageError(message, prog=self.prog)
+
+    def _all_actions(self):
+        for action in self._actions:
+            yield action
+            if isinstance(action, argparse._SubParsersAction):
+                for parser in action.choices.values():
+                    yield from parser._actions
+
+    def parse_into_dataclasses(self, args: list[str] | None = None) -> tuple:
+        """``parse_args_into_dataclasses``; a dataclass's own check failing is one ``ConfigError`` line."""
+        *outputs, remaining = _wrap(None, lambda: self.parse_args_into_dataclasses(
+            args=args, return_remaining_strings=True))
+        if remaining:
+            self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        return tuple(outputs)
+
+def dataclasses_from_namespace(classes, namespace: argparse.Namespace) -> tuple:
+    """The dataclasses from a namespace an :class:`ArgumentParser` over ``classes`` filled (a subcommand's)."""
+    def build(cls):
+        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
+                      if f.init and hasattr(namespace, f.name)})
+
+    return tuple(_wrap(None, lambda cls=cls: build(cls)) for cls in classes)

@@ -8,8 +8,6 @@ the command line override the file. ``distill_from_args`` runs the distillation 
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from pathlib import Path
 
 from ..core.errors import ConfigError
 from ..distillation.config import DistillationConfig
+from .arguments import ArgumentParser
 
 logger = logging.getLogger(__name__)
 
@@ -67,49 +66,16 @@ class DistillScriptArguments:
         default=64, metadata={"help": "Number of evaluation blocks drawn from eval_dataset."})
 
 
-def _suggest(key: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(key, names, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def parse_distill_args(argv: list[str] | None = None) -> tuple[DistillScriptArguments, DistillationConfig]:
     """Flags (and ``--config file.yaml``) -> (DistillScriptArguments, DistillationConfig).
 
     The YAML file is a flat mapping or a recipe (its first ``distill`` stage, see
-    ``hfcompress.runs.recipe.flat_stage_arguments``). Keys must be fields of one of the two dataclasses; an unknown
-    key raises ``ConfigError`` naming the closest field. ``output_dir`` defaults to ``distill-output``.
+    :func:`hfcompress.jobs.arguments.read_config_file`). Keys must be fields of one of the two dataclasses; an
+    unknown key raises ``ConfigError`` naming the closest field. ``output_dir`` defaults to ``distill-output``.
     """
-    from transformers import HfArgumentParser
-
-    argv = list(argv) if argv is not None else []
-    config_path = None
-    if "--config" in argv:
-        index = argv.index("--config")
-        if index + 1 >= len(argv):
-            raise ConfigError("--config needs a YAML file path")
-        config_path = argv[index + 1]
-        argv = argv[:index] + argv[index + 2:]
-    parser = HfArgumentParser((DistillScriptArguments, DistillationConfig))
-    names = [f.name for cls in (DistillScriptArguments, DistillationConfig) for f in dataclasses.fields(cls)]
-    defaults: dict = {"output_dir": "distill-output"}
-    if config_path is not None:
-        from .arguments import read_config_file
-
-        # A flat mapping of argument names, or a recipe whose first `distill` stage is taken.
-        loaded = read_config_file(config_path, "distill")
-        for key in loaded:
-            if key not in names:
-                raise ConfigError(f"{config_path}: unknown key {key!r}{_suggest(key, names)}; keys are the fields "
-                                  f"of DistillScriptArguments and DistillationConfig")
-        defaults.update(loaded)
-    parser.set_defaults(**defaults)
-    try:
-        script_args, config = parser.parse_args_into_dataclasses(args=argv)
-    except SystemExit as exc:  # argparse reports unknown flags by exiting; make it our one-line error
-        if exc.code == 0:
-            raise
-        raise ConfigError(f"could not parse the distillation arguments {argv}; see --help") from None
-    return script_args, config
+    parser = ArgumentParser((DistillScriptArguments, DistillationConfig), config_kind="distill")
+    parser.set_defaults(output_dir="distill-output")
+    return parser.parse_into_dataclasses(list(argv) if argv is not None else [])
 
 
 def _layer_selection(text: str):

@@ -27,15 +27,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from ..core.errors import ConfigError
-from ..jobs.arguments import COMMON_STAGE_KEYS, read_config_file, suggest
+from ..jobs.arguments import build_dataclasses, read_config_file, suggest
 
 TOP_LEVEL_KEYS = ("name", "description", "model", "output_dir", "stages")
 
@@ -65,64 +63,6 @@ class Recipe:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps([self.model] + [s.digest() for s in self.stages]).encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Type checks against dataclass annotations
-# --------------------------------------------------------------------------------------------------------
-def _type_ok(value, tp) -> bool:
-    if tp is typing.Any or tp is object:
-        return True
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
-    if origin in (list, tuple):
-        (item,) = typing.get_args(tp)[:1] or (typing.Any,)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True  # an annotation we do not check (e.g. a forward reference)
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def build_dataclass(cls, values: dict, where: str):
-    """Instantiate ``cls`` from ``values`` after checking each value's type; errors name ``where``."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        tp = hints.get(key, typing.Any)
-        if not _type_ok(value, tp):
-            raise ConfigError(f"{where}: key {key!r} expects {_type_name(tp)}, got {value!r}")
-    try:
-        return cls(**values)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{where}: {message}") from exc
-
-
-def split_by_dataclass(values: dict, classes: list, where: str) -> dict:
-    """Route each key to the first dataclass that has it; unknown keys raise with a suggestion."""
-    routed: dict[str, dict] = {cls.__name__: {} for cls in classes}
-    valid = {f.name: cls for cls in reversed(classes) for f in dataclasses.fields(cls) if f.init}
-    for key, value in values.items():
-        if key not in valid:
-            raise ConfigError(f"{where}: unknown key {key!r}{suggest(key, list(valid) + list(COMMON_STAGE_KEYS))}")
-        routed[valid[key].__name__][key] = value
-    return routed
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -210,10 +150,8 @@ def parse_recipe(document, overrides: list[str] | None = None, source: str = "",
         missing = [k for k in spec.required if k not in body]
         if missing:
             raise ConfigError(f"{stage_where}: missing required key {missing[0]!r}")
-        routed = split_by_dataclass(body, spec.config_classes, stage_where)
-        configs = {cls.__name__: build_dataclass(cls, {**spec.defaults.get(cls.__name__, {}),
-                                                       **routed[cls.__name__]}, stage_where)
-                   for cls in spec.config_classes}
+        # The same mapping a --config file is, through the same parser (jobs/arguments.py).
+        configs = build_dataclasses(spec.config_classes, body, stage_where, spec.defaults)
         stages.append(Stage(kind=kind, name=stage_name, input=stage_input, configs=configs, raw=raw))
 
     recipe = Recipe(name=name, model=document.get("model"), description=str(document.get("description") or ""),
