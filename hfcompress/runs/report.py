@@ -55,13 +55,14 @@ def plot_models(rows: list[dict], path: Path, title: str) -> Path | None:
     """Perplexity against checkpoint size (left) and decode speed (right), one marker per model."""
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure on its own Agg canvas, not pyplot: the user's backend and pyplot's figure list stay untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     markers = "osD^v<>Pp*hX"
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
     for i, row in enumerate(rows):
         size = (row.get("checkpoint_bytes") or row.get("weight_bytes") or 0) / 2**20
         label = row.get("label") or Path(str(row["model"])).name
@@ -85,7 +86,6 @@ def plot_models(rows: list[dict], path: Path, title: str) -> Path | None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
