@@ -102,6 +102,12 @@ def test_quantize_script_accepts_a_recipe_as_config(tmp_path, tiny_reference_dir
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "compressed-tensors"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert (out / "README.md").is_file() and (out / "tokenizer.json").is_file()
+    # The card and config.json record only what applies to rtn (no GPTQ or bitsandbytes fields).
+    recorded = config["hfcompress"]["quantization"]
+    assert (recorded["method"], recorded["bits"]) == ("rtn", 8)
+    assert not {"damp", "act_order", "block_size", "bnb_threshold", "dtype"} & set(recorded)
+    card = (out / "README.md").read_text()
+    assert "act_order" not in card and "bnb_threshold" not in card and "bits" in card

@@ -7,6 +7,7 @@ model is touched.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -29,6 +30,22 @@ ROUNDINGS = ("nearest", "stochastic")
 OBSERVERS = ("minmax", "mse")
 CAST_DTYPES = ("float16", "bfloat16")
 BNB_COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+# The fields each method reads (besides ``method``). Setting another field to a non-default value is an error,
+# and to_dict() (the model card, config.json's ``hfcompress.quantization``) lists only these.
+_INTEGER_FIELDS = ("bits", "group_size", "symmetric", "rounding", "seed", "observer", "ignore", "num_samples",
+                   "seq_len", "calibration_dtype", "sequential_targets")
+_GPTQ_FIELDS = ("damp", "block_size", "act_order", "static_groups", "true_sequential")
+_BNB_4BIT_FIELDS = ("ignore", "bnb_double_quant", "bnb_compute_dtype", "bnb_block_size")
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "cast": ("dtype",),
+    "rtn": _INTEGER_FIELDS,
+    "gptq": _INTEGER_FIELDS + _GPTQ_FIELDS,
+    "awq": _INTEGER_FIELDS,
+    "bnb_int8": ("ignore", "bnb_threshold"),
+    "bnb_nf4": _BNB_4BIT_FIELDS,
+    "bnb_fp4": _BNB_4BIT_FIELDS,
+}
 
 
 @dataclass
@@ -132,14 +149,29 @@ class QuantizationConfig:
         _check_choice("bnb_compute_dtype", self.bnb_compute_dtype, BNB_COMPUTE_DTYPES)
         if self.bnb_block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ConfigError(f"bnb_block_size must be a power of two in 32..4096, got {self.bnb_block_size}")
+        stray = [name for name in self.non_default_fields() if name not in self.applicable_fields()]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to "
+                              f"method={self.method!r}; its fields are: {', '.join(self.applicable_fields())}")
 
     # ----------------------------------------------------------------------------------------------------
     @property
     def needs_calibration(self) -> bool:
         return self.method in CALIBRATED_METHODS
 
+    def applicable_fields(self) -> tuple[str, ...]:
+        """The fields ``method`` reads (``method`` itself not included)."""
+        return METHOD_FIELDS[self.method]
+
+    def non_default_fields(self) -> list[str]:
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(self)}
+        return [name for name, default in defaults.items() if name != "method" and getattr(self, name) != default]
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """``method`` and the fields it reads (what the card and config.json record)."""
+        return {"method": self.method, **{name: copy.deepcopy(getattr(self, name))
+                                          for name in self.applicable_fields()}}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)

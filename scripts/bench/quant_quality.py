@@ -77,8 +77,9 @@ def run_one(args) -> None:
               "baseline_rss_bytes": common.current_rss_bytes(), "peak_reset": _reset_peak_rss()}
     started = time.perf_counter()
     if spec["config"]["method"] is not None:
-        config = QuantizationConfig(num_samples=blocks["calibration"].shape[0],
-                                    seq_len=blocks["calibration"].shape[1], **spec["config"])
+        sizes = {"num_samples": blocks["calibration"].shape[0], "seq_len": blocks["calibration"].shape[1]}
+        applies = QuantizationConfig(method=spec["config"]["method"]).applicable_fields()  # not for cast
+        config = QuantizationConfig(**{k: v for k, v in sizes.items() if k in applies}, **spec["config"])
         uses_data = config.needs_calibration or config.observer == "mse"
         calibration = blocks["calibration"] if uses_data else None
         quantize(model, config, calibration_data=calibration, progress=False)

@@ -13,7 +13,38 @@ def test_json_round_trip_keeps_every_field():
                                 sequential_targets=["re:model\\.layers\\.\\d+"])
     again = QuantizationConfig.from_json(config.to_json())
     assert again == config
-    assert set(config.to_dict()) == {f.name for f in dataclasses.fields(QuantizationConfig)}
+    # gptq reads every field but the cast and bitsandbytes ones; to_dict() lists exactly those.
+    assert set(config.to_dict()) == {f.name for f in dataclasses.fields(QuantizationConfig)} - {
+        "dtype", "bnb_threshold", "bnb_double_quant", "bnb_compute_dtype", "bnb_block_size"}
+
+
+@pytest.mark.parametrize("method, stray", [
+    ("bnb_nf4", {"act_order": False}), ("bnb_int8", {"bits": 8}), ("cast", {"group_size": 64}),
+    ("rtn", {"damp": 0.05}), ("awq", {"true_sequential": False}), ("gptq", {"bnb_threshold": 3.0}),
+    ("rtn", {"dtype": "float16"}), ("bnb_nf4", {"bnb_threshold": 3.0}),
+])
+def test_a_field_that_does_not_apply_to_the_method_is_an_error(method, stray):
+    with pytest.raises(ConfigError) as info:
+        QuantizationConfig(method=method, **stray)
+    message = str(info.value)
+    assert f"{next(iter(stray))} does not apply to method={method!r}" in message
+    assert message.endswith("its fields are: " + ", ".join(QuantizationConfig(method=method).applicable_fields()))
+    # The same values at their defaults are fine: a CLI passes every flag.
+    defaults = QuantizationConfig()
+    QuantizationConfig(method=method, **{key: getattr(defaults, key) for key in stray})
+
+
+def test_to_dict_lists_only_what_applies():
+    assert QuantizationConfig(method="bnb_nf4").to_dict() == {
+        "method": "bnb_nf4", "ignore": ["lm_head"], "bnb_double_quant": True, "bnb_compute_dtype": "float32",
+        "bnb_block_size": 64}
+    assert QuantizationConfig(method="cast", dtype="float16").to_dict() == {"method": "cast", "dtype": "float16"}
+    assert set(QuantizationConfig(method="rtn", bits=8).to_dict()) == {
+        "method", "bits", "group_size", "symmetric", "rounding", "seed", "observer", "ignore", "num_samples",
+        "seq_len", "calibration_dtype", "sequential_targets"}
+    for method in ("cast", "rtn", "gptq", "awq", "bnb_int8", "bnb_nf4", "bnb_fp4"):
+        config = QuantizationConfig(method=method)
+        assert QuantizationConfig.from_dict(config.to_dict()) == config
 
 
 def test_every_field_has_help_and_a_simple_type():
