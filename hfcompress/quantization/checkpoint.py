@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,6 @@ SAFETENSORS_DTYPES: dict[str, tuple[int, torch.dtype]] = {
     "F8_E4M3": (1, torch.float8_e4m3fn), "F8_E5M2": (1, torch.float8_e5m2),
     "U16": (2, torch.uint16), "U32": (4, torch.uint32), "U64": (8, torch.uint64),
 }
-# Header larger than this is certainly garbage (the safetensors library uses the same 100 MB cap).
-MAX_HEADER_BYTES = 100_000_000
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -107,51 +104,43 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors file's header against its size (catches truncation and garbage).
+    """Every tensor of a safetensors file -> its info, read with ``safetensors.safe_open``.
 
-    Layout: 8-byte little-endian header length N, N bytes of JSON ``{name: {dtype, shape, data_offsets}}``,
-    then the tensor bytes, which must exactly fill the rest of the file.
+    ``safe_open`` checks the header against the file (valid JSON, offsets that match each tensor's shape and
+    dtype, tensors that exactly fill the file), so truncation and garbage are caught; its errors become one
+    :class:`CheckpointError` line naming the file.
     """
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{path.name}: corrupted or truncated safetensors file "
-                                  f"(header says {header_len} bytes, file has {size})")
-        raw = f.read(header_len)
+    from safetensors import SafetensorError, safe_open
+
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path.name}: corrupted safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: corrupted safetensors header (not a JSON object)")
-    data_len = size - 8 - header_len
-    infos, end_max = {}, 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path.name}: corrupted header entry for tensor {name!r}") from exc
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            slices = {name: handle.get_slice(name) for name in handle.keys()}
+            entries = {name: (piece.get_dtype(), tuple(int(d) for d in piece.get_shape()))
+                       for name, piece in slices.items()}
+    except SafetensorError as exc:
+        raise CheckpointError(_safetensors_problem(path, exc)) from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path.name}: cannot read the safetensors file ({exc})") from exc
+    infos = {}
+    for name, (dtype, shape) in entries.items():
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}")
-        nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype][0]
-        if end - begin != nbytes or begin < 0:
-            raise CheckpointError(f"{path.name}: tensor {name!r} has data_offsets {begin}..{end} that do not "
-                                  f"match its shape {list(shape)} and dtype {dtype}")
-        if end > data_len:
-            raise CheckpointError(f"{path.name}: truncated safetensors file: tensor {name!r} needs bytes up to "
-                                  f"{end} but only {data_len} data bytes are present")
-        end_max = max(end_max, end)
         infos[name] = TensorInfo(name, path, dtype, shape)
-    if end_max != data_len:
-        raise CheckpointError(f"{path.name}: {data_len - end_max} unexpected bytes after the last tensor "
-                              "(corrupted or partially overwritten file)")
     return infos
+
+
+def _safetensors_problem(path: Path, exc: Exception) -> str:
+    """safe_open's error -> what it means for the user, in one line."""
+    reason = str(exc).strip().splitlines()[0].removeprefix("Error while deserializing header: ")
+    size = path.stat().st_size if path.exists() else 0
+    if "header too small" in reason:
+        return f"{path.name}: truncated safetensors file ({size} bytes, no header)"
+    if "invalid header length" in reason:
+        return f"{path.name}: corrupted or truncated safetensors file (its header is longer than the {size} bytes)"
+    if "not fully covered" in reason:
+        return (f"{path.name}: truncated, or with bytes after the last tensor: the tensors its header lists do "
+                f"not exactly fill its {size} bytes (a partial download or a partly overwritten file)")
+    return f"{path.name}: corrupted safetensors header ({reason})"
 
 
 def read_index(folder: Path, problems: list[str] | None = None) -> dict[str, TensorInfo]:
