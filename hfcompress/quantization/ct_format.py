@@ -37,23 +37,6 @@ FORMAT = "pack-quantized"
 
 
 @functools.lru_cache(maxsize=None)
-def packing_round_trips(bits: int) -> bool:
-    """Whether the installed compressed-tensors unpacks our ``bits``-bit packing back to the same codes."""
-    try:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    except ImportError:
-        return False
-    qmin, qmax = P.quant_range(bits)
-    codes = torch.arange(qmin, qmax + 1, dtype=torch.int8).repeat(3, 41)[:, :97]  # odd width: straddling codes
-    try:
-        unpacked = unpack_from_int32(P.pack_int32(codes, bits), bits, codes.shape)
-        zero_points = unpack_from_int32(P.pack_int32(codes, bits, dim=0), bits, codes.shape, packed_dim=0)
-    except Exception:  # an older release rejecting the width: it cannot load this checkpoint
-        return False
-    return torch.equal(unpacked, codes) and torch.equal(zero_points, codes)
-
-
-@functools.lru_cache(maxsize=None)
 def _loader_packs_zero_points() -> bool:
     """Whether the installed compressed-tensors allocates packed zero points when preparing a model to load."""
     try:
@@ -84,9 +67,6 @@ def unsupported_reason(module: CompressedLinear, source: nn.Module) -> str | Non
         return (f"it replaces a {type(source).__name__} layer (e.g. GPT-2's transposed Conv1D), which "
                 f"compressed-tensors does not quantize, so transformers would load it unquantized; keep this "
                 f"model in memory, or ignore these layers when quantizing")
-    if not packing_round_trips(module.bits):
-        return (f"the installed compressed-tensors cannot unpack {module.bits}-bit weights; upgrade "
-                f"compressed-tensors (0.20 packs 1-8 bits) or quantize to 4 or 8 bits")
     return None
 
 

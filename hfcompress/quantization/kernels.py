@@ -46,6 +46,24 @@ def qrange(num_bits: int) -> tuple[int, int]:
     return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
 
 
+# The pack-quantized layout has one packer and unpacker: compressed-tensors' own (``pack_to_int32`` /
+# ``unpack_from_int32``): element i of a row stored unsigned (q + 2**(b-1)) at bits [i*b, (i+1)*b) of the row's
+# little-endian bit stream. It replaced a hand-written scatter packer that was checked against it at run time:
+# at 4096x4096 int4 on one thread it packs in 0.40 s vs 0.99 s and unpacks in 0.015 s vs 1.6 s (min of 7).
+def pack_weight(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Signed codes (N, K) int8 -> compressed-tensors' dense int32 packing (N, ceil(K*b/32))."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(codes, num_bits)
+
+
+def pack_zero_point(zero_point: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Signed zero points (N, G) -> int32 (ceil(N*b/32), G), packed along the output dimension."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(zero_point.to(torch.int8), num_bits, packed_dim=0)
+
+
 def unpack_weight(packed: torch.Tensor, num_bits: int, shape: tuple[int, int]) -> torch.Tensor:
     """compressed-tensors dense int32 packing (N, ceil(K*b/32)) -> signed int8 (N, K).
 
@@ -71,9 +89,11 @@ def unpack_zero_point(zero_point: torch.Tensor, num_bits: int, out_features: int
 
         num_groups = zero_point.shape[-1]
         words = math.ceil(out_features * num_bits / 32)
-        # Rows past the packed words are zero padding (see checkpoint.check_zero_point).
-        return unpack_from_int32(zero_point[:words].contiguous(), num_bits,
-                                 torch.Size((out_features, num_groups)), packed_dim=0)
+        # Rows past the packed words are zero padding (see checkpoint.check_zero_point). Unpacked as rows of
+        # the transposed words: compressed-tensors 0.20's packed_dim=0 path views a transposed tensor as bytes,
+        # which fails when every column fits in one word (N * b <= 32).
+        columns = zero_point[:words].t().flatten().reshape(num_groups, words)  # (G, words), row-major
+        return unpack_from_int32(columns, num_bits, torch.Size((num_groups, out_features))).t().contiguous()
     return zero_point.round().to(torch.int8) if zero_point.is_floating_point() else zero_point.to(torch.int8)
 
 

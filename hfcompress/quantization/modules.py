@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.errors import HFCompressError
+from . import kernels as K
 from . import primitives as P
 
 
@@ -64,10 +65,10 @@ class CompressedLinear(nn.Module):
         module = cls(in_features, out_features, bits, group_size, symmetric=zero_point is None,
                      bias=bias is not None, scale_dtype=scale.dtype, device=codes.device,
                      zero_point_rows=zero_point_rows)
-        module.weight_packed.copy_(P.pack_int32(codes, bits))
+        module.weight_packed.copy_(K.pack_weight(codes, bits))
         module.weight_scale.copy_(scale)
         if zero_point is not None:
-            packed = P.pack_int32(zero_point.to(torch.int8), bits, dim=0)
+            packed = K.pack_zero_point(zero_point, bits)
             module.weight_zero_point.zero_()
             module.weight_zero_point[:packed.shape[0]] = packed
         if bias is not None:
@@ -77,13 +78,13 @@ class CompressedLinear(nn.Module):
     # ----------------------------------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         """Signed integer codes (out, in) int8."""
-        return P.unpack_int32(self.weight_packed, self.bits, self.in_features)
+        return K.unpack_weight(self.weight_packed, self.bits, (self.out_features, self.in_features))
 
     def zero_point(self) -> torch.Tensor | None:
         """Integer zero points (out, G) int32, or None when symmetric."""
         if self.symmetric:
             return None
-        return P.unpack_int32(self.weight_zero_point, self.bits, self.out_features, dim=0).to(torch.int32)
+        return K.unpack_zero_point(self.weight_zero_point, self.bits, self.out_features).to(torch.int32)
 
     def dequantized_weight(self) -> torch.Tensor:
         """(out, in) weight in the scale's dtype, computed as compressed-tensors' decompression does."""

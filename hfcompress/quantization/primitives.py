@@ -164,49 +164,9 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symme
 # Dense bit packing into int32 words (compressed-tensors ``pack-quantized``)
 # --------------------------------------------------------------------------------------------------------
 def packed_length(length: int, bits: int) -> int:
-    """int32 words holding ``length`` codes of ``bits`` bits with no padding between codes."""
+    """int32 words holding ``length`` codes of ``bits`` bits with no padding between codes (the packing itself
+    is compressed-tensors' own: :func:`hfcompress.quantization.kernels.pack_weight`)."""
     return math.ceil(length * bits / 32)
-
-
-def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
-    """Pack signed ``bits``-bit codes (rows, n) int8 along ``dim`` into int32 words.
-
-    Code ``i`` of a row is stored unsigned (``code + 2**(bits-1)``) at bits ``[i*bits, (i+1)*bits)`` of the
-    row's little-endian bit stream; a code may straddle two words. ``dim=0`` packs along columns (used for
-    zero points, one column per group).
-    """
-    if dim == 0:
-        return pack_int32(codes.t(), bits, dim=1).t().contiguous()
-    if codes.ndim != 2:
-        raise ValueError(f"pack_int32 expects a 2-D tensor, got shape {tuple(codes.shape)}")
-    rows, length = codes.shape
-    unsigned = codes.to(torch.int64) + (1 << (bits - 1))  # (rows, n), in [0, 2**bits)
-    start = torch.arange(length, device=codes.device, dtype=torch.int64) * bits
-    word, offset = start // 32, start % 32
-    words = packed_length(length, bits)
-    out = torch.zeros(rows, words + 1, dtype=torch.int64, device=codes.device)
-    # Bit fields never overlap, so adding them is OR-ing them.
-    out.scatter_add_(1, word.expand(rows, -1), (unsigned << offset) & 0xFFFFFFFF)
-    spills = offset + bits > 32  # the high part of a straddling code goes to the next word
-    if spills.any():
-        out.scatter_add_(1, (word[spills] + 1).expand(rows, -1), unsigned[:, spills] >> (32 - offset[spills]))
-    out = out[:, :words]
-    out = torch.where(out >= 1 << 31, out - (1 << 32), out)  # reinterpret as signed int32
-    return out.to(torch.int32)
-
-
-def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
-    """Inverse of :func:`pack_int32`: int32 words -> signed codes (rows, ``length``) int8."""
-    if dim == 0:
-        return unpack_int32(packed.t(), bits, length, dim=1).t()
-    words = packed.to(torch.int64) & 0xFFFFFFFF  # (rows, W) unsigned
-    words = torch.nn.functional.pad(words, (0, 1))  # a zero word so word + 1 is always valid
-    start = torch.arange(length, device=packed.device, dtype=torch.int64) * bits
-    word, offset = start // 32, start % 32
-    low = words[:, word] >> offset
-    high = words[:, word + 1] << (32 - offset)  # only its lowest bits survive the mask
-    unsigned = (low | high) & ((1 << bits) - 1)
-    return (unsigned - (1 << (bits - 1))).to(torch.int8)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -182,11 +182,3 @@ def test_gpt2_conv1d_layers_are_refused_at_save_time(tiny_gpt2, tmp_path):
     with pytest.raises(HFCompressError, match=r"cannot save transformer\.h\.0\.attn\.c_attn .*Conv1D"):
         tiny_gpt2.save_pretrained(tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
-
-
-def test_unsupported_bit_widths_are_refused(monkeypatch):
-    monkeypatch.setattr(ct_format, "packing_round_trips", lambda bits: bits in (4, 8))
-    model = torch.nn.Sequential(torch.nn.Linear(32, 8))
-    quantize(model, QuantizationConfig(method="rtn", bits=3, group_size=None, ignore=[]), progress=False)
-    with pytest.raises(HFCompressError, match="cannot unpack 3-bit"):
-        model.state_dict()
