@@ -349,6 +349,45 @@ def seed_everything(seed: int = 0) -> None:
         pass
 
 
+def distill_inputs(args) -> tuple:
+    """What both sides of the distillation comparison train on, loaded the same way: the first
+    ``steps * batch_size`` training blocks (each seen once), the teacher's tokenizer, the teacher and the shared
+    student initialisation in float32 (and all the blocks, for the held-out perplexity). ``args`` has ``blocks``,
+    ``steps``, ``batch_size``, ``teacher``, ``student``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seed_everything(0)
+    blocks = load_blocks_file(args.blocks)
+    train = blocks["train"][: args.steps * args.batch_size]  # (steps*B, T): each block seen once
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+    return blocks, train, tokenizer, teacher, student
+
+
+def timed_training(result: dict, trainer, timer, steps: int, tokens_per_step: int, eval_blocks) -> None:
+    """``trainer.train()`` (with ``timer = step_timer()`` among its callbacks), recorded the same way for every
+    trainer: memory before and at peak, wall and steady-state throughput, final loss, held-out perplexity."""
+    result["baseline_rss_bytes"] = current_rss_bytes()
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    tokens = steps * tokens_per_step
+    result.update(steady_throughput(timer.times, tokens_per_step))
+    result.update(train_seconds=seconds, train_tokens=tokens, wall_tokens_per_s=tokens / seconds,
+                  train_runtime_reported=output.metrics.get("train_runtime"), final_train_loss=output.training_loss)
+    result["perplexity"] = perplexity(trainer.model, eval_blocks)
+
+
+def run_json_child(command: list[str], what: str, timeout: float) -> dict:
+    """Run a measurement in a fresh process (its own peak RSS) and return the JSON of its last stdout line."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_and_record(out: str | os.PathLike, fields: dict, body: Callable[[dict], None]) -> int:
     """Run ``body(result)`` and write ``result`` (starting from ``fields``) to ``out`` as JSON.
 

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -358,11 +357,8 @@ def memory_section(cli, out: dict) -> None:
                 "chunk_512_eager"]
     results = []
     for variant in variants:
-        command = [sys.executable, __file__, "--memory-child", variant]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory child {variant} failed:\n{done.stderr[-2000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append(common.run_json_child([sys.executable, __file__, "--memory-child", variant],
+                                             f"memory child {variant}", timeout=1800))
         print(f"  {variant:11s} peak +{results[-1]['peak_growth_bytes'] / 2**20:,.0f} MiB "
               f"in {results[-1]['seconds']:.1f}s", flush=True)
     unchunked = results[0]["peak_growth_bytes"]
@@ -446,10 +442,7 @@ def speed_section(cli, out: dict) -> None:
     for name in ("hfcompress", "trl_gkd"):
         command = [sys.executable, __file__, "--speed-child", name, "--reference", cli.reference,
                    "--speed-steps", str(cli.speed_steps), "--block-size", str(cli.block_size)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-        if done.returncode != 0:
-            raise RuntimeError(f"speed child {name} failed:\n{done.stderr[-3000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append(common.run_json_child(command, f"speed child {name}", timeout=3600))
         print(f"  {name:10s} {results[-1]['tokens_per_s']:,.0f} tokens/s, peak RSS "
               f"{results[-1]['peak_rss_bytes'] / 2**20:,.0f} MiB", flush=True)
     ours, theirs = results

@@ -209,18 +209,10 @@ def cmd_distill(args) -> int:
     def body(result: dict) -> None:
         import tempfile
 
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from hfcompress import DistillationConfig, DistillationTrainer
         from hfcompress.core.data import BlockDataset
 
-        common.seed_everything(0)
-        blocks = common.load_blocks_file(args.blocks)
-        train = blocks["train"][: args.steps * args.batch_size]  # (steps*B, T): each block seen once
-        tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-        teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
-        student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+        blocks, train, tokenizer, teacher, student = common.distill_inputs(args)
         objective = {
             # the same objective as TRL's GKDTrainer(beta=0): forward KL(teacher || student) at T = 1
             "forward_kl": dict(loss="forward_kl", temperature=1.0, kd_weight=1.0, ce_weight=0.0, hidden_weight=0.0),
@@ -238,17 +230,8 @@ def cmd_distill(args) -> int:
             trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                           train_dataset=BlockDataset(train), processing_class=tokenizer,
                                           callbacks=[timer])
-            result["baseline_rss_bytes"] = common.current_rss_bytes()
-            start = time.perf_counter()
-            output = trainer.train()
-            seconds = time.perf_counter() - start
-            result["peak_rss_bytes"] = common.peak_rss_bytes()
-            tokens = args.steps * args.batch_size * int(train.shape[1])
-            result.update(common.steady_throughput(timer.times, args.batch_size * int(train.shape[1])))
-            result.update(train_seconds=seconds, train_tokens=tokens, wall_tokens_per_s=tokens / seconds,
-                          train_runtime_reported=output.metrics.get("train_runtime"),
-                          final_train_loss=output.training_loss)
-            result["perplexity"] = common.perplexity(trainer.model, blocks["eval"])
+            common.timed_training(result, trainer, timer, args.steps, args.batch_size * int(train.shape[1]),
+                                  blocks["eval"])
             if args.save:
                 trainer.save_model(args.save)
                 tokenizer.save_pretrained(args.save)

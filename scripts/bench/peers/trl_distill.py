@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,17 +52,10 @@ def main(argv: list[str] | None = None) -> int:
               "versions": common.package_versions(["trl", "transformers", "torch", "accelerate"])}
 
     def body(result: dict) -> None:
-        import torch
         from datasets import Dataset
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-        common.seed_everything(0)
-        blocks = common.load_blocks_file(args.blocks)
-        train = blocks["train"][: args.steps * args.batch_size]  # (steps*B, T): each block seen once
-        tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-        teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
-        student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
+        blocks, train, tokenizer, teacher, student = common.distill_inputs(args)
         dataset = Dataset.from_dict({"input_ids": train.tolist()})
         with tempfile.TemporaryDirectory() as output_dir:
             config = GKDConfig(
@@ -77,17 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             timer = common.step_timer()
             trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
                                  processing_class=tokenizer, data_collator=collate, callbacks=[timer])
-            result["baseline_rss_bytes"] = common.current_rss_bytes()
-            start = time.perf_counter()
-            output = trainer.train()
-            seconds = time.perf_counter() - start
-        result["peak_rss_bytes"] = common.peak_rss_bytes()
-        tokens = args.steps * args.batch_size * int(train.shape[1])
-        result.update(common.steady_throughput(timer.times, args.batch_size * int(train.shape[1])))
-        result.update(train_seconds=seconds, train_tokens=tokens, wall_tokens_per_s=tokens / seconds,
-                      train_runtime_reported=output.metrics.get("train_runtime"),
-                      final_train_loss=output.training_loss)
-        result["perplexity"] = common.perplexity(trainer.model, blocks["eval"])
+            common.timed_training(result, trainer, timer, args.steps, args.batch_size * int(train.shape[1]),
+                                  blocks["eval"])
 
     return common.run_and_record(args.out, fields, body)
 
