@@ -217,18 +217,11 @@ class ArgumentParser(HfArgumentParser):
         """
         if message.startswith("unrecognized arguments:"):
             flags = [a for a in message.partition(":")[2].split() if a.startswith("--")]
-            known = [o for action in self._all_actions() for o in action.option_strings if o.startswith("--")]
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
             close = difflib.get_close_matches(flags[0].partition("=")[0], known, n=1) if flags else []
             if close:
                 message += f" (did you mean {close[0]}?)"
         raise UsageError(message, prog=self.prog)
-
-    def _all_actions(self):
-        for action in self._actions:
-            yield action
-            if isinstance(action, argparse._SubParsersAction):
-                for parser in action.choices.values():
-                    yield from parser._actions
 
     def parse_into_dataclasses(self, args: list[str] | None = None) -> tuple:
         """``parse_args_into_dataclasses``; a dataclass's own check failing is one ``ConfigError`` line."""
@@ -237,11 +230,3 @@ class ArgumentParser(HfArgumentParser):
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)}")
         return tuple(outputs)
-
-def dataclasses_from_namespace(classes, namespace: argparse.Namespace) -> tuple:
-    """The dataclasses from a namespace an :class:`ArgumentParser` over ``classes`` filled (a subcommand's)."""
-    def build(cls):
-        return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
-                      if f.init and hasattr(namespace, f.name)})
-
-    return tuple(_wrap(None, lambda cls=cls: build(cls)) for cls in classes)
