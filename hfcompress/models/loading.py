@@ -45,12 +45,37 @@ def load_model(name_or_path, *, trust_remote_code: bool = False, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``."""
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     resolved = resolve_model(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(resolved, trust_remote_code=trust_remote_code, **kwargs)
+    except SafetensorError as exc:
+        bad = unreadable_safetensors(resolved)
+        raise ModelLoadError(f"could not load a causal LM from {resolved!r}: {bad or 'a safetensors file'} is "
+                             f"truncated or corrupt ({exc}); download or save the checkpoint again") from exc
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load a causal LM from {resolved!r}: {first_line}") from exc
+        hint = ""
+        if "Unrecognized configuration class" in first_line:
+            hint = ("; it is not a causal language model (AutoModelForCausalLM supports decoder LMs such as Llama, "
+                    "Qwen2, Mistral, GPT-2)")
+        raise ModelLoadError(f"could not load a causal LM from {resolved!r}: "
+                             f"{first_line.rstrip('.') if hint else first_line}{hint}") from exc
+
+
+def unreadable_safetensors(folder: str | os.PathLike) -> str | None:
+    """Name of the first ``*.safetensors`` file in ``folder`` whose header cannot be read, else None."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError):
+            return path.name
+    return None
 
 
 def load_tokenizer(name_or_path, *, trust_remote_code: bool = False, **kwargs):

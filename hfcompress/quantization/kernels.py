@@ -67,13 +67,13 @@ def unpack_zero_point(zero_point: torch.Tensor, num_bits: int, out_features: int
     zero-padded to N rows; older writers stored them unpacked as int8 (N, G) or float.
     """
     if zero_point.dtype == torch.int32:
-        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+        from .primitives import unpack_int32
 
-        num_groups = zero_point.shape[-1]
         words = math.ceil(out_features * num_bits / 32)
-        # Rows past the packed words are zero padding (see checkpoint.check_zero_point).
-        return unpack_from_int32(zero_point[:words].contiguous(), num_bits,
-                                 torch.Size((out_features, num_groups)), packed_dim=0)
+        # Rows past the packed words are zero padding (see checkpoint.check_zero_point). Our unpacker, not
+        # compressed-tensors': its 4-bit path views the transposed words as bytes, which fails for a single
+        # word row sliced from a padded (out, G) tensor (out_features <= 8; found by tests/test_properties.py).
+        return unpack_int32(zero_point[:words], num_bits, out_features, dim=0)
     return zero_point.round().to(torch.int8) if zero_point.is_floating_point() else zero_point.to(torch.int8)
 
 

@@ -68,8 +68,8 @@ class Recipe:
         return hashlib.sha256(json.dumps([self.model] + [s.digest() for s in self.stages]).encode()).hexdigest()[:16]
 
 
-def suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+def suggest(key, valid) -> str:
+    close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=1, cutoff=0.6)  # YAML keys may be numbers
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
 
@@ -131,6 +131,12 @@ def split_by_dataclass(values: dict, classes: list, where: str) -> dict:
     return routed
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, on one line (a scanner error's ``problem``, a reader error's ``reason``)."""
+    text = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    return " ".join(str(text).split())
+
+
 # --------------------------------------------------------------------------------------------------------
 # Overrides: --set stage.key=value / --set key=value
 # --------------------------------------------------------------------------------------------------------
@@ -141,7 +147,7 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     try:
         value = yaml.safe_load(raw_value) if raw_value != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from exc
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({yaml_problem(exc)})") from exc
     return key.strip().split("."), value
 
 
@@ -188,7 +194,10 @@ def parse_recipe(document, overrides: list[str] | None = None, source: str = "",
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{where}: unknown top-level key {key!r}{suggest(key, TOP_LEVEL_KEYS)}")
     raw_stages = document.get("stages")
-    if not isinstance(raw_stages, list) or not raw_stages:
+    if raw_stages is not None and not isinstance(raw_stages, list):
+        raise ConfigError(f"{where}: 'stages' must be a list of stages like '- quantize: {{bits: 4}}', "
+                          f"got {raw_stages!r}")
+    if not raw_stages:
         raise ConfigError(f"{where}: missing required key 'stages' (a non-empty list of stages)")
     name = str(document.get("name") or (Path(path).stem if path else "recipe"))
 
@@ -200,9 +209,10 @@ def parse_recipe(document, overrides: list[str] | None = None, source: str = "",
         kind, body = next(iter(entry.items()))
         if kind not in STAGE_KINDS:
             raise ConfigError(f"{where}: stage {index} has unknown kind {kind!r}{suggest(kind, STAGE_KINDS)}")
+        if not isinstance(body or {}, dict):
+            raise ConfigError(f"{where}: stage {index} ({kind}) must map keys to values, like "
+                              f"'- {kind}: {{key: value}}'; got {body!r}")
         body = dict(body or {})
-        if not isinstance(body, dict):
-            raise ConfigError(f"{where}: stage {index} ({kind}) must map keys to values")
         stage_name = str(body.pop("name", None) or kind)
         if stage_name in seen_names:
             if "name" in (entry[kind] or {}):
@@ -235,6 +245,10 @@ def _check_inputs(recipe: Recipe, where: str) -> None:
     from ..jobs.stages import STAGE_KINDS
 
     produced = ["model"] if recipe.model else []
+    model = str(recipe.model) if recipe.model else ""
+    if model and model.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(model)):
+        raise ConfigError(f"{where}: model {model!r} does not exist; set 'model' to a model folder, a Hub id or "
+                          f"reference:<size>")
     for index, stage in enumerate(recipe.stages):
         spec = STAGE_KINDS[stage.kind]
         references = ([stage.input] if stage.input else []) + spec.referenced_models(stage)
@@ -265,7 +279,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+        raise ConfigError(f"{path}: not valid YAML{at}: {yaml_problem(exc)}") from exc
     return parse_recipe(document, overrides=overrides, source=text, path=str(path))
 
 
@@ -287,7 +301,7 @@ def flat_stage_arguments(path: str | os.PathLike, kind: str) -> dict:
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     if not isinstance(document, dict):
         raise ConfigError(f"{path} must hold a mapping of argument names to values (or a recipe)")
     if "stages" not in document:
