@@ -118,6 +118,11 @@ class Inputs:
         (folder / "tokenizer.json").write_text(json.dumps(data))
         return str(folder)
 
+    def model_with_card(self, card: str) -> str:
+        folder = self.model()
+        (folder / "README.md").write_text(card)
+        return str(folder)
+
     def text_folder(self, name: str = "data", files: dict[str, str] | None = None) -> str:
         folder = self.root / name
         folder.mkdir()
@@ -214,7 +219,7 @@ CLI_ROWS = [
     ("quantize-empty-calibration-folder",
      lambda i: q("--method", "gptq", "--calibration-data", i.text_folder("calib"))(i),
      r"holds no text files"),
-    ("quantize-output-not-empty", lambda i: q()(i) if i.non_empty_folder() else None,
+    ("quantize-output-not-empty", lambda i: [i.non_empty_folder(), *q()(i)][1:],
      r"out.* is not empty.*--overwrite"),
     ("quantize-output-is-a-file", lambda i: ["quantize", str(i.reference), i.file("out"), "-q"],
      r"it is a file, not a folder"),
@@ -234,6 +239,8 @@ CLI_ROWS = [
      r"stride must be in 1\.\."),
     ("eval-json-in-missing-folder", lambda i: ["eval", str(i.reference), "--json", "./no/dir/r.json", "--no-speed",
                                                "-q"], r"--json.*no/dir.* does not exist"),
+    ("eval-truncated-safetensors", lambda i: ["eval", i.truncated_weights(), "--no-speed", "-q"],
+     r"model\.safetensors is truncated or corrupt.*download or save the checkpoint again"),
     ("eval-unknown-runtime", lambda i: ["eval", str(i.reference), "--runtime", "fast"],
      r"--runtime.*invalid choice: 'fast'"),
     # ---- distill
@@ -241,7 +248,8 @@ CLI_ROWS = [
      r"model path .*nope.* does not exist"),
     ("distill-unknown-loss", d("--loss", "kll"), r"loss='kll' is not a known divergence"),
     ("distill-zero-temperature", d("--temperature", "0"), r"temperature must be > 0"),
-    ("distill-unknown-flag", d("--temprature", "2"), r"unrecognized argument '--temprature'.*did you mean 'temperature'"),
+    ("distill-unknown-flag", d("--temprature", "2"),
+     r"unrecognized argument '--temprature'.*did you mean 'temperature'"),
     ("distill-flag-wrong-type", d("--max_steps", "many"), r"--max_steps.*invalid int value: 'many'"),
     ("distill-missing-config-file", lambda i: ["distill", "--config", "missing.yaml"],
      r"config file 'missing\.yaml' does not exist"),
@@ -250,7 +258,8 @@ CLI_ROWS = [
     ("distill-student-zero-layers", d("--student_num_layers", "0"), r"num_layers must be an integer in 1\.\.2"),
     ("distill-bad-layer-selection", d("--student_num_layers", "1", "--student_layer_selection", "first"),
      r"student_layer_selection must be 'uniform' or comma-separated"),
-    ("distill-block-size-beyond-context", d("--block_size", "4096"), r"block size 4096 is larger than the model's context"),
+    ("distill-block-size-beyond-context", d("--block_size", "4096"),
+     r"block size 4096 is larger than the model's context"),
     ("distill-empty-dataset", lambda i: d("--dataset", i.text_folder("data", {"a.txt": ""}))(i), r"is empty"),
     ("distill-other-tokenizer", lambda i: d("--student", i.other_tokenizer_student())(i),
      r"student and teacher use different tokenizers"),
@@ -265,6 +274,12 @@ CLI_ROWS = [
     ("push-no-weights", lambda i: ["push", i.no_weights(), "user/repo", "--dry-run"], r"has no weight files"),
     ("push-no-tokenizer", lambda i: ["push", (lambda f: [p.unlink() for p in Path(f).glob("tokenizer*")] and f)(
         str(i.model())), "user/repo", "--dry-run"], r"has no tokenizer files.*save the tokenizer"),
+    ("push-broken-model-card", lambda i: ["push", i.model_with_card("---\nlicense: [apache\n---\n# x\n"),
+                                          "user/repo", "--dry-run"], r"README\.md.*(YAML|metadata)"),
+    # ---- run (recipe files themselves: see test_recipe_bad_input)
+    ("run-output-not-a-run", lambda i: ["run", i.file("r.yaml", f"model: {i.reference}\nstages:\n  - quantize: {{}}\n"),
+                                        "--output", i.non_empty_folder("run"), "-q"],
+     r"output folder .*run.* exists and is not an hfcompress run.*--output.*--overwrite"),
     # ---- reference
     ("reference-unknown-size", lambda i: ["reference", "--size", "huge"], r"--size.*invalid choice: 'huge'"),
 ]
@@ -327,7 +342,8 @@ RECIPE_ROWS = [
      r"stage 0 \(quantize\): unknown key 'bitz'.*did you mean 'bits'"),
     ("wrong-type", "model: {model}\nstages:\n  - quantize: {{bits: four}}\n",
      r"stage 0 \(quantize\): key 'bits' expects int, got 'four'"),
-    ("bits-5", "model: {model}\nstages:\n  - quantize: {{bits: 5}}\n", r"stage 0 \(quantize\): bits=5 is not supported"),
+    ("bits-5", "model: {model}\nstages:\n  - quantize: {{bits: 5}}\n",
+     r"stage 0 \(quantize\): bits=5 is not supported"),
     ("bool-as-int", "model: {model}\nstages:\n  - quantize: {{group_size: true}}\n",
      r"key 'group_size' expects int \| None, got True"),
     ("distill-bad-temperature", "model: {model}\nstages:\n  - distill: {{temperature: -1}}\n",
@@ -448,6 +464,15 @@ def _bert(i: Inputs):
                                 intermediate_size=64)).eval()
 
 
+def _small_vocab_student(i: Inputs):
+    """A Llama of the teacher's shape but half its vocabulary (256 rows against the tokenizer's 512 tokens)."""
+    from transformers import LlamaForCausalLM
+
+    config = _tiny(i).config
+    config.vocab_size = 256
+    return LlamaForCausalLM(config)
+
+
 def _mlp(i: Inputs):
     """A model with linears but no transformer layers (nothing to calibrate layer by layer)."""
     return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
@@ -496,10 +521,12 @@ API_ROWS = [
     ("config-from-json-not-json", lambda i: lambda: __import__("hfcompress").QuantizationConfig.from_json(
         "{bits: 4"), ConfigError, r"quantization config is not valid JSON"),
     # ---- quantize
+    ("quantize-dict-config-bits-5", _call("quantize", _tiny, {"bits": 5}), ConfigError, r"bits=5 is not supported"),
     ("quantize-config-a-string", _quantize("rtn"), ConfigError, r"config must be a QuantizationConfig, got str"),
     ("quantize-gptq-without-data", _quantize({"method": "gptq"}), DataError,
      r"method='gptq' needs calibration data.*calibration_data="),
-    ("quantize-text-without-tokenizer", _quantize({"method": "gptq", "seq_len": 64}, calibration_data=["def f(): pass"] * 4),
+    ("quantize-text-without-tokenizer", _quantize({"method": "gptq", "seq_len": 64},
+                                                  calibration_data=["def f(): pass"] * 4),
      DataError, r"needs a tokenizer.*tokenizer="),
     ("quantize-empty-calibration-list", _quantize({"method": "gptq", "seq_len": 64}, calibration_data=[],
                                                   tokenizer=lambda i: i.tokenizer),
@@ -544,9 +571,15 @@ API_ROWS = [
      r"teacher_model_init_kwargs is not valid JSON"),
     ("distill-config-negative-chunk", _distill_config(loss_chunk_size=-1), ConfigError,
      r"loss_chunk_size must be >= 0"),
+    ("distill-config-temperature-a-string", _distill_config(temperature="hot"), ConfigError,
+     r"temperature must be a number, got 'hot'"),
+    ("distill-config-weight-a-string", _distill_config(kd_weight="1"), ConfigError,
+     r"kd_weight must be a number, got '1'"),
     ("trainer-empty-dataset", _trainer(train_dataset=[]), DataError, r"train_dataset is empty"),
     ("trainer-other-tokenizer", _trainer(tokenizer=_other_tokenizer), ConfigError,
      r"student and teacher use different tokenizers"),
+    ("trainer-student-vocab-smaller", _trainer(student=_small_vocab_student), ConfigError,
+     r"student's LM head has 256 rows but the tokenizer has 512 tokens"),
     ("trainer-teacher-without-lm-head", _trainer(teacher=_bert), ConfigError, r"BertModel has no output embeddings"),
     ("trainer-plain-training-arguments", _trainer(
         args=lambda i: __import__("transformers").TrainingArguments(i.path("out"), report_to="none")),
@@ -555,6 +588,8 @@ API_ROWS = [
     ("load-compressed-missing", _call("load_compressed", "./nope"), HFCompressError, r"'\./nope' does not exist"),
     ("load-compressed-plain-model", _call("load_compressed", lambda i: str(i.reference)), HFCompressError,
      r"plain \(unquantized\) checkpoint.*from_pretrained"),
+    ("load-compressed-config-not-json", _call("load_compressed", lambda i: i.config_not_json()), HFCompressError,
+     r"config\.json.*not (a )?valid JSON"),
     ("load-compressed-truncated", _call("load_compressed", _compressed_truncated, progress=False), HFCompressError,
      r"model\.safetensors.*(truncated|corrupt)"),
     ("evaluate-no-tokenizer", _call("evaluate", _tiny), DataError, r"needs a tokenizer"),
@@ -583,3 +618,24 @@ def test_api_bad_input(build, error, pattern, inputs):
     assert snapshot(inputs.root) == before, "a failed call wrote or changed files"
     assert isinstance(info.value, error), f"{type(info.value).__name__}: {info.value}"
     assert_one_line(str(info.value), pattern)
+
+
+def test_readme_states_these_counts():
+    """README.md's "Guarantees" section quotes the size of this table and of tests/test_properties.py."""
+    import tests.test_properties as properties
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Bad input"):readme.index("### Properties")]
+    overrides = len(test_recipe_override_bad_input.pytestmark[0].args[1])
+    console = len(test_console_script_bad_input.pytestmark[0].args[1])
+    total = len(CLI_ROWS) + len(RECIPE_ROWS) + overrides + len(API_ROWS) + console
+    assert f"**{total} rows**: {len(CLI_ROWS)} command lines" in section
+    assert f"{len(RECIPE_ROWS)} recipe files" in section and f"{overrides} `--set` overrides" in section
+    assert f"{len(API_ROWS)} Python API calls" in section and f"{console} through the installed console" in section
+    commands = {}
+    for row_id, *_ in CLI_ROWS:
+        commands[row_id.split("-")[0]] = commands.get(row_id.split("-")[0], 0) + 1
+    for command, count in commands.items():
+        assert f"`{command}` {count}" in section, (command, count)
+    tests = [name for name in dir(properties) if name.startswith("test_")]
+    assert f"**{len(tests)} property-based tests**" in readme

@@ -14,8 +14,9 @@ thought of.
 * the recipe parser: random documents (mappings, lists, strings, numbers, nested) and random YAML text never
   raise anything but hfcompress's own one-line errors.
 
-Reproducible: the profile is derandomized (the same examples on every run and machine) and has no deadline
-(timings on shared CI machines vary); example counts are kept small so the file runs in seconds.
+Reproducible: every test runs with ``REPRODUCIBLE`` settings, derandomized (the same examples on every run and
+machine) and without a deadline (timings on shared CI machines vary); example counts are kept small so the
+file runs in seconds.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from hfcompress.distillation import losses as L
 from hfcompress.quantization import kernels as K
 from hfcompress.quantization import primitives as P
 
-settings.register_profile("hfcompress", derandomize=True, deadline=None, max_examples=40, print_blob=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile("hfcompress")
+# Applied to each test (not loaded as the global profile, so other tests keep hypothesis' defaults).
+REPRODUCIBLE = settings(derandomize=True, deadline=None, max_examples=40, print_blob=True, database=None,
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 BITS = st.sampled_from([2, 3, 4, 8])
 
@@ -49,6 +50,7 @@ def _codes(bits: int, rows: int, cols: int, seed: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 # Bit packing
 # --------------------------------------------------------------------------------------------------------
+@REPRODUCIBLE
 @given(bits=BITS, rows=st.integers(1, 6), cols=st.integers(1, 97), dim=st.sampled_from([0, 1]),
        seed=st.integers(0, 2**16))
 def test_pack_unpack_round_trip(bits, rows, cols, dim, seed):
@@ -61,6 +63,7 @@ def test_pack_unpack_round_trip(bits, rows, cols, dim, seed):
     assert torch.equal(P.unpack_int32(packed, bits, length, dim=dim), codes)
 
 
+@REPRODUCIBLE
 @given(bits=BITS, rows=st.integers(1, 6), cols=st.integers(1, 97), dim=st.sampled_from([0, 1]),
        seed=st.integers(0, 2**16))
 def test_packing_is_compressed_tensors_packing(bits, rows, cols, dim, seed):
@@ -72,6 +75,7 @@ def test_packing_is_compressed_tensors_packing(bits, rows, cols, dim, seed):
     assert torch.equal(unpack_from_int32(ours, bits, codes.shape, packed_dim=dim), codes)
 
 
+@REPRODUCIBLE
 @given(bits=BITS, rows=st.integers(1, 6), cols=st.integers(1, 64), padded=st.booleans(), seed=st.integers(0, 2**16))
 def test_runtime_unpackers_read_our_packing(bits, rows, cols, padded, seed):
     """What the packed runtime reads back (weights along dim 1, zero points along dim 0, possibly zero-padded to
@@ -110,6 +114,7 @@ def weights(draw):
     return w, group_size
 
 
+@REPRODUCIBLE
 @given(data=weights(), bits=BITS, symmetric=st.booleans())
 def test_nearest_rounding_error_is_at_most_half_a_step(data, bits, symmetric):
     weight, group_size = data
@@ -126,6 +131,7 @@ def test_nearest_rounding_error_is_at_most_half_a_step(data, bits, symmetric):
     assert (error <= step / 2 + slack).all(), float((error - step / 2).max())
 
 
+@REPRODUCIBLE
 @given(data=weights(), bits=BITS, symmetric=st.booleans(), seed=st.integers(0, 2**16))
 def test_stochastic_rounding_stays_within_one_step_without_clamping(data, bits, symmetric, seed):
     weight, group_size = data
@@ -139,6 +145,7 @@ def test_stochastic_rounding_stays_within_one_step_without_clamping(data, bits, 
     assert ((weight.double() - approx).abs() <= step + slack).all()
 
 
+@REPRODUCIBLE
 @given(data=weights(), bits=BITS, symmetric=st.booleans())
 def test_all_zero_groups_are_exact(data, bits, symmetric):
     weight, group_size = data
@@ -152,6 +159,7 @@ def test_all_zero_groups_are_exact(data, bits, symmetric):
 # --------------------------------------------------------------------------------------------------------
 # Group-size fallback
 # --------------------------------------------------------------------------------------------------------
+@REPRODUCIBLE
 @given(width=st.integers(1, 20_000), group_size=st.one_of(st.none(), st.integers(1, 2048)))
 def test_fallback_group_size(width, group_size):
     used = P.fallback_group_size(width, group_size)
@@ -183,6 +191,7 @@ def logits_pair(draw, max_rows: int = 6, max_vocab: int = 40):
     return student, teacher
 
 
+@REPRODUCIBLE
 @given(pair=logits_pair(), loss=st.sampled_from(LOSSES), temperature=st.sampled_from([0.5, 1.0, 2.0, 4.0]),
        beta=st.floats(0.0, 1.0), alpha=st.floats(0.0, 0.99))
 def test_divergences_are_nonnegative_and_zero_for_identical_inputs(pair, loss, temperature, beta, alpha):
@@ -197,6 +206,7 @@ def test_divergences_are_nonnegative_and_zero_for_identical_inputs(pair, loss, t
     assert same.abs().max() <= 1e-9
 
 
+@REPRODUCIBLE
 @given(pair=logits_pair(), loss=st.sampled_from(LOSSES), scale=st.sampled_from([0.5, 2.0, 3.0]))
 def test_temperature_scales_by_its_square(pair, loss, scale):
     """Dividing logits by T is what the temperature does, and the T² factor multiplies the divergence:
@@ -207,6 +217,7 @@ def test_temperature_scales_by_its_square(pair, loss, scale):
     torch.testing.assert_close(at_t, scale**2 * at_one, rtol=1e-9, atol=1e-12)
 
 
+@REPRODUCIBLE
 @given(pair=logits_pair(), loss=st.sampled_from(["forward_kl", "reverse_kl"]), temperature=st.sampled_from([1.0, 2.0]),
        kd_weight=st.sampled_from([0.0, 0.5, 1.0]), ce_weight=st.sampled_from([0.0, 0.5, 1.0]),
        seed=st.integers(0, 2**16))
@@ -222,6 +233,7 @@ def test_closed_form_gradient_equals_autograd(pair, loss, temperature, kd_weight
     torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
 
 
+@REPRODUCIBLE
 @given(rows=st.integers(1, 40), hidden=st.integers(1, 12), vocab=st.integers(2, 30), chunk=st.integers(0, 45),
        loss=st.sampled_from(LOSSES), temperature=st.sampled_from([1.0, 2.0]), with_bias=st.booleans(),
        seed=st.integers(0, 2**16))
@@ -250,6 +262,7 @@ def test_chunked_loss_equals_unchunked(rows, hidden, vocab, chunk, loss, tempera
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
 
 
+@REPRODUCIBLE
 @given(counts=st.lists(st.integers(0, 20), min_size=1, max_size=6), seed=st.integers(0, 2**16))
 def test_normalisation_gives_the_step_mean_whatever_the_split(counts, seed):
     """Micro-batches of any sizes (some empty), each divided by the step's token count, add up to the mean over
@@ -280,18 +293,18 @@ _values = st.recursive(_scalars, lambda children: st.one_of(
 _KNOWN = ["bits", "method", "group_size", "symmetric", "ignore", "name", "input", "models", "repo_id", "dry_run",
           "temperature", "loss", "max_steps", "layer_map", "calibration_data", "max_shard_size", "runtime",
           "student_num_layers", "teacher", "data", "bitz", "output_dir", "learning_rate"]
+_KINDS = st.sampled_from(["quantize", "distill", "evaluate", "push", "quantise"])
 _bodies = st.one_of(_values, st.dictionaries(st.sampled_from(_KNOWN), _values, max_size=4))
 _stages = st.one_of(
     _values,
-    st.lists(st.one_of(_values, st.dictionaries(st.sampled_from(["quantize", "distill", "evaluate", "push", "quantise"]),
-                                                _bodies, min_size=1, max_size=2)), max_size=3))
+    st.lists(st.one_of(_values, st.dictionaries(_KINDS, _bodies, min_size=1, max_size=2)), max_size=3))
 _documents = st.one_of(
     _values,
     st.fixed_dictionaries({}, optional={"name": _values, "model": _values, "output_dir": _values,
                                         "description": _values, "stages": _stages, "stagse": _values}))
 
 
-@settings(max_examples=150)
+@settings(REPRODUCIBLE, max_examples=150)
 @given(document=_documents)
 def test_recipe_parser_raises_only_our_errors(document):
     from hfcompress.runs.recipe import parse_recipe
@@ -304,7 +317,7 @@ def test_recipe_parser_raises_only_our_errors(document):
         assert recipe.stages  # what parses is a usable recipe
 
 
-@settings(max_examples=60)
+@settings(REPRODUCIBLE, max_examples=60)
 @given(document=_documents, overrides=st.lists(st.one_of(
     st.text(max_size=15), st.builds(lambda k, v: f"{k}={v}", st.sampled_from(
         ["quantize.bits", "bits", "0.method", "model", "stages", "quantize.name", "a.b.c", "", "distill.loss"]),
@@ -318,7 +331,7 @@ def test_recipe_overrides_raise_only_our_errors(document, overrides):
         assert "\n" not in str(exc).strip(), repr(str(exc))
 
 
-@settings(max_examples=60)
+@settings(REPRODUCIBLE, max_examples=60)
 @given(text=st.one_of(st.text(max_size=60), _documents.map(lambda d: yaml.safe_dump(d, sort_keys=False)),
                       st.sampled_from(["stages: [", "!!python/object/apply:os.system ['true']", "a: &x [*x]",
                                        "\t- quantize", "%YAML 9.9\n---\n", "key: value\n  bad: indent", "@"])))
