@@ -350,6 +350,8 @@ RECIPE_ROWS = [
      r"stage 0 \(distill\): .*temperature must be > 0"),
     ("missing-model", "model: ./no/such/model\nstages:\n  - quantize: {{bits: 4}}\n",
      r"model .*no/such/model.* does not exist"),
+    ("unknown-reference-model", "model: reference:huge\nstages:\n  - quantize: {{bits: 4}}\n",
+     r"unknown reference model 'reference:huge'; use one of reference:tiny"),
     ("no-model-at-all", "stages:\n  - quantize: {{bits: 4}}\n", r"needs an input model.*set the recipe's 'model'"),
     ("input-names-a-later-stage", "model: {model}\nstages:\n  - quantize: {{input: q2}}\n"
                                   "  - quantize: {{name: q2}}\n", r"needs 'q2', which no earlier stage produces"),

@@ -43,9 +43,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
 
 def load_model(name_or_path, *, trust_remote_code: bool = False, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``."""
-    from transformers import AutoModelForCausalLM
-
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(name_or_path)
     try:

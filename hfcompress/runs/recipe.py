@@ -249,6 +249,9 @@ def _check_inputs(recipe: Recipe, where: str) -> None:
     if model and model.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(model)):
         raise ConfigError(f"{where}: model {model!r} does not exist; set 'model' to a model folder, a Hub id or "
                           f"reference:<size>")
+    _check_reference_names([model] + [str(ref) for stage in recipe.stages
+                                      for ref in [stage.input] + STAGE_KINDS[stage.kind].referenced_models(stage)],
+                           where)
     for index, stage in enumerate(recipe.stages):
         spec = STAGE_KINDS[stage.kind]
         references = ([stage.input] if stage.input else []) + spec.referenced_models(stage)
@@ -267,6 +270,16 @@ def _check_inputs(recipe: Recipe, where: str) -> None:
                               f"'model' key or the stage's 'input'")
         if spec.produces_model:
             produced.append(stage.name)
+
+
+def _check_reference_names(refs: list[str], where: str) -> None:
+    """``reference:<size>`` must name a reference teacher (else the run would fail after creating its folder)."""
+    from ..models.reference import REFERENCE_SPECS
+
+    for ref in refs:
+        if ref.startswith("reference:") and ref.partition(":")[2] not in REFERENCE_SPECS:
+            raise ConfigError(f"{where}: unknown reference model {ref!r}; use one of "
+                              f"{', '.join('reference:' + size for size in REFERENCE_SPECS)}")
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
