@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .core.errors import HFCompressError
+from .core.errors import ConfigError, HFCompressError
 
 logger = logging.getLogger("hfcompress")
 
@@ -22,6 +22,13 @@ EXIT_USER_ERROR = 2
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults in --help and keeps the description's line breaks."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (no usage block), like every other hfcompress error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -49,6 +56,9 @@ def cmd_eval(args) -> int:
 
     from .core.data import load_texts
 
+    if args.json and not Path(args.json).expanduser().absolute().parent.is_dir():
+        raise ConfigError(f"--json {args.json}: folder {str(Path(args.json).parent)!r} does not exist; create it "
+                          f"or write the JSON elsewhere")
     texts = load_texts(args.data, split="test")  # fail on bad data before loading any model
     results = []
     for name in args.models:
@@ -147,7 +157,7 @@ def cmd_kernels(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hfcompress", formatter_class=_Formatter,
         description="Distill and quantize Hugging Face causal LMs into small, Hub-ready checkpoints.\n\n"
                     "Start with:  hfcompress run recipes/quickstart.yaml")

@@ -110,8 +110,9 @@ def load_texts(source: TextSource, split: str = "train", text_column: str = "tex
     """Read a text source (see the module docstring) into a list of documents; an empty source is an error."""
     texts = _load_texts(source, split, text_column)
     if not any(t.strip() for t in texts):
-        where = source if isinstance(source, (str, os.PathLike)) else f"the {type(source).__name__} given"
-        raise DataError(f"the text source {where} is empty: it holds no non-empty documents")
+        where = f"the text source {source}" if isinstance(source, (str, os.PathLike)) \
+            else f"the {type(source).__name__} of texts given"
+        raise DataError(f"{where} is empty: it holds no non-empty documents")
     return texts
 
 

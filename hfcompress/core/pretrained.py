@@ -17,6 +17,11 @@ from .errors import ModelLoadError
 _REFERENCE = re.compile(r"^[A-Za-z][\w-]*:(?![/\\])")
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id (``./x``, ``/x``, ``~/x``; a Hub id has at most one ``/``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -28,11 +33,39 @@ def from_pretrained(auto_class, name_or_path, what: str = "a causal LM", **kwarg
     if _REFERENCE.match(name) and not os.path.exists(os.path.expanduser(name)):
         raise ModelLoadError(f"{name!r} is a model reference, not a path or a Hub id: resolve it first with "
                              f"hfcompress.models.loading.resolve_model (or pass the loaded model)")
+    from safetensors import SafetensorError
+
+    if _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise ModelLoadError(f"could not load {what} from {name!r}: the folder does not exist; check the path")
     kwargs.setdefault("trust_remote_code", False)
     try:
         return auto_class.from_pretrained(name, **kwargs)
+    except SafetensorError as exc:
+        bad = unreadable_safetensors(name)
+        raise ModelLoadError(f"could not load {what} from {name!r}: {bad or 'a safetensors file'} is truncated or "
+                             f"corrupt ({exc}); download or save the checkpoint again") from exc
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"could not load {what} from {name!r}: {_first_line(exc)}") from exc
+        first_line = _first_line(exc)
+        if "Unrecognized configuration class" in first_line:
+            first_line = (first_line.rstrip(".") + "; it is not a causal language model (AutoModelForCausalLM "
+                          "supports decoder LMs such as Llama, Qwen2, Mistral, GPT-2)")
+        raise ModelLoadError(f"could not load {what} from {name!r}: {first_line}") from exc
+
+
+def unreadable_safetensors(folder: str | os.PathLike) -> str | None:
+    """Name of the first ``*.safetensors`` file in ``folder`` whose header cannot be read, else None."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(path, framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError):
+            return path.name
+    return None
 
 
 def load_causal_lm(name_or_path, **kwargs):

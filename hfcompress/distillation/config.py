@@ -107,6 +107,10 @@ class DistillationConfig(TrainingArguments):
     def __post_init__(self):
         self.teacher_model_init_kwargs = _parse_json_dict(self.teacher_model_init_kwargs, "teacher_model_init_kwargs")
         self.layer_map = normalize_layer_map(self.layer_map)
+        for name in ("temperature", "kd_weight", "ce_weight", "beta", "skew_alpha", "hidden_weight", "loss_chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"DistillationConfig.{name} must be a number, got {value!r}")
         if self.loss not in LOGIT_LOSSES:
             raise ConfigError(f"DistillationConfig.loss={self.loss!r} is not a known divergence; choose one of "
                               f"{', '.join(LOGIT_LOSSES)}")

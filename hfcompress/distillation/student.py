@@ -100,6 +100,10 @@ def make_student(teacher, num_layers: int, hidden_size: int | None = None, inter
         from ..core.pretrained import load_causal_lm
 
         teacher = load_causal_lm(teacher)
+    config = getattr(teacher, "config", None)
+    if not isinstance(teacher, nn.Module) or config is None or not hasattr(_text_config(config), "num_hidden_layers"):
+        raise ConfigError(f"teacher must be a transformers model with num_hidden_layers in its config (or a path to "
+                          f"one), got {type(teacher).__name__}")
     teacher_config = _text_config(teacher.config)
     teacher_layers = int(teacher_config.num_hidden_layers)
     if not isinstance(num_layers, int) or not 1 <= num_layers <= teacher_layers:

@@ -101,6 +101,8 @@ class DistillationTrainer(Trainer):
 
             model = load_causal_lm(model)
         teacher = freeze(load_teacher(teacher_model, args.teacher_model_init_kwargs))
+        # Before Trainer.__init__, which creates output_dir: a refused pair of models leaves nothing behind.
+        vocab_rows = check_vocabularies(model, teacher, processing_class, teacher_tokenizer(teacher_model))
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         # Our loss takes `num_items_in_batch`; this makes the Trainer count it (labels[..., 1:] != -100, summed
@@ -110,7 +112,7 @@ class DistillationTrainer(Trainer):
 
         self.spec = LogitLoss(loss=args.loss, temperature=args.temperature, kd_weight=args.kd_weight,
                               ce_weight=args.ce_weight, beta=args.beta, skew_alpha=args.skew_alpha)
-        self.vocab_rows = check_vocabularies(self.model, teacher, processing_class, teacher_tokenizer(teacher_model))
+        self.vocab_rows = vocab_rows
         self.uses_teacher = args.kd_weight > 0 or args.hidden_weight > 0
         self.teacher_model = prepare_teacher(teacher, self.accelerator) if self.uses_teacher else None
 

@@ -39,8 +39,15 @@ class UsageError(ConfigError):
 
 def suggest(key: str, valid) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``valid``, else the list of valid keys."""
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    valid = [str(v) for v in valid]  # YAML keys may be numbers
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def yaml_problem(exc) -> str:
+    """What PyYAML found wrong, on one line (a scanner error's ``problem``, a reader error's ``reason``)."""
+    text = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    return " ".join(str(text).split())
 
 
 def read_config_file(path: str | os.PathLike, kind: str) -> dict:
@@ -56,7 +63,7 @@ def read_config_file(path: str | os.PathLike, kind: str) -> dict:
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     if not isinstance(document, dict):
         raise ConfigError(f"{path} must hold a mapping of argument names to values (or a recipe)")
     if "stages" not in document:

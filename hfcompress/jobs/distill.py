@@ -97,7 +97,9 @@ def build_student(script_args: DistillScriptArguments):
     if script_args.student != "from-teacher":
         return load_model(script_args.student)
     teacher = load_model(script_args.teacher)  # full precision: make_student copies its weights
-    layers = script_args.student_num_layers or max(1, num_layers(teacher) // 2)
+    layers = script_args.student_num_layers
+    if layers is None:
+        layers = max(1, num_layers(teacher) // 2)
     return make_student(teacher, num_layers=layers, hidden_size=script_args.student_hidden_size,
                         intermediate_size=script_args.student_intermediate_size,
                         layer_selection=_layer_selection(script_args.student_layer_selection))
@@ -109,11 +111,16 @@ def distill_from_args(script_args: DistillScriptArguments, config: DistillationC
 
     from ..core.data import BlockDataset, check_block_size, load_blocks
     from ..models.loading import load_tokenizer, resolve_model
+    from ..distillation.teachers import teacher_tokenizer
     from ..distillation.trainer import DistillationTrainer
 
     teacher_path = resolve_model(script_args.teacher)
     tokenizer = load_tokenizer(teacher_path)
     student = build_student(script_args)
+    if script_args.student != "from-teacher":
+        # A student with its own tokenizer is trained and saved with it; the trainer refuses it when its token
+        # ids differ from the teacher's (logit distillation compares the two models' rows token by token).
+        tokenizer = teacher_tokenizer(script_args.student) or tokenizer
     check_block_size(script_args.block_size, student.config)
     train_blocks = load_blocks(script_args.dataset, tokenizer, script_args.block_size, split=script_args.dataset_split,
                                num_blocks=script_args.num_train_blocks, seed=config.seed,

@@ -108,10 +108,15 @@ def validate_model_card(path: str | os.PathLike) -> list[str]:
 
     (``ModelCard.validate`` asks the Hub's API, which is not reachable offline.)
     """
+    import yaml
     from huggingface_hub import ModelCard
 
     problems = []
-    card = ModelCard.load(path)
+    try:
+        card = ModelCard.load(path)
+    except (yaml.YAMLError, ValueError) as exc:  # the metadata block between the '---' lines
+        problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+        return [f"its metadata block (between the '---' lines) is not valid YAML: {problem}; fix or delete the card"]
     metadata = card.data.to_dict()
     if metadata.get("library_name") != "transformers":
         problems.append("metadata: library_name is not 'transformers'")

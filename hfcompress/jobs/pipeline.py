@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..core.errors import HFCompressError
+from ..core.errors import ConfigError, HFCompressError
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,11 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
     from .hub import build_model_card
     from ..models.loading import load_model, load_tokenizer, resolve_model
     from ..quantization.api import quantize
-    from ..quantization.saving import save_checkpoint
+    from ..quantization.saving import _check_destination, save_checkpoint
 
+    # Refuse what would fail at save time before the (long) load and quantization.
+    _check_destination(Path(out_dir).expanduser().absolute(), overwrite)
+    check_shard_size(max_shard_size)
     resolved = resolve_model(model_ref)
     tokenizer = load_tokenizer(resolved)
     model = load_model(resolved)
@@ -64,6 +67,20 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
         recipe_text=recipe_text, tags=["quantized", config.method], load_snippet=_load_snippet(config))
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
                            extra_files={"README.md": str(card)})
+
+
+def check_shard_size(max_shard_size) -> None:
+    """``max_shard_size`` as ``save_pretrained`` reads it (bytes, or "2GB", "500MB": huggingface_hub's parser)."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    size = max_shard_size
+    if isinstance(max_shard_size, str):
+        try:
+            size = parse_size_to_int(max_shard_size)
+        except ValueError:
+            size = None
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ConfigError(f"max_shard_size={max_shard_size!r} is not a size; write it like '2GB' or '500MB'")
 
 
 def _load_snippet(config) -> str:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.data import check_block_size, load_texts, pack_stream, token_stream, utf8_bytes
-from ..core.errors import DataError
+from ..core.errors import ConfigError, DataError
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,6 +272,9 @@ def evaluate(
     """
     from .loading import checkpoint_bytes, load_model, load_tokenizer, resolve_model
 
+    for name, value in (("batch_size", batch_size), ("new_tokens", new_tokens), ("num_blocks", num_blocks)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"evaluate: {name} must be a positive integer, got {value!r}")
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         resolved = resolve_model(name)

@@ -362,6 +362,9 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     Every check (config, weights, data, architecture) runs before the model is modified.
     """
     started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module (e.g. AutoModelForCausalLM.from_pretrained(...)), got "
+                          f"{type(model).__name__}")
     if isinstance(config, dict):
         config = QuantizationConfig.from_dict(config)
     if not isinstance(config, QuantizationConfig):

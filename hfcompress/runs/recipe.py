@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import ConfigError
-from ..jobs.arguments import build_dataclasses, read_config_file, suggest
+from ..jobs.arguments import build_dataclasses, read_config_file, suggest, yaml_problem
 
 TOP_LEVEL_KEYS = ("name", "description", "model", "output_dir", "stages")
 
@@ -75,7 +75,7 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     try:
         value = yaml.safe_load(raw_value) if raw_value != "" else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from exc
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({yaml_problem(exc)})") from exc
     return key.strip().split("."), value
 
 
@@ -122,7 +122,10 @@ def parse_recipe(document, overrides: list[str] | None = None, source: str = "",
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{where}: unknown top-level key {key!r}{suggest(key, TOP_LEVEL_KEYS)}")
     raw_stages = document.get("stages")
-    if not isinstance(raw_stages, list) or not raw_stages:
+    if raw_stages is not None and not isinstance(raw_stages, list):
+        raise ConfigError(f"{where}: 'stages' must be a list of stages like '- quantize: {{bits: 4}}', "
+                          f"got {raw_stages!r}")
+    if not raw_stages:
         raise ConfigError(f"{where}: missing required key 'stages' (a non-empty list of stages)")
     name = str(document.get("name") or (Path(path).stem if path else "recipe"))
 
@@ -134,9 +137,10 @@ def parse_recipe(document, overrides: list[str] | None = None, source: str = "",
         kind, body = next(iter(entry.items()))
         if kind not in STAGE_KINDS:
             raise ConfigError(f"{where}: stage {index} has unknown kind {kind!r}{suggest(kind, STAGE_KINDS)}")
+        if not isinstance(body or {}, dict):
+            raise ConfigError(f"{where}: stage {index} ({kind}) must map keys to values, like "
+                              f"'- {kind}: {{key: value}}'; got {body!r}")
         body = dict(body or {})
-        if not isinstance(body, dict):
-            raise ConfigError(f"{where}: stage {index} ({kind}) must map keys to values")
         stage_name = str(body.pop("name", None) or kind)
         if stage_name in seen_names:
             if "name" in (entry[kind] or {}):
@@ -167,6 +171,13 @@ def _check_inputs(recipe: Recipe, where: str) -> None:
     from ..jobs.stages import STAGE_KINDS
 
     produced = ["model"] if recipe.model else []
+    model = str(recipe.model) if recipe.model else ""
+    if model and model.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(model)):
+        raise ConfigError(f"{where}: model {model!r} does not exist; set 'model' to a model folder, a Hub id or "
+                          f"reference:<size>")
+    _check_reference_names([model] + [str(ref) for stage in recipe.stages
+                                      for ref in [stage.input] + STAGE_KINDS[stage.kind].referenced_models(stage)],
+                           where)
     for index, stage in enumerate(recipe.stages):
         spec = STAGE_KINDS[stage.kind]
         references = ([stage.input] if stage.input else []) + spec.referenced_models(stage)
@@ -187,6 +198,16 @@ def _check_inputs(recipe: Recipe, where: str) -> None:
             produced.append(stage.name)
 
 
+def _check_reference_names(refs: list[str], where: str) -> None:
+    """``reference:<size>`` must name a reference teacher (else the run would fail after creating its folder)."""
+    from ..models.reference import REFERENCE_SPECS
+
+    for ref in refs:
+        if ref.startswith("reference:") and ref.partition(":")[2] not in REFERENCE_SPECS:
+            raise ConfigError(f"{where}: unknown reference model {ref!r}; use one of "
+                              f"{', '.join('reference:' + size for size in REFERENCE_SPECS)}")
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -197,7 +218,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+        raise ConfigError(f"{path}: not valid YAML{at}: {yaml_problem(exc)}") from exc
     return parse_recipe(document, overrides=overrides, source=text, path=str(path))
 
 
