@@ -304,5 +304,5 @@ def test_cuda_checkpoint_logits_match_the_dequantized_model(tmp_path, bits, stra
     with torch.no_grad():
         got, want = ours(tokens).logits.float(), reference(tokens).logits.float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
-    text = ours.generate(tokens[:1, :4], max_new_tokens=4, do_sample=False)
+    text = ours.generate(tokens[:1, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert text.shape == (1, 8)
