@@ -375,9 +375,9 @@ def fuse_shared_input_projections(model: nn.Module) -> int:
             # int8 only: the int4 kernel's packed layout interleaves output rows, so it does not concatenate.
             if not all(isinstance(m, Int8PackedLinear) for m in members):
                 continue
-            if len({(m.in_features, m.compute_dtype) for m in members}) != 1:
+            if len({(type(m), m.in_features, m.compute_dtype) for m in members}) != 1:
                 continue
-            fused = Int8PackedLinear.concatenate(members)
+            fused = type(members[0]).concatenate(members)  # a subclass (CUDA's) fuses into its own kind
             if fused is None:
                 continue
             group = SharedInputProjections(fused, [m.out_features for m in members])

@@ -236,6 +236,41 @@ def test_int8_and_fallback_modules(caplog):
     assert len(caplog.records) == 1 and "odd" in caplog.text and "int8" not in caplog.text
 
 
+@pytest.mark.parametrize("bits,strategy,group_size,symmetric,expected", [
+    (4, "group", 32, False, CR.CudaInt4Linear), (4, "channel", None, True, CR.CudaInt4Linear),
+    (8, "channel", None, False, CR.CudaInt8Linear),
+])
+def test_whole_checkpoint_through_the_cuda_modules(tmp_path, emulated_cuda_ops, monkeypatch, bits, strategy,
+                                                   group_size, symmetric, expected):
+    """load_compressed with every Linear built as on CUDA (emulated kernels, on CPU): q/k/v and gate/up fused,
+    logits within 3x the bf16 reference's own error, generate works."""
+    from hfcompress.quantization import runtime as R
+
+    build = R.build_packed_module
+
+    def as_on_cuda(name, module, weights, reader, dtype, device):
+        if not isinstance(module, torch.nn.Linear):
+            return build(name, module, weights, reader, dtype, device)
+        return CR.build_cuda_linear(name, R._read_module_tensors(name, module, weights, reader), weights, dtype,
+                                    device)
+
+    monkeypatch.setattr(R, "build_packed_module", as_on_cuda)
+    path = write_ct_checkpoint(small_llama(), tmp_path / "ckpt", num_bits=bits, strategy=strategy,
+                               group_size=group_size, symmetric=symmetric)
+    ours = R.load_compressed(path, progress=False)
+    assert CR.finish_cuda_model(ours) == []  # what load_compressed does on CUDA: fuse int4 siblings too
+    attention = ours.model.layers[0].self_attn
+    assert type(attention.q_proj) is R.SharedInputSlice and type(R.kernel_module(attention.v_proj)) is expected
+    assert R.kernel_module(attention.q_proj) is R.kernel_module(attention.k_proj)
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = load_dequantized_reference(path, torch.float32)(tokens).logits
+        bf16_error = (load_dequantized_reference(path, torch.bfloat16)(tokens).logits.float() - reference).abs().max()
+        error = (ours(tokens).logits.float() - reference).abs().max()
+    assert error <= 3 * bf16_error
+    assert ours.generate(tokens[:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Devices
 # ------------------------------------------------------------------------------------------------------
