@@ -81,3 +81,51 @@ def test_trainer_steps_on_cuda_in_bf16(tmp_path, tiny_teacher, tiny_tokenizer, d
     assert next(trainer.teacher_model.parameters()).device.type == "cuda"
     logged = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
     assert len(logged) == 3 and all(entry["kd_loss"] >= 0 for entry in logged)
+
+
+def test_fsdp1_falls_back_to_full_logits_and_fsdp2_keeps_the_chunked_loss(caplog):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from hfcompress.distillation.trainer import _student_head_unreadable
+
+    def accelerator(kind, version=None):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+            fsdp_version=version)))
+
+    assert not _student_head_unreadable(accelerator(DistributedType.NO))
+    assert not _student_head_unreadable(accelerator(DistributedType.FSDP, 2))
+    assert not caplog.records
+    assert _student_head_unreadable(accelerator(DistributedType.FSDP, 1))
+    assert "FSDP1" in caplog.text and "fsdp_version 2" in caplog.text
+
+
+def test_sharded_lm_head_is_gathered_and_gets_its_gradient(tmp_path, tiny_llama):
+    """FSDP2 shards the head as a DTensor: ``lm_head`` gathers it with a differentiable ``full_tensor()``, so the
+    chunked loss's gradient reaches the sharded parameter (one process, gloo: the plumbing, not the speed)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from hfcompress.distillation.teachers import lm_head
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, tiny_llama.config.hidden_size)
+    targets = torch.randint(0, 100, (10,))
+    spec = LogitLoss(loss="forward_kl", kd_weight=0.0, ce_weight=1.0)
+    plain = tiny_llama.lm_head.weight
+    expected = torch.autograd.grad(chunked_logit_loss(hidden, lm_head(tiny_llama, 100), targets, spec,
+                                                      chunk_size=4)[0], plain)[0]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        tiny_llama.lm_head.weight = torch.nn.Parameter(distribute_tensor(plain.detach(), mesh, [Shard(0)]))
+        head = lm_head(tiny_llama, 100)
+        assert not isinstance(head.weight, DTensor) and torch.equal(head.weight, plain[:100])
+        chunked_logit_loss(hidden, head, targets, spec, chunk_size=4)[0].backward()
+        grad = tiny_llama.lm_head.weight.grad
+        assert isinstance(grad, DTensor)
+        assert torch.allclose(grad.full_tensor(), expected, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
