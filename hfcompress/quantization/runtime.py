@@ -14,10 +14,10 @@ Module choice per layer (CPU):
   K % 16 == 0; an asymmetric zero point adds a rank-one correction);
 * ``DequantLinear``: everything else (int8 groups, odd shapes, activation-ordered ``g_idx``, devices other than
   CPU and CUDA) keeps the checkpoint's int32 words and dequantizes on the fly;
-
-On CUDA the modules of :mod:`.cuda_runtime` are used instead (tinygemm int4, int8 dequantized in the GEMM, or a
-weight dequantized once at load).
 * ``PackedEmbedding``: quantized embeddings dequantize only the looked-up rows.
+
+On CUDA, Linears use the modules of :mod:`.cuda_runtime` instead (tinygemm int4, int8 dequantized in the GEMM,
+or a weight dequantized once at load).
 
 Projections that read the same tensor (q/k/v, gate/up) share one kernel call over their concatenated
 int8 weights (``fuse_projections``, on by default; the modules keep their names as ``SharedInputSlice``).
