@@ -202,7 +202,8 @@ def _weight_int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int,
 
 
 class CudaInt4Linear(PackedLinear):
-    """<= 4-bit weights in tinygemm's layout on the GPU, multiplied by ``aten._weight_int4pack_mm`` (bf16)."""
+    """<= 4-bit weights in tinygemm's layout on the GPU, multiplied by ``aten._weight_int4pack_mm``. The kernel
+    takes bf16 activations only: float16/float32 activations are multiplied in bf16 and cast back."""
 
     def __init__(self, q, scale, zero_point, group_size, bias, dtype, device, kernel_group_size, inner_k_tiles,
                  input_permutation: torch.Tensor | None = None):
