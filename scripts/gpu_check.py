@@ -534,8 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
-        print("[gpu_check] no CUDA GPU here; use --dry-run (or HFCOMPRESS_GPU_CHECK_DRY=1) to run on CPU",
-              file=sys.stderr)
+        run = Run(Path(args.out), GPU_SIZES, False, torch.device("cpu"))
+        run.step("env", step_env)  # what the machine has, to see why there is no GPU
+        run.steps["gpu"] = {"status": "failed", "error": "torch.cuda.is_available() is False; use --dry-run (or "
+                            "HFCOMPRESS_GPU_CHECK_DRY=1) to run on CPU"}
+        run.write()
+        print(f"[gpu_check] {run.steps['gpu']['error']}", file=sys.stderr)
         return 2
     device = torch.device("cpu") if args.dry_run else torch.device("cuda")
     run = Run(Path(args.out), DRY_SIZES if args.dry_run else GPU_SIZES, args.dry_run, device)

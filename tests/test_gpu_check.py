@@ -65,3 +65,11 @@ def test_shell_wrapper_writes_into_out(tmp_path):
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert report["dry_run"] and report["steps"]["env"]["wheel_install"].startswith("dry run")
     assert (tmp_path / "out" / "gpu_check.log").read_text().strip()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without a GPU")
+def test_without_a_gpu_the_report_says_so(tmp_path, gpu_check, monkeypatch):
+    monkeypatch.delenv("HFCOMPRESS_GPU_CHECK_DRY", raising=False)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert steps["env"]["status"] == "ok" and "is_available() is False" in steps["gpu"]["error"]
