@@ -16,7 +16,8 @@ skipped, saying why):
                 kernels, and whole checkpoints on the GPU);
 7. ``bnb``      bitsandbytes int8 and nf4 through ``hfcompress.quantize`` on the GPU (when bitsandbytes imports);
 8. ``kernels``  one linear layer at batch 1 and 16: bf16 ``linear``, tinygemm int4, int8 dequantized in the
-                GEMM, and ``aten._weight_int8pack_mm`` (CUDA events).
+                GEMM, and ``aten._weight_int8pack_mm`` (CUDA events);
+9. ``awq``      AWQ int4 of the same model on the GPU (if the time budget allows).
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out`` (default ``$OUT``, else ``./gpu_check_out``) after
 every step, so a run cut short still leaves its report. ``--dry-run`` (or ``HFCOMPRESS_GPU_CHECK_DRY=1``) runs the
@@ -302,6 +303,32 @@ def step_gptq(run: Run) -> dict:
                        f"{sum(errors_before) / len(errors_before):.4f}; checkpoint {size / 2 ** 20:.0f} MiB"}
 
 
+def step_awq(run: Run) -> dict:
+    """AWQ int4 on the GPU (half the GPTQ calibration set): that every statistic and search stays on the device."""
+    import torch
+
+    from hfcompress import QuantizationConfig, quantize
+
+    s = run.sizes
+    model = copy.deepcopy(run.state["fp_model"])
+    config = QuantizationConfig(method="awq", bits=4, group_size=128 if s.hidden >= 128 else 32,
+                                num_samples=max(2, s.calib_samples // 2), seq_len=max(16, s.calib_len // 2))
+    calibration = _tokens(run, config.num_samples, config.seq_len, seed=6)
+    start = time.perf_counter()
+    quantize(model, config, calibration_data=calibration, progress=False)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - start
+    layers = model.hfcompress_report.layers
+    after = sum(layer.error_after for layer in layers) / len(layers)
+    before = sum(layer.error_before for layer in layers) / len(layers)
+    devices = sorted({str(b.device) for b in model.buffers()} | {str(p.device) for p in model.parameters()})
+    del model
+    return {"quantize_seconds": round(seconds, 2), "layers": len(layers), "tensor_devices_after": devices,
+            "mean_relative_output_error_awq": after, "mean_relative_output_error_rtn": before,
+            "summary": f"AWQ int4 in {seconds:.1f}s; output error {after:.4f} vs RTN {before:.4f}"}
+
+
 def _logit_metrics(reference, candidate) -> dict:
     """Max/mean |diff| of logits, mean KL(reference || candidate) per token (nats), top-1 agreement."""
     import torch
@@ -519,6 +546,7 @@ STEPS = (  # the headline numbers first; the budget skips what comes late
     ("pytest", step_pytest, ()),
     ("bnb", step_bnb, ("model",)),
     ("kernels", step_kernels, ()),
+    ("awq", step_awq, ("model",)),
 )
 
 
