@@ -5,12 +5,12 @@
   a kernel group of 32/64/128/256 columns that divides the quantization group (a larger or per-channel group
   is split into kernel groups repeating its scale, which is exact) and K % 32 == 0. Activation-ordered
   checkpoints (``g_idx``) are served by permuting K once at load and the activations' columns per call.
-* ``CudaInt8Linear``: per-channel int8 codes multiplied as ``linear(x, q.to(bf16)) * scale`` (gpt-fast's
-  weight-only int8; ``torch.compile`` fuses the conversion into the GEMM). Not ``aten._weight_int8pack_mm``:
-  its CUDA kernel is one thread per output with uncoalesced weight reads.
-* ``CachedDequantLinear``: everything else (int8 groups, widths the kernels cannot take, pre-Ampere GPUs) is
-  dequantized once at load and kept as a bf16 weight: correct, as fast as the float model, and as large. One
-  warning names these layers.
+* ``CudaInt8Linear``: per-channel codes (8 bits, or <= 4 bits tinygemm cannot take) kept as int8 and multiplied
+  as ``linear(x, q.to(bf16)) * scale`` (gpt-fast's weight-only int8; ``torch.compile`` fuses the conversion into
+  the GEMM). Not ``aten._weight_int8pack_mm``: its CUDA kernel is one thread per output, uncoalesced reads.
+* ``CachedDequantLinear``: everything else (int8 groups, group-wise widths tinygemm cannot take, group-wise
+  weights on pre-Ampere GPUs) is dequantized once at load and kept as a bf16 weight: correct, as fast as the
+  float model, and as large. One warning names these layers.
 
 Nothing unpacks the checkpoint's int32 words in a forward pass.
 
@@ -347,9 +347,9 @@ def build_cuda_linear(name: str, t: dict, weights, dtype: torch.dtype, device: t
                 # group_of(perm[j]) == j // group_size: the permuted scales are the plain layout's.
             return CudaInt4Linear(q, scale, zero_point, group_size, t["bias"], dtype, device, kernel_group, inner,
                                   input_permutation=None if perm is None else perm.to(device))
-    elif group_size is None and g_idx is None:
+    if group_size is None and g_idx is None:  # per-channel (any width, also <= 4 bits tinygemm cannot take)
         return CudaInt8Linear(q, scale, zero_point, t["bias"], dtype).to(device)
-    else:
+    if reason is None:
         reason = f"{bits}-bit {'groups' if group_size else 'weights'}{' with g_idx' if g_idx is not None else ''}"
     weight = kernels.dequantize(q, scale, zero_point, group_size, g_idx, dtype=dtype)  # (N, K)
     return CachedDequantLinear(weight.to(device), t["bias"], dtype, reason).to(device)

@@ -225,6 +225,11 @@ def test_int8_and_fallback_modules(caplog):
     expected = x.double() @ kernels.dequantize(q8, t8["scale"], t8["zero_point"], None).double().t()
     assert torch.allclose(int8(x).double(), expected, rtol=1e-5, atol=1e-5)
 
+    t4c, q4c = module_tensors(12, 64, 4, None, symmetric=True)  # N % 8 != 0, per channel: int8 codes
+    narrow = CR.build_cuda_linear("narrow", t4c, Scheme(4, "channel"), torch.float32, torch.device("cpu"))
+    assert type(narrow) is CR.CudaInt8Linear
+    assert torch.equal(narrow.dequantized_weight(), kernels.dequantize(q4c, t4c["scale"], None, None))
+
     t4, q4 = module_tensors(12, 64, 4, 32, symmetric=True)  # N % 8 != 0
     model = torch.nn.Module()
     model.odd = CR.build_cuda_linear("odd", t4, Scheme(4, "group", 32), torch.float32, torch.device("cpu"))
