@@ -63,7 +63,7 @@ def cmd_eval(args) -> int:
     results = []
     for name in args.models:
         path = resolve_model(name)
-        model = load_for_inference(path, runtime=args.runtime)
+        model = load_for_inference(path, runtime=args.runtime, device=args.device, device_map=args.device_map)
         results.append(evaluate(model, load_tokenizer(path), model_name=name,
                                 checkpoint_dir=path if Path(path).is_dir() else None, data=texts, data_label=args.data, block_size=args.block_size, num_blocks=args.num_blocks,
                                 stride=args.stride, batch_size=args.batch_size, speed=not args.no_speed,
@@ -111,7 +111,8 @@ def cmd_quantize(args) -> int:
 
         hf_logging.disable_progress_bar()
     out = run_quantize(rest.model, rest.output, config, calibration_data=stage.calibration_data,
-                       overwrite=rest.overwrite, max_shard_size=stage.max_shard_size, progress=not rest.quiet)
+                       overwrite=rest.overwrite, max_shard_size=stage.max_shard_size, progress=not rest.quiet,
+                       device=stage.device)
     print(f"wrote {out}")
     return 0
 
@@ -189,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="auto", choices=["auto", "packed", "transformers"],
                    help="compressed-tensors checkpoints: keep weights packed (auto/packed) or let plain "
                         "transformers decompress them")
+    p.add_argument("--device", default=None,
+                   help="where to run: cpu, cuda, cuda:N or auto (default: cpu); compressed-tensors checkpoints "
+                        "keep their weights packed there too")
+    p.add_argument("--device-map", default=None,
+                   help="accelerate device_map for plain checkpoints, e.g. auto (spreads layers over the GPUs)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)

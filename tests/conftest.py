@@ -15,6 +15,18 @@ import torch
 CACHE = Path(__file__).parent / ".cache"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a GPU: skipped, saying so, where PyTorch sees none."""
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs a CUDA GPU (torch {torch.__version__}: "
+              f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'})")
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def hfcompress_home() -> Path:
     home = Path(os.environ.get("HFCOMPRESS_TEST_HOME", CACHE / "home"))

@@ -295,7 +295,9 @@ class LMHead:
     softcap: float | None = None
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """(N, V) logits, at least float32 (a bf16/fp16 ``hidden @ weight.T`` is widened before the transforms)."""
         out = hidden @ weight.T  # (N, V)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
         if bias is not None:
             out = out + bias
         if self.scale != 1.0:
@@ -314,18 +316,48 @@ class LMHead:
         return grad_logits
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on ``device``'s type (e.g. bf16 under ``Trainer(bf16=True)``),
+    or None when autocast is off there."""
+    kind = torch.device(device).type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    return None
+
+
 class _ChunkedLogitLoss(torch.autograd.Function):
-    """Sum over positions of the objective, chunk by chunk, with each chunk's gradient taken immediately."""
+    """Sum over positions of the objective, chunk by chunk, with each chunk's gradient taken immediately.
+
+    Under autocast (mixed-precision training on a GPU, or CPU bf16 autocast) the chunk's precision is chosen
+    here rather than op by op: the two logit products run in autocast's dtype, as the models' own LM heads would
+    (float32 accumulation), and everything after them — softmaxes, divergences, the gradient w.r.t. the logits
+    and the gradient products — in float32. Left to autocast, the gradient products would meet bf16 logits
+    (``mm(out=float32)`` fails) and the fused CPU kernel, which takes float32 logits only, would be skipped.
+    """
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 targets, student_head, teacher_head, spec, chunk_size):
+        matmul_dtype = autocast_dtype(student_hidden.device)
+        with torch.autocast(device_type=student_hidden.device.type, enabled=False):
+            return _ChunkedLogitLoss._forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden,
+                                              teacher_weight, teacher_bias, targets, student_head, teacher_head,
+                                              spec, chunk_size, matmul_dtype)
+
+    @staticmethod
+    def _forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                 targets, student_head, teacher_head, spec, chunk_size, matmul_dtype=None):
         dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+        mm = matmul_dtype or dtype  # the logit products' dtype
         want = ctx.needs_input_grad[:3]  # student hidden, weight, bias
         # One cast of each head for the whole batch, not one per chunk (a (V, H) copy each time otherwise).
         ws = student_weight.detach().to(dtype).requires_grad_(want[1])
+        ws_mm = ws if mm == dtype else student_weight.detach().to(mm)  # closed form: no graph through it
         bs = None if student_bias is None else student_bias.detach().to(dtype).requires_grad_(want[2])
-        wt = None if teacher_hidden is None else teacher_weight.detach().to(dtype)
+        wt = None if teacher_hidden is None else teacher_weight.detach().to(mm)
         bt = None if teacher_bias is None else teacher_bias.detach().to(dtype)
         grad_hidden = torch.zeros_like(student_hidden, dtype=dtype) if want[0] else None  # (N, Hs)
         grad_ws = torch.zeros_like(ws) if want[1] else None  # (V, Hs)
@@ -345,11 +377,11 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             teacher_logits = None
             if teacher_hidden is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher_head.logits(teacher_hidden[start:end].to(dtype), wt, bt)  # (C, V)
+                    teacher_logits = teacher_head.logits(teacher_hidden[start:end].to(mm), wt, bt)  # (C, V) float32
             if closed_form:
                 with torch.no_grad():
                     hs = student_hidden[start:end].detach().to(dtype)
-                    student_logits = student_head.logits(hs, ws, bs)  # (C, V)
+                    student_logits = student_head.logits(hs.to(mm), ws_mm, bs)  # (C, V) float32
                     weighted, kd, ce, grad_logits = spec.per_position_and_grad(
                         student_logits, teacher_logits, targets[start:end], need_grad=any(want), overwrite=fused)
                     chunk_total = weighted.sum()
@@ -365,7 +397,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             else:
                 hs = student_hidden[start:end].detach().to(dtype).requires_grad_(want[0])
                 with torch.enable_grad():
-                    student_logits = student_head.logits(hs, ws, bs)  # (C, V)
+                    student_logits = student_head.logits(hs.to(mm), ws.to(mm), bs)  # (C, V) float32
                     weighted, kd, ce = spec.per_position(student_logits, teacher_logits, targets[start:end])
                     chunk_total = weighted.sum()
                 inputs = [t for t, w in ((hs, want[0]), (ws, want[1]), (bs, want[2])) if w]

@@ -60,6 +60,24 @@ logger = logging.getLogger(__name__)
 COMPONENTS = ("kd", "ce", "hidden")
 
 
+def _student_head_unreadable(accelerator) -> bool:
+    """Whether the chunked loss cannot read the student's LM head weight outside its forward: under FSDP1 it is a
+    view into a sharded flat parameter (empty or partial between forwards, and ``summon_full_params`` would cut
+    the gradient). Under FSDP2 it is a DTensor whose ``full_tensor()`` is a differentiable all-gather
+    (:func:`~hfcompress.distillation.teachers.lm_head`), so the chunked loss stays on; under DeepSpeed ZeRO-3 it
+    is gathered for the step. There the student's own logits are used (``loss_chunk_size=0``), with a warning."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
+        return False
+    logger.warning("FSDP1: the student's LM head cannot be read outside its forward pass, so the distillation "
+                   "loss uses the models' full logits (as loss_chunk_size=0; more memory); use fsdp_version 2 for "
+                   "the chunked loss")
+    return True
+
+
 class _ProjectionsCallback(TrainerCallback):
     """Clears the projections' gradients after each optimizer step (the Trainer clears only the student's)
     and writes the projections into each checkpoint folder, next to (not inside) the student."""
@@ -125,9 +143,12 @@ class DistillationTrainer(Trainer):
             if self.hidden_projections.has_parameters():
                 self._setup_projections()
 
-        self._check_heads = args.loss_chunk_size > 0
+        self._chunked = args.loss_chunk_size > 0 and not _student_head_unreadable(self.accelerator)
+        self._check_heads = self._chunked
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(unwrap(self.model).forward).parameters
-        self._components = {mode: torch.zeros(len(COMPONENTS) + 1, dtype=torch.float64, device=args.device)
+        # Per-loss sums for logging, on the device (no host sync per step); float64 where the device has it.
+        counter_dtype = torch.float32 if torch.device(args.device).type == "mps" else torch.float64
+        self._components = {mode: torch.zeros(len(COMPONENTS) + 1, dtype=counter_dtype, device=args.device)
                             for mode in ("train", "eval")}
 
     # ---------------------------------------------------------------------------------------------------
@@ -184,10 +205,11 @@ class DistillationTrainer(Trainer):
     # ---------------------------------------------------------------------------------------------------
     def _forward(self, model, inputs: dict, need_hidden: bool):
         kwargs = {"output_hidden_states": True} if need_hidden else {}
-        if self.args.loss_chunk_size > 0 and self._accepts_logits_to_keep:
+        if self._chunked and self._accepts_logits_to_keep:
             # The chunked loss projects hidden states itself: skip the model's own (B, T, V) logits, except for
             # the last position of the first batch, kept to check that our LM head reproduces them.
-            kwargs["logits_to_keep"] = 1 if self._check_heads else torch.empty(0, dtype=torch.long)
+            kwargs["logits_to_keep"] = 1 if self._check_heads else torch.empty(
+                0, dtype=torch.long, device=inputs["input_ids"].device)
         return model(**inputs, use_cache=False, **kwargs)
 
     @torch.no_grad()
@@ -207,7 +229,7 @@ class DistillationTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         mask = predicted_positions(labels)  # (B, T): position t predicts labels[t+1]
         targets = next_token_targets(labels, mask)  # (N,)
-        chunked = args.loss_chunk_size > 0
+        chunked = self._chunked
         need_hidden = chunked or args.hidden_weight > 0
 
         student_out = self._forward(model, model_inputs, need_hidden)
@@ -256,7 +278,7 @@ class DistillationTrainer(Trainer):
 
         mode = "train" if model.training else "eval"
         self._components[mode] += torch.stack([kd.detach(), ce.detach(), hidden.detach(),
-                                               mask.sum().to(kd.dtype)]).to(torch.float64)
+                                               mask.sum().to(kd.dtype)]).to(self._components[mode])
         return (loss, student_out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -36,8 +36,9 @@ def _settings(config) -> dict:
 # --------------------------------------------------------------------------------------------------------
 def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib", max_shard_size="2GB",
                        overwrite: bool = False, progress: bool = True, recipe_text: str | None = None,
-                       base_model: str | None = None) -> Path:
-    """Load ``model_ref``, quantize it with ``config``, save it (atomically) with its tokenizer and card."""
+                       base_model: str | None = None, device: str | None = None) -> Path:
+    """Load ``model_ref`` (on ``device``), quantize it with ``config``, save it (atomically) with its tokenizer
+    and card."""
     from .hub import build_model_card
     from ..models.loading import load_model, load_tokenizer, resolve_model
     from ..quantization.api import quantize
@@ -48,7 +49,7 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
     check_shard_size(max_shard_size)
     resolved = resolve_model(model_ref)
     tokenizer = load_tokenizer(resolved)
-    model = load_model(resolved)
+    model = load_model(resolved, device=device)
     uses_data = config.method in ("gptq", "awq") or getattr(config, "observer", "minmax") != "minmax"
     quantize(model, config, calibration_data=calibration_data if uses_data else None, tokenizer=tokenizer,
              progress=progress)
@@ -95,9 +96,9 @@ def _load_snippet(config) -> str:
 
 
 def run_quantize(model_ref, out_dir, config, calibration_data="stdlib", overwrite=False, max_shard_size="2GB",
-                 progress=True) -> Path:
+                 progress=True, device=None) -> Path:
     return quantize_to_folder(model_ref, out_dir, config, calibration_data=calibration_data,
-                              max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+                              max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, device=device)
 
 
 def quantize_stage(ctx) -> dict:
@@ -107,7 +108,7 @@ def quantize_stage(ctx) -> dict:
     base_name = ctx.recipe.model if base == "model" else base
     out = quantize_to_folder(ctx.input_model, ctx.work_dir, config, calibration_data=args.calibration_data,
                              max_shard_size=args.max_shard_size, overwrite=True, progress=ctx.progress,
-                             recipe_text=ctx.recipe.source, base_model=base_name)
+                             recipe_text=ctx.recipe.source, base_model=base_name, device=args.device)
     return {"output": out.name, "method": config.method, "bits": config.bits}
 
 
@@ -155,7 +156,7 @@ def evaluate_in_subprocess(model_path: str, args, json_path: Path, progress: boo
                "--data", args.data, "--batch-size", str(args.batch_size), "--new-tokens", str(args.new_tokens),
                "--runtime", args.runtime]
     for flag, value in (("--block-size", args.block_size), ("--num-blocks", args.num_blocks),
-                        ("--stride", args.stride)):
+                        ("--stride", args.stride), ("--device", args.device), ("--device-map", args.device_map)):
         if value is not None:
             command += [flag, str(value)]
     if not args.speed:

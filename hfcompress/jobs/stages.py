@@ -20,6 +20,8 @@ class QuantizeStageArgs:
     calibration_data: str = field(default="stdlib", metadata={
         "help": "text source for calibration: stdlib[:split], a file/folder, a saved dataset or a datasets name"})
     max_shard_size: str = field(default="2GB", metadata={"help": "largest safetensors shard of the checkpoint"})
+    device: str | None = field(default=None, metadata={
+        "help": "where to load the model and calibrate: cpu, cuda, cuda:N or auto (default: cpu)"})
 
 
 @dataclass
@@ -37,6 +39,10 @@ class EvaluateStageArgs:
     runtime: str = field(default="auto", metadata={
         "help": "how to load compressed-tensors checkpoints: 'auto'/'packed' (hfcompress.load_compressed) "
                 "or 'transformers' (plain from_pretrained, which decompresses)"})
+    device: str | None = field(default=None, metadata={
+        "help": "where to run the models: cpu, cuda, cuda:N or auto (default: cpu)"})
+    device_map: str | None = field(default=None, metadata={
+        "help": "accelerate device_map for plain checkpoints, e.g. 'auto' (instead of device)"})
 
     def __post_init__(self):
         from ..core.errors import ConfigError

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.data import check_block_size, load_texts, pack_stream, token_stream, utf8_bytes
+from ..core.devices import peak_memory_bytes, reset_peak_memory, synchronize
 from ..core.errors import ConfigError, DataError
 
 
@@ -129,11 +130,15 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _median_seconds(fn, repeats: int) -> tuple[float, float]:
+def _median_seconds(fn, repeats: int, device: torch.device | None = None) -> tuple[float, float]:
+    """Median and spread of ``fn``'s wall time; on a GPU each run ends when its queued kernels have finished."""
+    device = device or torch.device("cpu")
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), (max(times) - min(times))
 
@@ -162,9 +167,9 @@ def measure_speed(model, prompt: torch.Tensor, new_tokens: int = 64, repeats: in
 
     model(input_ids=prompt)  # warm-up
     generate(2)
-    prefill_s, prefill_spread = _median_seconds(lambda: model(input_ids=prompt), repeats)
-    one_s, _ = _median_seconds(lambda: generate(1), repeats)
-    full_s, full_spread = _median_seconds(lambda: generate(new_tokens), repeats)
+    prefill_s, prefill_spread = _median_seconds(lambda: model(input_ids=prompt), repeats, device)
+    one_s, _ = _median_seconds(lambda: generate(1), repeats, device)
+    full_s, full_spread = _median_seconds(lambda: generate(new_tokens), repeats, device)
     decode_s = max(full_s - one_s, 1e-9)
     return {
         "prefill_tokens": prompt.shape[1],
@@ -198,6 +203,8 @@ class EvalResult:
     decode_tokens_per_s: float | None = None
     peak_rss_bytes: int | None = None
     dtype: str | None = None
+    device: str | None = None
+    peak_gpu_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated over the evaluation
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -239,6 +246,8 @@ def format_table(results: list[EvalResult]) -> str:
         ("decode tokens/s (batch 1)", lambda r: _fmt(r.decode_tokens_per_s, 1)),
         ("peak RSS", lambda r: _human_bytes(r.peak_rss_bytes)),
     ]
+    if any(r.peak_gpu_memory_bytes is not None for r in results):
+        rows.append(("peak GPU memory", lambda r: _human_bytes(r.peak_gpu_memory_bytes)))
     header = ["metric"] + [Path(r.model).name or r.model for r in results]
     body = [[name] + [get(r) for r in results] for name, get in rows]
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
@@ -264,11 +273,16 @@ def evaluate(
     data_label: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | None = None,
+    device_map: str | dict | None = None,
 ) -> EvalResult:
     """Evaluate a loaded model (or a folder/Hub id, loaded with ``AutoModelForCausalLM``).
 
     ``data`` is any text source of :func:`hfcompress.core.data.load_texts`. ``num_blocks`` draws a seeded subset
-    of the blocks (all by default). ``stride`` switches to overlapping windows.
+    of the blocks (all by default). ``stride`` switches to overlapping windows. ``device`` / ``device_map`` say
+    where to load ``model`` when it is a path (see :func:`~hfcompress.models.loading.load_model`); a model object
+    is evaluated where it is. On a GPU, timings wait for the GPU's queued work (``torch.cuda.synchronize``) and
+    ``peak_gpu_memory_bytes`` is ``torch.cuda.max_memory_allocated`` over the evaluation.
     """
     from .loading import checkpoint_bytes, load_model, load_tokenizer, resolve_model
 
@@ -280,12 +294,14 @@ def evaluate(
         resolved = resolve_model(name)
         checkpoint_dir = checkpoint_dir or (resolved if os.path.isdir(resolved) else None)
         tokenizer = tokenizer or load_tokenizer(resolved)
-        model = load_model(resolved)
+        model = load_model(resolved, device=device, device_map=device_map)
         model_name = model_name or name
     if tokenizer is None:
         raise DataError("evaluate() needs a tokenizer when given a model object")
     texts = load_texts(data, split="test")
     model.eval()
+    device = _model_device(model)
+    reset_peak_memory(device)
     context = getattr(model.config, "max_position_embeddings", None) or 512
     block_size = block_size or min(context, 512)
     check_block_size(block_size, model.config)
@@ -318,6 +334,7 @@ def evaluate(
         weight_bytes=weight_bytes(model),
         checkpoint_bytes=checkpoint_bytes(checkpoint_dir) if checkpoint_dir else None,
         dtype=str(next(model.parameters()).dtype).replace("torch.", "") if any(True for _ in model.parameters()) else None,
+        device=str(device),
     )
     if speed:
         prompt_len = max(1, min(prompt_tokens, block_size - new_tokens - 1))
@@ -328,4 +345,5 @@ def evaluate(
         result.decode_tokens_per_s = timings["decode_tokens_per_s"]
         result.extra["speed"] = timings
     result.peak_rss_bytes = peak_rss_bytes()
+    result.peak_gpu_memory_bytes = peak_memory_bytes(device)
     return result

@@ -53,8 +53,27 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     return name
 
 
-def load_model(name_or_path, *, trust_remote_code: bool = False, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``."""
+def placement_kwargs(device=None, device_map=None) -> dict:
+    """``from_pretrained`` arguments that put the weights on ``device`` (checked: a missing GPU is a one-line
+    error) or spread them with an accelerate ``device_map`` ("auto", {"": 0}, ...); {} keeps the CPU."""
+    from ..core.devices import resolve_device
+
+    if device_map is not None:
+        if device is not None:
+            raise ModelLoadError(f"pass device ({device!r}) or device_map ({device_map!r}), not both")
+        if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            return {"device_map": str(resolve_device(device_map))}
+        return {"device_map": device_map}
+    if device is None:
+        return {}
+    resolved = resolve_device(device)
+    return {} if resolved.type == "cpu" else {"device_map": str(resolved)}
+
+
+def load_model(name_or_path, *, trust_remote_code: bool = False, device=None, device_map=None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``;
+    ``device`` / ``device_map`` place the weights (see :func:`placement_kwargs`)."""
+    kwargs.update(placement_kwargs(device, device_map))
     return load_causal_lm(resolve_model(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
 
 
@@ -82,16 +101,22 @@ def quantization_method(path: str | os.PathLike) -> str | None:
     return qc.get("quant_method")
 
 
-def load_for_inference(name_or_path, runtime: str = "auto", progress: bool = False):
+def load_for_inference(name_or_path, runtime: str = "auto", progress: bool = False, device=None, device_map=None):
     """Load a model for evaluation/generation.
 
     ``runtime='auto'`` (or ``'packed'``) loads compressed-tensors checkpoints with
-    :func:`hfcompress.load_compressed`, which keeps the weights packed and runs the native int4/int8 kernels;
-    ``'transformers'`` (and every other checkpoint) goes through plain ``from_pretrained``.
+    :func:`hfcompress.load_compressed`, which keeps the weights packed and runs the native int4/int8 kernels
+    (or, with ``device="cuda"``, PyTorch's GPU kernels); ``'transformers'`` (and every other checkpoint) goes
+    through plain ``from_pretrained`` on ``device`` or spread by ``device_map``.
     """
     resolved = resolve_model(name_or_path)
     if runtime in ("auto", "packed") and quantization_method(resolved) == "compressed-tensors":
         from ..quantization.runtime import load_compressed
 
-        return load_compressed(resolved, progress=progress)
-    return load_model(resolved)
+        if device_map is not None and not (isinstance(device_map, str) and device is None
+                                           and device_map not in ("auto", "balanced", "balanced_low_0",
+                                                                  "sequential")):
+            raise ModelLoadError(f"device_map={device_map!r}: the packed runtime loads onto one device; pass "
+                                 f"device= instead (or runtime='transformers' to let accelerate place the layers)")
+        return load_compressed(resolved, progress=progress, device=device if device_map is None else device_map)
+    return load_model(resolved, device=device, device_map=device_map)

@@ -12,9 +12,12 @@ Module choice per layer (CPU):
 * ``Int8PackedLinear``: per-channel/tensor weights of <= 8 bits (our ``hfcompress::int8_gemv``: AVX-512 VNNI,
   AVX-512 or AVX2, compiled on first use, see native.py; else ``aten._weight_int8pack_mm``, which needs
   K % 16 == 0; an asymmetric zero point adds a rank-one correction);
-* ``DequantLinear``: everything else (int8 groups, odd shapes, activation-ordered ``g_idx``, non-CPU devices)
-  keeps the checkpoint's int32 words and dequantizes on the fly;
+* ``DequantLinear``: everything else (int8 groups, odd shapes, activation-ordered ``g_idx``, devices other than
+  CPU and CUDA) keeps the checkpoint's int32 words and dequantizes on the fly;
 * ``PackedEmbedding``: quantized embeddings dequantize only the looked-up rows.
+
+On CUDA, Linears use the modules of :mod:`.cuda_runtime` instead (tinygemm int4, int8 dequantized in the GEMM,
+or a weight dequantized once at load).
 
 Projections that read the same tensor (q/k/v, gate/up) share one kernel call over their concatenated
 int8 weights (``fuse_projections``, on by default; the modules keep their names as ``SharedInputSlice``).
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.devices import resolve_device
 from ..core.errors import ConfigError, HFCompressError
 from . import kernels
 from ..core.native import int8_gemv_available, int8_gemv_op
@@ -371,9 +375,9 @@ def fuse_shared_input_projections(model: nn.Module) -> int:
             # int8 only: the int4 kernel's packed layout interleaves output rows, so it does not concatenate.
             if not all(isinstance(m, Int8PackedLinear) for m in members):
                 continue
-            if len({(m.in_features, m.compute_dtype) for m in members}) != 1:
+            if len({(type(m), m.in_features, m.compute_dtype) for m in members}) != 1:
                 continue
-            fused = Int8PackedLinear.concatenate(members)
+            fused = type(members[0]).concatenate(members)  # a subclass (CUDA's) fuses into its own kind
             if fused is None:
                 continue
             group = SharedInputProjections(fused, [m.out_features for m in members])
@@ -436,6 +440,10 @@ def build_packed_module(name: str, module: nn.Module, weights, reader: TensorRea
     if isinstance(module, nn.Embedding):
         return PackedEmbedding(t["packed"], bits, t["scale"], t["zero_point"], group_size, dtype, (n, k),
                                padding_idx=module.padding_idx)
+    if device.type == "cuda":
+        from .cuda_runtime import build_cuda_linear  # the GPU's kernels (tinygemm int4, int8 in the GEMM)
+
+        return build_cuda_linear(name, t, weights, dtype, device)
     native = device.type == "cpu" and t["g_idx"] is None
     if native and bits <= 4:
         kernel_group = kernels.int4_kernel_group_size(n, k, group_size)
@@ -525,8 +533,9 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     Args:
         path_or_repo: a local checkpoint folder or a Hugging Face Hub repo id (downloaded with
             ``huggingface_hub.snapshot_download``; safetensors/json/tokenizer files only).
-        device: where to run; "cpu" (default) uses the native int4/int8 kernels, other devices the
-            dequantize-on-the-fly fallback.
+        device: where to run: "cpu" (default) uses the native int4/int8 kernels; "cuda" (or "cuda:N", "auto")
+            PyTorch's tinygemm int4 kernel and int8 dequantized inside the GEMM (see ``cuda_runtime``); other
+            devices the dequantize-on-the-fly fallback. A device this machine lacks raises ConfigError.
         dtype: activation and unquantized-weight dtype; bfloat16 by default (see the module docstring).
         fuse_projections: let projections that read the same input (q/k/v, gate/up) share one kernel call
             over their concatenated weights (:func:`fuse_shared_input_projections`); same results, faster
@@ -549,7 +558,7 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
         raise _not_compressed_error(folder, method)
     qconfig = parse_ct_config(config["quantization_config"])
     dtype = _resolve_dtype(dtype)
-    device = torch.device(device or "cpu")
+    device = resolve_device(device)
     infos = read_index(folder)
     model = _build_skeleton(folder, dtype, trust_remote_code)
 
@@ -586,6 +595,10 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
         raise CheckpointError(f"checkpoint is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
     if fuse_projections:
         fuse_shared_input_projections(model)
+    if device.type == "cuda":
+        from .cuda_runtime import finish_cuda_model
+
+        finish_cuda_model(model, fuse_projections)
     if quantize_embeddings:
         quantize_input_embeddings(model)
 
