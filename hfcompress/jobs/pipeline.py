@@ -55,7 +55,7 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
     if fallbacks:  # {layer: group size used} for layers the requested group size does not divide
         settings["group_size_fallbacks"] = fallbacks
     card = build_model_card(
-        title=f"{Path(str(base_model or model_ref)).name} ({config.method}, {config.bits}-bit)"
+        title=f"{Path(str(base_model or model_ref)).name} ({config.method}, {config.weight_bits}-bit)"
         if config.method != "cast" else f"{Path(str(base_model or model_ref)).name} ({config.dtype})",
         base_model=base_model or model_ref, method=f"post-training quantization ({config.method})",
         settings=settings,
@@ -91,7 +91,7 @@ def quantize_stage(ctx) -> dict:
     out = quantize_to_folder(ctx.input_model, ctx.work_dir, config, calibration_data=args.calibration_data,
                              max_shard_size=args.max_shard_size, overwrite=True, progress=ctx.progress,
                              recipe_text=ctx.recipe.source, base_model=base_name)
-    return {"output": out.name, "method": config.method, "bits": config.bits}
+    return {"output": out.name, "method": config.method, "bits": config.weight_bits}
 
 
 # --------------------------------------------------------------------------------------------------------

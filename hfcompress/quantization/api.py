@@ -5,7 +5,11 @@
   calibration data the MSE search weights the error by the layer's input statistics.
 * ``gptq`` / ``awq``: calibrated layer by layer (see :mod:`.calibrate`, :mod:`.gptq`, :mod:`.awq`); GPTQ by
   default in one forward pass per layer, in GPTQ's true-sequential order (:mod:`.sequential`).
-* ``bnb_*``: delegated to :func:`hfcompress.quantization.bnb.quantize_bnb`.
+* ``bnb_*``: bitsandbytes through transformers' own quantizer, in memory
+  (:func:`hfcompress.quantization.bnb.quantize_bnb`).
+
+Every method modifies ``model`` in place and returns that same object, so ``quantize(model, ...)`` followed by
+``model.save_pretrained(dir)`` saves the quantized model.
 
 Integer methods replace each targeted ``nn.Linear`` (or GPT-2 ``Conv1D``) by a
 :class:`~.modules.CompressedLinear` and set ``model.config.quantization_config`` to the compressed-tensors
@@ -366,11 +370,14 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
         config = QuantizationConfig.from_dict(config)
     if not isinstance(config, QuantizationConfig):
         raise ConfigError(f"config must be a QuantizationConfig, got {type(config).__name__}")
+    _check_not_quantized(model)
     if config.method.startswith("bnb_"):
         from .bnb import quantize_bnb  # lazy: bitsandbytes is heavy to import
 
-        return quantize_bnb(model, config)
-    _check_not_quantized(model)
+        quantize_bnb(model, config)
+        _attach_report(model, QuantizationReport(method=config.method, config=config.to_dict(),
+                                                 seconds=time.perf_counter() - started))
+        return model
     if config.method == "cast":
         return _cast(model, config, started)
 

@@ -138,6 +138,15 @@ class QuantizationConfig:
     def needs_calibration(self) -> bool:
         return self.method in CALIBRATED_METHODS
 
+    @property
+    def weight_bits(self) -> int:
+        """Bits per weight the method stores (``bits`` only means this for rtn/gptq/awq)."""
+        if self.method == "cast":
+            return 16
+        if self.method in BNB_METHODS:
+            return 8 if self.method == "bnb_int8" else 4
+        return self.bits
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
