@@ -38,12 +38,14 @@ from tqdm.auto import tqdm
 from ..core.errors import ConfigError, DataError
 from . import awq as A
 from . import calibrate as C
+from . import coverage as CV
 from . import ct_format
 from . import primitives as P
 from . import sequential as S
 from .config import QuantizationConfig, QuantizationError
 from .gptq import gptq_quantize
 from .modules import CompressedLinear, dequantized_weights_cached
+from .rollback import Rollback, choose_keep
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,12 @@ class QuantizationReport:
     calibration_samples: int = 0
     seconds: float = 0.0
     true_sequential: bool = False  # GPTQ ran in one pass per layer (see QuantizationConfig.true_sequential)
+    coverage: dict | None = None  # coverage.Coverage.to_dict(): what was quantized, what was not and why
+
+    @property
+    def coverage_line(self) -> str | None:
+        """E.g. "14 of 15 linear weights quantized, 61.8% of parameters"."""
+        return None if self.coverage is None else self.coverage["line"]
 
     @property
     def fallbacks(self) -> dict[str, int | None]:
@@ -326,7 +334,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _install(model, target: Target, result: Quantized, config: QuantizationConfig) -> CompressedLinear:
+def _install(model, target: Target, result: Quantized, config: QuantizationConfig,
+             rollback: Rollback) -> CompressedLinear:
     source = target.module
     bias = getattr(source, "bias", None)
     module = CompressedLinear.from_codes(
@@ -335,14 +344,55 @@ def _install(model, target: Target, result: Quantized, config: QuantizationConfi
         zero_point_rows=ct_format.zero_point_rows(result.codes.shape[0], config.bits))
     module.unsupported_reason = ct_format.unsupported_reason(module, source)
     _replace(model, target.name, module)
+    rollback.replaced(target.name, source)
     return module
 
 
-def _cast(model: nn.Module, config: QuantizationConfig, started: float) -> nn.Module:
-    model.to(getattr(torch, config.dtype))
+def _cast(model: nn.Module, config: QuantizationConfig, started: float, strict: bool) -> nn.Module:
+    """A dtype cast: every floating-point parameter and buffer (no rollback: ``Module.to`` converts tensor
+    by tensor and fails only before it starts, on a bad dtype)."""
+    dtype = getattr(torch, config.dtype)
+    planned = CV.plan(model, [])
+    model.to(dtype)
     report = QuantizationReport(method="cast", config=config.to_dict(), seconds=time.perf_counter() - started)
+    coverage = CV.audit(model, planned, lambda m: m.weight.dtype == dtype, verb=f"cast to {config.dtype}")
+    # A cast converts every floating-point tensor, embeddings included.
+    coverage.skipped = {n: r for n, r in coverage.skipped.items() if r != CV.EMBEDDING}
+    coverage.quantized_parameters = sum(p.numel() for p in model.parameters() if p.dtype == dtype)
+    report.coverage = coverage.to_dict()
+    if strict and coverage.left_float:
+        raise QuantizationError(f"strict=True: {', '.join(coverage.left_float)} are not {config.dtype} after the "
+                                f"cast")
     _attach_report(model, report)
     return model
+
+
+def _audit(model: nn.Module, planned: CV.Plan, report: QuantizationReport, is_quantized, strict: bool,
+           verb: str = "quantized") -> CV.Coverage:
+    """Record what was quantized (:mod:`.coverage`) in ``report``; with ``strict``, raise if a weight meant to
+    be quantized is still floating point."""
+    coverage = CV.audit(model, planned, is_quantized, verb=verb)
+    report.coverage = coverage.to_dict()
+    missing = CV.not_covered(planned, coverage)
+    if coverage.left_float:
+        logger.warning("%d linear layer(s) meant to be quantized are still floating point: %s", len(coverage.left_float),
+                       ", ".join(coverage.left_float))
+    if strict and missing:
+        detail = ", ".join(f"{name} ({coverage.skipped[name]})" for name in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise QuantizationError(f"strict=True: {len(missing)} weight(s) meant to be quantized are still floating "
+                                f"point: {detail}{more}; add them to QuantizationConfig.ignore to keep them in "
+                                f"float on purpose, or pass strict=False")
+    return coverage
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Remove what a failed :func:`quantize` may have set on the model (the rollback puts the layers back)."""
+    config = getattr(model, "config", None)
+    for attribute in ("quantization_config", "hfcompress"):
+        if config is not None and attribute in vars(config):
+            delattr(config, attribute)
+    model.__dict__.pop("hfcompress_report", None)
 
 
 def _attach_report(model: nn.Module, report: QuantizationReport) -> None:
@@ -353,17 +403,25 @@ def _attach_report(model: nn.Module, report: QuantizationReport) -> None:
                                    "fallback_group_sizes": report.fallbacks,
                                    "layers": [asdict(layer) for layer in report.layers],
                                    "calibration_samples": report.calibration_samples,
-                                   "true_sequential": report.true_sequential}
+                                   "true_sequential": report.true_sequential,
+                                   "coverage": report.coverage}
 
 
 def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_data=None, tokenizer=None,
-             progress: bool = True) -> nn.Module:
-    """Quantize ``model`` in place as ``config`` says and return it (see the module docstring).
+             progress: bool = True, strict: bool = False) -> nn.Module:
+    """Quantize ``model`` in place as ``config`` says and return that same object (see the module docstring).
 
     ``calibration_data``: a list of strings, a ``datasets.Dataset``, a text source string (``"stdlib"``, a
     path, a dataset name) or a pre-tokenized LongTensor (N, T); required by ``gptq``/``awq``, optional for
     ``rtn`` (it then weights the MSE clipping search and measures output errors). Text needs ``tokenizer``.
     Every check (config, weights, data, architecture) runs before the model is modified.
+
+    Afterwards ``model.hfcompress_report.coverage`` says which linear weights were quantized and why any other
+    was not (:mod:`.coverage`); ``strict=True`` raises :class:`QuantizationError`, naming them, if a weight
+    meant to be quantized is still floating point (everything not in ``ignore``, including weights of module
+    types no method here quantizes, such as fused 3-D MoE experts). If quantization fails half-way (or
+    ``strict`` refuses), the original weights are put back (:mod:`.rollback`), or, when holding them would
+    not fit in memory, the model is marked so that saving it raises.
     """
     started = time.perf_counter()
     if isinstance(config, dict):
@@ -371,15 +429,21 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     if not isinstance(config, QuantizationConfig):
         raise ConfigError(f"config must be a QuantizationConfig, got {type(config).__name__}")
     _check_not_quantized(model)
-    if config.method.startswith("bnb_"):
-        from .bnb import quantize_bnb  # lazy: bitsandbytes is heavy to import
-
-        quantize_bnb(model, config)
-        _attach_report(model, QuantizationReport(method=config.method, config=config.to_dict(),
-                                                 seconds=time.perf_counter() - started))
-        return model
     if config.method == "cast":
-        return _cast(model, config, started)
+        return _cast(model, config, started, strict)
+    planned = CV.plan(model, config.ignore)
+    if config.method.startswith("bnb_"):
+        from .bnb import bnb_bytes, is_bnb_linear, quantize_bnb  # lazy: bitsandbytes is heavy to import
+
+        with Rollback(model, keep=choose_keep(model, bnb_bytes(model, config))) as rollback:
+            rollback.on_undo(lambda: _forget_quantization(model))
+            quantize_bnb(model, config, rollback)
+            report = QuantizationReport(method=config.method, config=config.to_dict(),
+                                        seconds=time.perf_counter() - started)
+            _audit(model, planned, report, is_bnb_linear, strict)
+            _attach_report(model, report)
+        rollback.commit()
+        return model
 
     targets = select_targets(model, config.ignore)
     _check_weights(model, targets)
@@ -401,15 +465,18 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                                 calibration_samples=0 if blocks is None else blocks.shape[0])
 
     def solve(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> dict[str, tuple]:
-        """Quantize ``layer_targets``: name -> (target, result, RTN error before). Does not touch the model."""
+        """Quantize ``layer_targets``: name -> (target, result, RTN error before). Only AWQ touches the model
+        (it folds scales into the layer's weights): the rollback keeps their values first."""
+        if config.method == "awq":
+            rollback.modified(*layer.parameters())
         before = {n: _rtn_error(t.weight, t.group_size, t.hessian, config) for n, t in layer_targets.items()}
         results = handler(layer, layer_name, layer_targets, config, generator, probe)
         return {name: (t, results[name], before[name]) for name, t in layer_targets.items()}
 
     def install(solved: dict[str, tuple]) -> None:
         for name, (t, result, before) in solved.items():
-            _install(model, t, result, config)
-            targets[name] = None  # drop our reference: the float weight can be freed now
+            _install(model, t, result, config, rollback)
+            targets[name] = None  # drop our reference: the float weight can be freed now (unless the rollback keeps it)
             report.layers.append(LayerReport(
                 name=name, bits=config.bits, group_size=t.group_size, fallback=t.group_size != config.group_size,
                 error_before=before, error_after=result.error,
@@ -428,6 +495,7 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
             group = solve(layer, layer_name, {n: Target(n, inside[n], group_sizes[n], stats) for n in names})
             for name, (t, result, _) in group.items():
                 approx = P.dequantize(result.codes, result.scale, result.zero_point, t.group_size)
+                rollback.modified(t.module.weight)
                 C.linear_weight(t.module).copy_(approx)  # an (out, in) view also of a Conv1D weight
             solved.update(group)
 
@@ -442,59 +510,64 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
 
     was_training = model.training
     model.eval()
+    quantized_bytes = sum(C.linear_weight(m).numel() for m in targets.values()) * config.bits // 8
+    rollback = Rollback(model, keep=choose_keep(model, quantized_bytes))
+    rollback.on_undo(lambda: _forget_quantization(model))
     try:
-        if blocks is not None:
-            autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
-            with autocast():
-                inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
-            if one_pass:
-                one_pass = S.fits_in_memory(inputs, targets)
-            report.true_sequential = one_pass
-            bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
-            last = layers[-1][0]
-            for layer_name, layer in bar:
-                bar.set_postfix_str(layer_name)
-                inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
-                if inside and one_pass:
-                    with autocast():
-                        run_one_pass(layer, layer_name, inside, propagate=layer_name != last)
-                    continue  # the pass has already produced the next layer's inputs
-                if inside:
-                    with autocast():
-                        stats = C.collect_stats(layer, inside, inputs)
-                    run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
-                        probe=C.LayerProbe(layer, inputs, autocast))
-                    layer = model.get_submodule(layer_name)  # the layer itself may have been a target
-                if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
-                    with dequantized_weights_cached(layer), autocast():
-                        C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
-            del inputs
-        rest = {n: m for n, m in targets.items() if m is not None}
-        if rest:
+        with rollback:
             if blocks is not None:
-                logger.info("quantizing %d layer(s) without calibration statistics (outside the decoder layers, "
-                            "or never called) with RTN: %s", len(rest), ", ".join(rest))
-            bar = tqdm(rest.items(), desc=f"rtn {config.bits}-bit", disable=not progress or blocks is not None,
-                       unit="layer")
-            for name, module in bar:
-                target = Target(name, module, group_sizes[name])
-                before = _rtn_error(target.weight, target.group_size, None, config)
-                result = _rtn_one(target, config, generator)
-                _install(model, target, result, config)
-                targets[name] = None
-                report.layers.append(LayerReport(
-                    name=name, bits=config.bits, group_size=target.group_size,
-                    fallback=target.group_size != config.group_size, error_before=before,
-                    error_after=result.error, metric="weight"))
+                autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
+                with autocast():
+                    inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
+                if one_pass:
+                    one_pass = S.fits_in_memory(inputs, targets)
+                report.true_sequential = one_pass
+                bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
+                last = layers[-1][0]
+                for layer_name, layer in bar:
+                    bar.set_postfix_str(layer_name)
+                    inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
+                    if inside and one_pass:
+                        with autocast():
+                            run_one_pass(layer, layer_name, inside, propagate=layer_name != last)
+                        continue  # the pass has already produced the next layer's inputs
+                    if inside:
+                        with autocast():
+                            stats = C.collect_stats(layer, inside, inputs)
+                        run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
+                            probe=C.LayerProbe(layer, inputs, autocast))
+                        layer = model.get_submodule(layer_name)  # the layer itself may have been a target
+                    if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
+                        with dequantized_weights_cached(layer), autocast():
+                            C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
+                del inputs
+            rest = {n: m for n, m in targets.items() if m is not None}
+            if rest:
+                if blocks is not None:
+                    logger.info("quantizing %d layer(s) without calibration statistics (outside the decoder layers, "
+                                "or never called) with RTN: %s", len(rest), ", ".join(rest))
+                bar = tqdm(rest.items(), desc=f"rtn {config.bits}-bit", disable=not progress or blocks is not None,
+                           unit="layer")
+                for name, module in bar:
+                    target = Target(name, module, group_sizes[name])
+                    before = _rtn_error(target.weight, target.group_size, None, config)
+                    result = _rtn_one(target, config, generator)
+                    _install(model, target, result, config, rollback)
+                    targets[name] = None
+                    report.layers.append(LayerReport(
+                        name=name, bits=config.bits, group_size=target.group_size,
+                        fallback=target.group_size != config.group_size, error_before=before,
+                        error_after=result.error, metric="weight"))
+            order = {name: i for i, name in enumerate(targets)}
+            report.layers.sort(key=lambda layer: order[layer.name])
+            report.seconds = time.perf_counter() - started
+            _audit(model, planned, report, lambda m: isinstance(m, CompressedLinear), strict)
+            if getattr(model, "config", None) is not None:
+                model.config.quantization_config = ct_format.quantization_config(
+                    model, actorder=config.method == "gptq" and config.act_order)
+            _attach_report(model, report)
     finally:
         model.train(was_training)
-
-    order = {name: i for i, name in enumerate(targets)}
-    report.layers.sort(key=lambda layer: order[layer.name])
-    report.seconds = time.perf_counter() - started
-    if getattr(model, "config", None) is not None:
-        model.config.quantization_config = ct_format.quantization_config(
-            model, actorder=config.method == "gptq" and config.act_order)
-    _attach_report(model, report)
+    rollback.commit()
     return model
 

@@ -78,7 +78,7 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _is_bnb_linear(module) -> bool:
+def is_bnb_linear(module) -> bool:
     import bitsandbytes as bnb
 
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
@@ -147,7 +147,7 @@ def _quantize_bnb(model, config, rollback):
     originals = {name: module for name, module in model.named_modules() if name and _is_linear(module)}
     rollback.on_undo(lambda: _remove_quantization(model, quantizer))
     quantizer.preprocess_model(model, dtype=model.dtype, device_map={"": str(device)})  # meta bnb modules
-    converted = [name for name, module in model.named_modules() if _is_bnb_linear(module)]
+    converted = [name for name, module in model.named_modules() if is_bnb_linear(module)]
     for name in converted:
         rollback.replaced(name, originals[name])
     convert = quantizer.get_quantize_ops()
