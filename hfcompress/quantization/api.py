@@ -147,6 +147,29 @@ def _check_weights(model: nn.Module, targets: dict[str, nn.Module]) -> None:
                                     f"before quantizing")
 
 
+_NAN_FIX = ("the float model overflows or is corrupt on this data: check its non-linear weights (norms, "
+            "biases), run it in float32/bfloat16 rather than float16 (calibration_dtype=None), or check the "
+            "calibration data")
+
+
+def _check_finite_stats(layer_name: str, targets: dict) -> None:
+    """Calibration activations with NaN/Inf would give NaN scales silently: stop, naming the linear. The input
+    second moment E[x x^T] is non-finite exactly when some input is (a cheap check of every token)."""
+    for name, target in targets.items():
+        stats = target.stats
+        if stats is not None and not torch.isfinite(stats.hessian).all():
+            raise QuantizationError(f"the calibration activations entering {name} (decoder layer {layer_name}) "
+                                    f"hold NaN/Inf values; {_NAN_FIX}")
+
+
+def _check_finite_activations(inputs: C.LayerInputs, where: str) -> None:
+    for i in range(len(inputs)):
+        hidden = C.hidden_states(inputs, i)
+        if not torch.isfinite(hidden).all():
+            bad = int((~torch.isfinite(hidden)).sum())
+            raise QuantizationError(f"{where} hold {bad} NaN/Inf values on calibration batch {i}; {_NAN_FIX}")
+
+
 def _group_sizes(targets: dict[str, nn.Module], group_size: int | None) -> dict[str, int | None]:
     """Effective group size per layer; errors if ``group_size`` divides no layer's width."""
     widths = {name: C.linear_shape(module)[1] for name, module in targets.items()}
@@ -467,6 +490,7 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     def solve(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> dict[str, tuple]:
         """Quantize ``layer_targets``: name -> (target, result, RTN error before). Only AWQ touches the model
         (it folds scales into the layer's weights): the rollback keeps their values first."""
+        _check_finite_stats(layer_name, layer_targets)
         if config.method == "awq":
             rollback.modified(*layer.parameters())
         before = {n: _rtn_error(t.weight, t.group_size, t.hessian, config) for n, t in layer_targets.items()}
@@ -519,6 +543,8 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                 autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
                 with autocast():
                     inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
+                _check_finite_activations(inputs, f"the inputs of the first decoder layer {layers[0][0]} (the "
+                                                  f"embeddings of the calibration tokens)")
                 if one_pass:
                     one_pass = S.fits_in_memory(inputs, targets)
                 report.true_sequential = one_pass
@@ -530,6 +556,8 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                     if inside and one_pass:
                         with autocast():
                             run_one_pass(layer, layer_name, inside, propagate=layer_name != last)
+                        if layer_name != last:
+                            _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
                         continue  # the pass has already produced the next layer's inputs
                     if inside:
                         with autocast():
@@ -540,6 +568,7 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                     if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
                         with dequantized_weights_cached(layer), autocast():
                             C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
+                        _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
                 del inputs
             rest = {n: m for n, m in targets.items() if m is not None}
             if rest:
