@@ -436,7 +436,10 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
 
     ``calibration_data``: a list of strings, a ``datasets.Dataset``, a text source string (``"stdlib"``, a
     path, a dataset name) or a pre-tokenized LongTensor (N, T); required by ``gptq``/``awq``, optional for
-    ``rtn`` (it then weights the MSE clipping search and measures output errors). Text needs ``tokenizer``.
+    ``rtn`` (it then weights the MSE clipping search and measures output errors; with the min-max observer
+    data that cannot be used is ignored with a warning). Text needs ``tokenizer``. Less data than
+    ``num_samples`` x ``seq_len`` tokens is used whole, with a warning; see
+    :func:`.calibrate.calibration_blocks` (fewer than 128 tokens in all is refused).
     Every check (config, weights, data, architecture) runs before the model is modified.
 
     Afterwards ``model.hfcompress_report.coverage`` says which linear weights were quantized and why any other
@@ -476,9 +479,17 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     blocks = None
     layers: list[tuple[str, nn.Module]] = []
     if calibration_data is not None:
-        blocks = C.calibration_blocks(calibration_data, tokenizer, config.num_samples, config.seq_len,
-                                      seed=config.seed, model_config=getattr(model, "config", None))
-        layers = C.find_sequential_layers(model, config.sequential_targets, set(targets))
+        try:
+            blocks = C.calibration_blocks(calibration_data, tokenizer, config.num_samples, config.seq_len,
+                                          seed=config.seed, model_config=getattr(model, "config", None))
+            layers = C.find_sequential_layers(model, config.sequential_targets, set(targets))
+        except (DataError, ConfigError) as exc:
+            if config.method != "rtn" or config.observer != "minmax":
+                raise
+            # Min-max RTN's codes do not depend on data (it would only measure output errors for the report).
+            warnings.warn(f"not using the calibration data, which rtn with observer='minmax' does not need: {exc}",
+                          UserWarning, stacklevel=2)
+            blocks, layers = None, []
     group_sizes = _group_sizes(targets, config.group_size)
 
     # ---- from here on the model is modified ----
