@@ -461,6 +461,8 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     if config.method.startswith("bnb_"):
         from .bnb import bnb_bytes, is_bnb_linear, quantize_bnb  # lazy: bitsandbytes is heavy to import
 
+        _check_weights(model, {name: model.get_submodule(name) for name in planned.targets})
+
         with Rollback(model, keep=choose_keep(model, bnb_bytes(model, config))) as rollback:
             rollback.on_undo(lambda: _forget_quantization(model))
             quantize_bnb(model, config, rollback)

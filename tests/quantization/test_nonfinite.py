@@ -73,3 +73,12 @@ def test_nothing_is_written(tmp_path, tiny_reference_dir, calibration_texts):
                            calibration_data=str(tmp_path / "data.txt"), progress=False)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "data.txt"]  # no temporary folder left
+
+
+def test_nan_weights_stop_bitsandbytes_too(tiny_llama):
+    pytest.importorskip("bitsandbytes")
+    with torch.no_grad():
+        tiny_llama.model.layers[1].self_attn.v_proj.weight[0, 0] = float("inf")
+    with pytest.raises(QuantizationError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight has 1 NaN/Inf"):
+        quantize(tiny_llama, QuantizationConfig(method="bnb_nf4"), progress=False)
+    assert type(tiny_llama.model.layers[0].self_attn.q_proj) is torch.nn.Linear
