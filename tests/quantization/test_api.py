@@ -118,9 +118,10 @@ def test_group_size_fallback_is_warned_reported_and_recorded(tiny_tokenizer):
     assert model.model.layers[0].mlp.up_proj.group_size == 128
     assert all(layer.metric == "weight" for layer in report.layers)  # no calibration data
     groups = model.config.quantization_config["config_groups"]
-    assert groups["group_0"]["targets"] == ["Linear"] and groups["group_0"]["weights"]["group_size"] == 128
-    assert groups["group_1"]["targets"] == list(report.fallbacks)
-    assert groups["group_1"]["weights"]["group_size"] == 64
+    # The named layers' group first, the class-wide one last (see ct_format.quantization_config).
+    assert groups["group_1"]["targets"] == ["Linear"] and groups["group_1"]["weights"]["group_size"] == 128
+    assert groups["group_0"]["targets"] == list(report.fallbacks)
+    assert groups["group_0"]["weights"]["group_size"] == 64
     assert model.config.hfcompress["fallback_group_sizes"] == report.fallbacks
 
 
