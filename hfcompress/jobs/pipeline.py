@@ -61,8 +61,8 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
         settings=settings,
         data_description=("Calibration data: " + describe_data(calibration_data)) if uses_data
         else "No calibration data (data-free method).",
-        recipe_text=recipe_text, tags=["quantized", config.method] if config.method != "cast" else ["cast", config.dtype], load_snippet=_load_snippet(config),
-        coverage=getattr(report, "coverage", None))
+        recipe_text=recipe_text, load_snippet=_load_snippet(config), coverage=getattr(report, "coverage", None),
+        tags=["quantized", config.method] if config.method != "cast" else ["cast", config.dtype])
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
                            extra_files={"README.md": str(card)})
 

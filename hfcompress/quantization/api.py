@@ -398,8 +398,8 @@ def _audit(model: nn.Module, planned: CV.Plan, report: QuantizationReport, is_qu
     report.coverage = coverage.to_dict()
     missing = CV.not_covered(planned, coverage)
     if coverage.left_float:
-        logger.warning("%d linear layer(s) meant to be quantized are still floating point: %s", len(coverage.left_float),
-                       ", ".join(coverage.left_float))
+        logger.warning("%d linear layer(s) meant to be quantized are still floating point: %s",
+                       len(coverage.left_float), ", ".join(coverage.left_float))
     if strict and missing:
         detail = ", ".join(f"{name} ({coverage.skipped[name]})" for name in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
@@ -416,6 +416,16 @@ def _forget_quantization(model: nn.Module) -> None:
         if config is not None and attribute in vars(config):
             delattr(config, attribute)
     model.__dict__.pop("hfcompress_report", None)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _attach_report(model: nn.Module, report: QuantizationReport) -> None:
@@ -513,7 +523,7 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     def install(solved: dict[str, tuple]) -> None:
         for name, (t, result, before) in solved.items():
             _install(model, t, result, config, rollback)
-            targets[name] = None  # drop our reference: the float weight can be freed now (unless the rollback keeps it)
+            targets[name] = None  # drop our reference: the float weight can be freed (unless rollback keeps it)
             report.layers.append(LayerReport(
                 name=name, bits=config.bits, group_size=t.group_size, fallback=t.group_size != config.group_size,
                 error_before=before, error_after=result.error,
@@ -545,71 +555,66 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     one_pass = config.method == "gptq" and config.true_sequential
     plan = S.SharingPlan()
 
-    was_training = model.training
-    model.eval()
     quantized_bytes = sum(C.linear_weight(m).numel() for m in targets.values()) * config.bits // 8
     rollback = Rollback(model, keep=choose_keep(model, quantized_bytes))
     rollback.on_undo(lambda: _forget_quantization(model))
-    try:
-        with rollback:
-            if blocks is not None:
-                autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
-                with autocast():
-                    inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
-                _check_finite_activations(inputs, f"the inputs of the first decoder layer {layers[0][0]} (the "
-                                                  f"embeddings of the calibration tokens)")
-                if one_pass:
-                    one_pass = S.fits_in_memory(inputs, targets)
-                report.true_sequential = one_pass
-                bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
-                last = layers[-1][0]
-                for layer_name, layer in bar:
-                    bar.set_postfix_str(layer_name)
-                    inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
-                    if inside and one_pass:
-                        with autocast():
-                            run_one_pass(layer, layer_name, inside, propagate=layer_name != last)
-                        if layer_name != last:
-                            _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
-                        continue  # the pass has already produced the next layer's inputs
-                    if inside:
-                        with autocast():
-                            stats = C.collect_stats(layer, inside, inputs)
-                        run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
-                            probe=C.LayerProbe(layer, inputs, autocast))
-                        layer = model.get_submodule(layer_name)  # the layer itself may have been a target
-                    if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
-                        with dequantized_weights_cached(layer), autocast():
-                            C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
+    with _eval_mode(model), rollback:
+        if blocks is not None:
+            autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
+            with autocast():
+                inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
+            _check_finite_activations(inputs, f"the inputs of the first decoder layer {layers[0][0]} (the "
+                                              f"embeddings of the calibration tokens)")
+            if one_pass:
+                one_pass = S.fits_in_memory(inputs, targets)
+            report.true_sequential = one_pass
+            bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
+            last = layers[-1][0]
+            for layer_name, layer in bar:
+                bar.set_postfix_str(layer_name)
+                inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
+                if inside and one_pass:
+                    with autocast():
+                        run_one_pass(layer, layer_name, inside, propagate=layer_name != last)
+                    if layer_name != last:
                         _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
-                del inputs
-            rest = {n: m for n, m in targets.items() if m is not None}
-            if rest:
-                if blocks is not None:
-                    logger.info("quantizing %d layer(s) without calibration statistics (outside the decoder layers, "
-                                "or never called) with RTN: %s", len(rest), ", ".join(rest))
-                bar = tqdm(rest.items(), desc=f"rtn {config.bits}-bit", disable=not progress or blocks is not None,
-                           unit="layer")
-                for name, module in bar:
-                    target = Target(name, module, group_sizes[name])
-                    before = _rtn_error(target.weight, target.group_size, None, config)
-                    result = _rtn_one(target, config, generator)
-                    _install(model, target, result, config, rollback)
-                    targets[name] = None
-                    report.layers.append(LayerReport(
-                        name=name, bits=config.bits, group_size=target.group_size,
-                        fallback=target.group_size != config.group_size, error_before=before,
-                        error_after=result.error, metric="weight"))
-            order = {name: i for i, name in enumerate(targets)}
-            report.layers.sort(key=lambda layer: order[layer.name])
-            report.seconds = time.perf_counter() - started
-            _audit(model, planned, report, lambda m: isinstance(m, CompressedLinear), strict)
-            if getattr(model, "config", None) is not None:
-                model.config.quantization_config = ct_format.quantization_config(
-                    model, actorder=config.method == "gptq" and config.act_order)
-            _attach_report(model, report)
-    finally:
-        model.train(was_training)
+                    continue  # the pass has already produced the next layer's inputs
+                if inside:
+                    with autocast():
+                        stats = C.collect_stats(layer, inside, inputs)
+                    run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
+                        probe=C.LayerProbe(layer, inputs, autocast))
+                    layer = model.get_submodule(layer_name)  # the layer itself may have been a target
+                if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
+                    with dequantized_weights_cached(layer), autocast():
+                        C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
+                    _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
+            del inputs
+        rest = {n: m for n, m in targets.items() if m is not None}
+        if rest:
+            if blocks is not None:
+                logger.info("quantizing %d layer(s) without calibration statistics (outside the decoder layers, "
+                            "or never called) with RTN: %s", len(rest), ", ".join(rest))
+            bar = tqdm(rest.items(), desc=f"rtn {config.bits}-bit", disable=not progress or blocks is not None,
+                       unit="layer")
+            for name, module in bar:
+                target = Target(name, module, group_sizes[name])
+                before = _rtn_error(target.weight, target.group_size, None, config)
+                result = _rtn_one(target, config, generator)
+                _install(model, target, result, config, rollback)
+                targets[name] = None
+                report.layers.append(LayerReport(
+                    name=name, bits=config.bits, group_size=target.group_size,
+                    fallback=target.group_size != config.group_size, error_before=before,
+                    error_after=result.error, metric="weight"))
+        order = {name: i for i, name in enumerate(targets)}
+        report.layers.sort(key=lambda layer: order[layer.name])
+        report.seconds = time.perf_counter() - started
+        _audit(model, planned, report, lambda m: isinstance(m, CompressedLinear), strict)
+        if getattr(model, "config", None) is not None:
+            model.config.quantization_config = ct_format.quantization_config(
+                model, actorder=config.method == "gptq" and config.act_order)
+        _attach_report(model, report)
     rollback.commit()
     return model
 
