@@ -49,8 +49,11 @@ def _metrics_table(metrics: list[dict]) -> str:
 
 def build_model_card(*, title: str, base_model: str | None, method: str, settings: dict, data_description: str,
                      metrics: list[dict] | None = None, recipe_text: str | None = None,
-                     load_snippet: str | None = None, tags: list[str] | None = None):
-    """A ``huggingface_hub.ModelCard`` with YAML metadata (``ModelCardData``) and a readable body."""
+                     load_snippet: str | None = None, tags: list[str] | None = None, coverage: dict | None = None):
+    """A ``huggingface_hub.ModelCard`` with YAML metadata (``ModelCardData``) and a readable body.
+
+    ``coverage``: a quantization's :meth:`hfcompress.quantization.coverage.Coverage.to_dict`; the card then
+    states what was quantized ("N of M linear weights quantized, X% of parameters") and what was not, why."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -75,6 +78,7 @@ def build_model_card(*, title: str, base_model: str | None, method: str, setting
         "",
         "## Method and settings",
         "",
+        *_coverage_lines(coverage),
         f"```json\n{settings_block}\n```",
         "",
         "## Data",
@@ -94,6 +98,18 @@ def build_model_card(*, title: str, base_model: str | None, method: str, setting
                  f"```yaml\n{recipe_text.rstrip()}\n```"]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
     return ModelCard(content)
+
+
+def _coverage_lines(coverage: dict | None) -> list[str]:
+    if not coverage:
+        return []
+    lines = [f"**Coverage:** {coverage['line']}.", ""]
+    skipped = coverage.get("skipped") or {}
+    if skipped:
+        lines += ["Kept in floating point:", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in skipped.items()]
+        lines.append("")
+    return lines
 
 
 def write_model_card(model_dir: str | os.PathLike, **kwargs) -> Path:

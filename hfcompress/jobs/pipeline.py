@@ -59,13 +59,14 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
     if fallbacks:  # {layer: group size used} for layers the requested group size does not divide
         settings["group_size_fallbacks"] = fallbacks
     card = build_model_card(
-        title=f"{Path(str(base_model or model_ref)).name} ({config.method}, {config.bits}-bit)"
+        title=f"{Path(str(base_model or model_ref)).name} ({config.method}, {config.weight_bits}-bit)"
         if config.method != "cast" else f"{Path(str(base_model or model_ref)).name} ({config.dtype})",
         base_model=base_model or model_ref, method=f"post-training quantization ({config.method})",
         settings=settings,
         data_description=("Calibration data: " + describe_data(calibration_data)) if uses_data
         else "No calibration data (data-free method).",
-        recipe_text=recipe_text, tags=["quantized", config.method], load_snippet=_load_snippet(config))
+        recipe_text=recipe_text, load_snippet=_load_snippet(config), coverage=getattr(report, "coverage", None),
+        tags=["quantized", config.method] if config.method != "cast" else ["cast", config.dtype])
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
                            extra_files={"README.md": str(card)})
 
@@ -109,7 +110,7 @@ def quantize_stage(ctx) -> dict:
     out = quantize_to_folder(ctx.input_model, ctx.work_dir, config, calibration_data=args.calibration_data,
                              max_shard_size=args.max_shard_size, overwrite=True, progress=ctx.progress,
                              recipe_text=ctx.recipe.source, base_model=base_name, device=args.device)
-    return {"output": out.name, "method": config.method, "bits": config.bits}
+    return {"output": out.name, "method": config.method, "bits": config.weight_bits}
 
 
 # --------------------------------------------------------------------------------------------------------

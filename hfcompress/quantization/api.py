@@ -5,7 +5,11 @@
   calibration data the MSE search weights the error by the layer's input statistics.
 * ``gptq`` / ``awq``: calibrated layer by layer (see :mod:`.calibrate`, :mod:`.gptq`, :mod:`.awq`); GPTQ by
   default in one forward pass per layer, in GPTQ's true-sequential order (:mod:`.sequential`).
-* ``bnb_*``: delegated to :func:`hfcompress.quantization.bnb.quantize_bnb`.
+* ``bnb_*``: bitsandbytes through transformers' own quantizer, in memory
+  (:func:`hfcompress.quantization.bnb.quantize_bnb`).
+
+Every method modifies ``model`` in place and returns that same object, so ``quantize(model, ...)`` followed by
+``model.save_pretrained(dir)`` saves the quantized model.
 
 Integer methods replace each targeted ``nn.Linear`` (or GPT-2 ``Conv1D``) by a
 :class:`~.modules.CompressedLinear` and set ``model.config.quantization_config`` to the compressed-tensors
@@ -34,12 +38,14 @@ from tqdm.auto import tqdm
 from ..core.errors import ConfigError, DataError
 from . import awq as A
 from . import calibrate as C
+from . import coverage as CV
 from . import ct_format
 from . import primitives as P
 from . import sequential as S
 from .config import QuantizationConfig, QuantizationError
 from .gptq import gptq_quantize
 from .modules import CompressedLinear, dequantized_weights_cached
+from .rollback import Rollback, choose_keep
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +78,12 @@ class QuantizationReport:
     calibration_samples: int = 0
     seconds: float = 0.0
     true_sequential: bool = False  # GPTQ ran in one pass per layer (see QuantizationConfig.true_sequential)
+    coverage: dict | None = None  # coverage.Coverage.to_dict(): what was quantized, what was not and why
+
+    @property
+    def coverage_line(self) -> str | None:
+        """E.g. "14 of 15 linear weights quantized, 61.8% of parameters"."""
+        return None if self.coverage is None else self.coverage["line"]
 
     @property
     def fallbacks(self) -> dict[str, int | None]:
@@ -133,6 +145,29 @@ def _check_weights(model: nn.Module, targets: dict[str, nn.Module]) -> None:
             bad = (~torch.isfinite(weight)).sum().item()
             raise QuantizationError(f"{name}.weight has {bad} NaN/Inf values; fix or re-load the model "
                                     f"before quantizing")
+
+
+_NAN_FIX = ("the float model overflows or is corrupt on this data: check its non-linear weights (norms, "
+            "biases), run it in float32/bfloat16 rather than float16 (calibration_dtype=None), or check the "
+            "calibration data")
+
+
+def _check_finite_stats(layer_name: str, targets: dict) -> None:
+    """Calibration activations with NaN/Inf would give NaN scales silently: stop, naming the linear. The input
+    second moment E[x x^T] is non-finite exactly when some input is (a cheap check of every token)."""
+    for name, target in targets.items():
+        stats = target.stats
+        if stats is not None and not torch.isfinite(stats.hessian).all():
+            raise QuantizationError(f"the calibration activations entering {name} (decoder layer {layer_name}) "
+                                    f"hold NaN/Inf values; {_NAN_FIX}")
+
+
+def _check_finite_activations(inputs: C.LayerInputs, where: str) -> None:
+    for i in range(len(inputs)):
+        hidden = C.hidden_states(inputs, i)
+        if not torch.isfinite(hidden).all():
+            bad = int((~torch.isfinite(hidden)).sum())
+            raise QuantizationError(f"{where} hold {bad} NaN/Inf values on calibration batch {i}; {_NAN_FIX}")
 
 
 def _group_sizes(targets: dict[str, nn.Module], group_size: int | None) -> dict[str, int | None]:
@@ -322,7 +357,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _install(model, target: Target, result: Quantized, config: QuantizationConfig) -> CompressedLinear:
+def _install(model, target: Target, result: Quantized, config: QuantizationConfig,
+             rollback: Rollback) -> CompressedLinear:
     source = target.module
     bias = getattr(source, "bias", None)
     module = CompressedLinear.from_codes(
@@ -331,14 +367,65 @@ def _install(model, target: Target, result: Quantized, config: QuantizationConfi
         zero_point_rows=ct_format.zero_point_rows(result.codes.shape[0], config.bits))
     module.unsupported_reason = ct_format.unsupported_reason(module, source)
     _replace(model, target.name, module)
+    rollback.replaced(target.name, source)
     return module
 
 
-def _cast(model: nn.Module, config: QuantizationConfig, started: float) -> nn.Module:
-    model.to(getattr(torch, config.dtype))
+def _cast(model: nn.Module, config: QuantizationConfig, started: float, strict: bool) -> nn.Module:
+    """A dtype cast: every floating-point parameter and buffer (no rollback: ``Module.to`` converts tensor
+    by tensor and fails only before it starts, on a bad dtype)."""
+    dtype = getattr(torch, config.dtype)
+    planned = CV.plan(model, [])
+    model.to(dtype)
     report = QuantizationReport(method="cast", config=config.to_dict(), seconds=time.perf_counter() - started)
+    coverage = CV.audit(model, planned, lambda m: m.weight.dtype == dtype, verb=f"cast to {config.dtype}")
+    # A cast converts every floating-point tensor, embeddings included.
+    coverage.skipped = {n: r for n, r in coverage.skipped.items() if r != CV.EMBEDDING}
+    coverage.quantized_parameters = sum(p.numel() for p in model.parameters() if p.dtype == dtype)
+    report.coverage = coverage.to_dict()
+    if strict and coverage.left_float:
+        raise QuantizationError(f"strict=True: {', '.join(coverage.left_float)} are not {config.dtype} after the "
+                                f"cast")
     _attach_report(model, report)
     return model
+
+
+def _audit(model: nn.Module, planned: CV.Plan, report: QuantizationReport, is_quantized, strict: bool,
+           verb: str = "quantized") -> CV.Coverage:
+    """Record what was quantized (:mod:`.coverage`) in ``report``; with ``strict``, raise if a weight meant to
+    be quantized is still floating point."""
+    coverage = CV.audit(model, planned, is_quantized, verb=verb)
+    report.coverage = coverage.to_dict()
+    missing = CV.not_covered(planned, coverage)
+    if coverage.left_float:
+        logger.warning("%d linear layer(s) meant to be quantized are still floating point: %s",
+                       len(coverage.left_float), ", ".join(coverage.left_float))
+    if strict and missing:
+        detail = ", ".join(f"{name} ({coverage.skipped[name]})" for name in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise QuantizationError(f"strict=True: {len(missing)} weight(s) meant to be quantized are still floating "
+                                f"point: {detail}{more}; add them to QuantizationConfig.ignore to keep them in "
+                                f"float on purpose, or pass strict=False")
+    return coverage
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Remove what a failed :func:`quantize` may have set on the model (the rollback puts the layers back)."""
+    config = getattr(model, "config", None)
+    for attribute in ("quantization_config", "hfcompress"):
+        if config is not None and attribute in vars(config):
+            delattr(config, attribute)
+    model.__dict__.pop("hfcompress_report", None)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _attach_report(model: nn.Module, report: QuantizationReport) -> None:
@@ -349,17 +436,28 @@ def _attach_report(model: nn.Module, report: QuantizationReport) -> None:
                                    "fallback_group_sizes": report.fallbacks,
                                    "layers": [asdict(layer) for layer in report.layers],
                                    "calibration_samples": report.calibration_samples,
-                                   "true_sequential": report.true_sequential}
+                                   "true_sequential": report.true_sequential,
+                                   "coverage": report.coverage}
 
 
 def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_data=None, tokenizer=None,
-             progress: bool = True) -> nn.Module:
-    """Quantize ``model`` in place as ``config`` says and return it (see the module docstring).
+             progress: bool = True, strict: bool = False) -> nn.Module:
+    """Quantize ``model`` in place as ``config`` says and return that same object (see the module docstring).
 
     ``calibration_data``: a list of strings, a ``datasets.Dataset``, a text source string (``"stdlib"``, a
     path, a dataset name) or a pre-tokenized LongTensor (N, T); required by ``gptq``/``awq``, optional for
-    ``rtn`` (it then weights the MSE clipping search and measures output errors). Text needs ``tokenizer``.
+    ``rtn`` (it then weights the MSE clipping search and measures output errors; with the min-max observer
+    data that cannot be used is ignored with a warning). Text needs ``tokenizer``. Less data than
+    ``num_samples`` x ``seq_len`` tokens is used whole, with a warning; see
+    :func:`.calibrate.calibration_blocks` (fewer than 128 tokens in all is refused).
     Every check (config, weights, data, architecture) runs before the model is modified.
+
+    Afterwards ``model.hfcompress_report.coverage`` says which linear weights were quantized and why any other
+    was not (:mod:`.coverage`); ``strict=True`` raises :class:`QuantizationError`, naming them, if a weight
+    meant to be quantized is still floating point (everything not in ``ignore``, including weights of module
+    types no method here quantizes, such as fused 3-D MoE experts). If quantization fails half-way (or
+    ``strict`` refuses), the original weights are put back (:mod:`.rollback`), or, when holding them would
+    not fit in memory, the model is marked so that saving it raises.
     """
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -369,13 +467,24 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
         config = QuantizationConfig.from_dict(config)
     if not isinstance(config, QuantizationConfig):
         raise ConfigError(f"config must be a QuantizationConfig, got {type(config).__name__}")
-    if config.method.startswith("bnb_"):
-        from .bnb import quantize_bnb  # lazy: bitsandbytes is heavy to import
-
-        return quantize_bnb(model, config)
     _check_not_quantized(model)
     if config.method == "cast":
-        return _cast(model, config, started)
+        return _cast(model, config, started, strict)
+    planned = CV.plan(model, config.ignore)
+    if config.method.startswith("bnb_"):
+        from .bnb import bnb_bytes, is_bnb_linear, quantize_bnb  # lazy: bitsandbytes is heavy to import
+
+        _check_weights(model, {name: model.get_submodule(name) for name in planned.targets})
+
+        with Rollback(model, keep=choose_keep(model, bnb_bytes(model, config))) as rollback:
+            rollback.on_undo(lambda: _forget_quantization(model))
+            quantize_bnb(model, config, rollback)
+            report = QuantizationReport(method=config.method, config=config.to_dict(),
+                                        seconds=time.perf_counter() - started)
+            _audit(model, planned, report, is_bnb_linear, strict)
+            _attach_report(model, report)
+        rollback.commit()
+        return model
 
     targets = select_targets(model, config.ignore)
     _check_weights(model, targets)
@@ -385,9 +494,17 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     blocks = None
     layers: list[tuple[str, nn.Module]] = []
     if calibration_data is not None:
-        blocks = C.calibration_blocks(calibration_data, tokenizer, config.num_samples, config.seq_len,
-                                      seed=config.seed, model_config=getattr(model, "config", None))
-        layers = C.find_sequential_layers(model, config.sequential_targets, set(targets))
+        try:
+            blocks = C.calibration_blocks(calibration_data, tokenizer, config.num_samples, config.seq_len,
+                                          seed=config.seed, model_config=getattr(model, "config", None))
+            layers = C.find_sequential_layers(model, config.sequential_targets, set(targets))
+        except (DataError, ConfigError) as exc:
+            if config.method != "rtn" or config.observer != "minmax":
+                raise
+            # Min-max RTN's codes do not depend on data (it would only measure output errors for the report).
+            warnings.warn(f"not using the calibration data, which rtn with observer='minmax' does not need: {exc}",
+                          UserWarning, stacklevel=2)
+            blocks, layers = None, []
     group_sizes = _group_sizes(targets, config.group_size)
 
     # ---- from here on the model is modified ----
@@ -397,15 +514,19 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                                 calibration_samples=0 if blocks is None else blocks.shape[0])
 
     def solve(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> dict[str, tuple]:
-        """Quantize ``layer_targets``: name -> (target, result, RTN error before). Does not touch the model."""
+        """Quantize ``layer_targets``: name -> (target, result, RTN error before). Only AWQ touches the model
+        (it folds scales into the layer's weights): the rollback keeps their values first."""
+        _check_finite_stats(layer_name, layer_targets)
+        if config.method == "awq":
+            rollback.modified(*layer.parameters())
         before = {n: _rtn_error(t.weight, t.group_size, t.hessian, config) for n, t in layer_targets.items()}
         results = handler(layer, layer_name, layer_targets, config, generator, probe)
         return {name: (t, results[name], before[name]) for name, t in layer_targets.items()}
 
     def install(solved: dict[str, tuple]) -> None:
         for name, (t, result, before) in solved.items():
-            _install(model, t, result, config)
-            targets[name] = None  # drop our reference: the float weight can be freed now
+            _install(model, t, result, config, rollback)
+            targets[name] = None  # drop our reference: the float weight can be freed (unless rollback keeps it)
             report.layers.append(LayerReport(
                 name=name, bits=config.bits, group_size=t.group_size, fallback=t.group_size != config.group_size,
                 error_before=before, error_after=result.error,
@@ -424,6 +545,7 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
             group = solve(layer, layer_name, {n: Target(n, inside[n], group_sizes[n], stats) for n in names})
             for name, (t, result, _) in group.items():
                 approx = P.dequantize(result.codes, result.scale, result.zero_point, t.group_size)
+                rollback.modified(t.module.weight)
                 C.linear_weight(t.module).copy_(approx)  # an (out, in) view also of a Conv1D weight
             solved.update(group)
 
@@ -436,13 +558,16 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     one_pass = config.method == "gptq" and config.true_sequential
     plan = S.SharingPlan()
 
-    was_training = model.training
-    model.eval()
-    try:
+    quantized_bytes = sum(C.linear_weight(m).numel() for m in targets.values()) * config.bits // 8
+    rollback = Rollback(model, keep=choose_keep(model, quantized_bytes))
+    rollback.on_undo(lambda: _forget_quantization(model))
+    with _eval_mode(model), rollback:
         if blocks is not None:
             autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
             with autocast():
                 inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
+            _check_finite_activations(inputs, f"the inputs of the first decoder layer {layers[0][0]} (the "
+                                              f"embeddings of the calibration tokens)")
             if one_pass:
                 one_pass = S.fits_in_memory(inputs, targets)
             report.true_sequential = one_pass
@@ -454,6 +579,8 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                 if inside and one_pass:
                     with autocast():
                         run_one_pass(layer, layer_name, inside, propagate=layer_name != last)
+                    if layer_name != last:
+                        _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
                     continue  # the pass has already produced the next layer's inputs
                 if inside:
                     with autocast():
@@ -464,6 +591,7 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                 if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
                     with dequantized_weights_cached(layer), autocast():
                         C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
+                    _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
             del inputs
         rest = {n: m for n, m in targets.items() if m is not None}
         if rest:
@@ -476,21 +604,20 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                 target = Target(name, module, group_sizes[name])
                 before = _rtn_error(target.weight, target.group_size, None, config)
                 result = _rtn_one(target, config, generator)
-                _install(model, target, result, config)
+                _install(model, target, result, config, rollback)
                 targets[name] = None
                 report.layers.append(LayerReport(
                     name=name, bits=config.bits, group_size=target.group_size,
                     fallback=target.group_size != config.group_size, error_before=before,
                     error_after=result.error, metric="weight"))
-    finally:
-        model.train(was_training)
-
-    order = {name: i for i, name in enumerate(targets)}
-    report.layers.sort(key=lambda layer: order[layer.name])
-    report.seconds = time.perf_counter() - started
-    if getattr(model, "config", None) is not None:
-        model.config.quantization_config = ct_format.quantization_config(
-            model, actorder=config.method == "gptq" and config.act_order)
-    _attach_report(model, report)
+        order = {name: i for i, name in enumerate(targets)}
+        report.layers.sort(key=lambda layer: order[layer.name])
+        report.seconds = time.perf_counter() - started
+        _audit(model, planned, report, lambda m: isinstance(m, CompressedLinear), strict)
+        if getattr(model, "config", None) is not None:
+            model.config.quantization_config = ct_format.quantization_config(
+                model, actorder=config.method == "gptq" and config.act_order)
+        _attach_report(model, report)
+    rollback.commit()
     return model
 

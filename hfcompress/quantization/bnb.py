@@ -1,8 +1,8 @@
 """bitsandbytes backend: LLM.int8 (``bnb_int8``) and 4-bit NF4/FP4 (``bnb_nf4`` / ``bnb_fp4``).
 
-Quantization goes through transformers' own bitsandbytes integration: the model is written to a temporary
-folder and re-loaded with ``from_pretrained(quantization_config=BitsAndBytesConfig(...))``. The result is
-exactly what users get from transformers (``Linear8bitLt`` / ``Linear4bit`` modules, ``hf_quantizer`` set), so
+Quantization goes through transformers' own bitsandbytes integration (its ``HfQuantizer``, the same steps
+``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` takes), in memory, on the loaded model. The
+result is exactly what users get from transformers (``Linear8bitLt`` / ``Linear4bit`` modules, ``hf_quantizer`` set), so
 ``model.save_pretrained`` writes transformers' bitsandbytes serialization and a plain
 ``AutoModelForCausalLM.from_pretrained(dir)`` reloads it, on CPU (bitsandbytes >= 0.48) or CUDA.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 
 import torch
 
@@ -79,14 +78,58 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def is_bnb_linear(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def make_quantizer(bnb_config, device: torch.device):
+    """transformers' own ``HfQuantizer`` for ``bnb_config`` (``Bnb4BitHfQuantizer`` / ``Bnb8BitHfQuantizer``),
+    as ``from_pretrained(quantization_config=...)`` creates it for a float checkpoint (``pre_quantized=False``)."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
+    quantizer.validate_environment(device_map={"": str(device)})
+    return quantizer
+
+
+def quantize_bnb(model, config, rollback=None):
+    """Quantize ``model`` with bitsandbytes in place and return it (see :func:`_quantize_bnb`). A failure
+    half-way puts the original layers back (or marks the model unsaveable: :mod:`.rollback`)."""
+    if rollback is not None:
+        return _quantize_bnb(model, config, rollback)
+    from .rollback import Rollback, choose_keep
+
+    with Rollback(model, keep=choose_keep(model, bnb_bytes(model, config))) as rollback:
+        _quantize_bnb(model, config, rollback)
+    rollback.commit()
+    return model
+
+
+def bnb_bytes(model, config) -> int:
+    """Bytes of the bitsandbytes weights ``config`` makes of ``model``'s linears (about; for the rollback)."""
+    bits = 8 if getattr(config, "method", None) == "bnb_int8" else 4
+    return sum(m.weight.numel() for m in model.modules() if _is_linear(m)) * bits // 8
+
+
 @torch.no_grad()
-def quantize_bnb(model, config):
-    """Return a bitsandbytes-quantized copy of ``model`` (a transformers ``PreTrainedModel``).
+def _quantize_bnb(model, config, rollback):
+    """Quantize ``model`` (a transformers ``PreTrainedModel``) with bitsandbytes in place and return it.
 
     ``config`` is read by attribute: ``method`` ("bnb_int8", "bnb_nf4", "bnb_fp4"), ``bnb_threshold``
     (LLM.int8 outlier threshold), ``bnb_double_quant``, ``bnb_compute_dtype``, ``bnb_block_size`` (4-bit),
-    optional ``ignore`` (module names kept in float; transformers also keeps the output head in float).
-    The input model is not modified. Unquantized parts keep the model's dtype.
+    optional ``ignore`` (module names kept in float; transformers also keeps the output head in float when
+    ``ignore`` is not given). Unquantized parts keep the model's dtype.
+
+    The steps are those of ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` on a float
+    checkpoint, driven on the already-loaded model: the quantizer's ``preprocess_model`` swaps each linear for
+    an empty (meta) ``Linear4bit``/``Linear8bitLt`` (``replace_with_bnb_linear``), its quantize operation
+    (``Bnb4bitQuantize``/``Bnb8bitQuantize``) turns each original float weight into ``Params4bit``/
+    ``Int8Params``, and ``postprocess_model`` sets ``config.quantization_config``; ``model.hf_quantizer`` is
+    set as ``from_pretrained`` sets it. So ``save_pretrained`` writes transformers' bitsandbytes serialization.
+    No temporary folder, no second copy of the model: each original layer is dropped once converted (or kept
+    in ``rollback``, see :class:`.rollback.Rollback`, to be put back if a later one fails).
     """
     try:
         import bitsandbytes  # noqa: F401
@@ -99,17 +142,46 @@ def quantize_bnb(model, config):
     bnb_config = bnb_config_from(config, model)
     device = _model_device(model)
     block_size = int(getattr(config, "bnb_block_size", DEFAULT_BLOCK_SIZE))
-    with tempfile.TemporaryDirectory(prefix="hfcompress-bnb-") as tmp:
-        model.save_pretrained(tmp)
-        quantized = type(model).from_pretrained(tmp, quantization_config=bnb_config, dtype=model.dtype,
-                                                device_map={"": str(device)})
+    quantizer = make_quantizer(bnb_config, device)
+    was_training = model.training
+    originals = {name: module for name, module in model.named_modules() if name and _is_linear(module)}
+    rollback.on_undo(lambda: _remove_quantization(model, quantizer))
+    quantizer.preprocess_model(model, dtype=model.dtype, device_map={"": str(device)})  # meta bnb modules
+    converted = [name for name, module in model.named_modules() if is_bnb_linear(module)]
+    for name in converted:
+        rollback.replaced(name, originals[name])
+    convert = quantizer.get_quantize_ops()
+    for name in converted:
+        module, source = model.get_submodule(name), originals.pop(name)  # the original is freed once done
+        if bnb_config.load_in_4bit:
+            # transformers always uses bitsandbytes' default block size; the quantize op builds Params4bit
+            # from the empty parameter's attributes, so setting it there is all it takes.
+            module.weight.blocksize = block_size
+        key = f"{name}.weight"
+        # The op transposes GPT-2's Conv1D weights itself (module.source_cls).
+        module.weight = convert.convert({key: source.weight.detach()}, model=model, full_layer_name=key)[key]
+        if source.bias is not None:
+            module.bias = torch.nn.Parameter(source.bias.detach(), requires_grad=False)
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
     if bnb_config.load_in_4bit:
-        if block_size != DEFAULT_BLOCK_SIZE:
-            _requantize_4bit(quantized, model, block_size)
-        _check_cpu_4bit_shapes(quantized, block_size)
-        _keep_4bit_serializable(quantized)
-    quantized.eval()
-    return quantized
+        _check_cpu_4bit_shapes(model, block_size)
+        _keep_4bit_serializable(model)
+    model.train(was_training)  # the new modules are created in training mode (LLM.int8 behaves differently)
+    return model
+
+
+def _remove_quantization(model, quantizer) -> None:
+    """Undo what the quantizer's pre/postprocessing set on ``model`` (the layers are put back by the caller)."""
+    quantizer.remove_quantization_config(model)
+    for owner, attribute in ((model, "is_loaded_in_4bit"), (model, "is_loaded_in_8bit"),
+                             (model.config, "_is_quantized")):
+        if attribute in vars(owner):
+            delattr(owner, attribute)
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def _keep_4bit_serializable(model) -> None:
@@ -146,27 +218,3 @@ def _check_cpu_4bit_shapes(model, block_size: int) -> None:
                 f"bitsandbytes' CPU 4-bit kernel cannot run layer {name!r} ({module.out_features}x"
                 f"{module.in_features}): it needs out_features % 32 == 0 and in_features % bnb_block_size "
                 f"({block_size}) == 0; add {name!r} to ignore or use another block size")
-
-
-def _requantize_4bit(quantized, source, block_size: int) -> None:
-    """Re-quantize every Linear4bit from the source model's float weight with another block size.
-
-    transformers creates ``Params4bit`` with bitsandbytes' default block size and offers no option for it,
-    so we rebuild each weight with the public ``Params4bit`` API; the block size travels in the serialized
-    quant_state, so save/reload keeps it.
-    """
-    import bitsandbytes as bnb
-
-    for name, module in quantized.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        source_module = source.get_submodule(name)
-        float_weight = source_module.weight.data
-        if type(source_module).__name__ == "Conv1D":  # GPT-2 style (in, out) weights
-            float_weight = float_weight.t()
-        old = module.weight
-        module.weight = bnb.nn.Params4bit(
-            float_weight.detach().clone(), requires_grad=False, blocksize=block_size,
-            compress_statistics=old.compress_statistics, quant_type=old.quant_type,
-            quant_storage=old.quant_storage, module=module,
-        ).to(old.device)

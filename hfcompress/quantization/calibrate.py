@@ -13,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..core.data import check_block_size, load_texts, pack_blocks
+from ..core.data import check_block_size, load_texts, pack_stream, token_stream
 from ..core.errors import ConfigError, DataError
 from . import primitives as P
 
@@ -31,13 +33,22 @@ CALIBRATION_BATCH = 8  # sequences per forward pass while calibrating
 # --------------------------------------------------------------------------------------------------------
 # Calibration data -> (N, T) token ids
 # --------------------------------------------------------------------------------------------------------
+MIN_CALIBRATION_TOKENS = 128  # below this, input statistics are mostly noise: refused (see calibration_blocks)
+
+
 def calibration_blocks(data, tokenizer, num_samples: int, seq_len: int, seed: int = 0,
                        model_config=None) -> torch.Tensor:
-    """``num_samples`` sequences of ``seq_len`` tokens -> LongTensor (num_samples, seq_len).
+    """Calibration data -> LongTensor (N, T): ``num_samples`` sequences of ``seq_len`` tokens when the data
+    holds that many tokens, else all of it (with a warning).
 
     ``data`` is a pre-tokenized LongTensor (N, T) (its first ``num_samples`` rows are used), or any text
     source of :func:`hfcompress.core.data.load_texts` (a list of strings, a ``datasets.Dataset``, ``"stdlib"``,
-    a path...), packed into blocks from which ``num_samples`` are drawn with ``seed``.
+    a path...). Texts are samples: they are concatenated (EOS between them) and cut into sequences, so a list
+    of short sentences is used whole rather than refused for not filling ``num_samples`` sequences. With
+    enough text, ``num_samples`` of the ``seq_len``-token blocks are drawn with ``seed``. With less, every
+    token is used: the stream is cut into ``ceil(tokens / seq_len)`` equal sequences of at most ``seq_len``
+    tokens (no padding, at most a few tokens of tail dropped) and a warning says how much was asked and found.
+    Fewer than :data:`MIN_CALIBRATION_TOKENS` tokens in all is refused.
     """
     if model_config is not None:
         check_block_size(seq_len, model_config)
@@ -47,15 +58,16 @@ def calibration_blocks(data, tokenizer, num_samples: int, seq_len: int, seed: in
                             f"got {tuple(data.shape)} {data.dtype}")
         if data.shape[1] < 2:
             raise DataError(f"calibration sequences must hold at least 2 tokens, got {data.shape[1]}")
-        if data.shape[0] < num_samples:
-            raise DataError(f"calibration data holds {data.shape[0]} sequences but num_samples={num_samples}; "
-                            f"pass more sequences or lower num_samples")
         if model_config is not None:
             check_block_size(data.shape[1], model_config)
             vocab = getattr(model_config, "vocab_size", None)
             if vocab is not None and (data.min() < 0 or data.max() >= vocab):
                 raise DataError(f"calibration token ids must be in [0, {vocab}) (the model's vocab_size), "
                                 f"got ids in [{int(data.min())}, {int(data.max())}]")
+        _check_enough(data.numel(), f"{data.shape[0]} sequences of {data.shape[1]} tokens")
+        if data.shape[0] < num_samples:
+            _warn_fewer(data.numel(), num_samples, data.shape[1],
+                        f"using all {data.shape[0]} sequences of {data.shape[1]} tokens")
         return data[:num_samples].long()
     if tokenizer is None:
         raise DataError("text calibration data needs a tokenizer: pass tokenizer=... to quantize(), "
@@ -68,7 +80,8 @@ def calibration_blocks(data, tokenizer, num_samples: int, seq_len: int, seed: in
     # Tokenize only what is needed: documents in a seeded random order until they hold (generously, at
     # >= 1 character per token) enough tokens, growing the pool if they still fall short.
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    budget = 8 * num_samples * seq_len
+    wanted = num_samples * seq_len
+    budget = 8 * wanted
     while True:
         chosen, chars = [], 0
         for i in order:
@@ -76,15 +89,33 @@ def calibration_blocks(data, tokenizer, num_samples: int, seq_len: int, seed: in
             chars += len(texts[i])
             if chars >= budget:
                 break
-        blocks = pack_blocks(chosen, tokenizer, seq_len)  # (M, seq_len); raises on too-short text
-        if blocks.shape[0] >= num_samples or len(chosen) == len(texts):
+        stream = token_stream(chosen, tokenizer)  # (tokens,), EOS between documents
+        if stream.numel() >= wanted or len(chosen) == len(texts):
             break
         budget *= 4
-    if blocks.shape[0] < num_samples:
-        raise DataError(f"calibration data holds only {blocks.shape[0]} sequences of {seq_len} tokens but "
-                        f"num_samples={num_samples}; pass more text or lower num_samples/seq_len")
-    order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return blocks[order]
+    if stream.numel() >= wanted:
+        blocks = pack_stream(stream, seq_len)  # (M >= num_samples, seq_len)
+        order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples]
+        return blocks[order]
+    tokens = stream.numel()
+    _check_enough(tokens, f"{len(texts)} text(s)")
+    count = math.ceil(tokens / seq_len)  # <= num_samples, since tokens < num_samples * seq_len
+    length = tokens // count  # <= seq_len; drops fewer than ``count`` tokens
+    _warn_fewer(tokens, num_samples, seq_len, f"using {count} sequence(s) of {length} tokens")
+    return stream[:count * length].view(count, length)
+
+
+def _check_enough(tokens: int, what: str) -> None:
+    if tokens < MIN_CALIBRATION_TOKENS:
+        raise DataError(f"calibration data holds only {tokens} tokens ({what}); at least "
+                        f"{MIN_CALIBRATION_TOKENS} are needed to estimate a layer's input statistics: pass more "
+                        f"text (e.g. calibration_data='stdlib')")
+
+
+def _warn_fewer(tokens: int, num_samples: int, seq_len: int, using: str) -> None:
+    warnings.warn(f"calibration data holds {tokens} tokens, fewer than the {num_samples} x {seq_len} = "
+                  f"{num_samples * seq_len} asked (num_samples x seq_len); {using}. Pass more text for steadier "
+                  f"statistics, or lower num_samples/seq_len to silence this", UserWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -70,7 +70,10 @@ class QuantizationConfig:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"], metadata={"help": (
         "module names to leave unquantized: an exact name, a name suffix after a dot ('lm_head' matches "
         "'model.lm_head'), or a regular expression prefixed with 're:'")})
-    num_samples: int = field(default=128, metadata={"help": "calibration sequences"})
+    num_samples: int = field(default=128, metadata={"help": (
+        "calibration sequences of seq_len tokens. Texts are concatenated and cut into sequences; data holding "
+        "fewer than num_samples x seq_len tokens is used whole, with a warning (fewer than 128 tokens in all "
+        "is refused)")})
     seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
     damp: float = field(default=0.01, metadata={"help": (
         "GPTQ dampening, as a fraction of the mean Hessian diagonal added to the diagonal")})
@@ -167,6 +170,14 @@ class QuantizationConfig:
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                     for f in dataclasses.fields(self)}
         return [name for name, default in defaults.items() if name != "method" and getattr(self, name) != default]
+    @property
+    def weight_bits(self) -> int:
+        """Bits per weight the method stores (``bits`` only means this for rtn/gptq/awq)."""
+        if self.method == "cast":
+            return 16
+        if self.method in BNB_METHODS:
+            return 8 if self.method == "bnb_int8" else 4
+        return self.bits
 
     def to_dict(self) -> dict:
         """``method`` and the fields it reads (what the card and config.json record)."""

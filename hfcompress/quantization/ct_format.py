@@ -9,7 +9,8 @@ Layout of the config (validated by compressed-tensors' own pydantic classes):
 * ``format = "pack-quantized"``, ``quantization_status = "compressed"``;
 * one config group per distinct weight scheme (bits, strategy, group size, symmetry). The scheme used by
   the most layers targets the class ``"Linear"``; each other one (e.g. layers that fell back to a smaller
-  group size or per-channel) lists its layers by exact name, which compressed-tensors matches first;
+  group size or per-channel) lists its layers by exact name, which compressed-tensors matches first. Those
+  groups come before the ``"Linear"`` one, so that loading matches every target and warns about none;
 * ``ignore`` lists, by exact name, every ``nn.Linear`` left in floating point (``lm_head``...).
 
 Asymmetric zero points: compressed-tensors' compressor packs them along the output dimension into
@@ -89,14 +90,22 @@ def quantization_config(model: nn.Module, actorder: bool = False) -> dict:
         raise ValueError("the model has no CompressedLinear layers")
     ordered = sorted(schemes.items(), key=lambda item: -len(item[1]))  # most used scheme first
     groups = {}
-    for index, ((bits, group_size, symmetric), names) in enumerate(ordered):
+    # The groups that name their layers come first and the class-wide "Linear" group last: compressed-tensors
+    # gives each layer the most specific target that matches it whatever the order, but while loading it
+    # marks, per layer, only the *first* target in config order that matches as used, and warns "Could not
+    # match `<name>`" for every target never marked (utils/match.py, match_named_modules). With "Linear"
+    # first, every named layer is claimed by "Linear" and each name warns once on every plain load.
+    # config.json is written with sorted keys: the names must sort in this order too.
+    width = len(str(len(ordered) - 1))
+    for position, index in enumerate([*range(1, len(ordered)), 0]):
+        (bits, group_size, symmetric), names = ordered[index]
         args = QuantizationArgs(
             num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
             strategy="channel" if group_size is None else "group", group_size=group_size,
             actorder="weight" if actorder and group_size is not None else None,
         )
         targets = ["Linear"] if index == 0 else names
-        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, format=FORMAT)
+        groups[f"group_{position:0{width}d}"] = QuantizationScheme(targets=targets, weights=args, format=FORMAT)
     config = QuantizationConfig(config_groups=groups, format=FORMAT, quantization_status="compressed",
                                 ignore=ignore)
     data = config.model_dump()

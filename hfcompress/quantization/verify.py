@@ -12,6 +12,9 @@ Checks, in order:
    the quant_state; for LLM.int8 an int8 (N, K) weight and its ``SCB``; plain tensors match the skeleton.
    Tensors nobody expects are reported too.
 3. values: scales finite and > 0 (bitsandbytes absmax >= 0); with ``deep=True`` every float tensor finite.
+4. claims (:func:`check_claims`): what the model card (README.md) and config.json say about quantization
+   matches the tensors: a folder that says it is quantized stores quantized weights, quantized weights come
+   with a ``quantization_config``, and the layer count of the coverage line is the count stored.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def verify_checkpoint(path: str | os.PathLike, deep: bool = True) -> VerifyRepor
         return report
     report.num_files = len({info.file for info in infos.values()})
     report.num_tensors = len(infos)
+    check_claims(folder, config, infos, report)
 
     model = _skeleton(folder, config, report)
     with TensorReader(infos) as reader:
@@ -358,3 +362,82 @@ def _itemsize(info: TensorInfo) -> int:
     from .checkpoint import SAFETENSORS_DTYPES
 
     return SAFETENSORS_DTYPES[info.dtype][0]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Claims: what the card and config.json say against what the tensors are
+# ------------------------------------------------------------------------------------------------------
+_COVERAGE_LINE = r"\*\*Coverage:\*\* (\d+) of (\d+) linear weights quantized"
+
+
+def stored_quantized_modules(infos: dict[str, TensorInfo]) -> list[str]:
+    """Modules whose weight is stored quantized: a compressed-tensors ``weight_packed``, or a ``weight`` of a
+    non-float dtype (bitsandbytes' packed uint8 / int8, compressed-tensors' int8 or fp8)."""
+    names = set()
+    for name, info in infos.items():
+        if name.endswith(".weight_packed"):
+            names.add(name.removesuffix(".weight_packed"))
+        elif name.endswith(".weight") and info.dtype not in FLOAT_TAGS:
+            names.add(name.removesuffix(".weight"))
+    return sorted(names)
+
+
+def card_claims(folder: Path) -> dict:
+    """What README.md says: ``{"quantized": bool, "why": str, "count": int | None}`` (count from the
+    "**Coverage:** N of M linear weights quantized" line hfcompress writes); empty without a card."""
+    import re
+
+    import yaml
+
+    path = folder / "README.md"
+    if not path.is_file():
+        return {}
+    text = path.read_text(errors="replace")
+    tags = []
+    if text.startswith("---"):
+        front, _, _ = text[3:].partition("\n---")
+        try:
+            meta = yaml.safe_load(front) or {}
+            tags = [str(t) for t in (meta.get("tags") or [])] if isinstance(meta, dict) else []
+        except yaml.YAMLError:
+            tags = []
+    coverage = re.search(_COVERAGE_LINE, text)
+    count = int(coverage.group(1)) if coverage else None
+    if coverage and count > 0:
+        return {"quantized": True, "why": f"its coverage line says {coverage.group(0).split('** ', 1)[1]}",
+                "count": count}
+    if "quantized" in tags:
+        return {"quantized": True, "why": "it is tagged 'quantized'", "count": count}
+    return {"quantized": False, "why": "", "count": count}
+
+
+def check_claims(folder: Path, config: dict, infos: dict[str, TensorInfo], report: VerifyReport) -> None:
+    """Append a problem for every way the card or config.json misstates the tensors (see the module docstring)."""
+    stored = stored_quantized_modules(infos)
+    floats = sorted({info.dtype for n, info in infos.items() if n.endswith(".weight") and info.dtype in FLOAT_TAGS})
+    qconfig = config.get("quantization_config")
+    card = card_claims(folder)
+    if card.get("quantized") and not stored:
+        report.problems.append(f"README.md says the model is quantized ({card['why']}), but no weight in the "
+                               f"checkpoint is: every weight tensor is floating point ({'/'.join(floats) or '-'})")
+    if qconfig and not stored:
+        report.problems.append(f"config.json has a quantization_config (quant_method "
+                               f"{qconfig.get('quant_method')!r}), but no weight in the checkpoint is quantized: every "
+                               f"weight tensor is floating point ({'/'.join(floats) or '-'})")
+    if stored and not qconfig:
+        example = next(n for n in infos if n.startswith(stored[0] + ".weight"))
+        report.problems.append(f"{len(stored)} weight(s) are stored quantized (e.g. {example!r}, "
+                               f"{infos[example].dtype}) but config.json has no quantization_config, so "
+                               f"transformers would not load them as quantized")
+    claimed = ((config.get("hfcompress") or {}).get("coverage") or {}).get("quantized")
+    if isinstance(claimed, list) and stored and set(claimed) != set(stored):
+        missing = sorted(set(claimed) - set(stored))
+        extra = sorted(set(stored) - set(claimed))
+        detail = "; ".join(part for part in (
+            f"said quantized but stored in float: {', '.join(missing[:5])}" if missing else "",
+            f"stored quantized but not listed: {', '.join(extra[:5])}" if extra else "") if part)
+        report.problems.append(f"config.json's hfcompress.coverage lists {len(claimed)} quantized linear weights, "
+                               f"the checkpoint stores {len(stored)} ({detail})")
+    if card.get("count") is not None and stored and card["count"] != len(stored):
+        report.problems.append(f"README.md says {card['count']} linear weights are quantized, the checkpoint "
+                               f"stores {len(stored)} quantized weights")

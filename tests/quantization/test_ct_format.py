@@ -87,7 +87,8 @@ def test_quantization_config_validates_in_compressed_tensors_and_transformers(ti
     parsed = CTConfig.model_validate(data)
     assert parsed.format == "pack-quantized" and parsed.quantization_status == "compressed"
     assert parsed.ignore == ["lm_head"]
-    assert parsed.config_groups["group_1"].targets == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert parsed.config_groups["group_0"].targets == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert parsed.config_groups["group_1"].targets == ["Linear"]  # last: see ct_format.quantization_config
     assert CompressedTensorsConfig.from_dict(data).quantization_config.config_groups.keys() == {"group_0", "group_1"}
 
 

@@ -3,6 +3,7 @@ size, and save -> plain ``from_pretrained`` reload in a process that never impor
 
 from __future__ import annotations
 
+import copy
 import json
 import textwrap
 from types import SimpleNamespace
@@ -52,7 +53,7 @@ def test_int8_layer_within_bound_and_threshold_keeps_outliers(model):
     x[:, 7] = 40.0  # an outlier feature column, as LLM.int8 observed in large models
     errors = {}
     for threshold in (0.0, 6.0):
-        quantized = quantize_bnb(model, bnb_config("bnb_int8", bnb_threshold=threshold))
+        quantized = quantize_bnb(copy.deepcopy(model), bnb_config("bnb_int8", bnb_threshold=threshold))
         _, layer = layer_pair(model, quantized)
         assert isinstance(layer, bnb.nn.Linear8bitLt)
         with torch.no_grad():
@@ -71,7 +72,7 @@ def test_4bit_layer_within_bound(model, method, block_size):
     """Blockwise 4-bit (QLoRA, Dettmers et al. 2023): each block of ``block_size`` consecutive weights
     (row-major) is divided by its absmax and rounded to the nearest code of the data type's table, so
     |dw| <= absmax_block * (largest gap between codes) / 2. No double quantization here: absmax exact."""
-    quantized = quantize_bnb(model, bnb_config(method, bnb_double_quant=False, bnb_compute_dtype="float32",
+    quantized = quantize_bnb(copy.deepcopy(model), bnb_config(method, bnb_double_quant=False, bnb_compute_dtype="float32",
                                                bnb_block_size=block_size))
     float_layer, layer = layer_pair(model, quantized)
     assert isinstance(layer, bnb.nn.Linear4bit)
@@ -101,7 +102,7 @@ def test_save_and_plain_reload_without_hfcompress(tmp_path, model):
     }
     expected = {}
     for name, config in cases.items():  # forward first: bitsandbytes' CPU repacking must not leak into the file
-        quantized = quantize_bnb(model, config)
+        quantized = quantize_bnb(copy.deepcopy(model), config)
         with torch.no_grad():
             expected[name] = quantized(tokens).logits
         save_checkpoint(quantized, tmp_path / name)
@@ -137,12 +138,12 @@ def test_save_and_plain_reload_without_hfcompress(tmp_path, model):
 
 
 def test_ignore_patterns_keep_modules_float(model):
-    quantized = quantize_bnb(model, bnb_config("bnb_int8", ignore=["re:.*\\.0\\.mlp\\..*", "lm_head"]))
+    quantized = quantize_bnb(copy.deepcopy(model), bnb_config("bnb_int8", ignore=["re:.*\\.0\\.mlp\\..*", "lm_head"]))
     assert type(quantized.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert isinstance(quantized.model.layers[1].mlp.up_proj, bnb.nn.Linear8bitLt)
     assert type(quantized.lm_head) is torch.nn.Linear
     # ignore=[] is explicit: the output head is quantized too
-    everything = quantize_bnb(model, bnb_config("bnb_int8", ignore=[]))
+    everything = quantize_bnb(copy.deepcopy(model), bnb_config("bnb_int8", ignore=[]))
     assert isinstance(everything.lm_head, bnb.nn.Linear8bitLt)
 
 
@@ -154,7 +155,7 @@ def test_ignore_patterns_keep_modules_float(model):
 ])
 def test_config_errors(model, config, match):
     with pytest.raises(ConfigError, match=match):
-        quantize_bnb(model, config)
+        quantize_bnb(copy.deepcopy(model), config)
 
 
 def test_cpu_kernel_shape_error_names_layer():
@@ -170,7 +171,7 @@ def test_save_refuses_layers_repacked_by_bitsandbytes(tmp_path, model):
     0.50): save_checkpoint refuses instead of writing a corrupted checkpoint."""
     from hfcompress.core.errors import HFCompressError
 
-    quantized = quantize_bnb(model, bnb_config("bnb_nf4", bnb_double_quant=False, bnb_compute_dtype="float32"))
+    quantized = quantize_bnb(copy.deepcopy(model), bnb_config("bnb_nf4", bnb_double_quant=False, bnb_compute_dtype="float32"))
     layer = quantized.model.layers[0].mlp.up_proj
     if not hasattr(layer, "support_avx512bf16_for_cpu"):
         pytest.skip("this bitsandbytes has no CPU repacking")

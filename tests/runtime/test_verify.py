@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -153,9 +154,9 @@ def test_bitsandbytes_checkpoints(tmp_path):
     from hfcompress.quantization.bnb import quantize_bnb
 
     model = small_llama(hidden=128, intermediate=256)
-    nf4 = save_checkpoint(quantize_bnb(model, SimpleNamespace(method="bnb_nf4", bnb_double_quant=False)),
+    nf4 = save_checkpoint(quantize_bnb(copy.deepcopy(model), SimpleNamespace(method="bnb_nf4", bnb_double_quant=False)),
                           tmp_path / "nf4")
-    int8 = save_checkpoint(quantize_bnb(model, SimpleNamespace(method="bnb_int8")), tmp_path / "int8")
+    int8 = save_checkpoint(quantize_bnb(copy.deepcopy(model), SimpleNamespace(method="bnb_int8")), tmp_path / "int8")
     for path in (nf4, int8):
         report = verify_checkpoint(path)
         assert report.ok and report.kind == "bitsandbytes" and report.quantized_modules == 14, report.summary()
