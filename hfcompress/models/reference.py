@@ -13,8 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from ..core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+COMPLETION_MARKER = "reference_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -199,30 +198,34 @@ def train_reference(size: str, output_dir: Path, progress: bool = True) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    (output_dir / "reference_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # Written last: its presence marks a finished cache (reference_model checks it before reusing one).
+    (output_dir / COMPLETION_MARKER).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
 def reference_model(size: str = "small", force: bool = False, progress: bool = True) -> Path:
     """Path of the cached reference teacher of ``size``, training it first if needed.
 
-    The folder is written atomically (trained into a temporary sibling, then renamed), so an interrupted
-    run never leaves a half-written cache behind.
+    The folder is written atomically (:func:`hfcompress.core.atomic.atomic_folder`: trained into a staging
+    sibling, ``reference_metrics.json`` written last, then renamed), so a cache is either complete or absent.
+    A training killed part-way is not resumed: the next call says so in the log and starts again from step 0.
     """
-    _spec(size)
+    from ..core.atomic import atomic_folder, interrupted_saves
+
+    spec = _spec(size)
     target = reference_path(size)
-    if (target / "reference_metrics.json").is_file() and not force:
+    if (target / COMPLETION_MARKER).is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=target.parent))
-    try:
+    interrupted = interrupted_saves(target)
+    if interrupted:
+        logger.warning("an earlier training of reference %r was interrupted before it finished (left %s); "
+                       "training restarts from step 0 (%d steps)", size, interrupted[0].name, spec.steps)
+    elif target.exists():
+        logger.warning("%s has no %s (an incomplete cache); retraining reference %r", target, COMPLETION_MARKER,
+                       size)
+    with atomic_folder(target, overwrite=True) as scratch:
         metrics = train_reference(size, scratch, progress=progress)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(scratch, target)
-    finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
     logger.info("reference %s: validation perplexity %.2f (unigram %.1f) in %.0fs", size,
                 metrics["validation_perplexity"], metrics["unigram_validation_perplexity"],
                 metrics["train_seconds"])
@@ -230,5 +233,5 @@ def reference_model(size: str = "small", force: bool = False, progress: bool = T
 
 
 def reference_metrics(size: str) -> dict:
-    path = reference_path(size) / "reference_metrics.json"
+    path = reference_path(size) / COMPLETION_MARKER
     return json.loads(path.read_text()) if path.is_file() else {}
