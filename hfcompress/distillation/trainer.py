@@ -288,7 +288,7 @@ class DistillationTrainer(Trainer):
             return
         step = self.state.global_step + 1
         self._nonfinite_step = step
-        terms = ", ".join(f"{name}={float(value):.4g}" for name, value in parts.items())
+        terms = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in parts.items())
         raise NonFiniteLossError(
             f"the distillation loss is {float(loss):.4g} at step {step} of {self.state.max_steps} ({terms}): "
             f"training stopped and no final model was saved (checkpoints before step {step} are intact); lower "
