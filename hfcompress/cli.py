@@ -197,6 +197,12 @@ def cmd_kernels(args) -> int:
     return 0 if all(state == "loaded" for state in status.values()) else 1
 
 
+def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also load checkpoints whose weights are pickles (.bin/.pt), which can run code when "
+                             "loaded; only for checkpoints you trust (default: safetensors only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hfcompress", formatter_class=_Formatter,
@@ -232,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "transformers decompress them")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_allow_pickle(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", formatter_class=_Formatter, help="post-training quantization of a model")
@@ -242,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_allow_pickle(p)
     try:
         from .quantization.config import QuantizationConfig
 
@@ -262,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="run folder (default: the recipe's output_dir)")
     p.add_argument("--overwrite", action="store_true", help="delete a run folder of a different recipe first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_allow_pickle(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("push", formatter_class=_Formatter, help="upload a model folder to the Hugging Face Hub")
@@ -295,9 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["distill"]:
         # Everything after `distill` belongs to the distillation parser (argparse's REMAINDER would
         # otherwise swallow a leading option such as --help into the top-level parser).
-        args = argparse.Namespace(command="distill", func=cmd_distill, rest=argv[1:], verbose=False, quiet=False)
+        rest = [a for a in argv[1:] if a != "--allow-pickle"]
+        args = argparse.Namespace(command="distill", func=cmd_distill, rest=rest, verbose=False, quiet=False,
+                                  allow_pickle=len(rest) < len(argv) - 1)
     else:
         args = parser.parse_args(argv)
+    if getattr(args, "allow_pickle", False):
+        import os
+
+        from .models.loading import ALLOW_PICKLE_ENV
+
+        os.environ[ALLOW_PICKLE_ENV] = "1"  # read by load_model, here and in the subprocesses a run starts
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "quiet", False):

@@ -8,6 +8,13 @@ from pathlib import Path
 from ..core.errors import ModelLoadError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Weight formats that are Python pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ALLOW_PICKLE_ENV = "HFCOMPRESS_ALLOW_PICKLE"
+
+
+class UnsafeCheckpointError(ModelLoadError):
+    """A checkpoint stores its weights only as pickles, and pickles were not allowed."""
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -41,16 +48,55 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
     return name
 
 
-def load_model(name_or_path, *, trust_remote_code: bool = False, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``."""
+def pickle_allowed(allow_pickle: bool | None = None) -> bool:
+    """``allow_pickle`` when given, else the ``HFCOMPRESS_ALLOW_PICKLE`` environment variable (which the CLI's
+    ``--allow-pickle`` sets, so subprocesses such as recipe evaluations inherit it)."""
+    if allow_pickle is not None:
+        return bool(allow_pickle)
+    return os.environ.get(ALLOW_PICKLE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def safe_weights_kwargs(resolved: str, allow_pickle: bool | None = None, **kwargs) -> dict:
+    """``from_pretrained`` kwargs that read safetensors only, unless pickles are allowed.
+
+    A local folder whose weights exist only as pickles (``pytorch_model.bin``, ``*.pt``) is refused here with
+    the way out; a Hub id gets ``use_safetensors=True`` (transformers then refuses pickle-only repositories).
+    GGUF files are not pickles and are left alone.
+    """
+    if pickle_allowed(allow_pickle) or "gguf_file" in kwargs or "use_safetensors" in kwargs:
+        return {}
+    path = Path(resolved)
+    if not path.is_dir():
+        return {"use_safetensors": True}
+    names = [f.name for f in path.iterdir() if f.is_file()]
+    if any(name.endswith(".safetensors") for name in names):
+        return {"use_safetensors": True}
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and n != "training_args.bin")
+    if pickles:
+        raise UnsafeCheckpointError(
+            f"{resolved!r} stores its weights only as pickle files ({', '.join(pickles[:3])}), which can run code "
+            f"when loaded; hfcompress reads safetensors only. Convert it to safetensors, or if you trust it pass "
+            f"--allow-pickle (CLI) / allow_pickle=True (Python) / {ALLOW_PICKLE_ENV}=1")
+    return {}
+
+
+def load_model(name_or_path, *, trust_remote_code: bool = False, allow_pickle: bool | None = None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``.
+
+    Only safetensors weights are read unless ``allow_pickle`` (see :func:`safe_weights_kwargs`); remote code
+    runs only when the caller asks for it (``trust_remote_code``).
+    """
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(name_or_path)
+    safe = safe_weights_kwargs(resolved, allow_pickle, **kwargs)
     try:
-        return AutoModelForCausalLM.from_pretrained(resolved, trust_remote_code=trust_remote_code, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(resolved, trust_remote_code=trust_remote_code, **safe, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load a causal LM from {resolved!r}: {first_line}") from exc
+        hint = (" (only safetensors weights are read: if the repository has only pickle weights and you trust it, "
+                "pass --allow-pickle / allow_pickle=True)" if safe and "safetensors" in str(exc) else "")
+        raise ModelLoadError(f"could not load a causal LM from {resolved!r}: {first_line}{hint}") from exc
 
 
 def load_tokenizer(name_or_path, *, trust_remote_code: bool = False, **kwargs):
