@@ -136,3 +136,17 @@ def test_folder_without_manifest_verifies_with_a_note(tmp_path, tiny_llama, caps
     assert report.ok and any("integrity could not be checked" in note for note in report.notes)
     assert main(["verify", str(tmp_path / "plain")]) == 0
     assert "integrity could not be checked" in capsys.readouterr().out
+
+
+def test_manifest_describes_what_a_push_uploads(tmp_path):
+    """Hidden files (stage markers, staging folders) are not uploaded by a push, so not listed either."""
+    from hfcompress.jobs.hub import files_to_upload
+
+    with atomic_folder(tmp_path / "stage") as staged:
+        (staged / "config.json").write_text("{}")
+        (staged / ".stage.json").write_text("{}")
+        (staged / ".partial").mkdir()
+        (staged / ".partial" / "x").write_text("x")
+    listed = set(json.loads((tmp_path / "stage" / MANIFEST_FILE).read_text())["files"])
+    uploaded = {name for name, _ in files_to_upload(tmp_path / "stage")}
+    assert listed == {"config.json"} and uploaded == listed | {MANIFEST_FILE}

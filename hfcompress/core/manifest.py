@@ -25,9 +25,14 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def _files(folder: Path, skip_nested: bool = False) -> list[str]:
     """Relative POSIX paths of every regular file under ``folder`` (sorted; the manifest itself excluded).
-    ``skip_nested`` leaves out subfolders with a manifest of their own (a Trainer's ``checkpoint-*``)."""
+
+    Hidden files and folders (a stage's ``.stage.json`` marker, staging folders) are left out, as a Hub push
+    leaves them out: the manifest describes what is published. ``skip_nested`` also leaves out subfolders with
+    a manifest of their own (a Trainer's ``checkpoint-*``)."""
     names = []
     for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files = [f for f in files if not f.startswith(".")]
         if skip_nested:
             dirs[:] = [d for d in dirs if not (Path(root) / d / MANIFEST_FILE).exists()]
         dirs.sort()
