@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -290,7 +289,7 @@ class DistillationTrainer(Trainer):
         self._nonfinite_step = step
         terms = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in parts.items())
         raise NonFiniteLossError(
-            f"the distillation loss is {float(loss):.4g} at step {step} of {self.state.max_steps} ({terms}): "
+            f"the distillation loss is {float(loss.detach()):.4g} at step {step} of {self.state.max_steps} ({terms}): "
             f"training stopped and no final model was saved (checkpoints before step {step} are intact); lower "
             f"learning_rate, check the data, or train in bfloat16/float32 instead of float16")
 
