@@ -99,6 +99,7 @@ def quantize_parser():
     parser.add_argument("output", help="output folder (must not exist or be empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_allow_pickle(parser)
     return parser
 
 
@@ -157,6 +158,12 @@ def cmd_kernels(args) -> int:
     return 0 if all(state == "loaded" for state in status.values()) else 1
 
 
+def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also load checkpoints whose weights are pickles (.bin/.pt), which can run code when "
+                             "loaded; only for checkpoints you trust (default: safetensors only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hfcompress", formatter_class=_Formatter,
@@ -197,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerate device_map for plain checkpoints, e.g. auto (spreads layers over the GPUs)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_allow_pickle(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", formatter_class=_Formatter, add_help=False,
@@ -217,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="run folder (default: the recipe's output_dir)")
     p.add_argument("--overwrite", action="store_true", help="delete a run folder of a different recipe first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_allow_pickle(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("push", formatter_class=_Formatter, help="upload a model folder to the Hugging Face Hub")
@@ -252,9 +261,17 @@ def main(argv: list[str] | None = None) -> int:
         # needed (it imports transformers); argparse's REMAINDER would otherwise swallow a leading option such
         # as --help into the top-level parser.
         func = {"distill": cmd_distill, "quantize": cmd_quantize}[argv[0]]
-        args = argparse.Namespace(command=argv[0], func=func, rest=argv[1:], verbose=False, quiet=False)
+        rest = argv[1:] if argv[0] == "quantize" else [a for a in argv[1:] if a != "--allow-pickle"]
+        args = argparse.Namespace(command=argv[0], func=func, rest=rest, verbose=False, quiet=False,
+                                  allow_pickle="--allow-pickle" in argv[1:])
     else:
         args = parser.parse_args(argv)
+    if getattr(args, "allow_pickle", False):
+        import os
+
+        from .models.loading import ALLOW_PICKLE_ENV
+
+        os.environ[ALLOW_PICKLE_ENV] = "1"  # read by load_model, here and in the subprocesses a run starts
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "quiet", False):

@@ -65,7 +65,7 @@ def test_failed_stage_leaves_earlier_outputs_and_no_partial_folder(tmp_path, tin
         run_recipe(recipe, output=tmp_path / "run", progress=False)
     run_dir = tmp_path / "run"
     assert (run_dir / "00-quantize" / STAGE_MARKER).is_file()
-    assert not any(p.name.endswith(".partial") for p in run_dir.iterdir())
+    assert not any(p.name.endswith(".partial") or ".tmp-" in p.name for p in run_dir.iterdir())
     assert not (run_dir / "01-evaluate").exists()
 
 

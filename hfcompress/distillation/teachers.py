@@ -63,11 +63,24 @@ def load_teacher(teacher, init_kwargs: dict | None = None):
 
 
 def freeze(model):
-    """Eval mode (no dropout), no gradients: the teacher is a fixed function of the inputs."""
+    """Eval mode (no dropout), no gradients: the teacher is a fixed function of the inputs.
+
+    Only for teachers hfcompress owns (loaded from a path, or wrapped for sharding): a teacher object passed by
+    the caller is only put in eval mode (:func:`use_as_teacher`), so a student copied from it later still trains.
+    """
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+def use_as_teacher(teacher, owned: bool):
+    """The teacher in eval mode; its parameters' ``requires_grad`` is switched off only when ``owned``.
+
+    The teacher's forward runs under ``torch.no_grad`` either way, so leaving a caller's flags alone costs no
+    memory: no graph is recorded through it and no gradient reaches its parameters.
+    """
+    return freeze(teacher) if owned else teacher.eval()
 
 
 def prepare_teacher(teacher, accelerator):
@@ -82,7 +95,8 @@ def prepare_teacher(teacher, accelerator):
 
             return freeze(fsdp2_prepare_model(accelerator, teacher))
         logger.info("FSDP1: the teacher is replicated on every rank; use fsdp_version 2 to shard it")
-    return freeze(accelerator.prepare_model(teacher, evaluation_mode=True))
+    # No gradient ever reaches it (forward under no_grad); its requires_grad flags are the caller's.
+    return accelerator.prepare_model(teacher, evaluation_mode=True).eval()
 
 
 def _prepare_deepspeed_teacher(teacher, accelerator):

@@ -2,13 +2,18 @@
 
 What it overrides and why:
 
-* ``__init__`` loads/freezes/places the teacher, checks the vocabularies, builds the hidden-state
-  projections, and makes the Trainer count the step's predicted tokens (``num_items_in_batch``).
+* ``__init__`` loads/places the teacher (eval mode; a caller's teacher keeps its ``requires_grad`` flags),
+  checks the vocabularies and that the student can learn, builds the hidden-state projections, and makes
+  the Trainer count the step's predicted tokens (``num_items_in_batch``).
 * ``compute_loss`` runs both models and sums the losses of :mod:`hfcompress.distillation.losses` over the
   predicted tokens, divided by the step's token count (exact under gradient accumulation and DDP).
 * ``create_optimizer`` adds the projections as one more parameter group (so their optimizer state is
-  checkpointed and restored with the rest); ``train`` restores their weights on resume; a callback writes
-  them beside each checkpoint (never into the student).
+  checkpointed and restored with the rest); ``train`` restores their weights on resume; ``_save_checkpoint``
+  writes them beside each checkpoint (never into the student).
+* ``_save_checkpoint`` / ``save_model`` make every save atomic (:mod:`hfcompress.core.atomic`): a checkpoint
+  is staged in a hidden folder and renamed into place complete; the final model is moved in with
+  ``config.json`` last. ``compute_loss`` stops at the first NaN/Inf loss, naming the step; nothing is saved
+  after it.
 * ``log`` adds the per-loss components (``kd_loss``, ``ce_loss``, ``hidden_loss``: per-token means over
   the logging window, over all ranks).
 * ``prediction_step`` evaluates the loss only (the chunked loss never builds full logits to return).
@@ -20,12 +25,15 @@ import contextlib
 import inspect
 import logging
 import os
+import shutil
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..core.errors import ConfigError, DataError, ModelLoadError
+from ..core.atomic import publish, publish_files
+from ..core.errors import ConfigError, DataError, HFCompressError, ModelLoadError
 from .config import DistillationConfig
 from .hidden import (
     HiddenStateProjections,
@@ -46,13 +54,13 @@ from .losses import (
 )
 from .teachers import (
     check_vocabularies,
-    freeze,
     gathered_head,
     lm_head,
     load_teacher,
     prepare_teacher,
     teacher_tokenizer,
     unwrap,
+    use_as_teacher,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,11 +84,14 @@ def _student_head_unreadable(accelerator) -> bool:
                    "loss uses the models' full logits (as loss_chunk_size=0; more memory); use fsdp_version 2 for "
                    "the chunked loss")
     return True
+class NonFiniteLossError(HFCompressError):
+    """A training loss became NaN or infinite: training stops and no final model is saved."""
 
 
 class _ProjectionsCallback(TrainerCallback):
-    """Clears the projections' gradients after each optimizer step (the Trainer clears only the student's)
-    and writes the projections into each checkpoint folder, next to (not inside) the student."""
+    """Clears the projections' gradients after each optimizer step (the Trainer clears only the student's).
+    They are written into each checkpoint by ``DistillationTrainer._save_checkpoint``, next to (not inside)
+    the student."""
 
     def __init__(self, trainer: "DistillationTrainer"):
         self.trainer = trainer
@@ -88,10 +99,16 @@ class _ProjectionsCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.hidden_projections.zero_grad(set_to_none=True)
 
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):
-            save_projections(self.trainer.hidden_projections, folder)
+
+def check_trainable_student(student, teacher) -> None:
+    """A student that cannot learn fails here, in one line, instead of deep inside autograd at the first step."""
+    if student is teacher:
+        raise ConfigError("model (the student) and teacher_model are the same object; distil into a copy "
+                          "(copy.deepcopy(teacher) or make_student(teacher, ...))")
+    if not any(param.requires_grad for param in student.parameters()):
+        raise ConfigError(f"the student ({type(student).__name__}) has no trainable parameters: every parameter has "
+                          f"requires_grad=False (frozen, or copied from a frozen model); call "
+                          f"student.requires_grad_(True), or attach trainable adapters")
 
 
 class DistillationTrainer(Trainer):
@@ -118,7 +135,9 @@ class DistillationTrainer(Trainer):
             from ..core.pretrained import load_causal_lm
 
             model = load_causal_lm(model)
-        teacher = freeze(load_teacher(teacher_model, args.teacher_model_init_kwargs))
+        teacher = use_as_teacher(load_teacher(teacher_model, args.teacher_model_init_kwargs),
+                                 owned=not isinstance(teacher_model, torch.nn.Module))
+        check_trainable_student(model, teacher)
         # Before Trainer.__init__, which creates output_dir: a refused pair of models leaves nothing behind.
         vocab_rows = check_vocabularies(model, teacher, processing_class, teacher_tokenizer(teacher_model))
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
@@ -185,6 +204,7 @@ class DistillationTrainer(Trainer):
         return optimizer
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        self._remove_interrupted_checkpoints()
         projections = self.hidden_projections
         if resume_from_checkpoint and projections is not None and projections.has_parameters():
             folder = resume_from_checkpoint
@@ -199,6 +219,100 @@ class DistillationTrainer(Trainer):
                 logger.warning("%s has no hidden-state projections; they start from their initialisation", folder)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------------
+    # Saving: atomic checkpoints and final model; nothing saved after a non-finite loss
+    # ---------------------------------------------------------------------------------------------------
+    # A checkpoint is written by the Trainer into `.checkpoint-N.partial/checkpoint-N` (the Trainer builds its
+    # path from `_get_output_dir`, redirected here while it saves), completed with the projections, then
+    # published as `checkpoint-N` by one rename (hfcompress.core.atomic.publish). `get_last_checkpoint` only
+    # matches `checkpoint-<digits>`, so a checkpoint killed half-way is never the one a resume picks.
+    _staging_parent: str | None = None
+    _nonfinite_step: int | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_parent or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f".{name}.partial")  # the same path on every rank (rng_state_<rank>.pth)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_parent = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_parent = None
+        staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == Path(staging):  # the Trainer saw the staging path as the best one
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            if self.hidden_projections is not None and self.hidden_projections.has_parameters():
+                save_projections(self.hidden_projections, staged)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish(staged, final, overwrite=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student (and tokenizer) to ``output_dir``: staged in a hidden folder inside it, then moved
+        in with ``config.json`` last (:func:`hfcompress.core.atomic.publish_files`), so the folder's
+        ``checkpoint-*`` folders stay and it loads only once the whole new model is there. Refused after a
+        non-finite loss or with non-finite weights."""
+        if self._staging_parent is not None:  # inside _save_checkpoint: already writing into a staging folder
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        self._check_saveable()
+        folder = Path(output_dir or self.args.output_dir)
+        staged = folder / ".hfcompress-save.partial"  # the same path on every rank (collective saves)
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        super().save_model(str(staged), _internal_call=True)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_files(staged, folder)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _remove_interrupted_checkpoints(self) -> None:
+        """Staging folders of checkpoints a killed run did not finish (never resumed from: incomplete)."""
+        if self.args.should_save and os.path.isdir(self.args.output_dir):
+            for staging in Path(self.args.output_dir).glob(f".{PREFIX_CHECKPOINT_DIR}-*.partial"):
+                logger.warning("removing %s: a checkpoint interrupted while it was being written", staging)
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _check_saveable(self) -> None:
+        if self._nonfinite_step is not None:
+            raise NonFiniteLossError(f"not saving: the training loss became non-finite at step "
+                                     f"{self._nonfinite_step}, so this student is not a trained model; fix the run "
+                                     f"(see the error raised by train()) and train again")
+        for name, param in unwrap(self.model).named_parameters():
+            if param.numel() and not bool(torch.isfinite(param.detach()).all()):
+                raise NonFiniteLossError(f"not saving: the student's parameter {name!r} holds NaN/Inf values; "
+                                         f"lower learning_rate or enable max_grad_norm and train again")
+
+    def _check_finite_loss(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Stop at the first NaN/Inf training loss, naming the step and the loss term, before it reaches the
+        weights (the optimizer step of this batch never runs)."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        step = self.state.global_step + 1
+        self._nonfinite_step = step
+        terms = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in parts.items())
+        raise NonFiniteLossError(
+            f"the distillation loss is {float(loss.detach()):.4g} at step {step} of {self.state.max_steps} ({terms}): "
+            f"training stopped and no final model was saved (checkpoints before step {step} are intact); lower "
+            f"learning_rate, check the data, or train in bfloat16/float32 instead of float16")
 
     # ---------------------------------------------------------------------------------------------------
     # The loss
@@ -272,6 +386,8 @@ class DistillationTrainer(Trainer):
             total = total + args.hidden_weight * hidden
 
         loss = normalize(total, num_items_in_batch, mask.sum())
+        if model.training:
+            self._check_finite_loss(loss, {"kd_loss": kd, "ce_loss": ce, "hidden_loss": hidden})
         if num_items_in_batch is not None and args.average_tokens_across_devices:
             # num_items_in_batch counts all ranks' tokens while DDP averages gradients over ranks: scale back up.
             loss = loss * self.accelerator.num_processes

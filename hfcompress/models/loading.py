@@ -9,6 +9,13 @@ from ..core.errors import ModelLoadError
 from ..core.pretrained import load_auto_tokenizer, load_causal_lm
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+# Weight formats that are Python pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ALLOW_PICKLE_ENV = "HFCOMPRESS_ALLOW_PICKLE"
+
+
+class UnsafeCheckpointError(ModelLoadError):
+    """A checkpoint stores its weights only as pickles, and pickles were not allowed."""
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -70,11 +77,56 @@ def placement_kwargs(device=None, device_map=None) -> dict:
     return {} if resolved.type == "cpu" else {"device_map": str(resolved)}
 
 
-def load_model(name_or_path, *, trust_remote_code: bool = False, device=None, device_map=None, **kwargs):
+def pickle_allowed(allow_pickle: bool | None = None) -> bool:
+    """``allow_pickle`` when given, else the ``HFCOMPRESS_ALLOW_PICKLE`` environment variable (which the CLI's
+    ``--allow-pickle`` sets, so subprocesses such as recipe evaluations inherit it)."""
+    if allow_pickle is not None:
+        return bool(allow_pickle)
+    return os.environ.get(ALLOW_PICKLE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def safe_weights_kwargs(resolved: str, allow_pickle: bool | None = None, **kwargs) -> dict:
+    """``from_pretrained`` kwargs that read safetensors only, unless pickles are allowed.
+
+    A local folder whose weights exist only as pickles (``pytorch_model.bin``, ``*.pt``) is refused here with
+    the way out; a Hub id gets ``use_safetensors=True`` (transformers then refuses pickle-only repositories).
+    GGUF files are not pickles and are left alone.
+    """
+    if pickle_allowed(allow_pickle) or "gguf_file" in kwargs or "use_safetensors" in kwargs:
+        return {}
+    path = Path(resolved)
+    if not path.is_dir():
+        return {"use_safetensors": True}
+    names = [f.name for f in path.iterdir() if f.is_file()]
+    if any(name.endswith(".safetensors") for name in names):
+        return {"use_safetensors": True}
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and n != "training_args.bin")
+    if pickles:
+        raise UnsafeCheckpointError(
+            f"{resolved!r} stores its weights only as pickle files ({', '.join(pickles[:3])}), which can run code "
+            f"when loaded; hfcompress reads safetensors only. Convert it to safetensors, or if you trust it pass "
+            f"--allow-pickle (CLI) / allow_pickle=True (Python) / {ALLOW_PICKLE_ENV}=1")
+    return {}
+
+
+def load_model(name_or_path, *, trust_remote_code: bool = False, allow_pickle: bool | None = None, device=None,
+               device_map=None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``;
-    ``device`` / ``device_map`` place the weights (see :func:`placement_kwargs`)."""
+    ``device`` / ``device_map`` place the weights (see :func:`placement_kwargs`).
+
+    Only safetensors weights are read unless ``allow_pickle`` (see :func:`safe_weights_kwargs`); remote code
+    runs only when the caller asks for it (``trust_remote_code``).
+    """
+    resolved = resolve_model(name_or_path)
+    safe = safe_weights_kwargs(resolved, allow_pickle, **kwargs)
     kwargs.update(placement_kwargs(device, device_map))
-    return load_causal_lm(resolve_model(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        return load_causal_lm(resolved, trust_remote_code=trust_remote_code, **safe, **kwargs)
+    except ModelLoadError as exc:
+        if safe and "safetensors" in str(exc):
+            raise ModelLoadError(f"{exc} (only safetensors weights are read: if the repository has only pickle "
+                                 f"weights and you trust it, pass --allow-pickle / allow_pickle=True)") from exc
+        raise
 
 
 def load_tokenizer(name_or_path, *, trust_remote_code: bool = False, **kwargs):

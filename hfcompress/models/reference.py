@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from ..core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+COMPLETION_MARKER = "reference_metrics.json"
+RESUME_EVERY = 100  # steps between saved training states (seconds of training for the small/base teachers)
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,67 @@ def _lr_at(step: int, spec: ReferenceSpec) -> float:
     return spec.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_reference(size: str, output_dir: Path, progress: bool = True) -> dict:
-    """Train the tokenizer and teacher of ``size`` into ``output_dir``; returns the metrics written beside."""
+# --------------------------------------------------------------------------------------------------------
+# Resuming an interrupted training
+# --------------------------------------------------------------------------------------------------------
+def _json_spec(spec: ReferenceSpec) -> dict:
+    return json.loads(json.dumps(asdict(spec)))
+
+
+def save_training_state(folder: Path, spec: ReferenceSpec, next_step: int, model, optimizer,
+                        generator: torch.Generator, order: torch.Tensor, train_seconds: float) -> None:
+    """Everything the loop of :func:`train_reference` needs to continue exactly: weights, AdamW moments, the
+    data-order generator and permutation, and the next step (the tokenizer and blocks are deterministic).
+    Written atomically, as safetensors + JSON (no pickle)."""
+    from safetensors.torch import save_file
+
+    from ..core.atomic import atomic_folder
+
+    tensors = {f"model.{name}": value.detach().contiguous() for name, value in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).contiguous()
+    tensors["generator"], tensors["order"] = generator.get_state(), order.contiguous()
+    with atomic_folder(folder, overwrite=True, manifest=False) as staged:
+        save_file(tensors, str(staged / "state.safetensors"))
+        (staged / "progress.json").write_text(json.dumps({"spec": _json_spec(spec), "next_step": next_step,
+                                                          "train_seconds": train_seconds}) + "\n")
+
+
+def load_training_state(folder: Path, spec: ReferenceSpec, model, optimizer, generator: torch.Generator):
+    """Restore a state written by :func:`save_training_state` into ``model``/``optimizer``/``generator``;
+    returns ``(next_step, order, train_seconds)``, or None when there is none for this spec."""
+    from safetensors.torch import load_file
+
+    try:
+        progress = json.loads((folder / "progress.json").read_text())
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (OSError, ValueError) as exc:
+        if folder.exists():
+            logger.warning("ignoring the unreadable training state in %s (%s)", folder, exc)
+        return None
+    if progress.get("spec") != _json_spec(spec):
+        logger.warning("ignoring the training state in %s: it was written for another spec", folder)
+        return None
+    model.load_state_dict({name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")})
+    state = optimizer.state_dict()
+    state["state"] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state["state"].setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict(state)
+    generator.set_state(tensors["generator"])
+    return int(progress["next_step"]), tensors["order"], float(progress["train_seconds"])
+
+
+def train_reference(size: str, output_dir: Path, progress: bool = True, resume_dir: Path | None = None,
+                    save_every: int = 100) -> dict:
+    """Train the tokenizer and teacher of ``size`` into ``output_dir``; returns the metrics written beside.
+
+    With ``resume_dir``, the training state is saved there every ``save_every`` steps and, when one is found
+    at the start, training continues from it: the result is the same as an uninterrupted run's.
+    """
     from .evaluate import perplexity
 
     spec = _spec(size)
@@ -159,7 +219,15 @@ def train_reference(size: str, output_dir: Path, progress: bool = True) -> dict:
                                   weight_decay=0.1)
     generator = torch.Generator().manual_seed(spec.seed)
     order = torch.randperm(train_blocks.shape[0], generator=generator)
-    bar = tqdm(range(spec.steps), desc=f"training reference '{size}'", disable=not progress)
+    first_step, seconds_before = 0, 0.0
+    restored = load_training_state(resume_dir, spec, model, optimizer, generator) if resume_dir else None
+    if restored is not None:
+        first_step, order, seconds_before = restored
+        logger.warning("resuming the interrupted training of reference %r at step %d of %d", size, first_step,
+                       spec.steps)
+    started -= seconds_before
+    bar = tqdm(range(first_step, spec.steps), desc=f"training reference '{size}'", disable=not progress,
+               initial=first_step, total=spec.steps)
     loss_value = float("nan")
     for step in bar:
         start = (step * spec.batch_size) % order.numel()
@@ -177,6 +245,9 @@ def train_reference(size: str, output_dir: Path, progress: bool = True) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.3f}")
+        if resume_dir is not None and (step + 1) % save_every == 0 and step + 1 < spec.steps:
+            save_training_state(resume_dir, spec, step + 1, model, optimizer, generator, order,
+                                time.perf_counter() - started)
     train_seconds = time.perf_counter() - started
 
     model.eval()
@@ -199,30 +270,39 @@ def train_reference(size: str, output_dir: Path, progress: bool = True) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    (output_dir / "reference_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # Written last: its presence marks a finished cache (reference_model checks it before reusing one).
+    (output_dir / COMPLETION_MARKER).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
 def reference_model(size: str = "small", force: bool = False, progress: bool = True) -> Path:
     """Path of the cached reference teacher of ``size``, training it first if needed.
 
-    The folder is written atomically (trained into a temporary sibling, then renamed), so an interrupted
-    run never leaves a half-written cache behind.
+    The folder is written atomically (:func:`hfcompress.core.atomic.atomic_folder`: trained into a staging
+    sibling, ``reference_metrics.json`` written last, then renamed), so a cache is either complete or absent.
+    A training killed part-way resumes from its last saved state (every 100 steps, in a hidden ``.resume``
+    folder beside the cache) and says so in the log; ``force=True`` starts again from step 0.
     """
-    _spec(size)
+    from ..core.atomic import atomic_folder, interrupted_saves
+
+    spec = _spec(size)
     target = reference_path(size)
-    if (target / "reference_metrics.json").is_file() and not force:
+    if (target / COMPLETION_MARKER).is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=target.parent))
-    try:
-        metrics = train_reference(size, scratch, progress=progress)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(scratch, target)
-    finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
+    resume_dir = target.parent / f".{target.name}.resume"
+    if force:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    elif not resume_dir.exists() and interrupted_saves(target):
+        logger.warning("an earlier training of reference %r was interrupted before its first saved state; "
+                       "training restarts from step 0 (%d steps)", size, spec.steps)
+    elif target.exists() and not resume_dir.exists():
+        logger.warning("%s has no %s (an incomplete cache); retraining reference %r", target, COMPLETION_MARKER,
+                       size)
+    with atomic_folder(target, overwrite=True) as scratch:
+        metrics = train_reference(size, scratch, progress=progress, resume_dir=resume_dir,
+                                  save_every=RESUME_EVERY)
+    shutil.rmtree(resume_dir, ignore_errors=True)
     logger.info("reference %s: validation perplexity %.2f (unigram %.1f) in %.0fs", size,
                 metrics["validation_perplexity"], metrics["unigram_validation_perplexity"],
                 metrics["train_seconds"])
@@ -230,5 +310,5 @@ def reference_model(size: str = "small", force: bool = False, progress: bool = T
 
 
 def reference_metrics(size: str) -> dict:
-    path = reference_path(size) / "reference_metrics.json"
+    path = reference_path(size) / COMPLETION_MARKER
     return json.loads(path.read_text()) if path.is_file() else {}

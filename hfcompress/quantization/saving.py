@@ -1,34 +1,24 @@
 """Atomic, sharded checkpoint saving: everything hfcompress writes goes through ``save_checkpoint``.
 
 The model is written with its own ``save_pretrained`` (so quantized models use their format's serialization:
-compressed-tensors, bitsandbytes) into a temporary sibling folder, checked with :func:`verify_checkpoint`,
-and only then renamed into place. A failure at any step removes the temporary folder and leaves an existing
-destination untouched; readers never see a half-written checkpoint.
+compressed-tensors, bitsandbytes) into a staging folder beside the destination, checked with
+:func:`verify_checkpoint`, hashed into ``hfcompress-manifest.json`` and only then renamed into place
+(:func:`hfcompress.core.atomic.atomic_folder`). A failure or a kill at any step leaves an existing destination
+untouched; readers never see a half-written checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 
+from ..core.atomic import CheckpointExistsError, atomic_folder, check_destination
 from ..core.errors import HFCompressError
 
+__all__ = ["CheckpointExistsError", "save_checkpoint"]
+
 logger = logging.getLogger(__name__)
-
-
-class CheckpointExistsError(HFCompressError):
-    """The destination folder already holds files and overwrite was not requested."""
-
-
-def _check_destination(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointExistsError(f"cannot save to {str(out_dir)!r}: it is a file, not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointExistsError(f"{str(out_dir)!r} is not empty; choose another folder or pass overwrite=True "
-                                    "(--overwrite) to replace it")
 
 
 def _check_bnb_cpu_repacked(model) -> None:
@@ -75,14 +65,9 @@ def save_checkpoint(model, out_dir: str | os.PathLike, tokenizer=None, max_shard
             on the written folder before it is moved into place.
     """
     out_dir = Path(out_dir).expanduser().absolute()
-    _check_destination(out_dir, overwrite)
+    check_destination(out_dir, overwrite)
     _check_bnb_cpu_repacked(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling on the same filesystem, so the final rename is atomic.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    backup = None
-    try:
-        tmp.mkdir()
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -95,21 +80,5 @@ def save_checkpoint(model, out_dir: str | os.PathLike, tokenizer=None, max_shard
             if not report.ok:
                 raise HFCompressError(f"the checkpoint written for {out_dir.name!r} failed verification: "
                                       f"{report.problems[0]} ({len(report.problems)} problems)")
-        _check_destination(out_dir, overwrite)  # the folder may have been filled meanwhile
-        if out_dir.is_dir():
-            if any(out_dir.iterdir()):
-                backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-                out_dir.rename(backup)
-            else:
-                out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if backup is not None and backup.exists() and not out_dir.exists():
-            backup.rename(out_dir)  # put the previous checkpoint back
-            backup = None
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
     logger.info("saved checkpoint to %s", out_dir)
     return out_dir

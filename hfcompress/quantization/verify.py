@@ -15,6 +15,8 @@ Checks, in order:
 4. claims (:func:`check_claims`): what the model card (README.md) and config.json say about quantization
    matches the tensors: a folder that says it is quantized stores quantized weights, quantized weights come
    with a ``quantization_config``, and the layer count of the coverage line is the count stored.
+0. integrity (first): every file listed in ``hfcompress-manifest.json`` present with its saved size and, with
+   ``deep=True``, its saved SHA-256 (see :mod:`hfcompress.core.manifest`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def verify_checkpoint(path: str | os.PathLike, deep: bool = True) -> VerifyRepor
         report.problems.append(f"{str(folder)!r} is not a folder" if folder.exists()
                                else f"{str(folder)!r} does not exist")
         return report
+    _check_file_integrity(folder, deep, report)
     try:
         config = read_config(folder)
         report.kind = quant_method(config) or "plain"
@@ -118,6 +121,15 @@ def verify_checkpoint(path: str | os.PathLike, deep: bool = True) -> VerifyRepor
         if deep:
             _check_float_values(infos, reader, report)
     return report
+
+
+def _check_file_integrity(folder: Path, deep: bool, report: VerifyReport) -> None:
+    """Sizes (and with ``deep`` SHA-256 hashes) against ``hfcompress-manifest.json``, when the folder has one."""
+    from ..core.manifest import check_manifest
+
+    integrity = check_manifest(folder, hashes=deep)
+    report.problems += integrity.problems
+    report.notes += integrity.notes
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ Layout of a run folder::
       02-evaluate/results.json
       report.md, report.json, report.png
 
-A stage runs in a hidden scratch folder (``.02-evaluate.partial``) that replaces the final folder only after
-it succeeded, so an interrupted or failed stage never leaves a half-written output, never touches earlier
-stages, and simply restarts on the next run. A finished stage whose digest matches is skipped.
+A stage runs in a hidden staging folder beside its final one (:func:`hfcompress.core.atomic.atomic_folder`),
+whose files are hashed into ``hfcompress-manifest.json`` and which is renamed into place only after the stage
+succeeded and wrote its marker, so an interrupted or failed stage never leaves a half-written output, never
+touches earlier stages, and simply restarts on the next run. A finished stage whose digest matches is skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..core.atomic import atomic_folder, atomic_write_text
 from ..core.errors import ConfigError
 from .recipe import Recipe
 from ..jobs.stages import STAGE_KINDS, StageContext
@@ -59,9 +61,9 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool) -> None:
                         f"settings ({previous.get('recipe')!r}); choose another --output or pass --overwrite")
                 shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"recipe": recipe.name, "recipe_digest": recipe.digest(),
-                                  "recipe_path": recipe.path}, indent=2) + "\n")
-    (run_dir / "recipe.yaml").write_text(recipe.source)
+    atomic_write_text(marker, json.dumps({"recipe": recipe.name, "recipe_digest": recipe.digest(),
+                                          "recipe_path": recipe.path}, indent=2) + "\n")
+    atomic_write_text(run_dir / "recipe.yaml", recipe.source)
 
 
 def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, overwrite: bool = False,
@@ -94,26 +96,18 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, overwrit
             logger.info("stage %s already finished; skipping", stage.name)
             summary = json.loads(marker.read_text())
         else:
-            scratch = run_dir / f".{final.name}.partial"
-            if scratch.exists():
-                shutil.rmtree(scratch)
-            scratch.mkdir()
             default_input = produced[-1] if produced else ("model" if recipe.model else None)
-            context = StageContext(recipe=recipe, stage=stage, index=index, work_dir=scratch, run_dir=run_dir,
-                                   resolve=resolve, default_input=default_input, produced=list(produced),
-                                   progress=progress)
-            started = time.perf_counter()
-            try:
+            with atomic_folder(final, overwrite=True) as scratch:
+                context = StageContext(recipe=recipe, stage=stage, index=index, work_dir=scratch, run_dir=run_dir,
+                                       resolve=resolve, default_input=default_input, produced=list(produced),
+                                       progress=progress)
+                started = time.perf_counter()
                 result = STAGE_KINDS[stage.kind].run(context) or {}
-            except BaseException:
-                shutil.rmtree(scratch, ignore_errors=True)
-                raise
-            summary = {"stage": stage.name, "kind": stage.kind, "digest": stage.digest(), "index": index,
-                       "seconds": round(time.perf_counter() - started, 2), "settings": stage.raw, **result}
-            (scratch / STAGE_MARKER).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(scratch, final)
+                if "output" in result:  # the stage saw its staging folder; readers see the final one
+                    result["output"] = final.name
+                summary = {"stage": stage.name, "kind": stage.kind, "digest": stage.digest(), "index": index,
+                           "seconds": round(time.perf_counter() - started, 2), "settings": stage.raw, **result}
+                (scratch / STAGE_MARKER).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         outputs[stage.name] = final
         if STAGE_KINDS[stage.kind].produces_model:
             produced.append(stage.name)
