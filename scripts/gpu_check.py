@@ -458,7 +458,9 @@ def step_bnb(run: Run) -> dict:
     for method in ("bnb_int8", "bnb_nf4"):
         try:
             _reset_peak(run.device)
-            quantized = quantize(run.state["fp_model"], QuantizationConfig(method=method, bnb_compute_dtype="bfloat16"))
+            # quantize works in place: quantize a copy, the next steps still need the floating-point model
+            extra = {} if method == "bnb_int8" else {"bnb_compute_dtype": "bfloat16"}  # a 4-bit field only
+            quantized = quantize(copy.deepcopy(run.state["fp_model"]), QuantizationConfig(method=method, **extra))
             with torch.no_grad():
                 logits = quantized(tokens).logits
             speed = _speed(run, quantized, short=True)
