@@ -50,6 +50,39 @@ def yaml_problem(exc) -> str:
     return " ".join(str(text).split())
 
 
+def check_output_path(value, where: str, key: str, base: str | os.PathLike | None = None) -> None:
+    """``value`` must be a relative path that stays below ``base`` (default: the current folder), also after
+    following symbolic links; else a ConfigError naming ``key``."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: key {key!r} must be a non-empty relative path, got {value!r}")
+    path = Path(value).expanduser() if value.startswith("~") else Path(value)
+    if path.is_absolute() or value.startswith("~"):
+        raise ConfigError(f"{where}: key {key!r} is an absolute path ({value!r}); a recipe may only write below "
+                          f"the folder it is run from: use a relative path, or choose the folder when running it "
+                          f"(hfcompress run RECIPE --output DIR)")
+    if ".." in path.parts:
+        raise ConfigError(f"{where}: key {key!r} ({value!r}) climbs out of its folder with '..'; use a path "
+                          f"below it, or choose the folder when running it (--output DIR)")
+    root = Path(base or os.getcwd()).resolve()
+    if not (root / path).resolve().is_relative_to(root):
+        raise ConfigError(f"{where}: key {key!r} ({value!r}) leads outside {str(root)!r} through a symbolic link; "
+                          f"use a real folder, or choose the folder when running it (--output DIR)")
+
+
+def check_recipe_outputs(document: dict, where: str) -> None:
+    """The recipe as written (before the runner's own ``--set`` overrides) keeps its outputs in its run folder."""
+    if document.get("output_dir") is not None:
+        check_output_path(document["output_dir"], where, "output_dir")
+    stages = document.get("stages")
+    for index, entry in enumerate(stages if isinstance(stages, list) else []):
+        if isinstance(entry, dict) and len(entry) == 1:
+            kind, body = next(iter(entry.items()))
+            if isinstance(body, dict) and "output_dir" in body:
+                raise ConfigError(f"{where}: stage {index} ({kind}): key 'output_dir' cannot be set in a recipe: "
+                                  f"each stage writes into its own folder of the run ({index:02d}-<name>); "
+                                  f"remove the key")
+
+
 def read_config_file(path: str | os.PathLike, kind: str) -> dict:
     """The keys of a YAML file for one job, for ``--config FILE``.
 
@@ -68,6 +101,7 @@ def read_config_file(path: str | os.PathLike, kind: str) -> dict:
         raise ConfigError(f"{path} must hold a mapping of argument names to values (or a recipe)")
     if "stages" not in document:
         return document
+    check_recipe_outputs({"stages": document.get("stages")}, str(path))
     for stage in document.get("stages") or []:
         if isinstance(stage, dict) and kind in stage:
             values = {k: v for k, v in (stage[kind] or {}).items() if k not in COMMON_STAGE_KEYS}

@@ -42,10 +42,11 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
     from .hub import build_model_card
     from ..models.loading import load_model, load_tokenizer, resolve_model
     from ..quantization.api import quantize
-    from ..quantization.saving import _check_destination, save_checkpoint
+    from ..core.atomic import check_destination
+    from ..quantization.saving import save_checkpoint
 
     # Refuse what would fail at save time before the (long) load and quantization.
-    _check_destination(Path(out_dir).expanduser().absolute(), overwrite)
+    check_destination(Path(out_dir).expanduser().absolute(), overwrite)
     check_shard_size(max_shard_size)
     resolved = resolve_model(model_ref)
     tokenizer = load_tokenizer(resolved)

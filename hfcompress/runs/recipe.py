@@ -38,7 +38,13 @@ from pathlib import Path
 import yaml
 
 from ..core.errors import ConfigError
-from ..jobs.arguments import build_dataclasses, read_config_file, suggest, yaml_problem
+from ..jobs.arguments import (
+    build_dataclasses,
+    check_recipe_outputs,
+    read_config_file,
+    suggest,
+    yaml_problem,
+)
 
 TOP_LEVEL_KEYS = ("name", "description", "model", "output_dir", "stages")
 
@@ -116,39 +122,6 @@ def apply_overrides(document: dict, overrides: list[str]) -> dict:
 # --------------------------------------------------------------------------------------------------------
 # Output paths: a recipe writes only inside its run folder
 # --------------------------------------------------------------------------------------------------------
-def check_output_path(value, where: str, key: str, base: str | os.PathLike | None = None) -> None:
-    """``value`` must be a relative path that stays below ``base`` (default: the current folder), also after
-    following symbolic links; else a ConfigError naming ``key``."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: key {key!r} must be a non-empty relative path, got {value!r}")
-    path = Path(value).expanduser() if value.startswith("~") else Path(value)
-    if path.is_absolute() or value.startswith("~"):
-        raise ConfigError(f"{where}: key {key!r} is an absolute path ({value!r}); a recipe may only write below "
-                          f"the folder it is run from: use a relative path, or choose the folder when running it "
-                          f"(hfcompress run RECIPE --output DIR)")
-    if ".." in path.parts:
-        raise ConfigError(f"{where}: key {key!r} ({value!r}) climbs out of its folder with '..'; use a path "
-                          f"below it, or choose the folder when running it (--output DIR)")
-    root = Path(base or os.getcwd()).resolve()
-    if not (root / path).resolve().is_relative_to(root):
-        raise ConfigError(f"{where}: key {key!r} ({value!r}) leads outside {str(root)!r} through a symbolic link; "
-                          f"use a real folder, or choose the folder when running it (--output DIR)")
-
-
-def _check_recipe_outputs(document: dict, where: str) -> None:
-    """The recipe as written (before the runner's own ``--set`` overrides) keeps its outputs in its run folder."""
-    if document.get("output_dir") is not None:
-        check_output_path(document["output_dir"], where, "output_dir")
-    stages = document.get("stages")
-    for index, entry in enumerate(stages if isinstance(stages, list) else []):
-        if isinstance(entry, dict) and len(entry) == 1:
-            kind, body = next(iter(entry.items()))
-            if isinstance(body, dict) and "output_dir" in body:
-                raise ConfigError(f"{where}: stage {index} ({kind}): key 'output_dir' cannot be set in a recipe: "
-                                  f"each stage writes into its own folder of the run ({index:02d}-<name>); "
-                                  f"remove the key")
-
-
 # --------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------
@@ -158,7 +131,7 @@ def parse_recipe(document, overrides: list[str] | None = None, source: str = "",
     where = path or "recipe"
     if not isinstance(document, dict):
         raise ConfigError(f"{where}: a recipe must be a YAML mapping with a 'stages' list")
-    _check_recipe_outputs(document, where)
+    check_recipe_outputs(document, where)
     document = apply_overrides(document, overrides or [])
     for key in document:
         if key not in TOP_LEVEL_KEYS:

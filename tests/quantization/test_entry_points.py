@@ -157,8 +157,9 @@ def test_recipe_stage(tmp_path, method, tiny_reference_dir, calibration_file, re
     stage = {**CASES[method][0], "calibration_data": str(calibration_file)}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"name": "entry", "model": str(tiny_reference_dir),
-                                      "output_dir": str(tmp_path / "run"), "stages": [{"quantize": stage}]}))
-    run_dir = Path(run_recipe(load_recipe(recipe), progress=False))
+                                      "stages": [{"quantize": stage}]}))
+    # A recipe may only name a run folder below where it runs: this one is chosen as `hfcompress run --output` does.
+    run_dir = Path(run_recipe(load_recipe(recipe), output=tmp_path / "run", progress=False))
     [out] = [p.parent for p in run_dir.glob("*/config.json")]
     check_written(out, tiny_reference_dir, method, reference_logits(method))
 
