@@ -25,10 +25,6 @@
 //
 // Registered as the operator ``hfcompress::int8_gemv`` (see kernels.py for how it is built and used).
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,12 +33,11 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define HFC_X86 1
-#endif
+#include "common.h"
 
 namespace {
+
+using hfc::Isa;
 
 constexpr int kRows = 4;   // weight rows per block
 constexpr int kMaxM = 4;   // activation rows per pass
@@ -56,8 +51,6 @@ inline const char* prefetch_target(const int8_t* q, int64_t K, int64_t n0, int r
   const int64_t ahead = k + kPrefetch;
   return reinterpret_cast<const char*>(ahead < K ? q + (n0 + r) * K + ahead : q + (n0 + kRows + r) * K + (ahead - K));
 }
-
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kVnni = 3 };
 
 // Fixed-point form of one activation row for the VNNI path: three digit rows of kp bytes (zero padded).
 struct Digits {
@@ -196,16 +189,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
   }
 }
 
-Isa detect_isa() {
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl");
-  if (avx512 && __builtin_cpu_supports("avx512vnni")) return Isa::kVnni;
-  if (avx512) return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-  return Isa::kScalar;
-}
-
 template <int M>
 void rows_vector(Isa isa, const float* x, int64_t K, const int8_t* q, int64_t n_begin, int64_t n_end,
                  const float* scale, float* y, int64_t N) {
@@ -218,15 +201,6 @@ void rows_vector(Isa isa, const float* x, int64_t K, const int8_t* q, int64_t n_
   }
 }
 #endif
-
-Isa cached_isa() {
-#ifdef HFC_X86
-  static const Isa isa = detect_isa();
-  return isa;
-#else
-  return Isa::kScalar;
-#endif
-}
 
 // x (K floats) -> fixed point X 2^e with |X| <= 2^22, split into balanced base-256 digits. False when the
 // row has a non-finite value (the float paths then propagate it).
@@ -349,11 +323,7 @@ void rows_any(Isa isa, const float* x, int64_t m_count, int64_t K, const int8_t*
 
 // isa: -1 = the best the CPU has; 0 = portable loop, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI (for tests).
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t isa_request) {
-  const Isa best = cached_isa();
-  TORCH_CHECK(isa_request >= -1 && isa_request <= static_cast<int64_t>(best),
-              "hfcompress::int8_gemv: instruction set ", isa_request, " requested but this CPU supports up to ",
-              static_cast<int>(best), " (0 = portable, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI)");
-  Isa isa = isa_request < 0 ? best : static_cast<Isa>(isa_request);
+  Isa isa = hfc::resolve_isa(isa_request, "int8_gemv");
   TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(),
               "hfcompress::int8_gemv runs on CPU tensors");
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1),
@@ -381,6 +351,18 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   }
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
+  if (M >= hfc::kGemmMinRows) {
+    // Prefill: float32 tiles of q * scale into ATen's GEMM (common.h).
+    at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
+    hfc::tiled_gemm(xf, M, K, N, yf.data_ptr<float>(), [&](int64_t n0, int64_t count, float* tile) {
+      for (int64_t i = 0; i < count; ++i) {
+        const int8_t* row = qp + (n0 + i) * K;
+        const float s = sp[n0 + i];
+        for (int64_t k = 0; k < K; ++k) tile[i * K + k] = static_cast<float>(row[k]) * s;
+      }
+    });
+    return bf16 ? yf.to(x.scalar_type()) : yf;
+  }
   // Blocks of kRows rows; ~64 KiB of weights per task keeps the split cheap next to the work.
   const int64_t blocks = (N + kRows - 1) / kRows;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, K * kRows));
