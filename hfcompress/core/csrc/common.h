@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <vector>
 
@@ -51,35 +52,65 @@ inline Isa resolve_isa(int64_t isa_request, const char* op) {
   return isa_request < 0 ? best : static_cast<Isa>(isa_request);
 }
 
-// From this many activation rows on, the weight-only kernels dequantize tiles of weight rows to float32 and
-// multiply them with ATen's GEMM (MKL/oneDNN, blocked for the caches) instead of streaming the packed weights
-// once per few rows: at M rows a weight is used M times, so the GEMM's arithmetic intensity wins, and the
-// dequantization (one pass over each weight, into a per-thread tile that stays in L2) is amortised over M.
+// From this many activation rows on, the weight-only kernels dequantize tiles of weight rows and multiply them
+// with ATen's GEMM (MKL/oneDNN, blocked for the caches) instead of streaming the packed weights once per few
+// rows: at M rows a weight is used M times, so the GEMM's arithmetic intensity wins, and the dequantization
+// (one pass over each weight, into a per-thread tile that stays in L2) is amortised over M.
 constexpr int64_t kGemmMinRows = 8;
 
-// y (M, N) float32 = x (M, K) float32 @ W.T, where dequant(n0, rows, tile) writes weight rows [n0, n0 + rows)
-// as float32 (rows, K) into tile. Tiles of weight rows are split over ATen's threads; inside a parallel
-// region ATen's GEMM runs on the calling thread, so each thread multiplies its own tile.
+// Whether bfloat16 activations should meet bfloat16 tiles (oneDNN's AVX-512 BF16 / AMX GEMM, several times
+// the float32 GEMM's speed) rather than float32 ones: only where the CPU multiplies bfloat16 natively and the
+// instruction-set cap allows AVX-512 (elsewhere a bfloat16 GEMM is emulated and slower than float32).
+inline bool native_bf16_gemm(Isa isa) {
+#ifdef HFC_X86
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0 || __builtin_cpu_supports("amx-bf16") != 0;
+  }();
+  return has && static_cast<int>(isa) >= static_cast<int>(Isa::kAvx512);
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+// y (M, N) float32 = x (M, K) @ W.T, where dequant(n0, rows, tile) writes weight rows [n0, n0 + rows) as
+// float32 (rows, K) into tile. x is float32, or bfloat16 with bf16_tiles (the tiles are then rounded to
+// bfloat16 too). Tiles of weight rows are split over ATen's threads; inside a parallel region ATen's GEMM runs
+// on the calling thread, so each thread multiplies its own tile.
 template <typename Dequant>
-void tiled_gemm(const float* x, int64_t M, int64_t K, int64_t N, float* y, Dequant dequant) {
+void tiled_gemm(const at::Tensor& x, int64_t N, float* y, bool bf16_tiles, Dequant dequant) {
+  const int64_t M = x.size(0), K = x.size(1);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // ~512 KiB of float32 per tile (fits L2 with the GEMM's packing buffers), at least 16 rows, and enough tiles
-  // to keep every thread busy.
-  int64_t rows = std::max<int64_t>(16, (int64_t{1} << 17) / std::max<int64_t>(1, K));
+  // Tiles of ~2 MiB of float32 (the GEMM repacks x for every tile, so tiles must not be small; 0.5-8 MiB
+  // measured alike), at least 16 rows, and enough tiles to keep every thread busy.
+  int64_t rows = std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(1, K));
   rows = std::min<int64_t>(rows, std::max<int64_t>(16, (N + threads - 1) / threads));
   rows = (rows + 15) / 16 * 16;
   const int64_t tiles = (N + rows - 1) / rows;
-  const at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, K}, at::TensorOptions().dtype(at::kFloat));
+  const auto type = bf16_tiles ? at::kBFloat16 : at::kFloat;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> tile(static_cast<size_t>(rows * K));
-    std::vector<float> out(static_cast<size_t>(M * rows));
+    std::vector<c10::BFloat16> tile16(bf16_tiles ? static_cast<size_t>(rows * K) : 0);
+    at::Tensor out = at::empty({M, rows}, x.options().dtype(type));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, count = std::min(rows, N - n0);
       dequant(n0, count, tile.data());
-      const at::Tensor wt = at::from_blob(tile.data(), {count, K}, at::TensorOptions().dtype(at::kFloat));
-      at::Tensor ot = at::from_blob(out.data(), {M, count}, at::TensorOptions().dtype(at::kFloat));
-      at::mm_out(ot, xt, wt.t());
-      for (int64_t m = 0; m < M; ++m) std::copy(out.data() + m * count, out.data() + (m + 1) * count, y + m * N + n0);
+      void* data = tile.data();
+      if (bf16_tiles) {
+        for (int64_t i = 0; i < count * K; ++i) tile16[i] = c10::BFloat16(tile[i]);
+        data = tile16.data();
+      }
+      const at::Tensor wt = at::from_blob(data, {count, K}, at::TensorOptions().dtype(type));
+      at::Tensor ot = out.narrow(1, 0, count);
+      if (count == rows) {
+        at::mm_out(ot, x, wt.t());
+      } else {
+        ot = at::mm(x, wt.t());
+      }
+      const at::Tensor of = ot.to(at::kFloat).contiguous();
+      const float* src = of.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m) std::copy(src + m * count, src + (m + 1) * count, y + m * N + n0);
     }
   });
 }

@@ -371,26 +371,28 @@ void row_blocks(Isa isa, const Weights& w, const QuantRow* rows, int64_t M, int6
   rows_scalar(w, rows, M, rb_begin * kRows, std::min(w.N, rb_end * kRows), y);
 }
 
-// Weight rows [n0, n0 + count) as float32 (count, K): (u - c) s, exact integer difference, one rounding.
+// Weight rows [n0, n0 + count) as float32 (count, K): (u - c) s, an exact integer difference and one rounding
+// (what kernels.dequantize computes). Runs of 32 codes share a block and so a group: plain loops that vectorise.
 void dequantize_rows(const Weights& w, int64_t n0, int64_t count, float* out) {
   const int64_t chunks = w.kp / kChunk;
-  const int64_t group_size = w.blocks_per_group * kBlock;
+  const int64_t blocks = (w.K + kBlock - 1) / kBlock;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t n = n0 + i;
     const uint8_t* base = w.packed + (n / kRows) * chunks * (kChunk * kRows / 2) + (n % kRows) * 32;
     const float* s = w.scale + n * w.G;
     const float* o = w.offset ? w.offset + n * w.G : nullptr;
     float* row = out + i * w.K;
-    for (int64_t g = 0; g < w.G; ++g) {
+    float lanes[kBlock];
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t g = std::min(w.G - 1, b / w.blocks_per_group);
       const float sg = s[g];
-      // c s is stored rounded; recover c exactly (an integer in [0, 16]) for the exact (u - c) s.
+      // c s is stored rounded; c itself is an integer in [0, 16], recovered exactly.
       const float cg = o ? (sg != 0.f ? std::nearbyint(o[g] / sg) : 0.f) : 8.f;
-      const int64_t k1 = std::min(w.K, (g + 1) * group_size);
-      for (int64_t k = g * group_size; k < k1; ++k) {
-        const uint8_t byte = base[(k / kChunk) * (kChunk * kRows / 2) + (k % 32)];
-        const int u = (k % kChunk) < 32 ? byte & 15 : byte >> 4;
-        row[k] = (static_cast<float>(u) - cg) * sg;
-      }
+      const uint8_t* bytes = base + (b / 2) * (kChunk * kRows / 2);
+      const int shift = (b & 1) ? 4 : 0;
+      for (int j = 0; j < kBlock; ++j) lanes[j] = (static_cast<float>((bytes[j] >> shift) & 15) - cg) * sg;
+      const int64_t k0 = b * kBlock, len = std::min<int64_t>(kBlock, w.K - k0);
+      std::memcpy(row + k0, lanes, static_cast<size_t>(len) * sizeof(float));
     }
   }
 }
@@ -424,11 +426,14 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const at::Tensor oc = offset.has_value() ? offset->contiguous() : at::Tensor();
   const Weights w{pc.data_ptr<uint8_t>(), sc.data_ptr<float>(), offset.has_value() ? oc.data_ptr<float>() : nullptr,
                   N, K, kp, G, blocks_per_group};
-  const float* xf = hfc::as_float(xc, tls_x);
+  const float* xf = M >= hfc::kGemmMinRows && x.scalar_type() == at::kBFloat16 && hfc::native_bf16_gemm(isa)
+                        ? nullptr : hfc::as_float(xc, tls_x);
   at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* y = yf.data_ptr<float>();
   if (M >= hfc::kGemmMinRows) {
-    hfc::tiled_gemm(xf, M, K, N, y, [&](int64_t n0, int64_t count, float* tile) { dequantize_rows(w, n0, count, tile); });
+    const bool bf16_tiles = x.scalar_type() == at::kBFloat16 && hfc::native_bf16_gemm(isa);
+    const at::Tensor xg = bf16_tiles ? xc : at::from_blob(const_cast<float*>(xf), {M, K}, x.options().dtype(at::kFloat));
+    hfc::tiled_gemm(xg, N, y, bf16_tiles, [&](int64_t n0, int64_t count, float* tile) { dequantize_rows(w, n0, count, tile); });
   } else {
     if (tls_rows.size() < static_cast<size_t>(M)) tls_rows.resize(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) quantize_row(isa, xf + m * K, K, kp, blocks_per_group, tls_rows[m]);

@@ -352,9 +352,11 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   if (M >= hfc::kGemmMinRows) {
-    // Prefill: float32 tiles of q * scale into ATen's GEMM (common.h).
+    // Prefill: tiles of q * scale (float32, or bfloat16 where the CPU multiplies it natively) into ATen's GEMM.
     at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
-    hfc::tiled_gemm(xf, M, K, N, yf.data_ptr<float>(), [&](int64_t n0, int64_t count, float* tile) {
+    const bool bf16_tiles = bf16 && hfc::native_bf16_gemm(isa);
+    const at::Tensor xg = bf16_tiles ? xc : at::from_blob(const_cast<float*>(xf), {M, K}, x.options().dtype(at::kFloat));
+    hfc::tiled_gemm(xg, N, yf.data_ptr<float>(), bf16_tiles, [&](int64_t n0, int64_t count, float* tile) {
       for (int64_t i = 0; i < count; ++i) {
         const int8_t* row = qp + (n0 + i) * K;
         const float s = sp[n0 + i];
