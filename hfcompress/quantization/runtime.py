@@ -7,8 +7,9 @@ loads the remaining tensors (embeddings, norms, unquantized heads) from the safe
 
 Module choice per layer (CPU):
 
-* ``Int4PackedLinear``: b <= 4 bits, N % 16 == 0 and a group size the int4 kernel takes
-  (``aten._weight_int4pack_mm_for_cpu``; symmetric or asymmetric, group or channel);
+* ``Int4PackedLinear``: b <= 4 bits, on our ``hfcompress::int4_gemv`` (groups of a multiple of 32 or per
+  channel, symmetric or asymmetric, any shape; see native.py), else on ``aten._weight_int4pack_mm_for_cpu``
+  (N % 16 == 0 and group sizes it takes); the layers that miss our kernel are named in one warning;
 * ``Int8PackedLinear``: per-channel/tensor weights of <= 8 bits (our ``hfcompress::int8_gemv``: AVX-512 VNNI,
   AVX-512 or AVX2, compiled on first use, see native.py; else ``aten._weight_int8pack_mm``, which needs
   K % 16 == 0; an asymmetric zero point adds a rank-one correction);
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, HFCompressError
 from . import kernels
-from ..core.native import int8_gemv_available, int8_gemv_op
+from ..core.native import int4_gemv_available, int4_gemv_op, int8_gemv_available, int8_gemv_op, kernel_isa
 from .checkpoint import (
     CheckpointError,
     TensorReader,
@@ -102,18 +103,68 @@ class PackedLinear(PackedModuleMixin, nn.Module):
 
 
 class Int4PackedLinear(PackedLinear):
-    """<= 4-bit weights in the CPU int4 kernel's layout (two values per byte) + per-group scale/zero."""
+    """<= 4-bit weights, two codes per byte, with per-group scales (and zero points).
 
-    def __init__(self, q, scale, zero_point, group_size, bias, dtype, kernel_group_size):
+    Runs on hfcompress's ``int4_gemv`` (native.py; codes repacked at load into its layout, groups of any
+    multiple of 32 or per channel) when the native kernels are available, else on PyTorch's
+    ``aten._weight_int4pack_mm_for_cpu`` (its layout; ``kernel_group_size`` from
+    :func:`kernels.int4_kernel_group_size`, computed when not given)."""
+
+    def __init__(self, q, scale, zero_point, group_size, bias, dtype, kernel_group_size=None):
         n, k = q.shape
         super().__init__(k, n, bias, dtype)
+        self.group_size = group_size
+        if int4_gemv_available() and kernels.int4_native_supports(k, group_size):
+            self.backend = "hfcompress"
+            self.kernel_group_size = k if group_size is None or group_size >= k else group_size
+            packed, scale32, offset = kernels.pack_int4_native(q, scale, zero_point)
+            self.register_buffer("weight_int4", packed)  # (ceil(N/4), ceil(K/64), 4, 32) uint8
+            self.register_buffer("weight_scale", scale32)  # (N, G)
+            self.register_buffer("weight_offset", offset)  # (N, G) (8 + z) s, or None
+            return
+        self.backend = "int4pack"
+        kernel_group_size = kernel_group_size or kernels.int4_kernel_group_size(n, k, group_size)
+        if kernel_group_size is None:
+            raise ValueError(f"int4 weight ({n}, {k}) with group size {group_size} fits neither kernel")
         self.kernel_group_size = kernel_group_size
         packed, scales_and_zeros = kernels.pack_int4_cpu(q, scale, zero_point, group_size, kernel_group_size, dtype)
         self.register_buffer("weight_int4pack", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K/g, N, 2)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Decode's fast path (see Int8PackedLinear.forward): one call, no generic reshapes.
+        if (self.backend == "hfcompress" and x.dtype is self.compute_dtype and self.bias is None
+                and x.numel() == self.in_features and x.dtype in (torch.float32, torch.bfloat16)):
+            y = int4_gemv_op()(x.reshape(1, self.in_features), self.weight_int4, self.weight_scale,
+                               self.weight_offset, self.out_features, self.kernel_group_size, kernel_isa())
+            return y.view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
     def _matmul(self, x):
+        if self.backend == "hfcompress":
+            return kernels.int4_matmul_native(x, self.weight_int4, self.weight_scale, self.weight_offset,
+                                              self.out_features, self.kernel_group_size)
         return kernels.int4_matmul_cpu(x, self.weight_int4pack, self.kernel_group_size, self.scales_and_zeros)
+
+    @classmethod
+    def concatenate(cls, members: list["Int4PackedLinear"]) -> "Int4PackedLinear | None":
+        """One module computing every member's output side by side (our layout only: whole blocks of 4 rows
+        and the same groups), or None when they cannot share a call."""
+        first = members[0]
+        if any(m.backend != "hfcompress" or m.out_features % 4 or m.kernel_group_size != first.kernel_group_size
+               or (m.bias is None) != (first.bias is None)
+               or (m.weight_offset is None) != (first.weight_offset is None) for m in members):
+            return None
+        fused = cls.__new__(cls)
+        PackedLinear.__init__(fused, first.in_features, sum(m.out_features for m in members),
+                              None if first.bias is None else torch.cat([m.bias for m in members]),
+                              first.compute_dtype)
+        fused.group_size, fused.backend, fused.kernel_group_size = first.group_size, "hfcompress", first.kernel_group_size
+        fused.register_buffer("weight_int4", torch.cat([m.weight_int4 for m in members]))
+        fused.register_buffer("weight_scale", torch.cat([m.weight_scale for m in members]))
+        fused.register_buffer("weight_offset", None if first.weight_offset is None
+                              else torch.cat([m.weight_offset for m in members]))
+        return fused
 
     def dequantized_weight(self):
         # The layout is opaque; multiplying the identity reads W.T back out exactly (one product per entry).
@@ -121,7 +172,8 @@ class Int4PackedLinear(PackedLinear):
         return self._matmul(eye).t().contiguous()
 
     def extra_repr(self):
-        return super().extra_repr() + f", kernel=int4pack, group_size={self.kernel_group_size}"
+        kernel = "int4_gemv" if self.backend == "hfcompress" else "int4pack"
+        return super().extra_repr() + f", kernel={kernel}, group_size={self.kernel_group_size}"
 
 
 class Int8PackedLinear(PackedLinear):
@@ -142,7 +194,7 @@ class Int8PackedLinear(PackedLinear):
         # path's reshapes, conversions and kernel choice cost about as much as the kernel on small layers).
         if (x.dtype is self.compute_dtype and x.device.type == "cpu" and self.bias is None
                 and self.zero_scale is None and x.numel() == self.in_features and int8_gemv_available()):
-            y = int8_gemv_op()(x.reshape(1, self.in_features), self.weight_int8, self.weight_scale, -1)
+            y = int8_gemv_op()(x.reshape(1, self.in_features), self.weight_int8, self.weight_scale, kernel_isa())
             return y.view(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
@@ -368,12 +420,13 @@ def fuse_shared_input_projections(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for names in FUSABLE_SIBLINGS:
             members = [getattr(parent, n, None) for n in names]
-            # int8 only: the int4 kernel's packed layout interleaves output rows, so it does not concatenate.
-            if not all(isinstance(m, Int8PackedLinear) for m in members):
+            # Same packed type (PyTorch's int4pack layout interleaves output rows: its concatenate says None).
+            kind = type(members[0])
+            if kind not in (Int8PackedLinear, Int4PackedLinear) or not all(type(m) is kind for m in members):
                 continue
             if len({(m.in_features, m.compute_dtype) for m in members}) != 1:
                 continue
-            fused = Int8PackedLinear.concatenate(members)
+            fused = kind.concatenate(members)
             if fused is None:
                 continue
             group = SharedInputProjections(fused, [m.out_features for m in members])
@@ -438,8 +491,9 @@ def build_packed_module(name: str, module: nn.Module, weights, reader: TensorRea
                                padding_idx=module.padding_idx)
     native = device.type == "cpu" and t["g_idx"] is None
     if native and bits <= 4:
-        kernel_group = kernels.int4_kernel_group_size(n, k, group_size)
-        if kernel_group is not None:
+        ours = int4_gemv_available() and kernels.int4_native_supports(k, group_size)
+        kernel_group = None if ours else kernels.int4_kernel_group_size(n, k, group_size)
+        if ours or kernel_group is not None:
             q = kernels.unpack_weight(t["packed"], bits, (n, k))
             return Int4PackedLinear(q, t["scale"], t["zero_point"], group_size, t["bias"], dtype, kernel_group)
     if native and group_size is None and kernels.int8_kernel_supports(k):
@@ -584,6 +638,8 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     missing = _tie_missing(model, still_meta)
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
+    if device.type == "cpu":
+        _warn_int4_fallbacks(model)
     if fuse_projections:
         fuse_shared_input_projections(model)
     if quantize_embeddings:
@@ -592,6 +648,20 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     model.to(device).eval().requires_grad_(False)
     _load_generation_config(model, folder)
     return model
+
+
+def _warn_int4_fallbacks(model: nn.Module) -> None:
+    """One warning naming the <= 4-bit layers our int4 kernel does not take (while it runs for others)."""
+    if not int4_gemv_available():
+        return  # native.py already said why, once
+    slower = [name for name, m in model.named_modules()
+              if (isinstance(m, Int4PackedLinear) and m.backend != "hfcompress")
+              or (isinstance(m, DequantLinear) and m.num_bits <= 4)]
+    if slower:
+        shown = ", ".join(slower[:5]) + (f" and {len(slower) - 5} more" if len(slower) > 5 else "")
+        logger.warning("%d int4 layer(s) run on slower kernels (PyTorch's int4pack or dequantize-per-call): %s. "
+                       "hfcompress's int4 kernel takes groups of a multiple of 32 or per-channel scales, without "
+                       "activation-order g_idx", len(slower), shown)
 
 
 def _load_generation_config(model, folder) -> None:

@@ -207,7 +207,7 @@ def test_int8_gemv_vnni_edge_rows():
 
 def test_int8_matmul_decodes_any_k_with_our_kernel(monkeypatch):
     """K % 16 != 0 (which PyTorch's kernel cannot take) still decodes through our kernel, not a dense
-    dequantized matmul; prefill rows go to the dense GEMM."""
+    dequantized matmul; prefill rows go through it too (its dequantized tiles)."""
     calls = []
     monkeypatch.setattr(kernels, "int8_gemv", lambda *args: calls.append(args[0].shape) or native.int8_gemv(*args))
     g = torch.Generator().manual_seed(7)
@@ -219,4 +219,4 @@ def test_int8_matmul_decodes_any_k_with_our_kernel(monkeypatch):
         y64 = x.double() @ (q.double() * scale.double()[:, None]).t()
         magnitude = x.double().abs() @ (q.double().abs() * scale.double()[:, None]).t()
         assert ((y.double() - y64).abs() <= 2 * 2.0 ** -8 * magnitude + 1e-12).all()
-    assert calls == [(1, 72)]
+    assert calls == [(1, 72), (kernels.INT8_DENSE_MIN_ROWS, 72)]
