@@ -170,3 +170,68 @@ def test_int4_kernel_rejects_bad_inputs():
         native.int4_gemv(x.half(), packed, scale, None, 8, 64)
     with pytest.raises(RuntimeError, match="requested but this CPU supports"):
         native.int4_gemv(x, packed, scale, None, 8, 64, isa=7)
+
+
+def _load(tmp_path, **kwargs):
+    from hfcompress.quantization.runtime import load_compressed
+
+    from .conftest import small_llama, write_ct_checkpoint
+
+    model = small_llama()
+    write_ct_checkpoint(model, tmp_path, num_bits=4, **kwargs)
+    return load_compressed(tmp_path, progress=False)
+
+
+def test_generic_isa_falls_back_to_pytorch_with_one_warning(tmp_path, monkeypatch, caplog):
+    """HFCOMPRESS_CPU_ISA=generic behaves like a CPU without AVX2: PyTorch's int4pack/int8pack kernels run,
+    with one warning; the logits stay those of our kernel within the activation-rounding tolerance."""
+    import logging
+
+    from hfcompress.quantization.runtime import Int4PackedLinear, kernel_module
+
+    ours = _load(tmp_path / "a", group_size=32, symmetric=False)
+    ids = torch.tensor([[3, 17, 42, 5, 99, 7]])
+    expected = ours(ids).logits.float()
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", "generic")
+    monkeypatch.setitem(native._state, "warned_generic", False)
+    with caplog.at_level(logging.WARNING):
+        theirs = _load(tmp_path / "b", group_size=32, symmetric=False)
+        _load(tmp_path / "c", group_size=32, symmetric=False)
+    warnings = [r for r in caplog.records if "need AVX2" in r.getMessage()]
+    assert len(warnings) == 1 and "HFCOMPRESS_CPU_ISA=generic" in warnings[0].getMessage()
+    layer = kernel_module(theirs.model.layers[0].mlp.up_proj)
+    assert isinstance(layer, Int4PackedLinear) and layer.backend == "int4pack"
+    assert native.native_kernel_status()["int4_gemv"].startswith("not used")
+    got = theirs(ids).logits.float()
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+def test_unknown_isa_name_is_a_clear_error(monkeypatch):
+    from hfcompress.core.errors import HFCompressError
+
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", "sse9")
+    with pytest.raises(HFCompressError, match="HFCOMPRESS_CPU_ISA='sse9'.*use one of generic, avx2, avx512"):
+        native.kernel_isa()
+
+
+def test_avx2_isa_runs_our_kernels_at_avx2(tmp_path, monkeypatch):
+    isa_or_skip(1)
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", "avx2")
+    assert native.kernel_isa() == 1
+    assert native.native_kernel_status() == {"int8_gemv": "loaded (avx2)", "int4_gemv": "loaded (avx2)",
+                                             "kd_logit_loss": "loaded (avx2)"}
+    model = _load(tmp_path, group_size=32, symmetric=True)
+    from hfcompress.quantization.runtime import kernel_module
+
+    assert kernel_module(model.model.layers[0].mlp.up_proj).backend == "hfcompress"
+
+
+def test_layers_our_kernel_cannot_take_are_named_in_one_warning(tmp_path, caplog):
+    """Group 16 (no multiple of 32): neither our kernel nor PyTorch's takes it; the layers dequantize per
+    call, and one warning lists them."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        _load(tmp_path, group_size=16, symmetric=True)
+    warnings = [r.getMessage() for r in caplog.records if "int4 layer(s) run on slower kernels" in r.getMessage()]
+    assert len(warnings) == 1 and "model.layers.0.self_attn.q_proj" in warnings[0]
