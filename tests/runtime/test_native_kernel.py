@@ -1,11 +1,12 @@
 """hfcompress's own int8 CPU kernel (native.py, csrc/int8_gemv.cpp): every code path against float64, and
 the fallback to PyTorch's kernel when it is switched off or cannot be built.
 
-Error bound: the kernel converts x to float32 (exact for float32/bfloat16 inputs), multiplies by exact
+Error bound (float paths: portable, AVX-512 without VNNI): the kernel converts x to float32 (exact for float32/bfloat16 inputs), multiplies by exact
 int8 codes and sums K products in float32 in some order, then multiplies by the float32 scale. Each
 partial sum is rounded with relative error <= 2**-24, so |y - y_64| <= (K + 1) 2**-24 sum_k |x_k q_nk| s_n
 (the standard gamma_K bound); a bfloat16 output adds <= 2**-8 |y_n|. A wrong row, column tail or scale
-gives errors of order sum |x q| s itself.
+gives errors of order sum |x q| s itself. The fixed-point paths (AVX-512 VNNI, AVX2) round each x_k to a grid
+of 2^-22 (VNNI) or 2^-13 (AVX2) times the row's max|x|, then sum exactly.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def test_int8_gemv_matches_float64(isa, m, dtype):
         products = x.double() @ q.double().t()
         y64 = products * scale.double()
         bound = (k + 1) * 2.0 ** -24 * ((x.double().abs() @ q.double().abs().t()) * scale.double())
-        if isa == 3:  # fixed point: each x_k moves by <= 2^-22 max|x| (then exact integer sums)
+        if isa in (1, 3):  # fixed point: each x_k moves by <= 2^-22 (VNNI) / 2^-13 (AVX2) max|x|, exact sums
             amax = x.double().abs().amax(dim=1, keepdim=True)
-            bound = 2.0 ** -22 * amax * (q.double().abs().sum(1) * scale.double())[None, :] + 2.0 ** -23 * y64.abs()
+            step = 2.0 ** -22 if isa == 3 else 2.0 ** -13
+            bound = step * amax * (q.double().abs().sum(1) * scale.double())[None, :] + 2.0 ** -23 * y64.abs()
         if dtype == torch.bfloat16:
             bound = bound + 2.0 ** -8 * y64.abs()
         if m >= 8:  # prefill: float32 tiles of q * s (one more rounding), or bfloat16 tiles for bfloat16 x on
@@ -98,7 +100,8 @@ def test_int8_gemv_vnni_is_exactly_its_fixed_point_arithmetic():
 
 
 def test_int8_gemv_paths_agree_bitwise_on_exact_inputs():
-    """Small integer activations make every partial sum exact in float32: all paths give identical bits."""
+    """Small integer activations make every partial sum exact in float32 (and are exact in either fixed-point
+    form): all paths give identical bits."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-3, 4, (3, 200), generator=g).float()
     q = torch.randint(-128, 128, (21, 200), generator=g, dtype=torch.int8)
