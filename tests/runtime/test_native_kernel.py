@@ -223,3 +223,19 @@ def test_int8_matmul_decodes_any_k_with_our_kernel(monkeypatch):
         magnitude = x.double().abs() @ (q.double().abs() * scale.double()[:, None]).t()
         assert ((y.double() - y64).abs() <= 2 * 2.0 ** -8 * magnitude + 1e-12).all()
     assert calls == [(1, 72), (kernels.INT8_DENSE_MIN_ROWS, 72)]
+
+
+@pytest.mark.parametrize("isa_name", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+def test_kd_logit_loss_under_every_isa(isa_name, loss, monkeypatch):
+    """HFCOMPRESS_CPU_ISA picks the loss kernel's clone too; each matches the float64 reference."""
+    from hfcompress.distillation.losses import LogitLoss
+    from tests.distillation.test_kd_kernel import assert_matches, logits
+
+    if {"generic": 0, "avx2": 1, "avx512": 2}[isa_name] > native.cpu_isa():
+        pytest.skip(f"this CPU has no {isa_name} path")
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", isa_name)
+    assert native.native_kernel_status()["kd_logit_loss"] == f"loaded ({isa_name})"
+    student, teacher, targets = logits(5, 1000, seed=3)
+    spec = LogitLoss(loss=loss, temperature=2.0, kd_weight=0.7, ce_weight=0.3, beta=0.4)
+    assert_matches(spec, student, teacher, targets, loss)
