@@ -163,6 +163,24 @@ def weight_kernels_available() -> bool:
     return False
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX) and ``HFCOMPRESS_CPU_ISA`` allows
+    AVX-512. Elsewhere (AVX2 CPUs) bfloat16 arithmetic is emulated, several times slower than float32."""
+    if "bf16" not in _state:
+        flags = set()
+        try:
+            with open("/proc/cpuinfo") as info:
+                for line in info:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+        except OSError:
+            pass
+        _state["bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"})
+    requested = os.environ.get(_ENV_ISA, "").strip().lower()
+    return bool(_state["bf16"]) and _ISA_CAPS.get(requested, 3) >= 2
+
+
 # The operators come from the one extension: these names say which one a caller needs.
 int8_gemv_available = weight_kernels_available
 int4_gemv_available = weight_kernels_available

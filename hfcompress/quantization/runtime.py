@@ -21,8 +21,10 @@ Projections that read the same tensor (q/k/v, gate/up) share one kernel call ove
 int8 weights (``fuse_projections``, on by default; the modules keep their names as ``SharedInputSlice``).
 ``quantize_embeddings=True`` additionally stores a float input embedding table as int8 rows.
 
-Activations run in ``dtype`` (bfloat16 by default): on CPUs without AMX the packed kernels are several times
-slower with float32 activations than the float32 matmul they replace, and 1.5-2x faster in bfloat16.
+Activations run in ``dtype``. By default bfloat16 where the CPU multiplies it in hardware (AVX-512 BF16, AMX)
+or our kernels are unavailable (PyTorch's int4/int8 kernels are much faster in bfloat16), and float32 where our
+kernels run on a CPU without it (AVX2): they read float32 activations in place, and the rest of the model
+(attention, norms) would otherwise run in emulated bfloat16, several times slower than float32.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, HFCompressError
 from . import kernels
-from ..core.native import int4_gemv_available, int4_gemv_op, int8_gemv_available, int8_gemv_op, kernel_isa
+from ..core.native import (
+    cpu_has_native_bf16,
+    int4_gemv_available,
+    int4_gemv_op,
+    int8_gemv_available,
+    int8_gemv_op,
+    kernel_isa,
+)
 from .checkpoint import (
     CheckpointError,
     TensorReader,
@@ -521,6 +530,11 @@ def _resolve_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def _default_cpu_dtype() -> torch.dtype:
+    """bfloat16, or float32 where our kernels run on a CPU without native bfloat16 (see the module docstring)."""
+    return torch.float32 if int8_gemv_available() and not cpu_has_native_bf16() else torch.bfloat16
+
+
 def _not_compressed_error(folder, method) -> CheckpointError:
     if method is None:
         return CheckpointError(f"{str(folder)!r} is a plain (unquantized) checkpoint: config.json has no "
@@ -581,7 +595,8 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
             ``huggingface_hub.snapshot_download``; safetensors/json/tokenizer files only).
         device: where to run; "cpu" (default) uses the native int4/int8 kernels, other devices the
             dequantize-on-the-fly fallback.
-        dtype: activation and unquantized-weight dtype; bfloat16 by default (see the module docstring).
+        dtype: activation and unquantized-weight dtype; by default bfloat16, or float32 on CPUs without native
+            bfloat16 arithmetic when our kernels run (see the module docstring).
         fuse_projections: let projections that read the same input (q/k/v, gate/up) share one kernel call
             over their concatenated weights (:func:`fuse_shared_input_projections`); same results, faster
             decode. The modules keep their names and places in the model.
@@ -602,6 +617,8 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     if method != "compressed-tensors":
         raise _not_compressed_error(folder, method)
     qconfig = parse_ct_config(config["quantization_config"])
+    if dtype is None and torch.device(device or "cpu").type == "cpu":
+        dtype = _default_cpu_dtype()
     dtype = _resolve_dtype(dtype)
     device = torch.device(device or "cpu")
     infos = read_index(folder)

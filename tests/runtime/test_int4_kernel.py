@@ -235,3 +235,14 @@ def test_layers_our_kernel_cannot_take_are_named_in_one_warning(tmp_path, caplog
         _load(tmp_path, group_size=16, symmetric=True)
     warnings = [r.getMessage() for r in caplog.records if "int4 layer(s) run on slower kernels" in r.getMessage()]
     assert len(warnings) == 1 and "model.layers.0.self_attn.q_proj" in warnings[0]
+
+
+def test_default_dtype_follows_native_bf16(tmp_path, monkeypatch):
+    """float32 activations where our kernels run without native bfloat16 (here: the AVX2 cap), bfloat16 where
+    the CPU has it."""
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", "avx2")
+    if native.cpu_isa() >= 1:
+        assert _load(tmp_path / "a", group_size=32).dtype == torch.float32
+    monkeypatch.delenv("HFCOMPRESS_CPU_ISA")
+    expected = torch.bfloat16 if native.cpu_has_native_bf16() or native.cpu_isa() == 0 else torch.float32
+    assert _load(tmp_path / "b", group_size=32).dtype == expected
