@@ -214,16 +214,28 @@ def test_unknown_isa_name_is_a_clear_error(monkeypatch):
         native.kernel_isa()
 
 
-def test_avx2_isa_runs_our_kernels_at_avx2(tmp_path, monkeypatch):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_avx2_isa_runs_our_kernels_at_avx2(tmp_path, monkeypatch, symmetric):
+    """The AVX2 path end to end: our kernels at the AVX2 level, logits as close to the dequantized float32
+    model as a bfloat16 model's are (prompt: the prefill tiles; then decode steps: the int8 activation blocks)."""
+    from hfcompress.quantization.runtime import kernel_module
+
+    from .test_runtime import check_close_to_reference
+
     isa_or_skip(1)
     monkeypatch.setenv("HFCOMPRESS_CPU_ISA", "avx2")
     assert native.kernel_isa() == 1
     assert native.native_kernel_status() == {"int8_gemv": "loaded (avx2)", "int4_gemv": "loaded (avx2)",
                                              "kd_logit_loss": "loaded (avx2)"}
-    model = _load(tmp_path, group_size=32, symmetric=True)
-    from hfcompress.quantization.runtime import kernel_module
-
+    model = _load(tmp_path, group_size=32, symmetric=symmetric)
     assert kernel_module(model.model.layers[0].mlp.up_proj).backend == "hfcompress"
+    check_close_to_reference(tmp_path, model)
+    ids = torch.tensor([[3, 17, 42]])
+    with torch.no_grad():  # one decode step (M = 1) against the full forward's last position
+        cache = model(ids[:, :2], use_cache=True).past_key_values
+        step = model(ids[:, 2:], past_key_values=cache).logits[0, -1].float()
+        full = model(ids).logits[0, -1].float()
+    assert (step - full).abs().max() <= 0.02 * full.abs().max()
 
 
 def test_layers_our_kernel_cannot_take_are_named_in_one_warning(tmp_path, caplog):
