@@ -24,6 +24,13 @@ weight once per token (except the embedding table, of which one row is read), so
 float32 ``sum`` and a float32 matrix-vector product over 1 GiB.
 
     python scripts/bench/runtime_speed.py --out scripts/bench/results/runtime_speed.json
+
+Instruction-set paths side by side (fp32 transformers and our int8/int4, each path in its own subprocess with
+HFCOMPRESS_CPU_ISA and ATen/oneDNN/MKL capped alike, so an AVX-512 machine also measures what AVX2 CPUs run;
+decode, share of the bandwidth floor, where a decode step's time goes, prefill at 64 and 512 tokens):
+
+    python scripts/bench/runtime_speed.py --isa-paths avx512 avx2 --hidden 1536 --intermediate 4096 --heads 12 \
+        --kv-heads 4 --layers 16 --new-tokens 64 --repeats 2 --out scripts/bench/results/runtime_speed_isa.json
 """
 
 from __future__ import annotations
@@ -314,6 +321,36 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> dict:
     return {"prefill_s": clock.times[0] - start, "step_s": steps, "new_tokens": new_tokens}
 
 
+@torch.no_grad()
+def step_split(model, prompt: torch.Tensor, new_tokens: int = 17) -> dict:
+    """Where a decode step's time goes: the weight kernels (hfcompress's ops, or aten's linear/mm/int8pack/
+    int4pack) vs everything else (attention, norms, rotary, the Python of transformers' eager layers), from
+    torch.profiler's self CPU times over ``new_tokens - 1`` decode steps (prefill excluded by subtracting a
+    1-token run). The profiler adds its own cost per op, so the absolute numbers run high; the split is the
+    point."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kernel_ops = ("hfcompress::int8_gemv", "hfcompress::int4_gemv", "aten::mm", "aten::addmm", "aten::linear",
+                  "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+
+    def profiled(tokens):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                           min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        kernel = sum(e.self_cpu_time_total for e in events if e.key in kernel_ops) / 1e6
+        return wall, kernel
+
+    wall_n, kernel_n = profiled(new_tokens)
+    wall_1, kernel_1 = profiled(1)
+    steps = new_tokens - 1
+    kernel_ms = max(0.0, 1e3 * (kernel_n - kernel_1) / steps)
+    total_ms = max(kernel_ms, 1e3 * (wall_n - wall_1) / steps)
+    return {"kernel_ms": kernel_ms, "other_ms": total_ms - kernel_ms, "step_ms_profiled": total_ms}
+
+
 def affordable_tokens(warm_up: dict, seconds_left: float, most: int) -> int:
     """New tokens that fit in ``seconds_left``, from the step time of the 4-token warm-up (at least 16)."""
     per_token = max(warm_up["step_s"]) if warm_up["step_s"] else 1.0
@@ -444,25 +481,27 @@ def compare_isa_paths(args, argv: list[str]) -> int:
 def isa_table(paths: dict) -> str:
     lengths = sorted({int(n) for p in paths.values() for r in p.get("results", {}).values()
                       for n in r.get("prefill_by_prompt", {})})
-    header = ("| path | variant | activations | decode tok/s | vs fp32 | % of floor | "
+    header = ("| path | variant | activations | decode tok/s | vs fp32 | % of floor | step ms: kernels + rest | "
               + " | ".join(f"prefill {n} tok/s | vs fp32" for n in lengths) + " |")
-    lines = [header, "|" + "---|" * (6 + 2 * len(lengths))]
+    lines = [header, "|" + "---|" * (7 + 2 * len(lengths))]
     for isa, payload in paths.items():
         if "results" not in payload:
-            lines.append(f"| {isa} | {payload.get('error')} |" + " |" * (4 + 2 * len(lengths)))
+            lines.append(f"| {isa} | {payload.get('error')} |" + " |" * (5 + 2 * len(lengths)))
             continue
         bw = payload["read_gb_per_s_used"]
         results = payload["results"]
         base = results.get("transformers fp32", {})
         for name, r in results.items():
             if r.get("status") != "ok":
-                lines.append(f"| {isa} | {name} | {r.get('status')}: {r.get('error', '')} |" + " |" * (3 + 2 * len(lengths)))
+                lines.append(f"| {isa} | {name} | {r.get('status')}: {r.get('error', '')} |" + " |" * (4 + 2 * len(lengths)))
                 continue
             decode = r["decode_tokens_per_s"]["median"]
             base_decode = base.get("decode_tokens_per_s", {}).get("median")
             floor = bw * 1e9 / r["decode_bytes_per_token"]
+            split = r.get("step_split")
             cells = [isa, name, r.get("dtype", "?"), f"{decode:.2f}",
-                     f"{decode / base_decode:.2f}x" if base_decode else "-", f"{100 * decode / floor:.0f}%"]
+                     f"{decode / base_decode:.2f}x" if base_decode else "-", f"{100 * decode / floor:.0f}%",
+                     f"{split['kernel_ms']:.1f} + {split['other_ms']:.1f}" if split else "-"]
             for n in lengths:
                 value = r.get("prefill_by_prompt", {}).get(str(n), {}).get("median")
                 ref = base.get("prefill_by_prompt", {}).get(str(n), {}).get("median")
@@ -470,7 +509,10 @@ def isa_table(paths: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append(f"| {isa} | read bandwidth {bw:.1f} GB/s; kernels: "
                      f"{', '.join(f'{k} {v}' for k, v in payload.get('native_kernels', {}).items())} |"
-                     + " |" * (4 + 2 * len(lengths)))
+                     + " |" * (5 + 2 * len(lengths)))
+    lines.append("")
+    lines.append("step ms: kernels + rest = torch.profiler self time of the weight kernels per decode step, and "
+                 "the rest of the step (attention, norms, Python), profiled separately from the timed runs.")
     return "\n".join(lines)
 
 
@@ -561,6 +603,7 @@ def main(argv=None) -> int:
     for name in main_models:
         results[name]["prefill_by_prompt"] = {str(length): common.summarize(values)
                                               for length, values in prefill_runs[name].items()}
+        results[name]["step_split"] = step_split(main_models[name], prompt)
     main_models = None
     gc.collect()
 
