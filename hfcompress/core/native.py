@@ -197,7 +197,8 @@ def native_kernel_status() -> dict:
     weights = (f"loaded ({isa})" if weight_kernels_available()
                else f"not used: needs AVX2, running {isa} (PyTorch's kernels instead)")
     # The loss kernel's clones: AVX-512, AVX2 + FMA, or baseline x86-64 ("generic").
-    return {"int8_gemv": weights, "int4_gemv": weights, "kd_logit_loss": f"loaded ({'avx512' if isa.startswith('avx512') else isa})"}
+    loss = "avx512" if isa.startswith("avx512") else isa
+    return {"int8_gemv": weights, "int4_gemv": weights, "kd_logit_loss": f"loaded ({loss})"}
 
 
 def _register_fake() -> None:

@@ -168,7 +168,8 @@ class Int4PackedLinear(PackedLinear):
         PackedLinear.__init__(fused, first.in_features, sum(m.out_features for m in members),
                               None if first.bias is None else torch.cat([m.bias for m in members]),
                               first.compute_dtype)
-        fused.group_size, fused.backend, fused.kernel_group_size = first.group_size, "hfcompress", first.kernel_group_size
+        fused.group_size, fused.backend = first.group_size, "hfcompress"
+        fused.kernel_group_size = first.kernel_group_size
         fused.register_buffer("weight_int4", torch.cat([m.weight_int4 for m in members]))
         fused.register_buffer("weight_scale", torch.cat([m.weight_scale for m in members]))
         fused.register_buffer("weight_offset", None if first.weight_offset is None

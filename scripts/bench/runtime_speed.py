@@ -493,7 +493,8 @@ def isa_table(paths: dict) -> str:
         base = results.get("transformers fp32", {})
         for name, r in results.items():
             if r.get("status") != "ok":
-                lines.append(f"| {isa} | {name} | {r.get('status')}: {r.get('error', '')} |" + " |" * (4 + 2 * len(lengths)))
+                lines.append(f"| {isa} | {name} | {r.get('status')}: {r.get('error', '')} |"
+                             + " |" * (4 + 2 * len(lengths)))
                 continue
             decode = r["decode_tokens_per_s"]["median"]
             base_decode = base.get("decode_tokens_per_s", {}).get("median")

@@ -1,8 +1,9 @@
 """hfcompress's own int8 CPU kernel (native.py, csrc/int8_gemv.cpp): every code path against float64, and
 the fallback to PyTorch's kernel when it is switched off or cannot be built.
 
-Error bound (float paths: portable, AVX-512 without VNNI): the kernel converts x to float32 (exact for float32/bfloat16 inputs), multiplies by exact
-int8 codes and sums K products in float32 in some order, then multiplies by the float32 scale. Each
+Error bound (float paths: portable, AVX-512 without VNNI): the kernel converts x to float32 (exact for
+float32/bfloat16 inputs), multiplies by exact int8 codes and sums K products in float32 in some order, then
+multiplies by the float32 scale. Each
 partial sum is rounded with relative error <= 2**-24, so |y - y_64| <= (K + 1) 2**-24 sum_k |x_k q_nk| s_n
 (the standard gamma_K bound); a bfloat16 output adds <= 2**-8 |y_n|. A wrong row, column tail or scale
 gives errors of order sum |x q| s itself. The fixed-point paths (AVX-512 VNNI, AVX2) round each x_k to a grid

@@ -432,8 +432,10 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* y = yf.data_ptr<float>();
   if (M >= hfc::kGemmMinRows) {
     const bool bf16_tiles = x.scalar_type() == at::kBFloat16 && hfc::native_bf16_gemm(isa);
-    const at::Tensor xg = bf16_tiles ? xc : at::from_blob(const_cast<float*>(xf), {M, K}, x.options().dtype(at::kFloat));
-    hfc::tiled_gemm(xg, N, y, bf16_tiles, [&](int64_t n0, int64_t count, float* tile) { dequantize_rows(w, n0, count, tile); });
+    const at::Tensor xg =
+        bf16_tiles ? xc : at::from_blob(const_cast<float*>(xf), {M, K}, x.options().dtype(at::kFloat));
+    hfc::tiled_gemm(xg, N, y, bf16_tiles,
+                    [&](int64_t n0, int64_t count, float* tile) { dequantize_rows(w, n0, count, tile); });
   } else {
     if (tls_rows.size() < static_cast<size_t>(M)) tls_rows.resize(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) quantize_row(isa, xf + m * K, K, kp, blocks_per_group, tls_rows[m]);

@@ -454,7 +454,8 @@ __attribute__((target("avx2,fma"))) void block_avx2_int(const Digits14& d, int64
     }
     // |a|, |b| <= 2 * 255 * 64 * K / 8 per lane < 2^31 for K < 65536 (checked by the caller).
     const int64_t dot = 128 * a + b - 128 * d.sum;  // sum_k q_k X_k, exact
-    y[n0 + r] = static_cast<Out>(static_cast<float>(static_cast<double>(dot) * unit * static_cast<double>(scale[n0 + r])));
+    const double value = static_cast<double>(dot) * unit * static_cast<double>(scale[n0 + r]);
+    y[n0 + r] = static_cast<Out>(static_cast<float>(value));
   }
 }
 #endif
@@ -493,7 +494,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     // Prefill: tiles of q * scale (float32, or bfloat16 where the CPU multiplies it natively) into ATen's GEMM.
     at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
     const bool bf16_tiles = bf16 && hfc::native_bf16_gemm(isa);
-    const at::Tensor xg = bf16_tiles ? xc : at::from_blob(const_cast<float*>(xf), {M, K}, x.options().dtype(at::kFloat));
+    const at::Tensor xg =
+        bf16_tiles ? xc : at::from_blob(const_cast<float*>(xf), {M, K}, x.options().dtype(at::kFloat));
     hfc::tiled_gemm(xg, N, yf.data_ptr<float>(), bf16_tiles, [&](int64_t n0, int64_t count, float* tile) {
       for (int64_t i = 0; i < count; ++i) {
         const int8_t* row = qp + (n0 + i) * K;
