@@ -457,14 +457,29 @@ at::Tensor int4_pack(const at::Tensor& q) {
   at::Tensor out = at::zeros({n4, chunks, kRows, 32}, q.options().dtype(at::kByte));
   const int8_t* src = qc.data_ptr<int8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int v = src[n * K + k];
-      TORCH_CHECK(v >= -8 && v <= 7, "hfcompress::int4_pack: code ", v, " at (", n, ", ", k, ") is outside [-8, 7]");
-      uint8_t& byte = dst[(((n / kRows) * chunks + k / kChunk) * kRows + n % kRows) * 32 + k % 32];
-      byte |= static_cast<uint8_t>((v + 8) << ((k % kChunk) < 32 ? 0 : 4));
+  for (int64_t n = 0; n < N; ++n) {  // checked first, so the packing loop below is plain
+    const int8_t* row = src + n * K;
+    bool ok = true;
+    for (int64_t k = 0; k < K; ++k) ok &= row[k] >= -8 && row[k] <= 7;
+    if (!ok) {
+      for (int64_t k = 0; k < K; ++k)
+        TORCH_CHECK(row[k] >= -8 && row[k] <= 7, "hfcompress::int4_pack: code ", static_cast<int>(row[k]), " at (",
+                    n, ", ", k, ") is outside [-8, 7]");
     }
   }
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* row = src + n * K;
+      for (int64_t c = 0; c * kChunk < K; ++c) {
+        uint8_t* bytes = dst + (((n / kRows) * chunks + c) * kRows + n % kRows) * 32;
+        for (int j = 0; j < 32; ++j) {
+          const int64_t k_lo = c * kChunk + j, k_hi = k_lo + 32;
+          const int lo = k_lo < K ? row[k_lo] + 8 : 0, hi = k_hi < K ? row[k_hi] + 8 : 0;
+          bytes[j] = static_cast<uint8_t>(lo | (hi << 4));
+        }
+      }
+    }
+  });
   return out;
 }
 
