@@ -149,13 +149,14 @@ def cmd_push(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    """Build hfcompress's native CPU kernels now (they are otherwise built on first use) and say what runs."""
+    """Build hfcompress's native CPU kernels now (they are otherwise built on first use) and say what runs,
+    with the instruction set of each (HFCOMPRESS_CPU_ISA=avx512|avx2|generic narrows it)."""
     from .core.native import native_kernel_status
 
     status = native_kernel_status()
     for name, state in status.items():
         print(f"{name}: {state}")
-    return 0 if all(state == "loaded" for state in status.values()) else 1
+    return 0 if all(state.startswith("loaded") for state in status.values()) else 1
 
 
 def _add_allow_pickle(parser: argparse.ArgumentParser) -> None:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .runtime import (
+from .packed import (
     FUSABLE_SIBLINGS,
     Int8PackedLinear,
     PackedLinear,

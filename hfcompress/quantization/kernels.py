@@ -10,7 +10,11 @@ Conventions (those of compressed-tensors' ``pack-quantized`` format):
 * the real weight is ``W[n, k] = (q[n, k] - zero_point[n, g(k)]) * scale[n, g(k)]`` with
   ``g(k) = k // group_size`` (or ``g_idx[k]`` for activation-ordered checkpoints).
 
-Two native CPU kernels take such weights without materialising W in float:
+Native CPU kernels take such weights without materialising W in float:
+
+* ``hfcompress::int4_gemv`` (our kernel, see native.py) computes ``x @ W.T`` for b <= 4-bit codes repacked
+  at load (``pack_int4_native``) with per-group float32 scales and offsets ``(8 + zero_point) * scale``;
+  groups of any multiple of 32 (or per channel), any N and K.
 
 * ``hfcompress::int8_gemv`` (our kernel, see native.py) and ``aten._weight_int8pack_mm(x, q_int8 (N, K),
   scale (N,))`` compute ``x @ (q * scale[:, None]).T``:
@@ -30,6 +34,7 @@ import sys
 
 import torch
 
+from ..core import native
 from ..core.native import int8_gemv, int8_gemv_available
 
 # Group sizes accepted by aten._weight_int4pack_mm_for_cpu (checked in its CPU implementation).
@@ -122,8 +127,31 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
 
 
 # ------------------------------------------------------------------------------------------------------
-# int4: aten._weight_int4pack_mm_for_cpu
+# int4: hfcompress::int4_gemv (native.py), else aten._weight_int4pack_mm_for_cpu
 # ------------------------------------------------------------------------------------------------------
+def int4_native_supports(in_features: int, group_size: int | None) -> bool:
+    """Whether our int4 kernel takes this quantization: per channel, or groups of a multiple of 32 (its
+    activation blocks); any N and K, a ragged last group included."""
+    return group_size is None or group_size >= in_features or group_size % 32 == 0
+
+
+def pack_int4_native(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Signed q (N, K) (b <= 4 bits), scale (N, G), zero point (N, G) or None -> our kernel's
+    (packed uint8, scale float32 (N, G), offset float32 (N, G) = (8 + z) * s or None)."""
+    packed = native.int4_pack(q.to(torch.int8).contiguous())
+    scale = scale.to(torch.float32).contiguous()
+    offset = None if zero_point is None else ((8 + zero_point.to(torch.float32)) * scale).contiguous()
+    return packed, scale, offset
+
+
+def int4_matmul_native(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                       out_features: int, group_size: int) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x's dtype through hfcompress::int4_gemv (float32/bfloat16 in, else via float32)."""
+    if x.dtype in (torch.float32, torch.bfloat16):
+        return native.int4_gemv(x, packed, scale, offset, out_features, group_size)
+    return native.int4_gemv(x.float(), packed, scale, offset, out_features, group_size).to(x.dtype)
+
 def int4_kernel_group_size(out_features: int, in_features: int, group_size: int | None) -> int | None:
     """The kernel group size to use for a (N, K) weight quantized with ``group_size`` (None = per channel),
     or None when the CPU int4 kernel cannot take the shape.
@@ -173,8 +201,9 @@ def int8_kernel_supports(in_features: int) -> bool:
     return in_features % INT8_KERNEL_K_MULTIPLE == 0 or int8_gemv_available()
 
 
-# From this many rows (prefill) on, converting the int8 weight to the activation dtype and using the dense
-# (AMX/oneDNN) GEMM beats the weight-streaming kernels, which are built for a few rows (decode).
+# Without our kernel: from this many rows (prefill) on, converting the int8 weight to the activation dtype and
+# using the dense GEMM beats PyTorch's weight-streaming kernel, which is built for a few rows (decode). (Our
+# kernel makes that choice itself, one tile of weight rows at a time.)
 INT8_DENSE_MIN_ROWS = 16
 
 
@@ -182,8 +211,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 zero_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ ((q - z) * s).T with per-channel float32 s (N,) and ``zero_scale`` = z * s (N,) or None."""
     decode = x.shape[0] < INT8_DENSE_MIN_ROWS
-    if decode and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and int8_gemv_available():
-        y = int8_gemv(x, q, scale)  # (M, N), float32 sums; any K
+    if x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and int8_gemv_available():
+        # any K; decode streams the int8 weights, prefill multiplies dequantized tiles (native.py)
+        y = int8_gemv(x, q, scale)  # (M, N)
     elif decode and x.shape[1] % INT8_KERNEL_K_MULTIPLE == 0:
         y = torch.ops.aten._weight_int8pack_mm(x, q, scale.to(x.dtype))  # (M, N)
     else:

@@ -7,8 +7,9 @@ loads the remaining tensors (embeddings, norms, unquantized heads) from the safe
 
 Module choice per layer (CPU):
 
-* ``Int4PackedLinear``: b <= 4 bits, N % 16 == 0 and a group size the int4 kernel takes
-  (``aten._weight_int4pack_mm_for_cpu``; symmetric or asymmetric, group or channel);
+* ``Int4PackedLinear``: b <= 4 bits, on our ``hfcompress::int4_gemv`` (groups of a multiple of 32 or per
+  channel, symmetric or asymmetric, any shape; see native.py), else on ``aten._weight_int4pack_mm_for_cpu``
+  (N % 16 == 0 and group sizes it takes); the layers that miss our kernel are named in one warning;
 * ``Int8PackedLinear``: per-channel/tensor weights of <= 8 bits (our ``hfcompress::int8_gemv``: AVX-512 VNNI,
   AVX-512 or AVX2, compiled on first use, see native.py; else ``aten._weight_int8pack_mm``, which needs
   K % 16 == 0; an asymmetric zero point adds a rank-one correction);
@@ -23,8 +24,10 @@ Projections that read the same tensor (q/k/v, gate/up) share one kernel call ove
 int8 weights (``fuse_projections``, on by default; the modules keep their names as ``SharedInputSlice``).
 ``quantize_embeddings=True`` additionally stores a float input embedding table as int8 rows.
 
-Activations run in ``dtype`` (bfloat16 by default): on CPUs without AMX the packed kernels are several times
-slower with float32 activations than the float32 matmul they replace, and 1.5-2x faster in bfloat16.
+Activations run in ``dtype``. By default bfloat16 where the CPU multiplies it in hardware (AVX-512 BF16, AMX)
+or our kernels are unavailable (PyTorch's int4/int8 kernels are much faster in bfloat16), and float32 where our
+kernels run on a CPU without it (AVX2): they read float32 activations in place, and the rest of the model
+(attention, norms) would otherwise run in emulated bfloat16, several times slower than float32.
 """
 
 from __future__ import annotations
@@ -34,14 +37,18 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.devices import resolve_device
-from ..core.errors import ConfigError, HFCompressError
+from ..core.errors import ConfigError
 from . import kernels
-from ..core.native import int8_gemv_available, int8_gemv_op
+from ..core.native import (
+    cpu_has_native_bf16,
+    int4_gemv_available,
+    int8_gemv_available,
+)
+from .cuda_runtime import build_cuda_linear, finish_cuda_model
 from .checkpoint import (
     CheckpointError,
     TensorReader,
@@ -57,6 +64,22 @@ from .checkpoint import (
     weight_dims,
 )
 
+from .packed import (  # the modules live in .packed (so .cuda_runtime can build on them); re-exported here
+    FUSABLE_SIBLINGS,  # noqa: F401
+    DequantLinear,
+    Int4PackedLinear,
+    Int8PackedLinear,
+    Int8RowEmbedding,
+    PackedEmbedding,
+    PackedLinear,
+    PackedModuleMixin,
+    SharedInputProjections,
+    SharedInputSlice,
+    fuse_shared_input_projections,
+    kernel_module,
+    quantize_input_embeddings,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_compressed", "PackedLinear", "Int4PackedLinear", "Int8PackedLinear", "DequantLinear",
@@ -64,335 +87,6 @@ __all__ = ["load_compressed", "PackedLinear", "Int4PackedLinear", "Int8PackedLin
            "kernel_module", "Int8RowEmbedding", "quantize_input_embeddings"]
 
 
-class PackedModuleMixin:
-    """Shared behaviour: logical parameter count, and refusing to be saved as if it were a float model."""
-
-    def logical_num_parameters(self) -> int:
-        bias = getattr(self, "bias", None)
-        return self.out_features * self.in_features + (bias.numel() if bias is not None else 0)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # Our kernel layouts are not the compressed-tensors layout: saving them would write a checkpoint
-        # that plain from_pretrained loads as random float weights. Refuse instead.
-        raise HFCompressError(f"module {prefix.rstrip('.')!r} comes from load_compressed() and is inference-only; "
-                              "copy the original checkpoint folder instead of saving this model")
-
-
-class PackedLinear(PackedModuleMixin, nn.Module):
-    """A Linear whose weight stays quantized; subclasses implement ``_matmul`` and ``dequantized_weight``."""
-
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, dtype: torch.dtype):
-        super().__init__()
-        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, dtype
-        self.register_buffer("bias", None if bias is None else bias.to(dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()  # (M, K)
-        y = self._matmul(x2)  # (M, N)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float weight (N, K) this module multiplies by (for tests and debugging)."""
-        raise NotImplementedError
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class Int4PackedLinear(PackedLinear):
-    """<= 4-bit weights in the CPU int4 kernel's layout (two values per byte) + per-group scale/zero."""
-
-    def __init__(self, q, scale, zero_point, group_size, bias, dtype, kernel_group_size):
-        n, k = q.shape
-        super().__init__(k, n, bias, dtype)
-        self.kernel_group_size = kernel_group_size
-        packed, scales_and_zeros = kernels.pack_int4_cpu(q, scale, zero_point, group_size, kernel_group_size, dtype)
-        self.register_buffer("weight_int4pack", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (K/g, N, 2)
-
-    def _matmul(self, x):
-        return kernels.int4_matmul_cpu(x, self.weight_int4pack, self.kernel_group_size, self.scales_and_zeros)
-
-    def dequantized_weight(self):
-        # The layout is opaque; multiplying the identity reads W.T back out exactly (one product per entry).
-        eye = torch.eye(self.in_features, dtype=self.compute_dtype)
-        return self._matmul(eye).t().contiguous()
-
-    def extra_repr(self):
-        return super().extra_repr() + f", kernel=int4pack, group_size={self.kernel_group_size}"
-
-
-class Int8PackedLinear(PackedLinear):
-    """Per-channel int8 weights (N, K) + float32 scale (N,) for hfcompress's int8 kernel (native.py), or
-    ``aten._weight_int8pack_mm`` where that kernel cannot be built."""
-
-    def __init__(self, q, scale, zero_point, bias, dtype):
-        n, k = q.shape
-        super().__init__(k, n, bias, dtype)
-        scale = scale.reshape(n).to(torch.float32)
-        self.register_buffer("weight_int8", q.to(torch.int8).contiguous())
-        self.register_buffer("weight_scale", scale)
-        zero_scale = None if zero_point is None else zero_point.reshape(n).to(torch.float32) * scale
-        self.register_buffer("zero_scale", zero_scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Decode's fast path: one token through our kernel with no Python work beyond the call (the generic
-        # path's reshapes, conversions and kernel choice cost about as much as the kernel on small layers).
-        if (x.dtype is self.compute_dtype and x.device.type == "cpu" and self.bias is None
-                and self.zero_scale is None and x.numel() == self.in_features and int8_gemv_available()):
-            y = int8_gemv_op()(x.reshape(1, self.in_features), self.weight_int8, self.weight_scale, -1)
-            return y.view(*x.shape[:-1], self.out_features)
-        return super().forward(x)
-
-    def _matmul(self, x):
-        return kernels.int8_matmul(x, self.weight_int8, self.weight_scale, self.zero_scale)
-
-    @classmethod
-    def concatenate(cls, members: list["Int8PackedLinear"]) -> "Int8PackedLinear | None":
-        """One module computing every member's output side by side, or None when they cannot share a call."""
-        first = members[0]
-        if any((m.bias is None) != (first.bias is None) or (m.zero_scale is None) != (first.zero_scale is None)
-               for m in members):
-            return None
-        fused = cls.__new__(cls)
-        PackedLinear.__init__(fused, first.in_features, sum(m.out_features for m in members),
-                              None if first.bias is None else torch.cat([m.bias for m in members]),
-                              first.compute_dtype)
-        fused.register_buffer("weight_int8", torch.cat([m.weight_int8 for m in members]))
-        fused.register_buffer("weight_scale", torch.cat([m.weight_scale for m in members]))
-        fused.register_buffer("zero_scale", None if first.zero_scale is None
-                              else torch.cat([m.zero_scale for m in members]))
-        return fused
-
-    def dequantized_weight(self):
-        w = self.weight_int8.to(torch.float32) * self.weight_scale.to(torch.float32)[:, None]
-        if self.zero_scale is not None:
-            w = w - self.zero_scale.to(torch.float32)[:, None]
-        return w.to(self.compute_dtype)
-
-    def extra_repr(self):
-        return super().extra_repr() + (", kernel=int8_gemv" if int8_gemv_available() else ", kernel=int8pack")
-
-
-class DequantLinear(PackedLinear):
-    """Any b-bit scheme: keeps the checkpoint's packed int32 words, dequantizes per forward."""
-
-    def __init__(self, packed, num_bits, scale, zero_point, group_size, g_idx, bias, dtype, shape):
-        n, k = shape
-        super().__init__(k, n, bias, dtype)
-        self.num_bits, self.group_size = num_bits, group_size
-        self.register_buffer("weight_packed", packed)
-        self.register_buffer("weight_scale", scale.to(dtype))
-        self.register_buffer("weight_zero_point", zero_point)
-        self.register_buffer("weight_g_idx", g_idx)
-
-    def dequantized_weight(self):
-        q = kernels.unpack_weight(self.weight_packed, self.num_bits, (self.out_features, self.in_features))
-        return kernels.dequantize(q, self.weight_scale, self.weight_zero_point, self.group_size,
-                                  self.weight_g_idx, dtype=self.compute_dtype)
-
-    def _matmul(self, x):
-        return F.linear(x, self.dequantized_weight())
-
-    def extra_repr(self):
-        return super().extra_repr() + f", kernel=dequantize, bits={self.num_bits}, group_size={self.group_size}"
-
-
-class PackedEmbedding(PackedModuleMixin, nn.Module):
-    """A quantized embedding table: only the looked-up rows are unpacked and dequantized."""
-
-    def __init__(self, packed, num_bits, scale, zero_point, group_size, dtype, shape, padding_idx=None):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = shape
-        self.out_features, self.in_features = shape  # for logical_num_parameters
-        self.num_bits, self.group_size, self.compute_dtype = num_bits, group_size, dtype
-        self.padding_idx = padding_idx
-        self.register_buffer("weight_packed", packed)  # (V, words)
-        self.register_buffer("weight_scale", scale.to(dtype))  # (V, G)
-        self.register_buffer("weight_zero_point", zero_point)  # (V, G) int8 or None
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.reshape(-1)
-        q = kernels.unpack_weight(self.weight_packed[ids], self.num_bits, (ids.numel(), self.embedding_dim))
-        zero = None if self.weight_zero_point is None else self.weight_zero_point[ids]
-        rows = kernels.dequantize(q, self.weight_scale[ids], zero, self.group_size, dtype=self.compute_dtype)
-        return rows.reshape(*input_ids.shape, self.embedding_dim)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.num_bits}, group_size={self.group_size}"
-
-
-class Int8RowEmbedding(PackedModuleMixin, nn.Module):
-    """An embedding table quantized at load time (``load_compressed(..., quantize_embeddings=True)``):
-    int8 codes with one float32 scale per row (symmetric, round to nearest), dequantizing only the rows
-    looked up. Each entry is within half a quantization step (max|row| / 254) of the float value it
-    replaces."""
-
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, padding_idx=None):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = weight.shape
-        self.out_features, self.in_features = weight.shape  # for logical_num_parameters
-        self.compute_dtype, self.padding_idx = dtype, padding_idx
-        w = weight.detach().to(torch.float32)
-        scale = w.abs().amax(dim=1) / 127  # (V,)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
-        self.register_buffer("weight_scale", scale)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight_int8[input_ids].to(torch.float32) * self.weight_scale[input_ids].unsqueeze(-1)
-        return rows.to(self.compute_dtype)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return (self.weight_int8.to(torch.float32) * self.weight_scale[:, None]).to(self.compute_dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits=8, per-row scales (quantized at load)"
-
-
-def quantize_input_embeddings(model: nn.Module) -> bool:
-    """Replace the model's float input embedding table by an :class:`Int8RowEmbedding`. Skipped, with a
-    warning, when the table is shared with another module (tied output head), whose float weight it is."""
-    embedding = model.get_input_embeddings()
-    if not isinstance(embedding, nn.Embedding):
-        return False
-    weight = embedding.weight
-    shared_with = [name for name, module in model.named_modules()
-                   if module is not embedding and getattr(module, "weight", None) is weight]
-    if shared_with:
-        logger.warning("quantize_embeddings: the input embedding table is tied to %s; keeping it in floating "
-                       "point (quantize that head in the checkpoint to save its memory)", ", ".join(shared_with))
-        return False
-    model.set_input_embeddings(Int8RowEmbedding(weight, weight.dtype if weight.is_floating_point() else
-                                                torch.float32, embedding.padding_idx))
-    return True
-
-
-# ------------------------------------------------------------------------------------------------------
-# Projections that read the same input share one kernel call
-# ------------------------------------------------------------------------------------------------------
-# Sibling linears that a block always calls on the same tensor: attention's query/key/value projections and
-# a gated MLP's gate/up projections (Llama, Mistral, Qwen2, Gemma, Phi-3-style names; GPT-2 and Falcon
-# already store them fused). At batch 1 every kernel call streams its weights from memory and pays a fixed
-# cost (the call itself, converting the activation row), so one call over the concatenated weights is
-# faster than three, with identical results (each output row is the same dot product either way).
-FUSABLE_SIBLINGS: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-    ("w1", "w3"),  # Mixtral-style experts / some Llama ports
-)
-
-
-class SharedInputProjections(nn.Module):
-    """Several projections of one input computed by one packed module (``fused``).
-
-    The block still calls each projection on its own (``SharedInputSlice``): the first call computes all of
-    them and keeps the others' outputs, which the next calls collect if they pass the very same, unmodified
-    tensor. A call with any other input (or after the input was modified in place; under
-    ``torch.inference_mode`` tensors carry no version counter, so there only the tensor's identity is
-    checked) computes afresh, so the results do not depend on the call pattern.
-    """
-
-    def __init__(self, fused: PackedLinear, sizes: list[int]):
-        super().__init__()
-        self.fused = fused
-        self.sizes = list(sizes)
-        self._pending: tuple | None = None  # (input, its version, outputs not collected yet)
-
-    @staticmethod
-    def _version(x: torch.Tensor) -> int | None:
-        # Inference-mode tensors keep no version counter: there the identity of the tensor is what is checked.
-        return None if x.is_inference() else x._version
-
-    def output_for(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        pending = self._pending
-        if (pending is not None and pending[0] is x and pending[1] == self._version(x)
-                and pending[2][index] is not None):
-            out = pending[2][index]
-            pending[2][index] = None
-            if all(o is None for o in pending[2]):
-                self._pending = None  # release the input and outputs as soon as all are collected
-            return out
-        parts = [part.contiguous() for part in self.fused(x).split(self.sizes, dim=-1)]
-        out, parts[index] = parts[index], None
-        self._pending = (x, self._version(x), parts)
-        return out
-
-
-class SharedInputSlice(PackedModuleMixin, nn.Module):
-    """One projection of a :class:`SharedInputProjections` group, in its original place in the model.
-
-    The first slice of a group registers the group as its submodule (so ``model.to()`` and byte counts
-    see the weights once); the others only refer to it.
-    """
-
-    def __init__(self, group: SharedInputProjections, index: int, in_features: int, out_features: int,
-                 owner: bool):
-        super().__init__()
-        self.in_features, self.out_features, self.index = in_features, out_features, index
-        if owner:
-            self.group = group
-        else:
-            self.__dict__["_group_ref"] = group  # not a submodule: the owner slice registers it
-
-    @property
-    def shared(self) -> SharedInputProjections:
-        return self._modules["group"] if "group" in self._modules else self.__dict__["_group_ref"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shared.output_for(self.index, x)
-
-    def logical_num_parameters(self) -> int:
-        return 0  # the group's packed module counts the weights of all its slices, once
-
-    def dequantized_weight(self) -> torch.Tensor:
-        start = sum(self.shared.sizes[:self.index])
-        return self.shared.fused.dequantized_weight()[start:start + self.out_features]
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"shares its input's kernel call with {len(self.shared.sizes) - 1} sibling(s)")
-
-
-def kernel_module(module: nn.Module) -> nn.Module:
-    """The module that runs ``module``'s kernel: the shared packed module for a fused projection, else itself."""
-    return module.shared.fused if isinstance(module, SharedInputSlice) else module
-
-
-def fuse_shared_input_projections(model: nn.Module) -> int:
-    """Replace each :data:`FUSABLE_SIBLINGS` group of packed linears by one shared kernel call (see
-    :class:`SharedInputProjections`). Returns the number of groups fused."""
-    fused_groups = 0
-    for parent in list(model.modules()):
-        for names in FUSABLE_SIBLINGS:
-            members = [getattr(parent, n, None) for n in names]
-            # int8 only: the int4 kernel's packed layout interleaves output rows, so it does not concatenate.
-            if not all(isinstance(m, Int8PackedLinear) for m in members):
-                continue
-            if len({(type(m), m.in_features, m.compute_dtype) for m in members}) != 1:
-                continue
-            fused = type(members[0]).concatenate(members)  # a subclass (CUDA's) fuses into its own kind
-            if fused is None:
-                continue
-            group = SharedInputProjections(fused, [m.out_features for m in members])
-            for index, (name, member) in enumerate(zip(names, members)):
-                setattr(parent, name, SharedInputSlice(group, index, member.in_features, member.out_features,
-                                                       owner=index == 0))
-            fused_groups += 1
-    if fused_groups:
-        logger.debug("fused %d groups of projections that share their input", fused_groups)
-    return fused_groups
-
-
-# ------------------------------------------------------------------------------------------------------
-# Building packed modules from checkpoint tensors
-# ------------------------------------------------------------------------------------------------------
 def _read_module_tensors(name: str, module: nn.Module, weights, reader: TensorReader) -> dict:
     """Read and check one quantized module's tensors -> dict(q_packed, scale (N, G), zero_point, g_idx, bias)."""
     n, k = weight_dims(module)
@@ -440,14 +134,13 @@ def build_packed_module(name: str, module: nn.Module, weights, reader: TensorRea
     if isinstance(module, nn.Embedding):
         return PackedEmbedding(t["packed"], bits, t["scale"], t["zero_point"], group_size, dtype, (n, k),
                                padding_idx=module.padding_idx)
-    if device.type == "cuda":
-        from .cuda_runtime import build_cuda_linear  # the GPU's kernels (tinygemm int4, int8 in the GEMM)
-
+    if device.type == "cuda":  # the GPU's kernels (tinygemm int4, int8 in the GEMM)
         return build_cuda_linear(name, t, weights, dtype, device)
     native = device.type == "cpu" and t["g_idx"] is None
     if native and bits <= 4:
-        kernel_group = kernels.int4_kernel_group_size(n, k, group_size)
-        if kernel_group is not None:
+        ours = int4_gemv_available() and kernels.int4_native_supports(k, group_size)
+        kernel_group = None if ours else kernels.int4_kernel_group_size(n, k, group_size)
+        if ours or kernel_group is not None:
             q = kernels.unpack_weight(t["packed"], bits, (n, k))
             return Int4PackedLinear(q, t["scale"], t["zero_point"], group_size, t["bias"], dtype, kernel_group)
     if native and group_size is None and kernels.int8_kernel_supports(k):
@@ -473,6 +166,11 @@ def _resolve_dtype(dtype) -> torch.dtype:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ConfigError(f"load_compressed: dtype must be bfloat16, float16 or float32, got {dtype}")
     return dtype
+
+
+def _default_cpu_dtype() -> torch.dtype:
+    """bfloat16, or float32 where our kernels run on a CPU without native bfloat16 (see the module docstring)."""
+    return torch.float32 if int8_gemv_available() and not cpu_has_native_bf16() else torch.bfloat16
 
 
 def _not_compressed_error(folder, method) -> CheckpointError:
@@ -536,7 +234,8 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
         device: where to run: "cpu" (default) uses the native int4/int8 kernels; "cuda" (or "cuda:N", "auto")
             PyTorch's tinygemm int4 kernel and int8 dequantized inside the GEMM (see ``cuda_runtime``); other
             devices the dequantize-on-the-fly fallback. A device this machine lacks raises ConfigError.
-        dtype: activation and unquantized-weight dtype; bfloat16 by default (see the module docstring).
+        dtype: activation and unquantized-weight dtype; by default bfloat16, or float32 on CPUs without native
+            bfloat16 arithmetic when our kernels run (see the module docstring).
         fuse_projections: let projections that read the same input (q/k/v, gate/up) share one kernel call
             over their concatenated weights (:func:`fuse_shared_input_projections`); same results, faster
             decode. The modules keep their names and places in the model.
@@ -557,8 +256,10 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     if method != "compressed-tensors":
         raise _not_compressed_error(folder, method)
     qconfig = parse_ct_config(config["quantization_config"])
-    dtype = _resolve_dtype(dtype)
     device = resolve_device(device)
+    if dtype is None and device.type == "cpu":
+        dtype = _default_cpu_dtype()
+    dtype = _resolve_dtype(dtype)
     infos = read_index(folder)
     model = _build_skeleton(folder, dtype, trust_remote_code)
 
@@ -593,11 +294,11 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     missing = _tie_missing(model, still_meta)
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
+    if device.type == "cpu":
+        _warn_int4_fallbacks(model)
     if fuse_projections:
         fuse_shared_input_projections(model)
     if device.type == "cuda":
-        from .cuda_runtime import finish_cuda_model
-
         finish_cuda_model(model, fuse_projections)
     if quantize_embeddings:
         quantize_input_embeddings(model)
@@ -605,6 +306,20 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     model.to(device).eval().requires_grad_(False)
     _load_generation_config(model, folder)
     return model
+
+
+def _warn_int4_fallbacks(model: nn.Module) -> None:
+    """One warning naming the <= 4-bit layers our int4 kernel does not take (while it runs for others)."""
+    if not int4_gemv_available():
+        return  # native.py already said why, once
+    slower = [name for name, m in model.named_modules()
+              if (isinstance(m, Int4PackedLinear) and m.backend != "hfcompress")
+              or (isinstance(m, DequantLinear) and m.num_bits <= 4)]
+    if slower:
+        shown = ", ".join(slower[:5]) + (f" and {len(slower) - 5} more" if len(slower) > 5 else "")
+        logger.warning("%d int4 layer(s) run on slower kernels (PyTorch's int4pack or dequantize-per-call): %s. "
+                       "hfcompress's int4 kernel takes groups of a multiple of 32 or per-channel scales, without "
+                       "activation-order g_idx", len(slower), shown)
 
 
 def _load_generation_config(model, folder) -> None:

@@ -24,6 +24,13 @@ weight once per token (except the embedding table, of which one row is read), so
 float32 ``sum`` and a float32 matrix-vector product over 1 GiB.
 
     python scripts/bench/runtime_speed.py --out scripts/bench/results/runtime_speed.json
+
+Instruction-set paths side by side (fp32 transformers and our int8/int4, each path in its own subprocess with
+HFCOMPRESS_CPU_ISA and ATen/oneDNN/MKL capped alike, so an AVX-512 machine also measures what AVX2 CPUs run;
+decode, share of the bandwidth floor, where a decode step's time goes, prefill at 64 and 512 tokens):
+
+    python scripts/bench/runtime_speed.py --isa-paths avx512 avx2 --hidden 1536 --intermediate 4096 --heads 12 \
+        --kv-heads 4 --layers 16 --new-tokens 64 --repeats 2 --out scripts/bench/results/runtime_speed_isa.json
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import argparse
 import gc
 import importlib
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -178,8 +187,19 @@ def kernel_streaming(out_features: int, in_features: int, total_mib: int = 768, 
             lambda q: torch.ops.aten._weight_int8pack_mm(x16, q, scale)
         if native.int8_gemv_available():
             scale32 = scale.float()
-            yield "hfcompress int8_gemv (bf16 activations)", 1.0, int8_weights, \
+            isa = native.ISA_LEVELS[native.kernel_isa()]
+            yield f"hfcompress int8_gemv {isa} (bf16 activations)", 1.0, int8_weights, \
                 lambda q: native.int8_gemv(x16, q, scale32)
+            yield f"hfcompress int8_gemv {isa} (fp32 activations)", 1.0, int8_weights, \
+                lambda q: native.int8_gemv(x32, q, scale32)
+            groups = in_features // 128
+            int4_scale = torch.rand(out_features, groups) / 64
+
+            def int4_native_weights():
+                return [native.int4_pack(torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8))
+                        for _ in range(count(0.5 + 4 / 128))]
+            yield f"hfcompress int4_gemv {isa} g128 (fp32 activations)", 0.5 + 4 / 128, int4_native_weights, \
+                lambda p: native.int4_gemv(x32, p, int4_scale, None, out_features, 128)
         if group is not None:
             def int4_weights():
                 return [kernels.pack_int4_cpu(torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8),
@@ -229,7 +249,11 @@ def variants(args):
     from transformers import AutoModelForCausalLM
 
     native = importlib.import_module("hfcompress.core.native")
-    int8_kernel = "hfcompress int8_gemv" if native.int8_gemv_available() else "int8pack"
+    if native.int8_gemv_available():
+        isa = native.ISA_LEVELS[native.kernel_isa()]
+        int8_kernel, int4_kernel = f"hfcompress int8_gemv ({isa})", f"hfcompress int4_gemv ({isa})"
+    else:
+        int8_kernel, int4_kernel = "int8pack", "int4pack"
 
     def ours(bits, group, **kwargs):
         from hfcompress.quantization.runtime import load_compressed
@@ -261,11 +285,10 @@ def variants(args):
     return {
         "transformers fp32": ("plain transformers, float32", lambda: random_model(args)),
         "transformers bf16": ("plain transformers, bfloat16", lambda: random_model(args, torch.bfloat16)),
-        "ours int8": (f"load_compressed, W8A16 per channel, {int8_kernel} kernel, bf16 activations",
-                      ours(8, None)),
+        "ours int8": (f"load_compressed, W8A16 per channel, {int8_kernel} kernel", ours(8, None)),
         "ours int8 + int8 embeddings": ("the same, with the bf16 input embedding table quantized to int8 per row "
                                         "at load (quantize_embeddings=True)", ours(8, None, quantize_embeddings=True)),
-        "ours int4": ("load_compressed, W4A16 group 128, int4pack kernel, bf16 activations", ours(4, 128)),
+        "ours int4": (f"load_compressed, W4A16 group 128, {int4_kernel} kernel", ours(4, 128)),
         "transformers <- int8 ckpt": ("same W8A16 folder, plain from_pretrained (decompressed)", plain(8, None)),
         "transformers <- int4 ckpt": ("same W4A16 folder, plain from_pretrained (decompressed)", plain(4, 128)),
         "bnb int8": ("bitsandbytes LLM.int8 (threshold 6), bf16 model", bnb("bnb_int8")),
@@ -296,6 +319,36 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> dict:
                    logits_processor=LogitsProcessorList([clock]))
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     return {"prefill_s": clock.times[0] - start, "step_s": steps, "new_tokens": new_tokens}
+
+
+@torch.no_grad()
+def step_split(model, prompt: torch.Tensor, new_tokens: int = 17) -> dict:
+    """Where a decode step's time goes: the weight kernels (hfcompress's ops, or aten's linear/mm/int8pack/
+    int4pack) vs everything else (attention, norms, rotary, the Python of transformers' eager layers), from
+    torch.profiler's self CPU times over ``new_tokens - 1`` decode steps (prefill excluded by subtracting a
+    1-token run). The profiler adds its own cost per op, so the absolute numbers run high; the split is the
+    point."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kernel_ops = ("hfcompress::int8_gemv", "hfcompress::int4_gemv", "aten::mm", "aten::addmm", "aten::linear",
+                  "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu")
+
+    def profiled(tokens):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                           min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        kernel = sum(e.self_cpu_time_total for e in events if e.key in kernel_ops) / 1e6
+        return wall, kernel
+
+    wall_n, kernel_n = profiled(new_tokens)
+    wall_1, kernel_1 = profiled(1)
+    steps = new_tokens - 1
+    kernel_ms = max(0.0, 1e3 * (kernel_n - kernel_1) / steps)
+    total_ms = max(kernel_ms, 1e3 * (wall_n - wall_1) / steps)
+    return {"kernel_ms": kernel_ms, "other_ms": total_ms - kernel_ms, "step_ms_profiled": total_ms}
 
 
 def affordable_tokens(warm_up: dict, seconds_left: float, most: int) -> int:
@@ -383,6 +436,87 @@ def table(results: dict, bandwidth_gbps: float) -> str:
     return "\n".join(lines)
 
 
+# What each instruction-set path sets in its subprocess: our kernels' cap, and the same cap for ATen's own
+# kernels, oneDNN and MKL, so fp32 transformers and everything around our kernels run as on such a CPU.
+ISA_ENV = {
+    "avx512": {"HFCOMPRESS_CPU_ISA": "avx512"},
+    "avx2": {"HFCOMPRESS_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+ISA_VARIANTS = ("transformers fp32", "ours int8", "ours int4")
+
+
+def compare_isa_paths(args, argv: list[str]) -> int:
+    """Run fp32 transformers and our int8/int4 once per instruction-set path (a subprocess of this script
+    each) and print them side by side: decode tok/s and its ratio to fp32 on the same path, the share of the
+    bandwidth floor, and prefill at each prompt length with its ratio to fp32."""
+    started = time.perf_counter()
+    passthrough, skip = [], False
+    for index, item in enumerate(argv):  # drop --isa-paths and its values, --out and its value
+        if skip and not item.startswith("--"):
+            continue
+        skip = item in ("--isa-paths", "--out", "--only")
+        if not skip and not item.startswith(("--isa-paths=", "--out=", "--only=")):
+            passthrough.append(item)
+    paths = {}
+    for isa in args.isa_paths:
+        out = Path(args.work) / f"isa_{isa}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, *passthrough, "--no-torchao", "--out", str(out), "--only", *ISA_VARIANTS]
+        env = {**os.environ, **ISA_ENV[isa]}
+        print(f"== {isa} path: {' '.join(f'{k}={v}' for k, v in ISA_ENV[isa].items())}", flush=True)
+        proc = subprocess.run(cmd, env=env)
+        paths[isa] = json.loads(out.read_text()) if proc.returncode == 0 and out.is_file() else {
+            "error": f"worker exited with {proc.returncode}"}
+    text = isa_table(paths)
+    print()
+    print(text)
+    if args.out:
+        common.write_json(args.out, {"paths": paths, "table_markdown": text, "args": vars(args),
+                                     "machine": common.machine_info(),
+                                     "wall_seconds": time.perf_counter() - started})
+    return 0
+
+
+def isa_table(paths: dict) -> str:
+    lengths = sorted({int(n) for p in paths.values() for r in p.get("results", {}).values()
+                      for n in r.get("prefill_by_prompt", {})})
+    header = ("| path | variant | activations | decode tok/s | vs fp32 | % of floor | step ms: kernels + rest | "
+              + " | ".join(f"prefill {n} tok/s | vs fp32" for n in lengths) + " |")
+    lines = [header, "|" + "---|" * (7 + 2 * len(lengths))]
+    for isa, payload in paths.items():
+        if "results" not in payload:
+            lines.append(f"| {isa} | {payload.get('error')} |" + " |" * (5 + 2 * len(lengths)))
+            continue
+        bw = payload["read_gb_per_s_used"]
+        results = payload["results"]
+        base = results.get("transformers fp32", {})
+        for name, r in results.items():
+            if r.get("status") != "ok":
+                lines.append(f"| {isa} | {name} | {r.get('status')}: {r.get('error', '')} |"
+                             + " |" * (4 + 2 * len(lengths)))
+                continue
+            decode = r["decode_tokens_per_s"]["median"]
+            base_decode = base.get("decode_tokens_per_s", {}).get("median")
+            floor = bw * 1e9 / r["decode_bytes_per_token"]
+            split = r.get("step_split")
+            cells = [isa, name, r.get("dtype", "?"), f"{decode:.2f}",
+                     f"{decode / base_decode:.2f}x" if base_decode else "-", f"{100 * decode / floor:.0f}%",
+                     f"{split['kernel_ms']:.1f} + {split['other_ms']:.1f}" if split else "-"]
+            for n in lengths:
+                value = r.get("prefill_by_prompt", {}).get(str(n), {}).get("median")
+                ref = base.get("prefill_by_prompt", {}).get(str(n), {}).get("median")
+                cells += [f"{value:.1f}" if value else "-", f"{value / ref:.2f}x" if value and ref else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append(f"| {isa} | read bandwidth {bw:.1f} GB/s; kernels: "
+                     f"{', '.join(f'{k} {v}' for k, v in payload.get('native_kernels', {}).items())} |"
+                     + " |" * (5 + 2 * len(lengths)))
+    lines.append("")
+    lines.append("step ms: kernels + rest = torch.profiler self time of the weight kernels per decode step, and "
+                 "the rest of the step (attention, norms, Python), profiled separately from the timed runs.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -401,6 +535,12 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(common.WORK_DIR / "runtime_speed"))
     parser.add_argument("--no-torchao", action="store_true")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel streaming table")
+    parser.add_argument("--prefill-prompts", type=int, nargs="*", default=[64, 512],
+                        help="prompt lengths at which the main variants' prefill is timed")
+    parser.add_argument("--isa-paths", nargs="*", choices=sorted(ISA_ENV), default=None,
+                        help="instead of the full comparison: fp32 transformers and our int8/int4 under each of these "
+                             "instruction sets (a subprocess each, HFCOMPRESS_CPU_ISA and ATen/oneDNN/MKL capped "
+                             "alike), side by side")
     parser.add_argument("--torchao-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -412,6 +552,8 @@ def main(argv=None) -> int:
     if args.torchao_worker:
         torchao_worker(args)
         return 0
+    if args.isa_paths:
+        return compare_isa_paths(args, argv if argv is not None else sys.argv[1:])
 
     started = time.perf_counter()
     prompt = prompt_tokens(args)
@@ -448,6 +590,21 @@ def main(argv=None) -> int:
                   flush=True)
     for name in main_models:
         results[name].update(summarize_runs(runs[name], args.prompt))
+        results[name]["dtype"] = str(next(main_models[name].parameters()).dtype).replace("torch.", "")
+    # Prefill at each --prefill-prompts length (one forward over the prompt; median of --repeats, round-robin).
+    prefill_runs: dict[str, dict[int, list[float]]] = {name: {} for name in main_models}
+    for length in args.prefill_prompts:
+        long_prompt = torch.randint(3, args.vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        for _ in range(args.repeats):
+            for name, model in main_models.items():
+                seconds = timed_generate(model, long_prompt, 1)["prefill_s"]
+                prefill_runs[name].setdefault(length, []).append(length / seconds)
+        print(f"prefill {length}: " + ", ".join(f"{n} {statistics.median(r[length]):.1f} tok/s"
+                                                for n, r in prefill_runs.items()), flush=True)
+    for name in main_models:
+        results[name]["prefill_by_prompt"] = {str(length): common.summarize(values)
+                                              for length, values in prefill_runs[name].items()}
+        results[name]["step_split"] = step_split(main_models[name], prompt)
     main_models = None
     gc.collect()
 

@@ -1,11 +1,13 @@
 """hfcompress's own int8 CPU kernel (native.py, csrc/int8_gemv.cpp): every code path against float64, and
 the fallback to PyTorch's kernel when it is switched off or cannot be built.
 
-Error bound: the kernel converts x to float32 (exact for float32/bfloat16 inputs), multiplies by exact
-int8 codes and sums K products in float32 in some order, then multiplies by the float32 scale. Each
+Error bound (float paths: portable, AVX-512 without VNNI): the kernel converts x to float32 (exact for
+float32/bfloat16 inputs), multiplies by exact int8 codes and sums K products in float32 in some order, then
+multiplies by the float32 scale. Each
 partial sum is rounded with relative error <= 2**-24, so |y - y_64| <= (K + 1) 2**-24 sum_k |x_k q_nk| s_n
 (the standard gamma_K bound); a bfloat16 output adds <= 2**-8 |y_n|. A wrong row, column tail or scale
-gives errors of order sum |x q| s itself.
+gives errors of order sum |x q| s itself. The fixed-point paths (AVX-512 VNNI, AVX2) round each x_k to a grid
+of 2^-22 (VNNI) or 2^-13 (AVX2) times the row's max|x|, then sum exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from hfcompress.core import native
 from hfcompress.quantization import kernels
 
-pytestmark = pytest.mark.skipif(not native.int8_gemv_available(), reason="int8 kernel could not be built here")
+pytestmark = pytest.mark.skipif(not native.kernels_available(), reason="native kernels could not be built here")
 
 ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512", 3: "avx512-vnni"}
 
@@ -48,11 +50,17 @@ def test_int8_gemv_matches_float64(isa, m, dtype):
         products = x.double() @ q.double().t()
         y64 = products * scale.double()
         bound = (k + 1) * 2.0 ** -24 * ((x.double().abs() @ q.double().abs().t()) * scale.double())
-        if isa == 3:  # fixed point: each x_k moves by <= 2^-22 max|x| (then exact integer sums)
+        if isa in (1, 3):  # fixed point: each x_k moves by <= 2^-22 (VNNI) / 2^-13 (AVX2) max|x|, exact sums
             amax = x.double().abs().amax(dim=1, keepdim=True)
-            bound = 2.0 ** -22 * amax * (q.double().abs().sum(1) * scale.double())[None, :] + 2.0 ** -23 * y64.abs()
+            step = 2.0 ** -22 if isa == 3 else 2.0 ** -13
+            bound = step * amax * (q.double().abs().sum(1) * scale.double())[None, :] + 2.0 ** -23 * y64.abs()
         if dtype == torch.bfloat16:
             bound = bound + 2.0 ** -8 * y64.abs()
+        if m >= 8:  # prefill: float32 tiles of q * s (one more rounding), or bfloat16 tiles for bfloat16 x on
+            # CPUs with native bfloat16 GEMM (each weight rounded to bfloat16: 2^-8 relative)
+            magnitude = (x.double().abs() @ q.double().abs().t()) * scale.double()
+            bound = (k + 2) * 2.0 ** -24 * magnitude + (2.0 ** -8 * magnitude if dtype == torch.bfloat16 else 0)
+            bound = bound + (2.0 ** -8 * y64.abs() if dtype == torch.bfloat16 else 0)
         assert ((y.double() - y64).abs() <= bound + 1e-30).all(), (isa, m, n, k)
 
 
@@ -93,7 +101,8 @@ def test_int8_gemv_vnni_is_exactly_its_fixed_point_arithmetic():
 
 
 def test_int8_gemv_paths_agree_bitwise_on_exact_inputs():
-    """Small integer activations make every partial sum exact in float32: all paths give identical bits."""
+    """Small integer activations make every partial sum exact in float32 (and are exact in either fixed-point
+    form): all paths give identical bits."""
     g = torch.Generator().manual_seed(0)
     x = torch.randint(-3, 4, (3, 200), generator=g).float()
     q = torch.randint(-128, 128, (21, 200), generator=g, dtype=torch.int8)
@@ -202,7 +211,7 @@ def test_int8_gemv_vnni_edge_rows():
 
 def test_int8_matmul_decodes_any_k_with_our_kernel(monkeypatch):
     """K % 16 != 0 (which PyTorch's kernel cannot take) still decodes through our kernel, not a dense
-    dequantized matmul; prefill rows go to the dense GEMM."""
+    dequantized matmul; prefill rows go through it too (its dequantized tiles)."""
     calls = []
     monkeypatch.setattr(kernels, "int8_gemv", lambda *args: calls.append(args[0].shape) or native.int8_gemv(*args))
     g = torch.Generator().manual_seed(7)
@@ -214,4 +223,20 @@ def test_int8_matmul_decodes_any_k_with_our_kernel(monkeypatch):
         y64 = x.double() @ (q.double() * scale.double()[:, None]).t()
         magnitude = x.double().abs() @ (q.double().abs() * scale.double()[:, None]).t()
         assert ((y.double() - y64).abs() <= 2 * 2.0 ** -8 * magnitude + 1e-12).all()
-    assert calls == [(1, 72)]
+    assert calls == [(1, 72), (kernels.INT8_DENSE_MIN_ROWS, 72)]
+
+
+@pytest.mark.parametrize("isa_name", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+def test_kd_logit_loss_under_every_isa(isa_name, loss, monkeypatch):
+    """HFCOMPRESS_CPU_ISA picks the loss kernel's clone too; each matches the float64 reference."""
+    from hfcompress.distillation.losses import LogitLoss
+    from tests.distillation.test_kd_kernel import assert_matches, logits
+
+    if {"generic": 0, "avx2": 1, "avx512": 2}[isa_name] > native.cpu_isa():
+        pytest.skip(f"this CPU has no {isa_name} path")
+    monkeypatch.setenv("HFCOMPRESS_CPU_ISA", isa_name)
+    assert native.native_kernel_status()["kd_logit_loss"] == f"loaded ({isa_name})"
+    student, teacher, targets = logits(5, 1000, seed=3)
+    spec = LogitLoss(loss=loss, temperature=2.0, kd_weight=0.7, ce_weight=0.3, beta=0.4)
+    assert_matches(spec, student, teacher, targets, loss)

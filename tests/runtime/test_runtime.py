@@ -89,7 +89,8 @@ def test_round_trip(tmp_path, bits, strategy, group_size, symmetric, expected):
 
 
 def test_odd_shapes_fall_back_and_stay_exact(tmp_path):
-    """N % 16 != 0 or K % 16 != 0: per-channel int4 goes to an int8 kernel where K allows, else dequantizes."""
+    """N % 16 != 0 or K % 16 != 0: our int4 kernel takes any shape; without it (PyTorch's int4pack needs
+    N % 16 == 0) per-channel int4 goes to an int8 kernel where K allows, else dequantizes."""
     model = small_llama(intermediate=72)
     write_ct_checkpoint(model, tmp_path, num_bits=4, strategy="channel", symmetric=False)
     for native_on in ("1", "0"):
@@ -97,10 +98,14 @@ def test_odd_shapes_fall_back_and_stay_exact(tmp_path):
             patch.setenv("HFCOMPRESS_NATIVE_KERNELS", native_on)
             ours = load_compressed(tmp_path, progress=False)
             mlp = ours.model.layers[0].mlp
+            if native_on == "1" and native.int4_gemv_available():
+                for layer in (mlp.gate_proj, mlp.down_proj, ours.model.layers[0].self_attn.q_proj):
+                    assert kernel_module(layer).backend == "hfcompress"
+                check_close_to_reference(tmp_path, ours)
+                continue
             assert type(kernel_module(mlp.gate_proj)) is Int8PackedLinear  # N = 72
-            # K = 72: our int8 kernel takes any K; PyTorch's needs K % 16 == 0, so without ours it dequantizes
-            expected = Int8PackedLinear if native_on == "1" and native.int8_gemv_available() else DequantLinear
-            assert type(mlp.down_proj) is expected
+            # K = 72: PyTorch's int8 kernel needs K % 16 == 0, so without ours it dequantizes
+            assert type(mlp.down_proj) is DequantLinear
             assert type(kernel_module(ours.model.layers[0].self_attn.q_proj)) is Int4PackedLinear
             check_close_to_reference(tmp_path, ours)
 

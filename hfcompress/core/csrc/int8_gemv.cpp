@@ -12,7 +12,10 @@
 //   signed bytes, so it sees u = q + 128 and the result is corrected by 128 sum_k X_k. The only rounding is
 //   that of x to the 2^e grid (<= 2^-22 max|x| per element; exact for bfloat16 inputs within 2^14 of the
 //   row's maximum) and the final conversion to float.
-// * AVX-512 / AVX2: convert 16 / 8 int8 weights at a time to float32 and accumulate with FMA in float32.
+// * AVX2: the same idea in 14-bit fixed point (two digits that keep vpmaddubsw's int16 pair sums exact; see
+//   block_avx2_int): rounding <= 2^-13 max|x| per element.
+// * AVX-512 (no VNNI), and AVX2 for non-finite rows or K >= 65536: convert 16 / 8 int8 weights at a time to
+//   float32 and accumulate with FMA in float32.
 // * a portable loop for other CPUs (and non-finite activations go to the float paths).
 //
 // A block of 4 weight rows shares each activation load. Rows are split over ATen's OpenMP pool (the build
@@ -25,10 +28,6 @@
 //
 // Registered as the operator ``hfcompress::int8_gemv`` (see kernels.py for how it is built and used).
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,12 +36,11 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define HFC_X86 1
-#endif
+#include "common.h"
 
 namespace {
+
+using hfc::Isa;
 
 constexpr int kRows = 4;   // weight rows per block
 constexpr int kMaxM = 4;   // activation rows per pass
@@ -56,8 +54,6 @@ inline const char* prefetch_target(const int8_t* q, int64_t K, int64_t n0, int r
   const int64_t ahead = k + kPrefetch;
   return reinterpret_cast<const char*>(ahead < K ? q + (n0 + r) * K + ahead : q + (n0 + kRows + r) * K + (ahead - K));
 }
-
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kVnni = 3 };
 
 // Fixed-point form of one activation row for the VNNI path: three digit rows of kp bytes (zero padded).
 struct Digits {
@@ -196,16 +192,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void block_vnni(
   }
 }
 
-Isa detect_isa() {
-  __builtin_cpu_init();
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl");
-  if (avx512 && __builtin_cpu_supports("avx512vnni")) return Isa::kVnni;
-  if (avx512) return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-  return Isa::kScalar;
-}
-
 template <int M>
 void rows_vector(Isa isa, const float* x, int64_t K, const int8_t* q, int64_t n_begin, int64_t n_end,
                  const float* scale, float* y, int64_t N) {
@@ -218,15 +204,6 @@ void rows_vector(Isa isa, const float* x, int64_t K, const int8_t* q, int64_t n_
   }
 }
 #endif
-
-Isa cached_isa() {
-#ifdef HFC_X86
-  static const Isa isa = detect_isa();
-  return isa;
-#else
-  return Isa::kScalar;
-#endif
-}
 
 // x (K floats) -> fixed point X 2^e with |X| <= 2^22, split into balanced base-256 digits. False when the
 // row has a non-finite value (the float paths then propagate it).
@@ -347,13 +324,145 @@ void rows_any(Isa isa, const float* x, int64_t m_count, int64_t K, const int8_t*
   rows_scalar(x, m_count, K, q, n_begin, n_end, scale, y, N);
 }
 
+#ifdef HFC_X86
+// ---- AVX2 integer path ----------------------------------------------------------------------------------
+// AVX2 has no VNNI, and vpmaddubsw adds two u8 x s8 products into int16 with saturation, so the VNNI path's
+// full-range digits (255 * 128 * 2 > 2^15) would overflow. Here each activation row is written in 14-bit
+// fixed point, x_k ~ X_k 2^e with |X_k| <= 2^13, split as X = 128 h + l with h in [-64, 64], l in [-64, 63]:
+// then u h and u l (u = q + 128 <= 255) pair sums stay below 2 * 255 * 64 = 32640 < 2^15, exact. The
+// rounding of x to the 2^e grid (<= 2^-13 max|x| per element, finer than a bfloat16 activation's own
+// 2^-9 |x|) is the only approximation; then
+//   sum_k q_k X_k = 128 sum_k u_k h_k + sum_k u_k l_k - 128 sum_k X_k     (exact integers).
+// Per 32 weights and row: 2 vpmaddubsw + 2 vpmaddwd + 2 vpaddd, against 16 uops for the float path.
+struct Digits14 {
+  std::vector<int8_t> bytes;  // (2, kp): h row, then l row (zero padded)
+  int64_t sum = 0;            // sum_k X_k
+  int exponent = 0;           // x_k ~ X_k 2^exponent
+};
+thread_local std::vector<Digits14> tls_digits14;
+
+// False for a non-finite row (the float path then propagates it) or a scale outside float's normal range.
+__attribute__((target("avx2,fma"))) bool make_digits14(const float* x, int64_t K, int64_t kp, Digits14& d) {
+  const __m256 sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(3.4028234663852886e38f);
+  __m256 vmax = _mm256_setzero_ps();
+  int finite = 0xff;
+  int64_t i = 0;
+  for (; i + 8 <= K; i += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+    finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, big, _CMP_LE_OQ));  // false for inf and NaN
+    vmax = _mm256_max_ps(vmax, a);
+  }
+  if (finite != 0xff) return false;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  float amax = _mm_cvtss_f32(m4);
+  for (; i < K; ++i) {
+    if (!std::isfinite(x[i])) return false;
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  d.bytes.assign(static_cast<size_t>(2 * kp), 0);
+  d.sum = 0;
+  d.exponent = 0;
+  if (amax == 0.f) return true;
+  int top;
+  std::frexp(amax, &top);  // amax < 2^top
+  const int exponent = top - 13;
+  if (-exponent < -126 || -exponent > 127) return false;
+  d.exponent = exponent;
+  const float inv = std::ldexp(1.0f, -exponent);  // exact scaling: |x 2^-e| < 2^13
+  int8_t* high = d.bytes.data();
+  int8_t* low = high + kp;
+  int64_t sum = 0;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i c64 = _mm256_set1_epi32(64), c127 = _mm256_set1_epi32(127);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t k = 0;
+  __m256i vsum = _mm256_setzero_si256();
+  for (; k + 32 <= K; k += 32) {
+    __m256i h[4], l[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256i X = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * i), vinv));  // half-even
+      vsum = _mm256_add_epi32(vsum, X);
+      l[i] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(X, c64), c127), c64);
+      h[i] = _mm256_srai_epi32(_mm256_sub_epi32(X, l[i]), 7);
+    }
+    const __m256i hb = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(h[0], h[1]), _mm256_packs_epi32(h[2], h[3])), order);
+    const __m256i lb = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(l[0], l[1]), _mm256_packs_epi32(l[2], l[3])), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(high + k), hb);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(low + k), lb);
+  }
+  int32_t lanes[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), vsum);
+  for (int i = 0; i < 8; ++i) sum += lanes[i];
+  for (; k < K; ++k) {
+    const int32_t X = static_cast<int32_t>(std::nearbyint(x[k] * inv));
+    const int32_t l = ((X + 64) & 127) - 64;
+    high[k] = static_cast<int8_t>((X - l) >> 7);
+    low[k] = static_cast<int8_t>(l);
+    sum += X;
+  }
+  d.sum = sum;
+  return true;
+}
+
+// One block of 4 weight rows against one activation row.
+template <typename Out>
+__attribute__((target("avx2,fma"))) void block_avx2_int(const Digits14& d, int64_t K, int64_t kp, const int8_t* q,
+                                                        int64_t n0, int rows, const float* scale, Out* y) {
+  __m256i acc_h[kRows], acc_l[kRows];
+  for (int r = 0; r < kRows; ++r) acc_h[r] = acc_l[r] = _mm256_setzero_si256();
+  const int8_t* w[kRows];
+  for (int r = 0; r < kRows; ++r) w[r] = q + (n0 + (r < rows ? r : 0)) * K;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* high = d.bytes.data();
+  const int8_t* low = high + kp;
+  alignas(32) int8_t tail[kRows][32];
+  for (int64_t k = 0; k < K; k += 32) {
+    __m256i u[kRows];
+    if (k + 32 <= K) {
+      if ((k & 63) == 0)
+        for (int r = 0; r < kRows; ++r) _mm_prefetch(prefetch_target(q, K, n0, r, k), _MM_HINT_T0);
+      for (int r = 0; r < kRows; ++r)
+        u[r] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k)), flip);
+    } else {  // the tail: padding bytes meet zero digits
+      for (int r = 0; r < kRows; ++r) {
+        std::memset(tail[r], 0, 32);
+        std::memcpy(tail[r], w[r] + k, static_cast<size_t>(K - k));
+        u[r] = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail[r])), flip);
+      }
+    }
+    const __m256i dh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high + k));
+    const __m256i dl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + k));
+    for (int r = 0; r < kRows; ++r) {
+      acc_h[r] = _mm256_add_epi32(acc_h[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u[r], dh), ones));
+      acc_l[r] = _mm256_add_epi32(acc_l[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u[r], dl), ones));
+    }
+  }
+  const double unit = std::ldexp(1.0, d.exponent);
+  for (int r = 0; r < rows; ++r) {
+    int32_t hs[8], ls[8];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hs), acc_h[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ls), acc_l[r]);
+    int64_t a = 0, b = 0;
+    for (int i = 0; i < 8; ++i) {
+      a += hs[i];
+      b += ls[i];
+    }
+    // |a|, |b| <= 2 * 255 * 64 * K / 8 per lane < 2^31 for K < 65536 (checked by the caller).
+    const int64_t dot = 128 * a + b - 128 * d.sum;  // sum_k q_k X_k, exact
+    const double value = static_cast<double>(dot) * unit * static_cast<double>(scale[n0 + r]);
+    y[n0 + r] = static_cast<Out>(static_cast<float>(value));
+  }
+}
+#endif
+
 // isa: -1 = the best the CPU has; 0 = portable loop, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI (for tests).
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t isa_request) {
-  const Isa best = cached_isa();
-  TORCH_CHECK(isa_request >= -1 && isa_request <= static_cast<int64_t>(best),
-              "hfcompress::int8_gemv: instruction set ", isa_request, " requested but this CPU supports up to ",
-              static_cast<int>(best), " (0 = portable, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI)");
-  Isa isa = isa_request < 0 ? best : static_cast<Isa>(isa_request);
+  Isa isa = hfc::resolve_isa(isa_request, "int8_gemv");
   TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(),
               "hfcompress::int8_gemv runs on CPU tensors");
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1),
@@ -381,6 +490,21 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   }
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
+  if (M >= hfc::kGemmMinRows) {
+    // Prefill: tiles of q * scale (float32, or bfloat16 where the CPU multiplies it natively) into ATen's GEMM.
+    at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
+    const bool bf16_tiles = bf16 && hfc::native_bf16_gemm(isa);
+    const at::Tensor xg =
+        bf16_tiles ? xc : at::from_blob(const_cast<float*>(xf), {M, K}, x.options().dtype(at::kFloat));
+    hfc::tiled_gemm(xg, N, yf.data_ptr<float>(), bf16_tiles, [&](int64_t n0, int64_t count, float* tile) {
+      for (int64_t i = 0; i < count; ++i) {
+        const int8_t* row = qp + (n0 + i) * K;
+        const float s = sp[n0 + i];
+        for (int64_t k = 0; k < K; ++k) tile[i * K + k] = static_cast<float>(row[k]) * s;
+      }
+    });
+    return bf16 ? yf.to(x.scalar_type()) : yf;
+  }
   // Blocks of kRows rows; ~64 KiB of weights per task keeps the split cheap next to the work.
   const int64_t blocks = (N + kRows - 1) / kRows;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, K * kRows));
@@ -400,6 +524,29 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
             for (int64_t n0 = b0 * kRows; n0 < std::min(N, b1 * kRows); n0 += kRows)
               block_vnni(digits[m], K, kp, qp, n0, static_cast<int>(std::min<int64_t>(kRows, N - n0)), sp,
                          y + m * N);
+        });
+      };
+      if (bf16)
+        run(out.data_ptr<c10::BFloat16>());
+      else
+        run(out.data_ptr<float>());
+      return out;
+    }
+  }
+  if (isa == Isa::kAvx2 && K < 65536) {
+    const int64_t kp = (K + 31) / 32 * 32;
+    if (tls_digits14.size() < static_cast<size_t>(M)) tls_digits14.resize(static_cast<size_t>(M));
+    bool ok = true;
+    for (int64_t m = 0; m < M && ok; ++m) ok = make_digits14(xf + m * K, K, kp, tls_digits14[m]);
+    if (ok) {
+      const Digits14* digits = tls_digits14.data();
+      at::Tensor out = at::empty({M, N}, x.options());
+      auto run = [&](auto* y) {
+        at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n0 = b0 * kRows; n0 < std::min(N, b1 * kRows); n0 += kRows)
+              block_avx2_int(digits[m], K, kp, qp, n0, static_cast<int>(std::min<int64_t>(kRows, N - n0)), sp,
+                             y + m * N);
         });
       };
       if (bf16)

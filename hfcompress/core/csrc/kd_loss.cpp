@@ -28,7 +28,7 @@
 //
 // Vectorisation: the loops are plain C++ under `#pragma omp simd` (reductions allowed without -ffast-math)
 // with an exponential made of multiply-adds and integer bit operations, and the row function is compiled
-// for AVX-512, AVX2+FMA and baseline x86-64 (GCC target_clones; the loader picks one at run time). Accuracy:
+// for AVX-512, AVX2+FMA and baseline x86-64 (one copy per target, picked per call by the isa argument). Accuracy:
 // exp is within ~2 ulp of the true value; the sums are float32 (as ATen's own softmax), so results match
 // the PyTorch path to float32 rounding, not bitwise.
 //
@@ -46,11 +46,7 @@
 #include <optional>
 #include <tuple>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define HFC_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define HFC_VECTOR_CLONES
-#endif
+#include "common.h"
 
 namespace {
 
@@ -138,8 +134,8 @@ struct Settings {
 };
 
 // One row: returns (kd, ce) and, with need_grad, overwrites a with the gradient.
-HFC_VECTOR_CLONES
-void kd_row(float* a, const float* b, int64_t V, int64_t y, const Settings& s, float* kd_out, float* ce_out) {
+HFC_INLINE void kd_row_body(float* a, const float* b, int64_t V, int64_t y, const Settings& s, float* kd_out,
+                             float* ce_out) {
   const float inv_t = s.inv_t;
   const bool unit_t = inv_t == 1.0f;
   const float ma = row_max(a, V);
@@ -227,9 +223,36 @@ void kd_row(float* a, const float* b, int64_t V, int64_t y, const Settings& s, f
   *ce_out = ce;
 }
 
+// The row function compiled for each instruction set (the body is inlined into each, so its `omp simd`
+// loops vectorise for that target), picked per call so HFCOMPRESS_CPU_ISA can narrow it.
+using RowFn = void (*)(float*, const float*, int64_t, int64_t, const Settings&, float*, float*);
+void kd_row_generic(float* a, const float* b, int64_t V, int64_t y, const Settings& s, float* kd, float* ce) {
+  kd_row_body(a, b, V, y, s, kd, ce);
+}
+#ifdef HFC_X86
+__attribute__((target("avx2,fma"))) void kd_row_avx2(float* a, const float* b, int64_t V, int64_t y,
+                                                     const Settings& s, float* kd, float* ce) {
+  kd_row_body(a, b, V, y, s, kd, ce);
+}
+__attribute__((target("avx512f"))) void kd_row_avx512(float* a, const float* b, int64_t V, int64_t y,
+                                                      const Settings& s, float* kd, float* ce) {
+  kd_row_body(a, b, V, y, s, kd, ce);
+}
+#endif
+
+RowFn row_function(hfc::Isa isa) {
+#ifdef HFC_X86
+  if (isa == hfc::Isa::kAvx512 || isa == hfc::Isa::kVnni) return kd_row_avx512;
+  if (isa == hfc::Isa::kAvx2) return kd_row_avx2;
+#endif
+  return kd_row_generic;
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_logit_loss(at::Tensor student, const std::optional<at::Tensor>& teacher,
                                                  const at::Tensor& targets, int64_t kind, double temperature,
-                                                 double kd_weight, double ce_weight, bool need_grad, double beta) {
+                                                 double kd_weight, double ce_weight, bool need_grad, double beta,
+                                                 int64_t isa) {
+  const RowFn kd_row = row_function(hfc::resolve_isa(isa, "kd_logit_loss"));
   TORCH_CHECK(student.device().is_cpu() && student.scalar_type() == at::kFloat && student.dim() == 2 &&
                   student.is_contiguous(),
               "kd_logit_loss: student logits must be a contiguous float32 (rows, V) CPU tensor, got ",
@@ -277,7 +300,8 @@ std::tuple<at::Tensor, at::Tensor> kd_logit_loss(at::Tensor student, const std::
 
 TORCH_LIBRARY_FRAGMENT(hfcompress, m) {
   m.def("kd_logit_loss(Tensor(a!) student_logits, Tensor? teacher_logits, Tensor targets, int kind, "
-        "float temperature, float kd_weight, float ce_weight, bool need_grad, float beta=0.5) -> (Tensor, Tensor)");
+        "float temperature, float kd_weight, float ce_weight, bool need_grad, float beta=0.5, int isa=-1) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hfcompress, CPU, m) { m.impl("kd_logit_loss", &kd_logit_loss); }
