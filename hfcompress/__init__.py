@@ -22,6 +22,8 @@ _EXPORTS = {
     "EvalResult": "hfcompress.models.evaluate",
     "QuantizationConfig": "hfcompress.quantization.config",
     "quantize": "hfcompress.quantization.api",
+    "prepare_qat": "hfcompress.quantization.qat",
+    "convert_qat": "hfcompress.quantization.qat",
     "load_compressed": "hfcompress.quantization.runtime",
     "save_checkpoint": "hfcompress.quantization.saving",
     "verify_checkpoint": "hfcompress.quantization.verify",
@@ -55,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .models.evaluate import EvalResult, evaluate
     from .quantization.api import quantize
     from .quantization.config import QuantizationConfig
+    from .quantization.qat import convert_qat, prepare_qat
     from .quantization.runtime import load_compressed
     from .quantization.saving import save_checkpoint
     from .quantization.verify import verify_checkpoint
