@@ -126,7 +126,7 @@ def cmd_eval(args) -> int:
         results.append(evaluate(model, load_tokenizer(path), model_name=name,
                                 checkpoint_dir=path if Path(path).is_dir() else None, data=texts, data_label=args.data, block_size=args.block_size, num_blocks=args.num_blocks,
                                 stride=args.stride, batch_size=args.batch_size, speed=not args.no_speed,
-                                new_tokens=args.new_tokens, progress=not args.quiet))
+                                new_tokens=args.new_tokens, progress=not args.quiet, kl_reference=args.kl_to))
     print(format_table(results))
     if args.json:
         payload = [r.to_dict() for r in results]
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed-tensors checkpoints: keep weights packed (auto/packed) or let plain "
                         "transformers decompress them")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--kl-to", default=None, metavar="MODEL",
+                   help="also report the mean KL(MODEL's next-token distribution ‖ each model's), e.g. the teacher")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 

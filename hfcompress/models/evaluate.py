@@ -72,6 +72,27 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool 
     return math.exp(nll / count)
 
 
+@torch.no_grad()
+def kl_to_reference(model, reference, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
+    """Mean ``KL(p_reference ‖ p_model)`` in nats per predicted token over ``blocks`` (N, T): how far a compressed
+    model's next-token distributions are from the teacher's/original's, on every position but the last.
+
+    Logits are compared on the vocabulary rows both models have (padded embedding rows are dropped).
+    """
+    model_device, reference_device = _model_device(model), _model_device(reference)
+    total, count = 0.0, 0
+    for start in tqdm(range(0, blocks.shape[0], batch_size), desc="KL", disable=not progress, leave=False):
+        batch = blocks[start:start + batch_size]  # (B, T)
+        ours = model(input_ids=batch.to(model_device)).logits[:, :-1].float()  # (B, T-1, V)
+        theirs = reference(input_ids=batch.to(reference_device)).logits[:, :-1].float().to(ours.device)
+        rows = min(ours.shape[-1], theirs.shape[-1])
+        log_q = torch.log_softmax(ours[..., :rows], dim=-1)
+        log_p = torch.log_softmax(theirs[..., :rows], dim=-1)
+        total += torch.nn.functional.kl_div(log_q, log_p, reduction="sum", log_target=True).item()
+        count += log_q.shape[0] * log_q.shape[1]
+    return total / count
+
+
 def strided_windows(stream: torch.Tensor, block_size: int, stride: int) -> tuple[torch.Tensor, int]:
     """Overlapping windows of ``block_size`` advancing by ``stride`` -> ((N, T), first scored position).
 
@@ -198,6 +219,7 @@ class EvalResult:
     decode_tokens_per_s: float | None = None
     peak_rss_bytes: int | None = None
     dtype: str | None = None
+    kl_to_reference: float | None = None  # mean KL(reference ‖ model), nats/token (see evaluate's kl_reference)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -239,6 +261,8 @@ def format_table(results: list[EvalResult]) -> str:
         ("decode tokens/s (batch 1)", lambda r: _fmt(r.decode_tokens_per_s, 1)),
         ("peak RSS", lambda r: _human_bytes(r.peak_rss_bytes)),
     ]
+    if any(r.kl_to_reference is not None for r in results):
+        rows.insert(2, ("KL to reference (nats/token)", lambda r: _fmt(r.kl_to_reference, 4)))
     header = ["metric"] + [Path(r.model).name or r.model for r in results]
     body = [[name] + [get(r) for r in results] for name, get in rows]
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
@@ -264,11 +288,14 @@ def evaluate(
     data_label: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    kl_reference=None,
 ) -> EvalResult:
     """Evaluate a loaded model (or a folder/Hub id, loaded with ``AutoModelForCausalLM``).
 
     ``data`` is any text source of :func:`hfcompress.core.data.load_texts`. ``num_blocks`` draws a seeded subset
-    of the blocks (all by default). ``stride`` switches to overlapping windows.
+    of the blocks (all by default). ``stride`` switches to overlapping windows. ``kl_reference`` (a model or
+    a folder/Hub id, e.g. the teacher) adds the mean KL from its next-token distributions to the model's on the
+    same windows; it is loaded after the peak RSS is read, so the memory figure stays the model's own.
     """
     from .loading import checkpoint_bytes, load_model, load_tokenizer, resolve_model
 
@@ -325,4 +352,11 @@ def evaluate(
         result.decode_tokens_per_s = timings["decode_tokens_per_s"]
         result.extra["speed"] = timings
     result.peak_rss_bytes = peak_rss_bytes()
+    if kl_reference is not None:
+        reference = load_model(resolve_model(os.fspath(kl_reference))) \
+            if isinstance(kl_reference, (str, os.PathLike)) else kl_reference
+        reference.eval()
+        result.kl_to_reference = kl_to_reference(model, reference, blocks, batch_size=batch_size, progress=progress)
+        result.extra["kl_reference"] = os.fspath(kl_reference) if isinstance(kl_reference, (str, os.PathLike)) \
+            else type(kl_reference).__name__
     return result
