@@ -30,6 +30,8 @@ _EXPORTS = {
     "DistillationConfig": "hfcompress.distillation.config",
     "DistillationTrainer": "hfcompress.distillation.trainer",
     "make_student": "hfcompress.distillation.student",
+    "truncate": "hfcompress.distillation.modes",
+    "write_teacher_cache": "hfcompress.distillation.cache",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -51,6 +53,8 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .core.data import load_blocks, load_stdlib_corpus, load_texts, pack_blocks
     from .distillation.config import DistillationConfig
+    from .distillation.cache import write_teacher_cache
+    from .distillation.modes import truncate
     from .distillation.student import make_student
     from .distillation.trainer import DistillationTrainer
     from .core.errors import HFCompressError
