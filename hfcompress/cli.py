@@ -202,7 +202,7 @@ def cmd_cache_teacher(args) -> int:
                          seed=args.seed)
     teacher = load_model(path)
     meta = write_teacher_cache(teacher, blocks, args.out, top_k=args.top_k, temperature=args.temperature,
-                               tokenizer=tokenizer, teacher_name=args.teacher, logprob_format=args.logprob_format,
+                               tokenizer=tokenizer, teacher_name=path, logprob_format=args.logprob_format,
                                batch_size=args.batch_size, progress=not args.quiet)
     summary = {k: v for k, v in asdict(meta).items() if k != "shards"}
     if args.student:

@@ -274,3 +274,23 @@ def test_cli_cache_teacher_and_truncate(tmp_path, tiny_reference_dir, distill_te
     assert json.loads((tmp_path / "short" / "config.json").read_text())["num_hidden_layers"] == 1
     assert main(["truncate", str(tiny_reference_dir), str(tmp_path / "long"), "--layers", "3"]) != 0
     assert "the model has 2" in capsys.readouterr().err
+
+
+def test_distill_script_runs_the_cache_and_self_modes(tmp_path, tiny_reference_dir, capsys):
+    from hfcompress.cli import main
+    from hfcompress.jobs.distill import distill_from_args, parse_distill_args
+
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(tiny_reference_dir), "--out", str(cache), "--data", "stdlib:validation",
+                 "--block-size", "32", "--num-blocks", "8", "-q"]) == 0
+    common = ["--teacher", str(tiny_reference_dir), "--student_num_layers", "1", "--block_size", "32",
+              "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu", "true",
+              "--save_strategy", "no"]
+    out = distill_from_args(*parse_distill_args(common + ["--mode", "cache", "--teacher_cache", str(cache),
+                                                          "--output_dir", str(tmp_path / "cached")]))
+    assert (out / "config.json").is_file()
+    out = distill_from_args(*parse_distill_args(common + ["--mode", "self", "--num_train_blocks", "8",
+                                                          "--dataset", "stdlib:validation",
+                                                          "--student_num_layers", "2",
+                                                          "--output_dir", str(tmp_path / "self")]))
+    assert (out / "config.json").is_file()
