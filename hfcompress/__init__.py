@@ -22,12 +22,16 @@ _EXPORTS = {
     "EvalResult": "hfcompress.models.evaluate",
     "QuantizationConfig": "hfcompress.quantization.config",
     "quantize": "hfcompress.quantization.api",
+    "prepare_qat": "hfcompress.quantization.qat",
+    "convert_qat": "hfcompress.quantization.qat",
     "load_compressed": "hfcompress.quantization.runtime",
     "save_checkpoint": "hfcompress.quantization.saving",
     "verify_checkpoint": "hfcompress.quantization.verify",
     "DistillationConfig": "hfcompress.distillation.config",
     "DistillationTrainer": "hfcompress.distillation.trainer",
     "make_student": "hfcompress.distillation.student",
+    "truncate": "hfcompress.distillation.modes",
+    "write_teacher_cache": "hfcompress.distillation.cache",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -49,12 +53,15 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .core.data import load_blocks, load_stdlib_corpus, load_texts, pack_blocks
     from .distillation.config import DistillationConfig
+    from .distillation.cache import write_teacher_cache
+    from .distillation.modes import truncate
     from .distillation.student import make_student
     from .distillation.trainer import DistillationTrainer
     from .core.errors import HFCompressError
     from .models.evaluate import EvalResult, evaluate
     from .quantization.api import quantize
     from .quantization.config import QuantizationConfig
+    from .quantization.qat import convert_qat, prepare_qat
     from .quantization.runtime import load_compressed
     from .quantization.saving import save_checkpoint
     from .quantization.verify import verify_checkpoint

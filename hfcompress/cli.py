@@ -67,7 +67,7 @@ def cmd_eval(args) -> int:
         results.append(evaluate(model, load_tokenizer(path), model_name=name,
                                 checkpoint_dir=path if Path(path).is_dir() else None, data=texts, data_label=args.data, block_size=args.block_size, num_blocks=args.num_blocks,
                                 stride=args.stride, batch_size=args.batch_size, speed=not args.no_speed,
-                                new_tokens=args.new_tokens, progress=not args.quiet))
+                                new_tokens=args.new_tokens, progress=not args.quiet, kl_reference=args.kl_to))
     print(format_table(results))
     if args.json:
         payload = [r.to_dict() for r in results]
@@ -148,6 +148,45 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_cache_teacher(args) -> int:
+    """Run the teacher once over the data and write its top-k distributions (offline distillation cache)."""
+    from dataclasses import asdict
+
+    from .core.data import load_blocks
+    from .distillation.cache import TeacherCache, approximation_error, check_destination, write_teacher_cache
+    from .models.loading import load_model, load_tokenizer, resolve_model
+
+    check_destination(args.out)  # before reading any data
+    path = resolve_model(args.teacher)
+    tokenizer = load_tokenizer(path)
+    blocks = load_blocks(args.data, tokenizer, args.block_size, split=args.split, num_blocks=args.num_blocks,
+                         seed=args.seed)
+    teacher = load_model(path)
+    meta = write_teacher_cache(teacher, blocks, args.out, top_k=args.top_k, temperature=args.temperature,
+                               tokenizer=tokenizer, teacher_name=path, logprob_format=args.logprob_format,
+                               batch_size=args.batch_size, progress=not args.quiet)
+    summary = {k: v for k, v in asdict(meta).items() if k != "shards"}
+    if args.student:
+        summary["approximation_error"] = approximation_error(TeacherCache(args.out), teacher,
+                                                             load_model(resolve_model(args.student)))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out} ({meta.tokens:,} predicted tokens, {meta.bytes_per_token:.1f} bytes/token)")
+    return 0
+
+
+def cmd_truncate(args) -> int:
+    """Keep a model's first k decoder layers (with its embeddings, final norm and LM head)."""
+    from .distillation.modes import truncate
+    from .models.loading import load_model, load_tokenizer, resolve_model
+    from .quantization.saving import save_checkpoint
+
+    path = resolve_model(args.model)
+    model = truncate(load_model(path), args.layers)
+    out = save_checkpoint(model, args.output, tokenizer=load_tokenizer(path), overwrite=args.overwrite)
+    print(f"wrote {out} ({args.layers} layers)")
+    return 0
+
+
 def cmd_kernels(args) -> int:
     """Build hfcompress's native CPU kernels now (they are otherwise built on first use) and say what runs,
     with the instruction set of each (HFCOMPRESS_CPU_ISA=avx512|avx2|generic narrows it)."""
@@ -204,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None,
                    help="accelerate device_map for plain checkpoints, e.g. auto (spreads layers over the GPUs)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--kl-to", default=None, metavar="MODEL",
+                   help="also report the mean KL(MODEL's next-token distribution ‖ each model's), e.g. the teacher")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_allow_pickle(p)
     p.set_defaults(func=cmd_eval)
@@ -246,6 +287,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="headers, layout and scales only; skip reading every float tensor")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("cache-teacher", formatter_class=_Formatter,
+                       help="run a teacher once and store its top-k next-token distributions (offline distillation)")
+    p.add_argument("teacher", help="teacher folder, Hub id, or reference:<size>")
+    p.add_argument("--out", required=True, help="cache folder (must not exist or be empty)")
+    p.add_argument("--data", default="stdlib", help="training text: stdlib, a file/folder, a saved dataset...")
+    p.add_argument("--split", default="train", help="split of --data")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per training block")
+    p.add_argument("--num-blocks", type=int, default=None, help="blocks drawn from the data (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the block sampling")
+    p.add_argument("--top-k", type=int, default=64, help="token ids stored per position (the rest: one tail bucket)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the stored distributions")
+    p.add_argument("--logprob-format", default="uint7", choices=["uint8", "uint7", "uint6", "float16", "float32"],
+                   help="log-prob storage: n-bit codes on a per-row grid, or floats")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward pass")
+    p.add_argument("--student", default=None,
+                   help="also report the top-k + tail approximation error against the full KL for this student")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_cache_teacher)
+
+    p = sub.add_parser("truncate", formatter_class=_Formatter,
+                       help="keep a model's first k decoder layers (e.g. after self-distillation of early exits)")
+    p.add_argument("model", help="model folder, Hub id, or reference:<size>")
+    p.add_argument("output", help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--layers", type=int, required=True, help="decoder layers to keep")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_truncate)
 
     p = sub.add_parser("kernels", formatter_class=_Formatter,
                        help="build the native CPU kernels ahead of first use (e.g. in a Docker image) and report "

@@ -80,3 +80,36 @@ def test_cli_run_with_overrides_and_one_line_errors(tmp_path, tiny_reference_dir
     assert main(["run", str(recipe), "--set", "quantize.dtpye=float16", "--set", f"model={tiny_reference_dir}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("did you mean 'dtype'?") and len(err.splitlines()) == 1
+
+
+def test_distill_qad_deploy_recipe_on_the_tiny_teacher(tmp_path, tiny_reference_dir):
+    """The shipped recipe, shrunk to a few steps: distil -> RTN and QAD int4 exports -> packed evaluation with
+    KL to the teacher; the QAD stage's student really trained (its KD loss fell) and loads as compressed."""
+    from pathlib import Path
+
+    from hfcompress.models.loading import quantization_method
+    from hfcompress.runs.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "distill-qad-deploy.yaml", overrides=[
+        f"model={tiny_reference_dir}", "distill.max_steps=2", "distill.block_size=64",
+        "distill.per_device_train_batch_size=2", "distill.num_train_blocks=8", "distill.hidden_weight=0",
+        "student-int4-rtn.group_size=32",
+        "student-int4-rtn.bits=3", "student-int4-qad.bits=3",
+        "student-int4-qad.group_size=32", "student-int4-qad.max_steps=12", "student-int4-qad.block_size=64",
+        "student-int4-qad.num_train_blocks=16", "student-int4-qad.per_device_train_batch_size=4",
+        "student-int4-qad.learning_rate=0.0001", "student-int4-qad.warmup_steps=0", "student-int4-qad.logging_steps=1",
+        "evaluate.num_blocks=8", "evaluate.block_size=64", "evaluate.new_tokens=4", "evaluate.kl_to=distill"])
+    run_dir = run_recipe(recipe, output=tmp_path / "run", progress=False)
+    qad_dir = run_dir / "02-student-int4-qad"
+    assert quantization_method(qad_dir) == "compressed-tensors"
+    report = json.loads((run_dir / "report.json").read_text())
+    rows = {m["label"]: m for m in report["models"]}
+    assert set(rows) >= {"distill", "student-int4-rtn", "student-int4-qad"}
+    print({name: row["kl_to_reference"] for name, row in rows.items()})
+    assert rows["distill"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # KL to itself
+    # QAD taught the 3-bit student its full-precision self: closer to it than round-to-nearest of the same weights.
+    assert 0 < rows["student-int4-qad"]["kl_to_reference"] < rows["student-int4-rtn"]["kl_to_reference"]
+    assert rows["student-int4-qad"]["checkpoint_bytes"] < rows["distill"]["checkpoint_bytes"]
+    assert "KL to ref" in (run_dir / "report.md").read_text()
+    qad = {s["stage"]: s for s in report["stages"]}["student-int4-qad"]
+    assert qad["steps"] == 12 and qad["teacher"] == "itself"

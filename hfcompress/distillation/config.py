@@ -18,6 +18,8 @@ from ..core.errors import ConfigError
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 HIDDEN_LOSSES = ("mse", "cosine")
 LAYER_MAP_NAMES = ("uniform", "last")
+MODES = ("live", "cache", "online", "self")
+DEFAULT_HIDDEN_WEIGHT = 10.0  # live mode only: the other modes distil logits
 
 
 @dataclass
@@ -67,12 +69,43 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "For the skew losses: mixing weight alpha in [0, 1) of the skewed distribution, e.g. "
                           "skew forward KL = KL(p ‖ alpha p + (1-alpha) q) (DistiLLM uses 0.1). 0 gives plain KL."},
     )
+    # ----- where the teacher signal comes from -----
+    mode: str = field(
+        default="live",
+        metadata={"help": "'live': a frozen teacher runs beside the student (offline distillation); 'cache': "
+                          "offline from a teacher cache written once by `hfcompress cache-teacher` (pass "
+                          "teacher_cache=; no teacher in memory); 'online': teacher and student train together, "
+                          "the teacher with its own optimizer and cross-entropy; 'self': the model's final layer "
+                          "teaches early exits at `exit_layers` through its own final norm and LM head, so it can "
+                          "be truncated (`hfcompress truncate`). See hfcompress/distillation/modes.py."},
+    )
+    cache_top_k: int | None = field(
+        default=None,
+        metadata={"help": "mode='cache': the top-k the run expects the cache to hold (checked; None: any)."},
+    )
+    teacher_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "mode='online': the teacher's (constant) AdamW learning rate; default: learning_rate."},
+    )
+    mutual_weight: float = field(
+        default=0.0,
+        metadata={"help": "mode='online': weight of the teacher's own distillation term T²·KL(q_student ‖ "
+                          "p_teacher) next to its cross-entropy (deep mutual learning, Zhang et al. 2018); 0: the "
+                          "teacher learns from the labels only."},
+    )
+    exit_layers: list[int] | str | None = field(
+        default=None,
+        metadata={"help": "mode='self': 0-based decoder layers whose outputs are early exits (through the final "
+                          "norm and LM head), as a list or comma-separated string such as '1,3'; default: every "
+                          "layer but the last."},
+    )
     # ----- hidden-state distillation -----
-    hidden_weight: float = field(
-        default=10.0,
-        metadata={"help": "Weight of the hidden-state loss (>= 0); 0 turns hidden-state distillation off. The "
-                          "default 10 (with 'cosine') is the benchmark's best on the base teacher at 50 and 150 "
-                          "steps (scripts/bench/results/distill_base.md)."},
+    hidden_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the hidden-state loss (>= 0); 0 turns hidden-state distillation off. Default: "
+                          "10 in the live mode (with 'cosine' the benchmark's best on the base teacher at 50 and "
+                          "150 steps, scripts/bench/results/distill_base.md); the other modes distil logits only "
+                          "and need 0."},
     )
     hidden_loss: str = field(
         default="cosine",
@@ -105,6 +138,22 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"DistillationConfig.mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        if self.hidden_weight is None:
+            self.hidden_weight = DEFAULT_HIDDEN_WEIGHT if self.mode == "live" else 0.0
+        if self.mode != "live" and self.hidden_weight > 0:
+            raise ConfigError(f"DistillationConfig.hidden_weight={self.hidden_weight}: mode={self.mode!r} has no "
+                              f"teacher hidden states; set hidden_weight=0")
+        self.exit_layers = _parse_layer_list(self.exit_layers)
+        if self.exit_layers is not None and self.mode != "self":
+            raise ConfigError(f"DistillationConfig.exit_layers is for mode='self' (got mode={self.mode!r})")
+        if self.cache_top_k is not None and self.cache_top_k < 1:
+            raise ConfigError(f"DistillationConfig.cache_top_k must be >= 1, got {self.cache_top_k}")
+        if self.mutual_weight < 0:
+            raise ConfigError(f"DistillationConfig.mutual_weight must be >= 0, got {self.mutual_weight}")
+        if self.teacher_learning_rate is not None and not self.teacher_learning_rate > 0:
+            raise ConfigError(f"DistillationConfig.teacher_learning_rate must be > 0, got {self.teacher_learning_rate}")
         self.teacher_model_init_kwargs = _parse_json_dict(self.teacher_model_init_kwargs, "teacher_model_init_kwargs")
         self.layer_map = normalize_layer_map(self.layer_map)
         for name in ("temperature", "kd_weight", "ce_weight", "beta", "skew_alpha", "hidden_weight", "loss_chunk_size"):
@@ -148,6 +197,21 @@ def _parse_json_dict(value, name: str) -> dict | None:
         if isinstance(parsed, dict):
             return parsed
     raise ConfigError(f"DistillationConfig.{name} must be a dict or a JSON object string, got {value!r}")
+
+
+def _parse_layer_list(value) -> list[int] | None:
+    if value is None or isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                         for v in value):
+        if value is not None and any(v < 0 for v in value):
+            raise ConfigError(f"DistillationConfig.exit_layers {value} names a negative layer; layers count from 0")
+        return value if value is None else sorted(set(value))
+    if isinstance(value, str):
+        try:
+            return _parse_layer_list([int(part) for part in value.split(",") if part.strip()])
+        except ValueError:
+            pass
+    raise ConfigError(f"DistillationConfig.exit_layers must be a list of layer numbers or a string such as '1,3', "
+                      f"got {value!r}")
 
 
 def normalize_layer_map(layer_map) -> str | dict[int, int]:

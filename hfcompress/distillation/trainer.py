@@ -118,14 +118,24 @@ class DistillationTrainer(Trainer):
     ``args.teacher_model_init_kwargs``; resolve ``reference:<size>`` first with ``models.loading.resolve_model``).
     Datasets yield ``input_ids``/``attention_mask``/``labels`` (``labels == -100`` marks tokens not to predict),
     e.g. :class:`hfcompress.core.data.BlockDataset`. Other arguments are those of ``transformers.Trainer``.
+    ``args.mode`` other than ``live`` (``cache`` with ``teacher_cache=DIR``, ``online``, ``self``) is set up and
+    computed by :mod:`.modes`.
     """
 
+    signal = None  # the teacher signal of the cache/online/self modes (hfcompress.distillation.modes)
+
     def __init__(self, model=None, teacher_model=None, args: DistillationConfig | None = None, data_collator=None,
-                 train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
+                 train_dataset=None, eval_dataset=None, processing_class=None, teacher_cache=None, **kwargs):
         if args is None:
             args = DistillationConfig(output_dir="distillation-output")
         if not isinstance(args, DistillationConfig):
             raise ConfigError(f"DistillationTrainer needs a DistillationConfig, got {type(args).__name__}")
+        if args.mode != "live" or teacher_cache is not None:
+            from .modes import setup_trainer
+
+            return setup_trainer(self, model, teacher_model, teacher_cache, args, dict(
+                data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                processing_class=processing_class, **kwargs))
         if model is None or teacher_model is None:
             raise ConfigError("DistillationTrainer needs both model (the student) and teacher_model")
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
@@ -338,6 +348,8 @@ class DistillationTrainer(Trainer):
                               f"know); set loss_chunk_size=0 to use the model's own logits")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.signal is not None:
+            return self.signal.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         args = self.args
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}

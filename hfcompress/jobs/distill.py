@@ -47,6 +47,11 @@ class DistillScriptArguments:
         metadata={"help": "For student='from-teacher': 'uniform' (every k-th teacher layer) or comma-separated "
                           "teacher layer indices such as '1,3,5,7'."},
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "mode='cache': the teacher cache folder (`hfcompress cache-teacher`); training then runs "
+                          "on its blocks (dataset is not read) and the teacher is not loaded."},
+    )
     dataset: str = field(
         default="stdlib",
         metadata={"help": "Training text: any hfcompress.core.data.load_texts source ('stdlib', a file or folder, a "
@@ -122,17 +127,21 @@ def distill_from_args(script_args: DistillScriptArguments, config: DistillationC
         # ids differ from the teacher's (logit distillation compares the two models' rows token by token).
         tokenizer = teacher_tokenizer(script_args.student) or tokenizer
     check_block_size(script_args.block_size, student.config)
-    train_blocks = load_blocks(script_args.dataset, tokenizer, script_args.block_size, split=script_args.dataset_split,
-                               num_blocks=script_args.num_train_blocks, seed=config.seed,
-                               text_column=script_args.text_column)
+    train_dataset = None  # mode='cache': the cache's own blocks
+    if config.mode != "cache":
+        train_dataset = BlockDataset(load_blocks(
+            script_args.dataset, tokenizer, script_args.block_size, split=script_args.dataset_split,
+            num_blocks=script_args.num_train_blocks, seed=config.seed, text_column=script_args.text_column))
     eval_dataset = None
     if script_args.eval_dataset:
         eval_blocks = load_blocks(script_args.eval_dataset, tokenizer, script_args.block_size, split="validation",
                                   num_blocks=script_args.num_eval_blocks, seed=config.seed,
                                   text_column=script_args.text_column)
         eval_dataset = BlockDataset(eval_blocks)
-    trainer = DistillationTrainer(model=student, teacher_model=teacher_path, args=config,
-                                  data_collator=default_data_collator, train_dataset=BlockDataset(train_blocks),
+    # mode='cache' checks the cache against the teacher's name; mode='self' has no separate teacher.
+    trainer = DistillationTrainer(model=student, teacher_model=None if config.mode == "self" else teacher_path,
+                                  teacher_cache=script_args.teacher_cache, args=config,
+                                  data_collator=default_data_collator, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()

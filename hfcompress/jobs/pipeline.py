@@ -152,7 +152,8 @@ def run_distill(script_args, config) -> Path:
 # --------------------------------------------------------------------------------------------------------
 # Evaluate
 # --------------------------------------------------------------------------------------------------------
-def evaluate_in_subprocess(model_path: str, args, json_path: Path, progress: bool = False) -> dict:
+def evaluate_in_subprocess(model_path: str, args, json_path: Path, progress: bool = False,
+                           kl_to: str | None = None) -> dict:
     """Evaluate one model in a fresh process, so its peak RSS is its own and models do not share caches."""
     command = [sys.executable, "-m", "hfcompress.cli", "eval", model_path, "--json", str(json_path),
                "--data", args.data, "--batch-size", str(args.batch_size), "--new-tokens", str(args.new_tokens),
@@ -161,6 +162,8 @@ def evaluate_in_subprocess(model_path: str, args, json_path: Path, progress: boo
                         ("--stride", args.stride), ("--device", args.device), ("--device-map", args.device_map)):
         if value is not None:
             command += [flag, str(value)]
+    if kl_to is not None:
+        command += ["--kl-to", str(kl_to)]
     if not args.speed:
         command.append("--no-speed")
     if not progress:
@@ -175,10 +178,12 @@ def evaluate_in_subprocess(model_path: str, args, json_path: Path, progress: boo
 def evaluate_stage(ctx) -> dict:
     args = ctx.config("EvaluateStageArgs")
     refs = list(args.models or ((["model"] if ctx.recipe.model else []) + ctx.produced))
+    kl_to = ctx.resolve(args.kl_to) if args.kl_to else None
     results = []
     for ref in refs:
         path = ctx.resolve(ref)
-        result = evaluate_in_subprocess(path, args, ctx.work_dir / f"eval-{len(results)}.json", ctx.progress)
+        result = evaluate_in_subprocess(path, args, ctx.work_dir / f"eval-{len(results)}.json", ctx.progress,
+                                        kl_to=kl_to)
         result["label"] = ref if ref != "model" else Path(str(ctx.recipe.model)).name.replace("reference:", "")
         results.append(result)
     ctx.write_json("results.json", results)

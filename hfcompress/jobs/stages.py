@@ -43,6 +43,9 @@ class EvaluateStageArgs:
         "help": "where to run the models: cpu, cuda, cuda:N or auto (default: cpu)"})
     device_map: str | None = field(default=None, metadata={
         "help": "accelerate device_map for plain checkpoints, e.g. 'auto' (instead of device)"})
+    kl_to: str | None = field(default=None, metadata={
+        "help": "also measure each model's mean KL from this model's next-token distributions ('model', a stage "
+                "name, a path or Hub id), e.g. the teacher"})
 
     def __post_init__(self):
         from ..core.errors import ConfigError
@@ -88,6 +91,15 @@ def _distill_classes():
     return [DistillScriptArguments, DistillationConfig]
 
 
+def _qad_classes():
+    from .qad import QadStageArgs
+    from ..distillation.config import DistillationConfig
+    from ..quantization.config import QuantizationConfig
+
+    # DistillationConfig before QuantizationConfig: a shared key (``seed``) is the training's.
+    return [QadStageArgs, DistillationConfig, QuantizationConfig]
+
+
 class _LazyKinds(dict):
     """Stage kinds whose config classes are imported on first use (keeps ``import hfcompress`` light)."""
 
@@ -122,6 +134,17 @@ def _run_distill(ctx):
     return distill_stage(ctx)
 
 
+def _run_qad(ctx):
+    from .qad import qad_stage
+
+    return qad_stage(ctx)
+
+
+def _qad_refs(stage):
+    teacher = stage.configs["QadStageArgs"].teacher
+    return [teacher] if teacher else []
+
+
 def _run_evaluate(ctx):
     from .pipeline import evaluate_stage
 
@@ -135,13 +158,18 @@ def _run_push(ctx):
 
 
 def _evaluate_refs(stage):
-    return list(stage.configs["EvaluateStageArgs"].models or [])
+    args = stage.configs["EvaluateStageArgs"]
+    return list(args.models or []) + ([args.kl_to] if args.kl_to else [])
 
 
 STAGE_KINDS = _LazyKinds({
     "distill": lambda: StageKind(config_classes=_distill_classes(), run=_run_distill, produces_model=True,
                                  defaults={"DistillationConfig": {"output_dir": "unused"}}),
     "quantize": lambda: StageKind(config_classes=_quantize_classes(), run=_run_quantize, produces_model=True),
+    "qad": lambda: StageKind(config_classes=_qad_classes(), run=_run_qad, produces_model=True,
+                             referenced_models=_qad_refs,
+                             defaults={"DistillationConfig": {"output_dir": "unused", "save_strategy": "no",
+                                                              "report_to": "none"}}),
     "evaluate": lambda: StageKind(config_classes=[EvaluateStageArgs], run=_run_evaluate,
                                   referenced_models=_evaluate_refs, needs_input=False),
     "push": lambda: StageKind(config_classes=[PushStageArgs], run=_run_push, required=("repo_id",)),

@@ -73,6 +73,27 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, progress: bool 
     return math.exp(nll / count)
 
 
+@torch.no_grad()
+def kl_to_reference(model, reference, blocks: torch.Tensor, batch_size: int = 8, progress: bool = False) -> float:
+    """Mean ``KL(p_reference ‖ p_model)`` in nats per predicted token over ``blocks`` (N, T): how far a compressed
+    model's next-token distributions are from the teacher's/original's, on every position but the last.
+
+    Logits are compared on the vocabulary rows both models have (padded embedding rows are dropped).
+    """
+    model_device, reference_device = _model_device(model), _model_device(reference)
+    total, count = 0.0, 0
+    for start in tqdm(range(0, blocks.shape[0], batch_size), desc="KL", disable=not progress, leave=False):
+        batch = blocks[start:start + batch_size]  # (B, T)
+        ours = model(input_ids=batch.to(model_device)).logits[:, :-1].float()  # (B, T-1, V)
+        theirs = reference(input_ids=batch.to(reference_device)).logits[:, :-1].float().to(ours.device)
+        rows = min(ours.shape[-1], theirs.shape[-1])
+        log_q = torch.log_softmax(ours[..., :rows], dim=-1)
+        log_p = torch.log_softmax(theirs[..., :rows], dim=-1)
+        total += torch.nn.functional.kl_div(log_q, log_p, reduction="sum", log_target=True).item()
+        count += log_q.shape[0] * log_q.shape[1]
+    return total / count
+
+
 def strided_windows(stream: torch.Tensor, block_size: int, stride: int) -> tuple[torch.Tensor, int]:
     """Overlapping windows of ``block_size`` advancing by ``stride`` -> ((N, T), first scored position).
 
@@ -205,6 +226,7 @@ class EvalResult:
     dtype: str | None = None
     device: str | None = None
     peak_gpu_memory_bytes: int | None = None  # torch.cuda.max_memory_allocated over the evaluation
+    kl_to_reference: float | None = None  # mean KL(reference ‖ model), nats/token (see evaluate's kl_reference)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -248,6 +270,8 @@ def format_table(results: list[EvalResult]) -> str:
     ]
     if any(r.peak_gpu_memory_bytes is not None for r in results):
         rows.append(("peak GPU memory", lambda r: _human_bytes(r.peak_gpu_memory_bytes)))
+    if any(r.kl_to_reference is not None for r in results):
+        rows.insert(2, ("KL to reference (nats/token)", lambda r: _fmt(r.kl_to_reference, 4)))
     header = ["metric"] + [Path(r.model).name or r.model for r in results]
     body = [[name] + [get(r) for r in results] for name, get in rows]
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
@@ -275,6 +299,7 @@ def evaluate(
     progress: bool = True,
     device: str | None = None,
     device_map: str | dict | None = None,
+    kl_reference=None,
 ) -> EvalResult:
     """Evaluate a loaded model (or a folder/Hub id, loaded with ``AutoModelForCausalLM``).
 
@@ -282,7 +307,10 @@ def evaluate(
     of the blocks (all by default). ``stride`` switches to overlapping windows. ``device`` / ``device_map`` say
     where to load ``model`` when it is a path (see :func:`~hfcompress.models.loading.load_model`); a model object
     is evaluated where it is. On a GPU, timings wait for the GPU's queued work (``torch.cuda.synchronize``) and
-    ``peak_gpu_memory_bytes`` is ``torch.cuda.max_memory_allocated`` over the evaluation.
+    ``peak_gpu_memory_bytes`` is ``torch.cuda.max_memory_allocated`` over the evaluation. ``kl_reference`` (a
+    model or a folder/Hub id, e.g. the teacher) adds the mean KL from its next-token distributions to the model's
+    on the same windows; it is loaded (on the same device) after the peak memory is read, so the memory figures
+    stay the model's own.
     """
     from .loading import checkpoint_bytes, load_model, load_tokenizer, resolve_model
 
@@ -346,4 +374,11 @@ def evaluate(
         result.extra["speed"] = timings
     result.peak_rss_bytes = peak_rss_bytes()
     result.peak_gpu_memory_bytes = peak_memory_bytes(device)
+    if kl_reference is not None:
+        reference = load_model(resolve_model(os.fspath(kl_reference)), device=device, device_map=device_map) \
+            if isinstance(kl_reference, (str, os.PathLike)) else kl_reference
+        reference.eval()
+        result.kl_to_reference = kl_to_reference(model, reference, blocks, batch_size=batch_size, progress=progress)
+        result.extra["kl_reference"] = os.fspath(kl_reference) if isinstance(kl_reference, (str, os.PathLike)) \
+            else type(kl_reference).__name__
     return result

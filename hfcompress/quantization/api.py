@@ -358,7 +358,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _install(model, target: Target, result: Quantized, config: QuantizationConfig,
-             rollback: Rollback) -> CompressedLinear:
+             rollback: Rollback | None = None) -> CompressedLinear:
     source = target.module
     bias = getattr(source, "bias", None)
     module = CompressedLinear.from_codes(
@@ -367,7 +367,8 @@ def _install(model, target: Target, result: Quantized, config: QuantizationConfi
         zero_point_rows=ct_format.zero_point_rows(result.codes.shape[0], config.bits))
     module.unsupported_reason = ct_format.unsupported_reason(module, source)
     _replace(model, target.name, module)
-    rollback.replaced(target.name, source)
+    if rollback is not None:
+        rollback.replaced(target.name, source)
     return module
 
 

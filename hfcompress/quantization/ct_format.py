@@ -63,9 +63,12 @@ def zero_point_rows(out_features: int, bits: int) -> int:
 
 
 def unsupported_reason(module: CompressedLinear, source: nn.Module) -> str | None:
-    """Why a quantized layer (replacing ``source``) cannot be saved in compressed-tensors format, if it cannot."""
-    if not isinstance(source, nn.Linear):
-        return (f"it replaces a {type(source).__name__} layer (e.g. GPT-2's transposed Conv1D), which "
+    """Why a quantized layer (replacing ``source``) cannot be saved in compressed-tensors format, if it cannot.
+
+    ``source.source_class``, when present (a QAT ``FakeQuantLinear``), names the layer it was made from."""
+    source_class = getattr(source, "source_class", type(source))
+    if not issubclass(source_class, nn.Linear):
+        return (f"it replaces a {source_class.__name__} layer (e.g. GPT-2's transposed Conv1D), which "
                 f"compressed-tensors does not quantize, so transformers would load it unquantized; keep this "
                 f"model in memory, or ignore these layers when quantizing")
     return None

@@ -35,13 +35,14 @@ def render_markdown(recipe, summaries: list[dict], rows: list[dict], plot_name: 
         lines += ["", "## Models", "",
                   f"Perplexity on `{base.get('data')}` ({base.get('scored_tokens', 0):,} scored tokens, windows of "
                   f"{base.get('block_size')} tokens); speeds at batch 1 on this machine.", "",
-                  "| model | perplexity | vs first | parameters | checkpoint MiB | weights MiB | prefill tok/s | "
-                  "decode tok/s | peak RSS MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| model | perplexity | vs first | KL to ref | parameters | checkpoint MiB | weights MiB | "
+                  "prefill tok/s | decode tok/s | peak RSS MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in rows:
             ratio = row["perplexity"] / base["perplexity"]
             lines.append(
                 f"| {row.get('label') or row['model']} | {row['perplexity']:.3f} | {ratio:.3f}x | "
+                f"{_num(row.get('kl_to_reference'), 4)} | "
                 f"{row.get('num_parameters', 0):,} | {_mib(row.get('checkpoint_bytes'))} | "
                 f"{_mib(row.get('weight_bytes'))} | {_num(row.get('prefill_tokens_per_s'))} | "
                 f"{_num(row.get('decode_tokens_per_s'))} | {_mib(row.get('peak_rss_bytes'))} |")

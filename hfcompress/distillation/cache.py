@@ -1,0 +1,383 @@
+"""Offline distillation from a teacher cache: run the teacher once, store its top-k next-token distribution
+per predicted token, then train students with no teacher in memory.
+
+What is stored per predicted token (the ``k`` most likely ids at temperature ``T`` and the rest as one tail
+bucket — the top-k + tail KL of e.g. DistillKit/Sparse-KD):
+
+* ``ids``: the top-k ids, **sorted ascending and delta-coded**: the first id (uint16/uint32 as the vocabulary
+  needs) and the ``k - 1`` gaps minus one, bit-packed at the smallest width ``b`` that holds the row's largest
+  gap. Rows are grouped by ``b`` (one tensor per width, ``width`` (rows,) uint8 says which), so a row of
+  nearby frequent tokens costs a few bits per id instead of ``log2(V)``;
+* log-probabilities in the same (id) order: ``uint8``/``uint7``/``uint6`` codes ``round((top - logp) / step)``
+  with a per-row float16 ``step`` (error <= step/2; ``top`` is not stored: the k probabilities and the tail
+  sum to one), bit-packed below 8 bits; or ``float16``/``float32`` values;
+* ``log_tail``: log of the probability mass outside the top-k (``-inf`` when k = vocabulary size).
+
+Shards are safetensors files (plus the training blocks' token ids, so a cache is its own training set);
+``cache.json`` holds the metadata the trainer checks: teacher name and weight hash, tokenizer hash, k,
+temperature, vocabulary size and a fingerprint of the token blocks.
+
+The loss (:func:`bucket_logprobs`): the student's and the teacher's distributions restricted to the k + 1
+buckets (the cached ids, everything else); any divergence of :class:`~.losses.LogitLoss` applies to them. With
+k = vocabulary size there is no tail bucket and the loss is the live-teacher loss exactly (up to the stored
+precision); for smaller k it is a lower bound of the full forward KL (data-processing inequality), whose gap
+:func:`approximation_error` measures for a given student.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..core.errors import ConfigError, DataError, HFCompressError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_FILE = "cache.json"
+LOGPROB_FORMATS = ("uint8", "uint7", "uint6", "float16", "float32")
+
+
+class TeacherCacheError(HFCompressError):
+    """A teacher cache that does not match the run reading it (tokenizer, k, teacher, temperature)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------------------
+def tensor_hash(tensors) -> str:
+    """sha256 over named tensors' bytes, in name order (a teacher's weights, a block tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors):
+        digest.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        digest.update(str(t.dtype).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def weights_hash(model) -> str:
+    return tensor_hash(model.state_dict().items())
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's full vocabulary (token -> id) and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    payload = json.dumps({"vocab": vocab, "special": sorted(map(str, tokenizer.all_special_tokens))})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Encoding (pure functions of arrays)
+# --------------------------------------------------------------------------------------------------------
+def _id_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
+    """(n, m) non-negative ints < 2**width -> (n, ceil(m*width/8)) uint8, little-endian bit order."""
+    bits = (values[..., None] >> np.arange(width, dtype=values.dtype)) & 1  # (n, m, width)
+    return np.packbits(bits.reshape(values.shape[0], -1).astype(np.uint8), axis=1, bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: (n, bytes) uint8 -> (n, count) int64."""
+    bits = np.unpackbits(packed, axis=1, count=count * width, bitorder="little")
+    return (bits.reshape(packed.shape[0], count, width).astype(np.int64) << np.arange(width)).sum(-1)
+
+
+def encode_rows(ids: torch.Tensor, logp: torch.Tensor, log_tail: torch.Tensor, vocab_size: int,
+                logprob_format: str) -> dict[str, np.ndarray]:
+    """Top-k ``ids`` (n, k), their log-probs (n, k) and the tail log-mass (n,) -> arrays to store."""
+    order = ids.argsort(dim=-1)
+    ids = ids.gather(-1, order).cpu().numpy().astype(np.int64)  # (n, k) ascending
+    logp = logp.gather(-1, order).float()
+    out: dict[str, np.ndarray] = {"first_id": ids[:, 0].astype(_id_dtype(vocab_size))}
+    gaps = np.diff(ids, axis=1) - 1  # (n, k-1) >= 0
+    width = np.zeros(ids.shape[0], dtype=np.uint8)
+    if gaps.shape[1]:
+        width = np.ceil(np.log2(gaps.max(axis=1) + 1)).astype(np.uint8)  # bits of the largest gap
+        for b in np.unique(width):
+            if b:
+                out[f"gaps_w{b}"] = pack_bits(gaps[width == b], int(b))
+    out["width"] = width
+    if logprob_format.startswith("uint"):
+        bits = int(logprob_format[4:])
+        levels = (1 << bits) - 1
+        top = logp.max(-1).values  # (n,)
+        spread = (top - logp.min(-1).values).clamp_min(1e-6)
+        step = (spread / levels).half().float()  # stored as float16: codes use the stored value
+        codes = ((top[:, None] - logp) / step[:, None]).round().clamp(0, levels).to(torch.int64).numpy()
+        # The top log-prob itself is not stored: the k values and the tail sum to one (see decode_rows).
+        out.update(logp_codes=codes.astype(np.uint8) if bits == 8 else pack_bits(codes, bits),
+                   logp_step=step.half().numpy())
+    else:
+        dtype = np.float16 if logprob_format == "float16" else np.float32
+        out["logp"] = logp.numpy().astype(dtype)
+    out["log_tail"] = log_tail.float().numpy().astype(np.float16 if logprob_format != "float32" else np.float32)
+    return out
+
+
+def decode_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, k: int,
+                logprob_format: str = "uint8") -> tuple[torch.Tensor, ...]:
+    """Selected ``rows`` of a shard -> (ids (n, k) int64, log-probs (n, k) float32, tail log-mass (n,))."""
+    first = arrays["first_id"][rows].astype(np.int64)
+    width = arrays["width"]
+    gaps = np.zeros((len(rows), k - 1), dtype=np.int64)
+    row_width = width[rows]
+    for b in np.unique(row_width):
+        if not b:
+            continue
+        members = np.flatnonzero(width == b)  # rows of this width, in order: their position in gaps_w{b}
+        wanted = np.flatnonzero(row_width == b)
+        index = np.searchsorted(members, rows[wanted])
+        gaps[wanted] = unpack_bits(arrays[f"gaps_w{b}"][index], int(b), k - 1)
+    ids = np.concatenate([first[:, None], first[:, None] + np.cumsum(gaps + 1, axis=1)], axis=1)
+    tail = torch.from_numpy(arrays["log_tail"][rows].astype(np.float32))
+    if logprob_format.startswith("uint"):
+        bits = int(logprob_format[4:])
+        codes = arrays["logp_codes"][rows]
+        codes = codes.astype(np.int64) if bits == 8 else unpack_bits(codes, bits, k)
+        step = torch.from_numpy(arrays["logp_step"][rows].astype(np.float32))
+        offsets = -torch.from_numpy(codes).float() * step[:, None]  # log p - log p_top, (n, k)
+        # log p_top from the normalisation: p_top * sum exp(offsets) = 1 - tail mass.
+        top = torch.log(-torch.expm1(tail.clamp(max=-1e-7))) - offsets.logsumexp(-1)
+        top = torch.where(torch.isinf(tail), -offsets.logsumexp(-1), top)
+        logp = top[:, None] + offsets
+    else:
+        logp = torch.from_numpy(arrays["logp"][rows].astype(np.float32))
+    return torch.from_numpy(ids), logp, tail
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loss on k + 1 buckets
+# --------------------------------------------------------------------------------------------------------
+def bucket_logprobs(student_logp: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor,
+                    teacher_log_tail: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs on the buckets (the k cached ids, then the tail), (N, k[+1]) each.
+
+    ``student_logp`` (N, V) are the student's log-probs at the cache's temperature. The student's tail is
+    ``logsumexp`` of its log-probs outside the ids (exact, no ``log(1 - sum)`` cancellation). The teacher's
+    buckets are renormalised, so quantized log-probs still form a distribution. With k = V there is no tail.
+    """
+    student_top = student_logp.gather(-1, ids)  # (N, k)
+    if ids.shape[-1] >= vocab_size:
+        teacher = teacher_logp
+        student = student_top
+    else:
+        outside = student_logp.scatter(-1, ids, float("-inf"))
+        student = torch.cat([student_top, outside.logsumexp(-1, keepdim=True)], dim=-1)  # (N, k+1)
+        teacher = torch.cat([teacher_logp, teacher_log_tail[:, None].clamp_min(-1e4)], dim=-1)
+    return student, teacher - teacher.logsumexp(-1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class CacheMetadata:
+    teacher: str
+    teacher_hash: str
+    tokenizer_hash: str
+    top_k: int
+    temperature: float
+    vocab_size: int
+    data_fingerprint: str
+    num_blocks: int
+    block_size: int
+    logprob_format: str
+    shards: list
+    bytes_per_token: float  # the teacher signal (ids, log-probs, tail), not the training tokens
+    tokens: int
+    mean_tail_mass: float
+    quantization_kl: float  # mean KL(exact buckets ‖ stored buckets): what the storage precision costs
+    format_version: int = FORMAT_VERSION
+
+
+def check_destination(out_dir) -> Path:
+    """A cache is never written over another folder's contents."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} exists and is not empty; choose a new folder for the teacher cache")
+    return out_dir
+
+
+@torch.no_grad()
+def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64, temperature: float = 1.0,
+                        tokenizer=None, teacher_name: str = "", logprob_format: str = "uint7",
+                        batch_size: int = 8, blocks_per_shard: int = 4096, progress: bool = True) -> CacheMetadata:
+    """Run ``teacher`` once over ``blocks`` (N, T) and write the cache to ``out_dir`` (must not exist or be empty)."""
+    from safetensors.numpy import save_file
+
+    if logprob_format not in LOGPROB_FORMATS:
+        raise ConfigError(f"logprob_format={logprob_format!r} is unknown; choose one of {', '.join(LOGPROB_FORMATS)}")
+    if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise DataError("the teacher cache needs a non-empty (num_blocks, block_size >= 2) tensor of token ids")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    if tokenizer is not None:
+        vocab = min(vocab, len(tokenizer))  # padded embedding rows are never real tokens
+    if not 1 <= top_k <= vocab:
+        raise ConfigError(f"top_k must be in 1..{vocab} (the vocabulary size), got {top_k}")
+    out_dir = check_destination(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    shards, stored_bytes, tokens, tail_mass, quant_kl = [], 0, 0, 0.0, 0.0
+    for shard_start in range(0, blocks.shape[0], blocks_per_shard):
+        shard_blocks = blocks[shard_start:shard_start + blocks_per_shard]
+        pieces: list[dict[str, np.ndarray]] = []
+        for start in tqdm(range(0, shard_blocks.shape[0], batch_size), desc="teacher cache", disable=not progress):
+            batch = shard_blocks[start:start + batch_size]
+            logits = teacher(input_ids=batch.to(device)).logits[:, :-1, :vocab].float()  # (B, T-1, V)
+            logp = F.log_softmax(logits / temperature, dim=-1).reshape(-1, vocab)  # (n, V)
+            top_logp, top_ids = logp.topk(top_k, dim=-1)  # (n, k)
+            log_tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1.0)) if top_k < vocab \
+                else torch.full((logp.shape[0],), float("-inf"))
+            encoded = encode_rows(top_ids, top_logp, log_tail, vocab, logprob_format)
+            pieces.append(encoded)
+            # What storage precision costs, measured on the buckets themselves.
+            _, stored, stored_tail = decode_rows(encoded, np.arange(top_ids.shape[0]), top_k, logprob_format)
+            exact = top_logp.gather(-1, top_ids.argsort(-1))  # id order, as stored
+            if top_k < vocab:
+                exact = torch.cat([exact, log_tail[:, None]], -1)
+                stored = torch.cat([stored, stored_tail[:, None]], -1)
+            exact, stored = exact.clamp_min(-1e4), stored.clamp_min(-1e4)
+            stored = stored - stored.logsumexp(-1, keepdim=True)
+            quant_kl += F.kl_div(stored, exact, reduction="sum", log_target=True).item()
+            tail_mass += log_tail.exp().sum().item()
+            tokens += top_ids.shape[0]
+        arrays = _merge(pieces)
+        stored_bytes += sum(a.nbytes for a in arrays.values())
+        arrays["input_ids"] = shard_blocks.cpu().numpy().astype(np.int32)
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file(arrays, str(out_dir / name), metadata={"hfcompress": "teacher-cache", "version": str(FORMAT_VERSION)})
+        shards.append({"file": name, "blocks": int(shard_blocks.shape[0])})
+    metadata = CacheMetadata(
+        teacher=teacher_name, teacher_hash=weights_hash(teacher),
+        tokenizer_hash=tokenizer_hash(tokenizer) if tokenizer is not None else "", top_k=top_k,
+        temperature=float(temperature), vocab_size=int(vocab), data_fingerprint=tensor_hash([("blocks", blocks)]),
+        num_blocks=int(blocks.shape[0]), block_size=int(blocks.shape[1]), logprob_format=logprob_format,
+        shards=shards, bytes_per_token=stored_bytes / tokens, tokens=tokens, mean_tail_mass=tail_mass / tokens,
+        quantization_kl=quant_kl / tokens)
+    tmp = out_dir / (METADATA_FILE + ".tmp")
+    tmp.write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+    os.replace(tmp, out_dir / METADATA_FILE)  # written last: a folder without it is not a cache
+    return metadata
+
+
+def _merge(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate encoded batches; the per-width gap tensors follow their rows' order."""
+    keys = sorted({key for piece in pieces for key in piece})
+    return {key: np.concatenate([piece[key] for piece in pieces if key in piece]) for key in keys}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------
+class TeacherCache:
+    """A cache folder opened for training: metadata, the training blocks, and decoding of any rows."""
+
+    def __init__(self, path):
+        from safetensors.numpy import load_file
+
+        self.path = Path(path)
+        meta_file = self.path / METADATA_FILE
+        if not meta_file.is_file():
+            raise TeacherCacheError(f"{self.path} is not a teacher cache (no {METADATA_FILE}); write one with "
+                                    f"`hfcompress cache-teacher TEACHER --out {self.path}`")
+        data = json.loads(meta_file.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise TeacherCacheError(f"{self.path}: cache format {data.get('format_version')} is not "
+                                    f"{FORMAT_VERSION}; rewrite it with this version's `hfcompress cache-teacher`")
+        self.meta = CacheMetadata(**data)
+        self.shards = [load_file(str(self.path / shard["file"])) for shard in self.meta.shards]
+        self._starts = np.cumsum([0] + [shard["blocks"] for shard in self.meta.shards])
+        self.rows_per_block = self.meta.block_size - 1
+
+    def __len__(self) -> int:
+        return self.meta.num_blocks
+
+    def block(self, index: int) -> torch.Tensor:
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return torch.from_numpy(self.shards[shard]["input_ids"][index - self._starts[shard]].astype(np.int64))
+
+    def blocks(self) -> torch.Tensor:
+        return torch.cat([torch.from_numpy(s["input_ids"].astype(np.int64)) for s in self.shards])
+
+    def rows(self, block_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoded (ids, log-probs, tail) of every predicted position of these blocks, (B*(T-1), k) each."""
+        out = []
+        for index in block_indices.tolist():
+            shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+            local = index - int(self._starts[shard])
+            rows = np.arange(local * self.rows_per_block, (local + 1) * self.rows_per_block)
+            out.append(decode_rows(self.shards[shard], rows, self.meta.top_k, self.meta.logprob_format))
+        return tuple(torch.cat(parts) for parts in zip(*out))
+
+    def check(self, *, tokenizer=None, temperature: float | None = None, top_k: int | None = None,
+              teacher: str | None = None, teacher_hash: str | None = None, vocab_size: int | None = None) -> None:
+        """Refuse a cache that does not match the run (each check only when the run states the value)."""
+        meta, where = self.meta, str(self.path)
+        if temperature is not None and not math.isclose(temperature, meta.temperature):
+            raise TeacherCacheError(f"{where} was written at temperature {meta.temperature}, but the run uses "
+                                    f"temperature={temperature}; set temperature={meta.temperature} or rewrite the "
+                                    f"cache with --temperature {temperature}")
+        if top_k is not None and top_k != meta.top_k:
+            raise TeacherCacheError(f"{where} holds the top {meta.top_k} tokens per position, but the run asks for "
+                                    f"cache_top_k={top_k}; rewrite the cache with --top-k {top_k}")
+        if tokenizer is not None and meta.tokenizer_hash and tokenizer_hash(tokenizer) != meta.tokenizer_hash:
+            raise TeacherCacheError(f"{where} was written with another tokenizer (hash {meta.tokenizer_hash}, the "
+                                    f"run's is {tokenizer_hash(tokenizer)}); its token ids mean other tokens here")
+        if teacher is not None and teacher != meta.teacher:
+            raise TeacherCacheError(f"{where} holds the outputs of teacher {meta.teacher!r}, not {teacher!r}; "
+                                    f"write a cache of {teacher!r} or drop the teacher argument")
+        if teacher_hash is not None and teacher_hash != meta.teacher_hash:
+            raise TeacherCacheError(f"{where} was written by a teacher with other weights (hash "
+                                    f"{meta.teacher_hash}, this one's is {teacher_hash}); rewrite the cache")
+        if vocab_size is not None and vocab_size < meta.vocab_size:
+            raise TeacherCacheError(f"{where} covers {meta.vocab_size} token ids but the student has only "
+                                    f"{vocab_size} output rows; use a student with the teacher's vocabulary")
+
+
+class CacheDataset(torch.utils.data.Dataset):
+    """The cache's training blocks, each with its ``cache_index`` (the rows of the teacher signal)."""
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict:
+        ids = self.cache.block(index)
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids),
+                "cache_index": torch.tensor(index)}
+
+
+@torch.no_grad()
+def approximation_error(cache: TeacherCache, teacher, student, num_blocks: int = 4) -> dict:
+    """How far the cached top-k + tail loss is from the full live-teacher forward KL, for ``student``, on the
+    cache's first ``num_blocks`` blocks: mean full KL, mean bucket KL, and their relative gap."""
+    t = cache.meta.temperature
+    indices = torch.arange(min(num_blocks, len(cache)))
+    blocks = torch.stack([cache.block(i) for i in indices.tolist()])
+    vocab = cache.meta.vocab_size
+    s = F.log_softmax(student(input_ids=blocks).logits[:, :-1, :vocab].float() / t, -1).reshape(-1, vocab)
+    p = F.log_softmax(teacher(input_ids=blocks).logits[:, :-1, :vocab].float() / t, -1).reshape(-1, vocab)
+    full = F.kl_div(s, p, reduction="none", log_target=True).sum(-1).mean().item()
+    ids, logp, tail = cache.rows(indices)
+    student_b, teacher_b = bucket_logprobs(s, ids, logp, tail, vocab)
+    bucket = F.kl_div(student_b, teacher_b, reduction="none", log_target=True).sum(-1).mean().item()
+    return {"full_kl": full, "bucket_kl": bucket, "relative_gap": (full - bucket) / max(full, 1e-12)}

@@ -1,0 +1,290 @@
+"""Where the teacher signal comes from, beyond a live frozen teacher (``DistillationConfig.mode``).
+
+The article this project started from names three ways to distil — offline, online and self — and each is a
+:class:`TeacherSignal` here, which :class:`~.trainer.DistillationTrainer` asks for the loss of a batch:
+
+* ``cache`` (offline, from a teacher cache, :mod:`.cache`): the teacher ran once; training reads its top-k
+  distributions and holds **no teacher in memory**;
+* ``online``: teacher and student train together. The teacher has its own AdamW optimizer (stepped after the
+  student's, same gradient clipping) and learns from the labels' cross-entropy, optionally also from the
+  student (deep mutual learning, Zhang et al. 2018: ``mutual_weight · T²·KL(q ‖ p)``); the student distils from
+  the teacher's *current* outputs. The teacher is saved in ``output_dir/teacher`` (and in each checkpoint);
+* ``self``: the model teaches itself. Its final-layer distribution (detached) teaches early exits — the outputs
+  of ``exit_layers`` passed through the model's own final norm and LM head — so the first layers alone become a
+  usable model (:func:`truncate`). Objective per token: ``ce_weight · CE(final) + kd_weight · mean_exits
+  T²·D(p_final ‖ q_exit)``.
+
+Each signal sums its terms over the predicted tokens and normalises them exactly as the live loss does
+(:func:`.losses.normalize`), and feeds the same ``kd_loss``/``ce_loss`` logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..core.errors import ConfigError
+from .losses import LogitLoss, next_token_targets, normalize, predicted_positions
+from .teachers import unwrap
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherSignal:
+    """Computes a batch's loss for :class:`~.trainer.DistillationTrainer` in one of the non-live modes."""
+
+    def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+        raise NotImplementedError
+
+    @staticmethod
+    def _finish(trainer, model, total, kd, ce, count, outputs, return_outputs, num_items_in_batch):
+        loss = normalize(total, num_items_in_batch, count)
+        if num_items_in_batch is not None and trainer.args.average_tokens_across_devices:
+            loss = loss * trainer.accelerator.num_processes
+        mode = "train" if model.training else "eval"
+        trainer._components[mode] += torch.stack([kd.detach(), ce.detach(), torch.zeros_like(kd),
+                                                  torch.as_tensor(count).to(kd)]).to(torch.float64)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _split(inputs):
+    labels = inputs["labels"]
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "cache_index")}
+    mask = predicted_positions(labels)  # (B, T)
+    return model_inputs, mask, next_token_targets(labels, mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# cache: offline from a teacher cache
+# --------------------------------------------------------------------------------------------------------
+class CachedTeacher(TeacherSignal):
+    def __init__(self, cache):
+        self.cache = cache
+
+    def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from .cache import bucket_logprobs
+
+        if "cache_index" not in inputs:
+            raise ConfigError("mode='cache' trains on the cache's own blocks: use its dataset "
+                              "(the default when train_dataset is None), whose examples carry 'cache_index'")
+        spec, vocab = trainer.spec, self.cache.meta.vocab_size
+        model_inputs, mask, targets = _split(inputs)
+        outputs = model(**model_inputs, use_cache=False)
+        logits = outputs.logits[mask][:, :vocab].float()  # (N, V)
+        ids, logp, tail = self.cache.rows(inputs["cache_index"].cpu())  # (B*(T-1), k): positions 0..T-2
+        rows = mask[:, :-1].reshape(-1).cpu()
+        ids, logp, tail = ids[rows].to(logits.device), logp[rows].to(logits.device), tail[rows].to(logits.device)
+        student_logp = F.log_softmax(logits / spec.temperature, dim=-1)
+        student_buckets, teacher_buckets = bucket_logprobs(student_logp, ids, logp, tail, vocab)
+        kd = spec._divergence(student_buckets, teacher_buckets)  # (N,), includes T²
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        total = (spec.kd_weight * kd + spec.ce_weight * ce).sum()
+        return self._finish(trainer, model, total, kd.sum(), ce.sum(), mask.sum(), outputs, return_outputs,
+                            num_items_in_batch)
+
+
+# --------------------------------------------------------------------------------------------------------
+# online: teacher and student train together
+# --------------------------------------------------------------------------------------------------------
+def check_trainable_teacher(teacher) -> None:
+    """Online mode trains the teacher: refuse a quantized one or one whose parameters are all frozen."""
+    from ..quantization.modules import CompressedLinear
+
+    config = getattr(teacher, "config", None)
+    quantized = getattr(teacher, "hf_quantizer", None) is not None or \
+        getattr(config, "quantization_config", None) is not None or \
+        any(isinstance(m, CompressedLinear) or type(m).__module__.startswith("bitsandbytes")
+            for m in teacher.modules())
+    if quantized:
+        raise ConfigError(f"mode='online' trains the teacher, but {type(teacher).__name__} is quantized; pass the "
+                          f"full-precision teacher (or use mode='live' to keep a quantized teacher frozen)")
+    if not any(p.requires_grad for p in teacher.parameters()):
+        raise ConfigError(f"mode='online' trains the teacher, but all of {type(teacher).__name__}'s parameters "
+                          f"have requires_grad=False; unfreeze them (teacher.requires_grad_(True)) or use "
+                          f"mode='live'")
+
+
+class _OnlineTeacherCallback(TrainerCallback):
+    """Steps the teacher's optimizer after the student's and saves the teacher next to the student."""
+
+    def __init__(self, signal: "OnlineTeacher"):
+        self.signal = signal
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        teacher, optimizer = self.signal.teacher, self.signal.optimizer
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(teacher.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            self.signal.teacher.save_pretrained(os.path.join(folder, "teacher"))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.signal.teacher.save_pretrained(os.path.join(args.output_dir, "teacher"))
+
+
+class OnlineTeacher(TeacherSignal):
+    def __init__(self, teacher, args):
+        check_trainable_teacher(teacher)
+        self.teacher = teacher.to(args.device).train()
+        params = [p for p in teacher.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=args.teacher_learning_rate or args.learning_rate,
+                                           weight_decay=args.weight_decay)
+        self.mutual_weight = args.mutual_weight
+
+    def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+        spec = trainer.spec
+        model_inputs, mask, targets = _split(inputs)
+        self.teacher.train(model.training)
+        student_out = model(**model_inputs, use_cache=False)
+        teacher_out = self.teacher(**model_inputs, use_cache=False)
+        rows = trainer.vocab_rows
+        student_logits = student_out.logits[mask][:, :rows].float()  # (N, V)
+        teacher_logits = teacher_out.logits[mask][:, :rows].float()
+        weighted, kd, ce = spec.per_position(student_logits, teacher_logits.detach(), targets)
+        teacher_loss = F.cross_entropy(teacher_logits, targets, reduction="none")
+        if self.mutual_weight > 0:  # the teacher also learns from the student: T²·KL(q ‖ p) w.r.t. p
+            teacher_loss = teacher_loss + self.mutual_weight * LogitLoss(temperature=spec.temperature).divergence(
+                teacher_logits, student_logits.detach())
+        total = weighted.sum() + teacher_loss.sum()
+        return self._finish(trainer, model, total, kd.sum(), ce.sum(), mask.sum(), student_out, return_outputs,
+                            num_items_in_batch)
+
+
+# --------------------------------------------------------------------------------------------------------
+# self: the final layer teaches early exits
+# --------------------------------------------------------------------------------------------------------
+def final_norm(model) -> torch.nn.Module:
+    """The norm applied to the last decoder layer's output before the LM head (Llama ``model.norm``, GPT-2
+    ``transformer.ln_f``, OPT ``decoder.final_layer_norm``...)."""
+    base = unwrap(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
+    for holder in (decoder, getattr(decoder, "decoder", None)):
+        for name in ("norm", "final_layernorm", "final_layer_norm", "ln_f"):
+            module = getattr(holder, name, None) if holder is not None else None
+            if isinstance(module, torch.nn.Module):
+                return module
+    raise ConfigError(f"mode='self' needs the final norm of {type(base).__name__}, which has none of the usual "
+                      f"names (norm, ln_f, final_layer_norm); use a Llama/Mistral/Qwen2/GPT-2-style model")
+
+
+def resolve_exit_layers(exit_layers: list[int] | None, layers: int) -> list[int]:
+    """Exit layers to train: given ones, checked against the depth; default every layer but the last."""
+    if layers < 2:
+        raise ConfigError(f"mode='self' needs at least 2 decoder layers (the model has {layers})")
+    if exit_layers is None:
+        return list(range(layers - 1))
+    bad = [layer for layer in exit_layers if layer >= layers - 1]
+    if bad:
+        raise ConfigError(f"exit_layers {bad}: the model has {layers} decoder layers (0..{layers - 1}) and the "
+                          f"last one is the teacher, so exits are layers 0..{layers - 2}")
+    return list(exit_layers)
+
+
+class SelfDistillation(TeacherSignal):
+    def __init__(self, model, args):
+        from .hidden import num_layers
+
+        self.exits = resolve_exit_layers(args.exit_layers, num_layers(model))
+        final_norm(model)  # fail now, not at the first step
+
+    def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
+        spec = trainer.spec
+        model_inputs, mask, targets = _split(inputs)
+        outputs = model(**model_inputs, use_cache=False, output_hidden_states=True)
+        rows = trainer.vocab_rows
+        final = outputs.logits[mask][:, :rows].float()  # (N, V)
+        head, norm = unwrap(model).get_output_embeddings(), final_norm(model)
+        ce = F.cross_entropy(final, targets, reduction="none")
+        kd = torch.zeros_like(ce)
+        for layer in self.exits:
+            # hidden_states[i + 1] is block i's output (before the final norm, except the last block's).
+            exit_logits = head(norm(outputs.hidden_states[layer + 1][mask]))[:, :rows].float()
+            kd = kd + spec.divergence(exit_logits, final.detach()) / len(self.exits)
+        total = (spec.kd_weight * kd + spec.ce_weight * ce).sum()
+        return self._finish(trainer, model, total, kd.sum(), ce.sum(), mask.sum(), outputs, return_outputs,
+                            num_items_in_batch)
+
+
+def truncate(model, num_layers: int):
+    """A copy of ``model`` with its first ``num_layers`` decoder layers, its embeddings, final norm and head."""
+    from .hidden import num_layers as depth
+    from .student import make_student
+
+    layers = depth(model)
+    if not 1 <= num_layers <= layers:
+        raise ConfigError(f"cannot truncate to {num_layers} layers: the model has {layers} (choose 1..{layers})")
+    return make_student(model, num_layers=num_layers, layer_selection=list(range(num_layers)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Trainer set-up of the non-live modes
+# --------------------------------------------------------------------------------------------------------
+def setup_trainer(trainer, model, teacher_model, teacher_cache, args, trainer_kwargs: dict) -> None:
+    """``DistillationTrainer.__init__`` for ``args.mode`` in cache/online/self (see the module docstring)."""
+    from .teachers import check_vocabularies, load_teacher
+
+    mode = args.mode
+    if teacher_cache is not None and mode != "cache":
+        raise ConfigError(f"teacher_cache= is given but DistillationConfig.mode={mode!r}; set mode='cache'")
+    if isinstance(model, (str, os.PathLike)):
+        from ..core.pretrained import load_causal_lm
+
+        model = load_causal_lm(model)
+    tokenizer = trainer_kwargs.get("processing_class")
+    signal: TeacherSignal
+    teacher = None
+    if mode == "cache":
+        from .cache import CacheDataset, TeacherCache, weights_hash
+
+        if teacher_cache is None:
+            raise ConfigError("mode='cache' needs teacher_cache= (a folder written by `hfcompress cache-teacher`)")
+        cache = TeacherCache(teacher_cache)
+        named = teacher_model if isinstance(teacher_model, (str, os.PathLike)) else None
+        cache.check(tokenizer=tokenizer, temperature=args.temperature, top_k=args.cache_top_k,
+                    teacher=os.fspath(named) if named is not None else None,
+                    teacher_hash=weights_hash(teacher_model) if isinstance(teacher_model, torch.nn.Module) else None,
+                    vocab_size=unwrap(model).get_output_embeddings().weight.shape[0])
+        teacher_model = None  # checked, not kept: no teacher in memory
+        if trainer_kwargs.get("train_dataset") is None:
+            trainer_kwargs["train_dataset"] = CacheDataset(cache)
+        signal = CachedTeacher(cache)
+    elif mode == "online":
+        if teacher_model is None:
+            raise ConfigError("mode='online' needs teacher_model (the teacher to train with the student)")
+        teacher = load_teacher(teacher_model, args.teacher_model_init_kwargs)
+    elif teacher_model is not None:  # self
+        raise ConfigError("mode='self' has no separate teacher (the model teaches its own early exits); drop "
+                          "teacher_model")
+    Trainer.__init__(trainer, model=model, args=args, **trainer_kwargs)
+    trainer.model_accepts_loss_kwargs = True
+    trainer.spec = LogitLoss(loss=args.loss, temperature=args.temperature, kd_weight=args.kd_weight,
+                             ce_weight=args.ce_weight, beta=args.beta, skew_alpha=args.skew_alpha)
+    trainer.layer_map, trainer.hidden_projections, trainer.teacher_model = {}, None, None
+    trainer.uses_teacher = False
+    trainer._components = {m: torch.zeros(4, dtype=torch.float64, device=args.device) for m in ("train", "eval")}
+    if mode == "cache":
+        trainer.vocab_rows = signal.cache.meta.vocab_size
+        trainer._set_signature_columns_if_needed()
+        trainer._signature_columns.append("cache_index")  # keep it through remove_unused_columns
+    elif mode == "online":
+        if trainer.accelerator.num_processes > 1:
+            raise ConfigError("mode='online' runs in a single process for now (the teacher is not wrapped for "
+                              "data parallelism); launch one process")
+        trainer.vocab_rows = check_vocabularies(trainer.model, teacher, tokenizer, None)
+        signal = OnlineTeacher(teacher, args)
+        trainer.teacher_model = signal.teacher
+        trainer.add_callback(_OnlineTeacherCallback(signal))
+    else:
+        trainer.vocab_rows = unwrap(trainer.model).get_output_embeddings().weight.shape[0]
+        signal = SelfDistillation(trainer.model, args)
+    trainer.signal = signal
