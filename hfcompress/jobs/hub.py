@@ -49,8 +49,12 @@ def _metrics_table(metrics: list[dict]) -> str:
 
 def build_model_card(*, title: str, base_model: str | None, method: str, settings: dict, data_description: str,
                      metrics: list[dict] | None = None, recipe_text: str | None = None,
-                     load_snippet: str | None = None, tags: list[str] | None = None):
-    """A ``huggingface_hub.ModelCard`` with YAML metadata (``ModelCardData``) and a readable body."""
+                     load_snippet: str | None = None, tags: list[str] | None = None,
+                     base_model_note: str | None = None):
+    """A ``huggingface_hub.ModelCard`` with YAML metadata (``ModelCardData``) and a readable body.
+
+    ``base_model_note`` is said under the base model (e.g. that its weights were dequantized from a GGUF file).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -72,6 +76,7 @@ def build_model_card(*, title: str, base_model: str | None, method: str, setting
         "## Base model",
         "",
         f"`{base_model}`" if base_model else "_unknown_",
+        *(["", base_model_note] if base_model_note else []),
         "",
         "## Method and settings",
         "",

@@ -39,7 +39,7 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
                        base_model: str | None = None) -> Path:
     """Load ``model_ref``, quantize it with ``config``, save it (atomically) with its tokenizer and card."""
     from .hub import build_model_card
-    from ..models.loading import load_model, load_tokenizer, resolve_model
+    from ..models.loading import gguf_note, load_model, load_tokenizer, resolve_model
     from ..quantization.api import quantize
     from ..quantization.saving import save_checkpoint
 
@@ -61,7 +61,8 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
         settings=settings,
         data_description=("Calibration data: " + describe_data(calibration_data)) if uses_data
         else "No calibration data (data-free method).",
-        recipe_text=recipe_text, tags=["quantized", config.method], load_snippet=_load_snippet(config))
+        recipe_text=recipe_text, tags=["quantized", config.method], load_snippet=_load_snippet(config),
+        base_model_note=gguf_note(model))
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
                            extra_files={"README.md": str(card)})
 
@@ -101,6 +102,7 @@ def distill_stage(ctx) -> dict:
     """Distil the stage's input (the teacher, unless the stage names one) into a student in the stage folder."""
     import shutil
 
+    from ..models.loading import gguf_note
     from .distill import distill_from_args
     from .hub import write_model_card
 
@@ -119,7 +121,7 @@ def distill_stage(ctx) -> dict:
         method=f"knowledge distillation ({config.loss}, T={config.temperature})",
         settings={**ctx.stage.raw, "teacher": script_args.teacher},
         data_description="Training data: " + describe_data(script_args.dataset),
-        recipe_text=ctx.recipe.source, tags=["distillation"])
+        recipe_text=ctx.recipe.source, tags=["distillation"], base_model_note=gguf_note(script_args.teacher))
     return {"output": Path(out).name, "loss": config.loss, "max_steps": config.max_steps}
 
 
