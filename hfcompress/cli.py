@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="model folder, Hub id, or reference:small / reference:base")
     p.add_argument("--data", default="stdlib:test",
-                   help="text source: stdlib[:split], a file/folder, a saved dataset or a datasets name")
+                   help="text source: stdlib|pydoc|mix[:split], a file/folder, a saved dataset or a datasets name")
     p.add_argument("--block-size", type=int, default=None, help="tokens per window (default: min(context, 512))")
     p.add_argument("--num-blocks", type=int, default=None, help="score a seeded subset of this many windows")
     p.add_argument("--stride", type=int, default=None, help="overlapping windows advancing by this many tokens")
@@ -235,10 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", formatter_class=_Formatter, help="post-training quantization of a model")
-    p.add_argument("model", help="model folder, Hub id, or reference:small / reference:base")
+    p.add_argument("model", help="model folder, .gguf file, Hub id, or reference:small / reference:base")
     p.add_argument("output", help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--calibration-data", default="stdlib",
-                   help="text source for calibration (gptq/awq/mse observer)")
+    p.add_argument("--calibration-data", default="auto",
+                   help="text source for calibration (gptq/awq/mse observer): auto (stdlib for the reference "
+                        "teachers, mix of English and code for other models), stdlib|pydoc|mix[:split], a path")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
