@@ -256,3 +256,30 @@ def test_gguf_teacher_for_distillation(tiny_gguf, tmp_path):
     torch.testing.assert_close(_logits(trainer.teacher_model, ids), _logits(source, ids), rtol=0, atol=1e-5)
     trainer.train()
     assert np.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_smollm2_recipe_runs_on_a_gguf_model(tiny_gguf, tmp_path):
+    """The shipped SmolLM2 recipe at its smallest settings, with the tiny GGUF as its model: distil from the
+    GGUF teacher, GPTQ the student, evaluate on pydoc; every stage's output is a normal checkpoint."""
+    from pathlib import Path
+
+    from hfcompress.cli import main
+
+    path, _, _ = tiny_gguf
+    recipe = Path(__file__).parent.parent / "recipes" / "smollm2-distill-quantize.yaml"
+    smallest = [f"model={path}", "distill.student_num_layers=1", "distill.max_steps=2", "distill.block_size=64",
+                "distill.num_train_blocks=16", "distill.per_device_train_batch_size=4", "quantize.num_samples=4",
+                "quantize.seq_len=64", "quantize.group_size=32", "evaluate.block_size=64",
+                "evaluate.num_blocks=4", "evaluate.speed=false"]
+    argv = ["run", str(recipe), "--output", str(tmp_path / "run"), "-q"]
+    for item in smallest:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [m["label"] for m in report["models"]] == ["tiny-f32.gguf", "distill", "quantize"]
+    assert all(m["perplexity"] > 1 for m in report["models"])
+    # The student's card names where its teacher's weights came from; the quantized student's card names the
+    # student as its base.
+    assert "GGUF file `tiny-f32.gguf`" in (tmp_path / "run" / "00-distill" / "README.md").read_text()
+    config = json.loads((tmp_path / "run" / "01-quantize" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
