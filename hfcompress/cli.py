@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="model folder, Hub id, or reference:small / reference:base")
     p.add_argument("--data", default="stdlib:test",
-                   help="text source: stdlib[:split], a file/folder, a saved dataset or a datasets name")
+                   help="text source: stdlib|pydoc|mix[:split], a file/folder, a saved dataset or a datasets name")
     p.add_argument("--block-size", type=int, default=None, help="tokens per window (default: min(context, 512))")
     p.add_argument("--num-blocks", type=int, default=None, help="score a seeded subset of this many windows")
     p.add_argument("--stride", type=int, default=None, help="overlapping windows advancing by this many tokens")

@@ -104,3 +104,72 @@ def test_block_dataset_items():
     item = ds[1]
     assert len(ds) == 3
     assert item["input_ids"].tolist() == [4, 5, 6, 7] and torch.equal(item["labels"], item["input_ids"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# English prose (pydoc) and the mix
+# --------------------------------------------------------------------------------------------------------
+def test_pydoc_pieces_cover_every_topic_without_losing_text():
+    from pydoc_data.topics import topics
+
+    pieces = data.pydoc_pieces()
+    names = [name for name, _ in pieces]
+    assert len(names) == len(set(names))
+    for topic in list(topics)[:20]:
+        own = [text for name, text in pieces if name.rpartition("#")[0] == topic]
+        assert "\n\n".join(own) == topics[topic] or not topics[topic].strip()
+    # Whole paragraphs up to the target length: no piece is much over it unless a single paragraph is.
+    assert max(len(t) for _, t in pieces) < 4 * data.PYDOC_PIECE_CHARS
+    assert sum(len(t) for _, t in pieces) > 0.98 * sum(len(t) for t in topics.values())
+
+
+def test_pydoc_splits_are_disjoint_deterministic_and_sized():
+    corpus, again = data.load_pydoc_corpus(), data.load_pydoc_corpus()
+    names = {split: corpus[split]["path"] for split in data.SPLITS}
+    assert all(names[split] == again[split]["path"] for split in data.SPLITS)
+    assert not set(names["train"]) & set(names["test"]) and not set(names["validation"]) & set(names["test"])
+    chars = {split: sum(map(len, corpus[split]["text"])) for split in data.SPLITS}
+    total = sum(chars.values())
+    for split, share in (("validation", 0.10), ("test", 0.10)):  # 80/10/10 by hash, within sampling noise
+        assert 0.04 < chars[split] / total < 0.2, (split, chars)
+    assert all(data.split_of(name, data._PYDOC_BUCKETS) == "test" for name in names["test"])
+    # It is prose: mostly letters and spaces, unlike source code.
+    text = "".join(corpus["test"]["text"])
+    assert sum(c.isalpha() or c == " " for c in text) / len(text) > 0.75
+
+
+def test_named_sources_and_splits():
+    assert data.load_texts("pydoc:test") == data.load_texts("pydoc", split="test")
+    assert data.load_texts("pydoc:test") == list(data.load_pydoc_corpus()["test"]["text"])
+    with pytest.raises(DataError, match="unknown pydoc split 'dev'"):
+        data.load_texts("pydoc:dev")
+    with pytest.raises(DataError, match="'auto' is resolved"):
+        data.load_texts("auto")
+
+
+def test_mix_is_half_prose_half_code():
+    prose = data.load_texts("pydoc:validation")
+    mixed = data.load_texts("mix:validation")
+    assert mixed[: len(prose)] == prose
+    code = mixed[len(prose):]
+    assert sum(map(len, code)) == sum(map(len, prose))  # the last file is cut to match
+    stdlib = set(data.load_texts("stdlib:validation"))
+    assert all(text in stdlib for text in code[:-1]) and any(s.startswith(code[-1]) for s in stdlib)
+    assert mixed == data.load_texts("mix", split="validation")
+
+
+def test_calibration_default_follows_the_model(tiny_reference_dir, tmp_path):
+    from hfcompress.jobs.pipeline import describe_data, resolve_calibration_source
+
+    assert data.default_calibration_source(trained_on_stdlib=True) == "stdlib"
+    assert data.default_calibration_source(trained_on_stdlib=False) == "mix"
+    assert resolve_calibration_source("auto", str(tiny_reference_dir)) == "stdlib"
+    assert resolve_calibration_source("auto", "reference:base") == "stdlib"
+    assert resolve_calibration_source("auto", str(tmp_path), None) == "mix"
+    assert resolve_calibration_source("pydoc:train", "reference:base") == "pydoc:train"
+    assert "English prose" in describe_data("pydoc") and "Half English" in describe_data("mix:validation")
+
+
+def test_pydoc_blocks_for_evaluation(tiny_tokenizer):
+    blocks = data.load_blocks("pydoc", tiny_tokenizer, 64, split="test", num_blocks=8, seed=0)
+    assert blocks.shape == (8, 64)

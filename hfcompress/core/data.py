@@ -1,14 +1,24 @@
-"""Text sources -> token blocks, and the offline corpus every machine has.
+"""Text sources -> token blocks, and the offline corpora every machine has.
 
-The offline corpus is the Python standard library's own source (``*.py`` under ``sysconfig``'s ``stdlib``
-path, test packages excluded): ~700 files / ~12 MB of real, varied text that needs no download. Files are
-split into train/validation/test **by file**, from a hash of the path relative to the stdlib root, so the
-split is the same on every machine with the same Python and no file leaks across splits.
+Three named sources need no download:
+
+* ``"stdlib"`` — **code**: the Python standard library's own source (``*.py`` under ``sysconfig``'s
+  ``stdlib`` path, test packages excluded): ~700 files / ~12 MB. Files are split into train/validation/test
+  (90/5/5) **by file**, from a hash of the path relative to the stdlib root, so the split is the same on every
+  machine with the same Python and no file leaks across splits.
+* ``"pydoc"`` — **English prose**: ``pydoc_data/topics.py``, the text of the language reference that
+  ``help()`` shows (~470 KB on Python 3.11, 79 topics). Topics are cut into pieces of about
+  :data:`PYDOC_PIECE_CHARS` characters at paragraph boundaries and each piece is assigned to
+  train/validation/test (80/10/10) from a hash of ``"<topic>#<index>"``: whole topics would leave a test split
+  of 3-10 topics whose size swings with which ones land there (19-63 KB); pieces give ~45 KB each time. Two
+  pieces of one topic may fall in different splits: they share no text, only a subject.
+* ``"mix"`` — both, for calibrating models that read English: a split of ``pydoc`` plus as many characters of
+  the same ``stdlib`` split (files in the order of their path hashes), so about half prose, half code.
 
 Every other part of hfcompress (reference training, evaluation, calibration, distillation) gets its tokens
 through :func:`load_blocks`, which accepts any text source:
 
-* ``"stdlib"`` (optionally ``"stdlib:validation"``) — the offline corpus;
+* ``"stdlib"``, ``"pydoc"``, ``"mix"`` (optionally with a split: ``"pydoc:test"``) — the offline corpora;
 * a local file (``.txt``/``.py``/``.md`` read as text; ``.json``/``.jsonl``/``.csv``/``.parquet`` through
   ``datasets``) or a folder of text files;
 * a folder written by ``Dataset.save_to_disk``;
@@ -45,11 +55,14 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def split_of(relative_path: str) -> str:
+def _bucket(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") % 100
+
+
+def split_of(relative_path: str, buckets: dict[str, range] = _SPLIT_BUCKETS) -> str:
     """The split a file belongs to: a pure function of its path relative to the corpus root."""
-    normalized = relative_path.replace(os.sep, "/")
-    bucket = int.from_bytes(hashlib.sha256(normalized.encode("utf-8")).digest()[:8], "big") % 100
-    for name, bucket_range in _SPLIT_BUCKETS.items():
+    bucket = _bucket(relative_path.replace(os.sep, "/"))
+    for name, bucket_range in buckets.items():
         if bucket in bucket_range:
             return name
     raise AssertionError(bucket)  # unreachable: the ranges cover 0..99
@@ -86,6 +99,90 @@ def load_stdlib_corpus(root: Path | None = None) -> "datasets.DatasetDict":  # n
     if not rows["train"]["text"]:
         raise DataError(f"no Python source files found under {root}; is the standard library installed?")
     return datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in rows.items()})
+
+
+# Percent of pydoc pieces per split (by hash bucket): 80 / 10 / 10 (a smaller corpus needs larger held-out shares).
+_PYDOC_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
+PYDOC_PIECE_CHARS = 4000  # target length of one pydoc piece (whole paragraphs, so pieces run a little over)
+
+
+def pydoc_pieces(topics: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """``("<topic>#<index>", text)`` for every piece of every pydoc topic, topics in sorted order.
+
+    A piece is whole paragraphs (split at blank lines) gathered until it reaches ``PYDOC_PIECE_CHARS``.
+    """
+    if topics is None:
+        from pydoc_data.topics import topics
+    pieces = []
+    for topic in sorted(topics):
+        groups, current = [], []
+        for paragraph in topics[topic].split("\n\n"):
+            current.append(paragraph)
+            if sum(len(p) + 2 for p in current) >= PYDOC_PIECE_CHARS:
+                groups.append(current)
+                current = []
+        if current:
+            groups.append(current)
+        pieces += [(f"{topic}#{index}", "\n\n".join(group)) for index, group in enumerate(groups)]
+    return [(name, text) for name, text in pieces if text.strip()]
+
+
+def load_pydoc_corpus(topics: dict[str, str] | None = None) -> "datasets.DatasetDict":  # noqa: F821
+    """The English corpus as a ``DatasetDict`` with ``train``/``validation``/``test`` splits.
+
+    Each row has ``path`` (``"<topic>#<index>"``) and ``text``.
+    """
+    import datasets
+
+    rows: dict[str, dict[str, list[str]]] = {name: {"path": [], "text": []} for name in SPLITS}
+    for name, text in pydoc_pieces(topics):
+        split = rows[split_of(name, _PYDOC_BUCKETS)]
+        split["path"].append(name)
+        split["text"].append(text)
+    if not rows["train"]["text"]:
+        raise DataError("pydoc_data.topics holds no text; is this Python's standard library complete?")
+    return datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in rows.items()})
+
+
+def mix_texts(split: str) -> list[str]:
+    """``split`` of pydoc, then the same split of stdlib in path-hash order, cut to as many characters.
+
+    Half English, half Python by characters; the order is fixed, so the same on every run.
+    """
+    prose = list(load_pydoc_corpus()[split]["text"])
+    code = load_stdlib_corpus()[split]
+    budget, taken, chars = sum(len(t) for t in prose), [], 0
+    for path, text in sorted(zip(code["path"], code["text"]), key=lambda row: hashlib.sha256(
+            row[0].encode("utf-8")).digest()):
+        if chars >= budget:
+            break
+        taken.append(text[:budget - chars])  # the last file is cut so the halves match
+        chars += len(taken[-1])
+    return prose + taken
+
+
+NAMED_SOURCES = {"stdlib": lambda split: list(load_stdlib_corpus()[split]["text"]),
+                 "pydoc": lambda split: list(load_pydoc_corpus()[split]["text"]),
+                 "mix": mix_texts}
+# What quantization calibrates on when no source is named: see :func:`default_calibration_source`.
+AUTO_SOURCE = "auto"
+
+
+def named_source(text: str) -> tuple[str, str | None] | None:
+    """``("pydoc", "test")`` for ``"pydoc:test"``, ``("stdlib", None)`` for ``"stdlib"``; ``None`` otherwise."""
+    name, _, split = text.partition(":")
+    return (name, split or None) if name in NAMED_SOURCES else None
+
+
+def default_calibration_source(trained_on_stdlib: bool) -> str:
+    """The calibration source ``"auto"`` stands for.
+
+    hfcompress's own reference teachers (and students distilled from them in the same recipe) learned
+    Python source only, so they calibrate on ``"stdlib"``, their training distribution. Every other model is a
+    real, pretrained LM that reads English at least as much as code: it calibrates on ``"mix"``, since
+    activation statistics taken on code alone under-represent the prose tokens it will mostly see.
+    """
+    return "stdlib" if trained_on_stdlib else "mix"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -134,11 +231,15 @@ def _load_texts(source: TextSource, split: str, text_column: str) -> list[str]:
                         f"name, 'stdlib', a list of strings or a datasets.Dataset")
 
     text = os.fspath(source)
-    if text == "stdlib" or text.startswith("stdlib:"):
-        split = text.partition(":")[2] or split
+    named = named_source(text)
+    if named is not None:
+        name, split = named[0], named[1] or split
         if split not in SPLITS:
-            raise DataError(f"unknown stdlib split {split!r}; choose one of {', '.join(SPLITS)}")
-        return list(load_stdlib_corpus()[split]["text"])
+            raise DataError(f"unknown {name} split {split!r}; choose one of {', '.join(SPLITS)}")
+        return NAMED_SOURCES[name](split)
+    if text == AUTO_SOURCE:
+        raise DataError("the text source 'auto' is resolved by the quantize job from the model; here name one "
+                        "of " + ", ".join(NAMED_SOURCES) + " or a path")
 
     path = Path(text).expanduser()
     if path.is_file():

@@ -69,14 +69,27 @@ def unreadable_safetensors(folder: str | os.PathLike) -> str | None:
 
 
 def load_causal_lm(name_or_path, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with a clear error (kwargs go to ``from_pretrained``)."""
+    """``AutoModelForCausalLM.from_pretrained`` with a clear error (kwargs go to ``from_pretrained``); a ``.gguf``
+    file is dequantized to a plain float model (:func:`hfcompress.core.gguf.load_gguf_model`)."""
     from transformers import AutoModelForCausalLM
 
+    from .gguf import is_gguf_path, load_gguf_model
+
+    if is_gguf_path(name_or_path):
+        return load_gguf_model(name_or_path, **kwargs)
     return from_pretrained(AutoModelForCausalLM, name_or_path, "a causal LM", **kwargs)
 
 
 def load_auto_tokenizer(name_or_path, **kwargs):
-    """``AutoTokenizer.from_pretrained`` with a clear error."""
+    """``AutoTokenizer.from_pretrained`` with a clear error; a ``.gguf`` file's tokenizer is built from its
+    metadata."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
+    from .gguf import is_gguf_path
+
+    if is_gguf_path(name_or_path):
+        kwargs = {**kwargs, "gguf_file": Path(name_or_path).name}
+        name_or_path = str(Path(name_or_path).expanduser().parent)
     return from_pretrained(AutoTokenizer, name_or_path, "a tokenizer", **kwargs)

@@ -49,11 +49,14 @@ def _metrics_table(metrics: list[dict]) -> str:
 
 def build_model_card(*, title: str, base_model: str | None, method: str, settings: dict, data_description: str,
                      metrics: list[dict] | None = None, recipe_text: str | None = None,
-                     load_snippet: str | None = None, tags: list[str] | None = None, coverage: dict | None = None):
+                     load_snippet: str | None = None, tags: list[str] | None = None, coverage: dict | None = None,
+                     base_model_note: str | None = None):
     """A ``huggingface_hub.ModelCard`` with YAML metadata (``ModelCardData``) and a readable body.
 
     ``coverage``: a quantization's :meth:`hfcompress.quantization.coverage.Coverage.to_dict`; the card then
-    states what was quantized ("N of M linear weights quantized, X% of parameters") and what was not, why."""
+    states what was quantized ("N of M linear weights quantized, X% of parameters") and what was not, why.
+    ``base_model_note`` is said under the base model (e.g. that its weights were dequantized from a GGUF file).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -75,6 +78,7 @@ def build_model_card(*, title: str, base_model: str | None, method: str, setting
         "## Base model",
         "",
         f"`{base_model}`" if base_model else "_unknown_",
+        *(["", base_model_note] if base_model_note else []),
         "",
         "## Method and settings",
         "",

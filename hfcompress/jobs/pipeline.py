@@ -16,13 +16,39 @@ logger = logging.getLogger(__name__)
 
 STDLIB_DESCRIPTION = ("The Python standard library's own source files (offline corpus shipped with every Python; "
                       "split by file into train/validation/test).")
+SOURCE_DESCRIPTIONS = {
+    "stdlib": STDLIB_DESCRIPTION,
+    "pydoc": ("English prose: the Python language reference shipped with every Python as "
+              "`pydoc_data/topics.py`, cut into ~4 KB pieces split into train/validation/test."),
+    "mix": ("Half English, half code: the `pydoc` split (the Python language reference's prose) plus as many "
+            "characters of the same split of the standard library's source."),
+}
 
 
 def describe_data(source) -> str:
-    text = str(source)
-    if text == "stdlib" or text.startswith("stdlib:"):
-        return f"{STDLIB_DESCRIPTION} Split used: `{text.partition(':')[2] or 'train'}`."
-    return f"`{text}`"
+    from ..core.data import named_source
+
+    named = named_source(str(source))
+    if named is not None:
+        return f"{SOURCE_DESCRIPTIONS[named[0]]} Split used: `{named[1] or 'train'}`."
+    return f"`{source}`"
+
+
+def resolve_calibration_source(source, *model_refs) -> str:
+    """``"auto"`` -> ``"stdlib"`` when any of ``model_refs`` is an hfcompress reference teacher (trained on
+    Python source alone; in a recipe, its students too), ``"mix"`` for every other model; other sources as
+    given. See :func:`hfcompress.core.data.default_calibration_source`."""
+    from ..core.data import AUTO_SOURCE, default_calibration_source
+
+    if str(source) != AUTO_SOURCE:
+        return source
+    return default_calibration_source(any(_is_reference_teacher(ref) for ref in model_refs if ref))
+
+
+def _is_reference_teacher(model_ref) -> bool:
+    """A ``reference:<size>`` name or a folder the reference trainer wrote (it holds reference_metrics.json)."""
+    name = os.fspath(model_ref)
+    return name.startswith("reference:") or (Path(name).expanduser() / "reference_metrics.json").is_file()
 
 
 def _settings(config) -> dict:
@@ -34,13 +60,17 @@ def _settings(config) -> dict:
 # --------------------------------------------------------------------------------------------------------
 # Quantize
 # --------------------------------------------------------------------------------------------------------
-def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib", max_shard_size="2GB",
+def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="auto", max_shard_size="2GB",
                        overwrite: bool = False, progress: bool = True, recipe_text: str | None = None,
                        base_model: str | None = None, device: str | None = None) -> Path:
     """Load ``model_ref`` (on ``device``), quantize it with ``config``, save it (atomically) with its tokenizer
-    and card."""
+    and card.
+
+    ``calibration_data="auto"`` is resolved by :func:`resolve_calibration_source` from ``model_ref`` and
+    ``base_model`` (a recipe's root model).
+    """
     from .hub import build_model_card
-    from ..models.loading import load_model, load_tokenizer, resolve_model
+    from ..models.loading import gguf_note, load_model, load_tokenizer, resolve_model
     from ..quantization.api import quantize
     from ..core.atomic import check_destination
     from ..quantization.saving import save_checkpoint
@@ -49,6 +79,7 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
     check_destination(Path(out_dir).expanduser().absolute(), overwrite)
     check_shard_size(max_shard_size)
     resolved = resolve_model(model_ref)
+    calibration_data = resolve_calibration_source(calibration_data, model_ref, resolved, base_model)
     tokenizer = load_tokenizer(resolved)
     model = load_model(resolved, device=device)
     uses_data = config.method in ("gptq", "awq") or getattr(config, "observer", "minmax") != "minmax"
@@ -67,7 +98,8 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="stdlib
         data_description=("Calibration data: " + describe_data(calibration_data)) if uses_data
         else "No calibration data (data-free method).",
         recipe_text=recipe_text, load_snippet=_load_snippet(config), coverage=getattr(report, "coverage", None),
-        tags=["quantized", config.method] if config.method != "cast" else ["cast", config.dtype])
+        tags=["quantized", config.method] if config.method != "cast" else ["cast", config.dtype],
+        base_model_note=gguf_note(model))
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
                            extra_files={"README.md": str(card)})
 
@@ -97,7 +129,7 @@ def _load_snippet(config) -> str:
     return plain
 
 
-def run_quantize(model_ref, out_dir, config, calibration_data="stdlib", overwrite=False, max_shard_size="2GB",
+def run_quantize(model_ref, out_dir, config, calibration_data="auto", overwrite=False, max_shard_size="2GB",
                  progress=True, device=None) -> Path:
     return quantize_to_folder(model_ref, out_dir, config, calibration_data=calibration_data,
                               max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, device=device)
@@ -108,7 +140,8 @@ def quantize_stage(ctx) -> dict:
     config = ctx.config("QuantizationConfig")
     base = ctx.stage.input or ctx.default_input
     base_name = ctx.recipe.model if base == "model" else base
-    out = quantize_to_folder(ctx.input_model, ctx.work_dir, config, calibration_data=args.calibration_data,
+    calibration_data = resolve_calibration_source(args.calibration_data, ctx.recipe.model, ctx.input_model)
+    out = quantize_to_folder(ctx.input_model, ctx.work_dir, config, calibration_data=calibration_data,
                              max_shard_size=args.max_shard_size, overwrite=True, progress=ctx.progress,
                              recipe_text=ctx.recipe.source, base_model=base_name, device=args.device)
     return {"output": out.name, "method": config.method, "bits": config.weight_bits}
@@ -121,6 +154,7 @@ def distill_stage(ctx) -> dict:
     """Distil the stage's input (the teacher, unless the stage names one) into a student in the stage folder."""
     import shutil
 
+    from ..models.loading import gguf_note
     from .distill import distill_from_args
     from .hub import write_model_card
 
@@ -139,7 +173,7 @@ def distill_stage(ctx) -> dict:
         method=f"knowledge distillation ({config.loss}, T={config.temperature})",
         settings={**ctx.stage.raw, "teacher": script_args.teacher},
         data_description="Training data: " + describe_data(script_args.dataset),
-        recipe_text=ctx.recipe.source, tags=["distillation"])
+        recipe_text=ctx.recipe.source, tags=["distillation"], base_model_note=gguf_note(script_args.teacher))
     return {"output": Path(out).name, "loss": config.loss, "max_steps": config.max_steps}
 
 

@@ -17,8 +17,10 @@ from typing import Callable
 # --------------------------------------------------------------------------------------------------------
 @dataclass
 class QuantizeStageArgs:
-    calibration_data: str = field(default="stdlib", metadata={
-        "help": "text source for calibration: stdlib[:split], a file/folder, a saved dataset or a datasets name"})
+    calibration_data: str = field(default="auto", metadata={
+        "help": "text source for calibration: auto (stdlib for the reference teachers and their students, mix "
+                "for every other model), stdlib|pydoc|mix[:split], a file/folder, a saved dataset or a datasets "
+                "name"})
     max_shard_size: str = field(default="2GB", metadata={"help": "largest safetensors shard of the checkpoint"})
     device: str | None = field(default=None, metadata={
         "help": "where to load the model and calibrate: cpu, cuda, cuda:N or auto (default: cpu)"})

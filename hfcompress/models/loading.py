@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from ..core.errors import ModelLoadError
+from ..core.gguf import (  # noqa: F401  (GGUF files as an input; re-exported for callers of this module)
+    GgufInfo,
+    check_gguf_file,
+    find_gguf_file,
+    gguf_note,
+    is_gguf_path,
+    load_gguf_model,
+)
 from ..core.pretrained import load_auto_tokenizer, load_causal_lm
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # Weight formats that are Python pickles: loading one can run arbitrary code.
@@ -45,16 +56,21 @@ def register_resolver(scheme: str, resolve) -> None:
     _RESOLVERS[scheme] = resolve
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """A local model folder (checked) or a Hub id (left to ``from_pretrained``).
+def resolve_model(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> str:
+    """A local model folder (checked), a local ``.gguf`` file (checked) or a Hub id (left to ``from_pretrained``).
 
     ``reference:small`` / ``reference:base`` name the cached reference teachers (trained on first use); other
-    schemes can be added with :func:`register_resolver`.
+    schemes can be added with :func:`register_resolver`. A GGUF is named by its path, by a folder holding
+    exactly one ``.gguf`` file and no ``config.json``, or by a folder plus ``gguf_file``; it resolves to the
+    path of the file.
     """
     name = os.fspath(name_or_path)
     scheme, colon, rest = name.partition(":")
     if colon and scheme in _RESOLVERS and not os.path.exists(os.path.expanduser(name)):
         return str(_RESOLVERS[scheme](rest))
+    gguf_path = find_gguf_file(name, gguf_file)
+    if gguf_path is not None:
+        return str(check_gguf_file(gguf_path).path)
     if is_local_reference(name):
         return str(check_model_dir(name))
     return name
@@ -110,16 +126,19 @@ def safe_weights_kwargs(resolved: str, allow_pickle: bool | None = None, **kwarg
 
 
 def load_model(name_or_path, *, trust_remote_code: bool = False, allow_pickle: bool | None = None, device=None,
-               device_map=None, **kwargs):
+               device_map=None, gguf_file: str | None = None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` behind a clear error. ``kwargs`` go to ``from_pretrained``;
     ``device`` / ``device_map`` place the weights (see :func:`placement_kwargs`).
 
     Only safetensors weights are read unless ``allow_pickle`` (see :func:`safe_weights_kwargs`); remote code
-    runs only when the caller asks for it (``trust_remote_code``).
+    runs only when the caller asks for it (``trust_remote_code``). A ``.gguf`` reference (see
+    :func:`resolve_model`) is dequantized to a plain float model (:func:`load_gguf_model`).
     """
-    resolved = resolve_model(name_or_path)
-    safe = safe_weights_kwargs(resolved, allow_pickle, **kwargs)
+    resolved = resolve_model(name_or_path, gguf_file)
     kwargs.update(placement_kwargs(device, device_map))
+    if is_gguf_path(resolved):
+        return load_gguf_model(resolved, trust_remote_code=trust_remote_code, **kwargs)
+    safe = safe_weights_kwargs(resolved, allow_pickle, **kwargs)
     try:
         return load_causal_lm(resolved, trust_remote_code=trust_remote_code, **safe, **kwargs)
     except ModelLoadError as exc:
@@ -129,8 +148,13 @@ def load_model(name_or_path, *, trust_remote_code: bool = False, allow_pickle: b
         raise
 
 
-def load_tokenizer(name_or_path, *, trust_remote_code: bool = False, **kwargs):
-    tokenizer = load_auto_tokenizer(resolve_model(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+def load_tokenizer(name_or_path, *, trust_remote_code: bool = False, gguf_file: str | None = None, **kwargs):
+    """``AutoTokenizer.from_pretrained`` behind a clear error; a GGUF's tokenizer is built from its metadata."""
+    resolved = resolve_model(name_or_path, gguf_file)
+    if is_gguf_path(resolved):
+        kwargs = {**kwargs, "gguf_file": Path(resolved).name}
+        resolved = str(Path(resolved).parent)
+    tokenizer = load_auto_tokenizer(resolved, trust_remote_code=trust_remote_code, **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

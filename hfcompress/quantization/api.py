@@ -318,13 +318,13 @@ def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generato
         if alpha == 0:
             continue
         A.scale_inputs([t.module for t in group], scale)  # W' = W diag(s)
-        A.divide_output(modules[prev], scale)
+        A.fold_into(modules, prev, scale)
         if reference is not None:
             folded = probe()
             tolerance = max(1e-3, 4 * torch.finfo(reference.dtype).eps)  # rounding of the rescaled weights
             if (folded - reference).float().norm() > tolerance * reference.float().norm():
                 A.scale_inputs([t.module for t in group], 1.0 / scale)
-                A.divide_output(modules[prev], 1.0 / scale)
+                A.fold_into(modules, prev, 1.0 / scale)
                 logger.info("AWQ: %s.%s feeds more than %s; not folding a scale into it", layer_name, prev,
                             ", ".join(linears))
                 continue
@@ -567,6 +567,8 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
             autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
             with autocast():
                 inputs = C.capture_first_layer_inputs(model, layers[0][1], blocks)
+                C.capture_layer_kwargs(model, [layer for _, layer in layers], blocks, inputs)
+            first_kwargs = list(inputs.kwargs)  # the first layer's; later layers may differ (Gemma 3)
             _check_finite_activations(inputs, f"the inputs of the first decoder layer {layers[0][0]} (the "
                                               f"embeddings of the calibration tokens)")
             if one_pass:
@@ -574,8 +576,9 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
             report.true_sequential = one_pass
             bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
             last = layers[-1][0]
-            for layer_name, layer in bar:
+            for index, (layer_name, layer) in enumerate(bar):
                 bar.set_postfix_str(layer_name)
+                C.use_layer_kwargs(inputs, index, first_kwargs)
                 inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
                 if inside and one_pass:
                     with autocast():

@@ -43,13 +43,22 @@ AWQ_GRID = 20
 # Which operation feeds which linears, per architecture family, relative to a decoder layer: the scale of
 # the linears' inputs is folded into the output of the first entry (AutoAWQ/llm-compressor use the same
 # pairs). A pair is used only when every module exists and the shapes fit (e.g. not v_proj -> o_proj with
-# grouped-query attention).
+# grouped-query attention), and the first pair that claims a linear wins. ``name@k/n`` is the k-th of n equal
+# chunks of a fused linear's output rows (Phi-3's qkv_proj = [q | k | v], gate_up_proj = [gate | up]).
 SCALE_MAPPINGS: list[tuple[str, tuple[str, ...]]] = [
-    # Llama, Mistral, Qwen2 (and other Llama-like decoders)
+    # Llama, Mistral, Qwen2/Qwen3 (and other Llama-like decoders)
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("self_attn.v_proj", ("self_attn.o_proj",)),
+    # Gemma 2/3: the MLP reads pre_feedforward_layernorm; their post_attention_layernorm normalises the
+    # attention output before the residual add, so it must not take the gate/up scale (listed first to win).
+    ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj", ("mlp.down_proj",)),
+    # Phi-3 (fused projections; v -> o only without grouped-query attention, when the thirds are equal)
+    ("input_layernorm", ("self_attn.qkv_proj",)),
+    ("self_attn.qkv_proj@2/3", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ("mlp.gate_up_proj@1/2", ("mlp.down_proj",)),
     # OPT
     ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("self_attn.v_proj", ("self_attn.out_proj",)),
@@ -158,31 +167,63 @@ def scale_inputs(linears: list[nn.Module], scale: torch.Tensor) -> None:
         module.weight.mul_(s.unsqueeze(1) if is_conv1d(module) else s.unsqueeze(0))
 
 
+def split_chunk(prev: str) -> tuple[str, int, int]:
+    """``"mlp.gate_up_proj@1/2"`` -> ``("mlp.gate_up_proj", 1, 2)``; a plain name -> ``(name, 0, 1)``."""
+    name, _, chunk = prev.partition("@")
+    if not chunk:
+        return name, 0, 1
+    index, _, count = chunk.partition("/")
+    return name, int(index), int(count)
+
+
+def _is_offset_norm(module: nn.Module) -> bool:
+    """Gemma's RMSNorms compute ``normalized * (1 + weight)`` instead of ``normalized * weight``."""
+    return type(module).__name__.startswith("Gemma") and "RMSNorm" in type(module).__name__
+
+
 @torch.no_grad()
-def divide_output(module: nn.Module, scale: torch.Tensor) -> None:
-    """Divide the output channels of ``module`` (a norm, nn.Linear or Conv1D) by ``scale`` (C,), in place."""
+def divide_output(module: nn.Module, scale: torch.Tensor, chunk: tuple[int, int] = (0, 1)) -> None:
+    """Divide the output channels of ``module`` (a norm, nn.Linear or Conv1D) by ``scale`` (C,), in place.
+
+    ``chunk = (k, n)``: only the k-th of n equal slices of a linear's output channels (a fused projection).
+    """
     scale = scale.to(module.weight.device)
+    index, count = chunk
     if is_conv1d(module):  # weight (in, out)
-        module.weight.div_(scale.to(module.weight.dtype).unsqueeze(0))
+        width = module.weight.shape[1] // count
+        rows = slice(index * width, (index + 1) * width)
+        module.weight[:, rows] /= scale.to(module.weight.dtype).unsqueeze(0)
     elif isinstance(module, nn.Linear):  # weight (out, in)
-        module.weight.div_(scale.to(module.weight.dtype).unsqueeze(1))
+        width = module.out_features // count
+        rows = slice(index * width, (index + 1) * width)
+        module.weight[rows] /= scale.to(module.weight.dtype).unsqueeze(1)
+    elif _is_offset_norm(module):  # y = norm(x) * (1 + w): (1 + w') = (1 + w) / s
+        rows = slice(None)
+        module.weight.copy_((1 + module.weight.float()).div_(scale.float()).sub_(1).to(module.weight.dtype))
     else:  # LayerNorm / RMSNorm: y = norm(x) * weight (+ bias)
+        rows = slice(None)
         module.weight.div_(scale.to(module.weight.dtype))
     if getattr(module, "bias", None) is not None:
-        module.bias.div_(scale.to(module.bias.dtype))
+        module.bias[rows] /= scale.to(module.bias.dtype)
 
 
-def output_channels(module: nn.Module) -> int | None:
-    """Number of output channels whose scale can be folded into ``module``; None if it cannot take one."""
-    if is_conv1d(module):
-        return module.weight.shape[1]
-    if isinstance(module, nn.Linear):
-        return module.out_features
+def fold_into(modules: dict[str, nn.Module], prev: str, scale: torch.Tensor) -> None:
+    """Divide the output of the mapping's first entry ``prev`` (a name, or ``name@k/n``) by ``scale``."""
+    name, index, count = split_chunk(prev)
+    divide_output(modules[name], scale, (index, count))
+
+
+def output_channels(module: nn.Module, count: int = 1) -> int | None:
+    """Number of output channels whose scale can be folded into ``module`` (one of ``count`` equal chunks of
+    them); None if it cannot take one."""
+    if is_conv1d(module) or isinstance(module, nn.Linear):
+        width = module.weight.shape[1] if is_conv1d(module) else module.out_features
+        return width // count if width % count == 0 else None
     name = type(module).__name__
     weight = getattr(module, "weight", None)
-    # Norms whose output is ``normalized * weight``. Gemma's RMSNorm multiplies by (1 + weight): skip it.
-    if ("LayerNorm" in name or "RMSNorm" in name) and not name.startswith("Gemma") \
-            and isinstance(weight, torch.Tensor) and weight.ndim == 1:
+    # Norms whose output is ``normalized * weight`` (Gemma's: ``normalized * (1 + weight)``, see divide_output).
+    if count == 1 and ("LayerNorm" in name or "RMSNorm" in name) and isinstance(weight, torch.Tensor) \
+            and weight.ndim == 1:
         return weight.shape[0]
     return None
 
@@ -192,13 +233,14 @@ def layer_mappings(layer: nn.Module, quantized: set[str]) -> list[tuple[str, tup
     modules = dict(layer.named_modules())
     found, used = [], set()
     for prev, linears in SCALE_MAPPINGS:
-        if prev not in modules or not all(n in modules and n in quantized for n in linears):
+        name, _, count = split_chunk(prev)
+        if name not in modules or not all(n in modules and n in quantized for n in linears):
             continue
         if used & set(linears):
             continue
         in_features = {modules[n].weight.shape[0] if is_conv1d(modules[n]) else modules[n].in_features
                        for n in linears}
-        if len(in_features) != 1 or output_channels(modules[prev]) != in_features.pop():
+        if len(in_features) != 1 or output_channels(modules[name], count) != in_features.pop():
             continue
         found.append((prev, linears))
         used |= set(linears)

@@ -187,10 +187,17 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInputs:
-    """Positional and keyword inputs of a decoder layer, one entry per calibration batch."""
+    """Positional and keyword inputs of a decoder layer, one entry per calibration batch.
+
+    ``layer_kwargs``: for models whose layers do not all receive the same keyword inputs (Gemma 3's sliding-
+    window and global layers get different attention masks and rotary tables; Qwen2/3 with
+    ``use_sliding_window``), the keyword inputs that differ from the first layer's, per layer index and
+    batch size (:func:`capture_layer_kwargs`); applied by :func:`use_layer_kwargs`. Empty otherwise.
+    """
 
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
+    layer_kwargs: dict[int, dict[int, dict]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.args)
@@ -230,6 +237,73 @@ def capture_first_layer_inputs(model: nn.Module, first_layer: nn.Module, blocks:
     finally:
         handle.remove()
     return inputs
+
+
+def has_mixed_layer_types(model: nn.Module) -> bool:
+    """Whether the config says the decoder layers differ in attention type (``config.layer_types``)."""
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    return isinstance(layer_types, (list, tuple)) and len(set(layer_types)) > 1
+
+
+@torch.no_grad()
+def capture_layer_kwargs(model: nn.Module, layers: list[nn.Module], blocks: torch.Tensor, inputs: LayerInputs,
+                         batch_size: int = CALIBRATION_BATCH) -> None:
+    """Fill ``inputs.layer_kwargs``: what each decoder layer receives besides the hidden states, where it
+    differs from the first layer's, for every batch size of the calibration batches.
+
+    A model computes its attention masks and rotary tables once per forward and hands each layer the one of
+    its attention type (``causal_mask_mapping[config.layer_types[i]]``), so reusing the first layer's inputs
+    would run a global-attention layer under the sliding-window mask. Calibration blocks have no padding, so
+    these inputs depend only on the batch's shape: one forward per distinct batch size (stopped before the
+    last layer runs) records them. Only for models with mixed ``layer_types``; a no-op otherwise.
+    """
+    if not has_mixed_layer_types(model) or len(layers) < 2:
+        return
+    device = _model_device(model)
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    sizes = sorted({min(batch_size, blocks.shape[0] - start) for start in range(0, blocks.shape[0], batch_size)})
+    for size in sizes:
+        seen: list[dict] = []
+
+        def hook(module, args, kwargs):
+            seen.append(dict(kwargs))
+            if len(seen) == len(layers):
+                raise _StopForward
+
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+        try:
+            model(input_ids=blocks[:size].to(device), **extra)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        first = seen[0]
+        for index, kwargs in enumerate(seen[1:], start=1):
+            differ = {k: v for k, v in kwargs.items() if k != "hidden_states" and not _same_input(v, first.get(k))}
+            if differ:
+                inputs.layer_kwargs.setdefault(index, {})[size] = differ
+
+
+def _same_input(a, b) -> bool:
+    """The same object (or tuple of the same objects): what a model passes to layers of one attention type."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return a is b
+
+
+def use_layer_kwargs(inputs: LayerInputs, index: int, first_kwargs: list[dict]) -> None:
+    """Set every batch's keyword inputs to those of decoder layer ``index``: ``first_kwargs`` (the first
+    layer's, per batch) updated with :attr:`LayerInputs.layer_kwargs`; the current hidden states are kept."""
+    if not inputs.layer_kwargs:
+        return
+    for i, args in enumerate(inputs.args):
+        hidden = inputs.kwargs[i].get("hidden_states")
+        size = hidden_states(inputs, i).shape[0]
+        kwargs = {**first_kwargs[i], **inputs.layer_kwargs.get(index, {}).get(size, {})}
+        if hidden is not None:
+            kwargs["hidden_states"] = hidden
+        inputs.kwargs[i] = kwargs
 
 
 def layer_output(output):

@@ -109,9 +109,17 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
                      _mib((r.get("peak_rss_bytes") or 0) - (r.get("baseline_rss_bytes") or 0))
                      if r.get("baseline_rss_bytes") else "-",
                      _mib(r.get("weight_bytes")), _ratio(r.get("weight_bytes"), fp32_bytes), note])
-    out.append(f"### hfcompress on the `{profile['teacher']}` reference teacher\n")
-    out.append(f"Calibration: {profile['calibration_blocks']} blocks × {profile['block_size']} tokens (stdlib "
-               f"train split); perplexity on {profile['eval_blocks']} held-out blocks (stdlib test split), "
+    real = profile.get("real_model")
+    calibration_source, eval_source = profile.get("calibration_source", "stdlib"), profile.get("eval_source", "stdlib")
+    out.append(f"### hfcompress on the `{profile['teacher']}` reference teacher\n" if not real else
+               f"### hfcompress on {real} (a real pretrained LM; fp32 = its GGUF file dequantized)\n")
+    if real:
+        out.append("The fp32 reference is the model dequantized from its GGUF file (mostly Q4_1: blocks of 32 "
+                   "weights with at most 16 values each), so its weights already lie on a 4-bit grid: int4 rows "
+                   "use group 128 or per channel, and every row is measured against that dequantized model.\n")
+    out.append(f"Calibration: {profile['calibration_blocks']} blocks × {profile['block_size']} tokens "
+               f"({calibration_source} train split); perplexity on at most {profile['eval_blocks']} held-out "
+               f"blocks ({eval_source} test split), "
                f"every token but the first of each block. Peak RSS is the whole process (Python, torch, model); "
                f"'Δ RSS' is the growth over the RSS after loading the fp32 model, i.e. the quantization working "
                f"set. KL: mean KL(fp32 model ‖ quantized model) of the next-token distributions on the same "
@@ -136,8 +144,9 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
         if bf16 is not None:
             checks.append(f"cast bf16 Δ perplexity {bf16:+.3f}% (target ≤ +0.1%): {'met' if bf16 <= 0.1 else 'NOT met'}")
         if int8 is not None:
-            checks.append(f"int8 per-channel RTN Δ perplexity {int8:+.3f}% (target ≤ +0.3%): "
-                          f"{'met' if int8 <= 0.3 else 'NOT met'}")
+            limit = 0.2 if real else 0.3  # the real-model issue asks +0.2% on SmolLM2
+            checks.append(f"int8 per-channel RTN Δ perplexity {int8:+.3f}% (target ≤ +{limit}%): "
+                          f"{'met' if int8 <= limit else 'NOT met'}")
         for bits in profile["bits"]:
             rtn, gptq, awq = (ppl(f"{m}-int{bits}-g{g}") for m in ("rtn", "gptq", "awq"))
             if rtn and gptq:
@@ -156,8 +165,12 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
             if kls["rtn"] and (kls["gptq"] or kls["awq"]):
                 parts = [f"{m.upper()} {kls[m] * 1e3:.3f} ({kls[m] / kls['rtn']:.2f}× RTN)"
                          for m in ("gptq", "awq") if kls[m]]
+                target = ""
+                if real and bits == 4 and kls["gptq"]:  # the real-model issue's target for GPTQ int4 g128
+                    met = kls["gptq"] <= 0.35 * kls["rtn"]
+                    target = f" (target GPTQ ≤ 0.35× RTN: {'met' if met else 'NOT met'})"
                 checks.append(f"int{bits} g{g} KL to fp32 (mnats/token): RTN {kls['rtn'] * 1e3:.3f}, "
-                              + ", ".join(parts))
+                              + ", ".join(parts) + target)
 
     matched = [r for r in results if r.get("table") == "matched"]
     if matched:
@@ -607,8 +620,10 @@ def write(results: dict, path: Path) -> None:
         f"{machine.get('platform')}, Python {machine.get('python')}, torch threads {machine.get('torch_threads')}"
         + (f" (`OMP_NUM_THREADS={machine['omp_num_threads']}`)" if machine.get("omp_num_threads") else "")
         + (f"; load average at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}" if load else "") + ".\n",
-        f"Reference teacher `{profile['teacher']}`: {_f(teacher.get('num_parameters'))} parameters, validation "
-        f"perplexity {_f(teacher.get('validation_perplexity'))} (trained by `hfcompress.models.reference`)."
+        (f"Real model `{profile['real_model']}`: {_f(teacher.get('num_parameters'))} parameters. "
+         f"{teacher.get('source', '')}" if profile.get("real_model") else
+         f"Reference teacher `{profile['teacher']}`: {_f(teacher.get('num_parameters'))} parameters, validation "
+         f"perplexity {_f(teacher.get('validation_perplexity'))} (trained by `hfcompress.models.reference`).")
         + (f" The issues state their quality targets for the `base` teacher; it was still being trained by another "
            f"process when this run started, so this run measured the `{profile['teacher']}` teacher "
            f"(`--teacher {profile['teacher']}`); the target lines below apply those thresholds to it."

