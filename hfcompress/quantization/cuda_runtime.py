@@ -39,11 +39,8 @@ from torch import nn
 
 from . import kernels
 from .packed import (
-    FUSABLE_SIBLINGS,
     Int8PackedLinear,
     PackedLinear,
-    SharedInputProjections,
-    SharedInputSlice,
 )
 
 logger = logging.getLogger(__name__)
@@ -355,33 +352,10 @@ def build_cuda_linear(name: str, t: dict, weights, dtype: torch.dtype, device: t
     return CachedDequantLinear(weight.to(device), t["bias"], dtype, reason).to(device)
 
 
-def fuse_cuda_int4_projections(model: nn.Module) -> int:
-    """Let tinygemm projections that read the same input (q/k/v, gate/up) share one kernel call, as
-    :func:`~hfcompress.quantization.runtime.fuse_shared_input_projections` does for int8."""
-    fused_groups = 0
-    for parent in list(model.modules()):
-        for names in FUSABLE_SIBLINGS:
-            members = [getattr(parent, n, None) for n in names]
-            if not all(isinstance(m, CudaInt4Linear) for m in members):
-                continue
-            if len({(m.in_features, m.compute_dtype) for m in members}) != 1:
-                continue
-            fused = CudaInt4Linear.concatenate(members)
-            if fused is None:
-                continue
-            group = SharedInputProjections(fused, [m.out_features for m in members])
-            for index, (name, member) in enumerate(zip(names, members)):
-                setattr(parent, name, SharedInputSlice(group, index, member.in_features, member.out_features,
-                                                       owner=index == 0))
-            fused_groups += 1
-    return fused_groups
-
-
-def finish_cuda_model(model: nn.Module, fuse_projections: bool = True) -> list[str]:
-    """After every quantized layer is built: fuse int4 siblings, and warn once about the layers that run from a
-    dequantized bf16 copy (returned by name)."""
-    if fuse_projections:
-        fuse_cuda_int4_projections(model)
+def finish_cuda_model(model: nn.Module) -> list[str]:
+    """After every quantized layer is built (and siblings fused by
+    :func:`~hfcompress.quantization.packed.fuse_shared_input_projections`, tinygemm int4 included): warn once about
+    the layers that run from a dequantized bf16 copy (returned by name)."""
     fallbacks = [(name, m.reason) for name, m in model.named_modules() if isinstance(m, CachedDequantLinear)]
     if fallbacks:
         reasons = sorted({reason for _, reason in fallbacks})

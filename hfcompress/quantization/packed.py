@@ -386,13 +386,15 @@ def fuse_shared_input_projections(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for names in FUSABLE_SIBLINGS:
             members = [getattr(parent, n, None) for n in names]
-            # Same packed type (PyTorch's int4pack layout interleaves output rows: its concatenate says None).
             kind = type(members[0])
-            if not issubclass(kind, (Int8PackedLinear, Int4PackedLinear)) or not all(type(m) is kind for m in members):
+            # Packed kinds that can concatenate (int8, our int4, CUDA's tinygemm int4; PyTorch's int4pack layout
+            # interleaves output rows, so its concatenate says None), all members of one kind.
+            if not isinstance(members[0], PackedLinear) or not hasattr(kind, "concatenate") or \
+                    not all(type(m) is kind for m in members):
                 continue
             if len({(type(m), m.in_features, m.compute_dtype) for m in members}) != 1:
                 continue
-            fused = kind.concatenate(members)  # a subclass (CUDA's) fuses into its own kind
+            fused = kind.concatenate(members)
             if fused is None:
                 continue
             group = SharedInputProjections(fused, [m.out_features for m in members])

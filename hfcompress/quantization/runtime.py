@@ -299,7 +299,7 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     if fuse_projections:
         fuse_shared_input_projections(model)
     if device.type == "cuda":
-        finish_cuda_model(model, fuse_projections)
+        finish_cuda_model(model)
     if quantize_embeddings:
         quantize_input_embeddings(model)
 

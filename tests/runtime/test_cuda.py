@@ -263,7 +263,7 @@ def test_whole_checkpoint_through_the_cuda_modules(tmp_path, emulated_cuda_ops, 
     path = write_ct_checkpoint(small_llama(), tmp_path / "ckpt", num_bits=bits, strategy=strategy,
                                group_size=group_size, symmetric=symmetric)
     ours = R.load_compressed(path, progress=False)
-    assert CR.finish_cuda_model(ours) == []  # what load_compressed does on CUDA: fuse int4 siblings too
+    assert CR.finish_cuda_model(ours) == []  # what load_compressed does on CUDA after fusing (int4 too): no fallbacks
     attention = ours.model.layers[0].self_attn
     assert type(attention.q_proj) is R.SharedInputSlice and type(R.kernel_module(attention.v_proj)) is expected
     assert R.kernel_module(attention.q_proj) is R.kernel_module(attention.k_proj)
