@@ -80,7 +80,7 @@ GPU_SIZES = Sizes(hidden=1536, intermediate=4096, layers=12, heads=12, kv_heads=
                   distill_steps=20, distill_batch=8, distill_len=512, student_layers=4, bench_n=4096, bench_k=4096,
                   budget_s=290.0)
 DRY_SIZES = Sizes(hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2, vocab=320, calib_samples=8,
-                  calib_len=32, prompt=8, new_tokens=4, timing_repeats=1, eval_batch=2, eval_len=16,
+                  calib_len=64, prompt=8, new_tokens=4, timing_repeats=1, eval_batch=2, eval_len=16,
                   distill_steps=2, distill_batch=2, distill_len=32, student_layers=1, bench_n=64, bench_k=256,
                   budget_s=240.0)
 
