@@ -39,6 +39,7 @@ from torch import nn
 
 from . import kernels
 from .packed import (
+    cat_rows,
     Int8PackedLinear,
     PackedLinear,
 )
@@ -240,12 +241,9 @@ class CudaInt4Linear(PackedLinear):
         if first.input_permutation is not None and any(
                 not torch.equal(m.input_permutation, first.input_permutation) for m in members):
             return None
-        fused = cls.__new__(cls)
-        PackedLinear.__init__(fused, first.in_features, sum(m.out_features for m in members),
-                              None if first.bias is None else torch.cat([m.bias for m in members]),
-                              first.compute_dtype)
+        fused = cls.fused_shell(members)
         fused.kernel_group_size, fused.inner_k_tiles = first.kernel_group_size, first.inner_k_tiles
-        fused.register_buffer("weight_int4pack", torch.cat([m.weight_int4pack for m in members]))
+        fused.register_buffer("weight_int4pack", cat_rows(members, "weight_int4pack"))
         fused.register_buffer("scales_and_zeros", torch.cat([m.scales_and_zeros for m in members], dim=1))
         fused.register_buffer("input_permutation", first.input_permutation)
         return fused

@@ -40,6 +40,12 @@ class PackedModuleMixin:
                               "copy the original checkpoint folder instead of saving this model")
 
 
+def cat_rows(members: list, name: str) -> torch.Tensor | None:
+    """The members' ``name`` tensors stacked along the output rows (dim 0), or None where they hold none."""
+    first = getattr(members[0], name)
+    return None if first is None else torch.cat([getattr(m, name) for m in members])
+
+
 class PackedLinear(PackedModuleMixin, nn.Module):
     """A Linear whose weight stays quantized; subclasses implement ``_matmul`` and ``dequantized_weight``."""
 
@@ -47,6 +53,16 @@ class PackedLinear(PackedModuleMixin, nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, dtype
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    @classmethod
+    def fused_shell(cls, members: list["PackedLinear"]) -> "PackedLinear":
+        """An empty ``cls`` as wide as ``members`` side by side, with their biases concatenated: what a
+        ``concatenate`` fills with the members' stacked weight buffers."""
+        first = members[0]
+        fused = cls.__new__(cls)
+        PackedLinear.__init__(fused, first.in_features, sum(m.out_features for m in members),
+                              cat_rows(members, "bias"), first.compute_dtype)
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -120,16 +136,11 @@ class Int4PackedLinear(PackedLinear):
                or (m.bias is None) != (first.bias is None)
                or (m.weight_offset is None) != (first.weight_offset is None) for m in members):
             return None
-        fused = cls.__new__(cls)
-        PackedLinear.__init__(fused, first.in_features, sum(m.out_features for m in members),
-                              None if first.bias is None else torch.cat([m.bias for m in members]),
-                              first.compute_dtype)
+        fused = cls.fused_shell(members)
         fused.group_size, fused.backend = first.group_size, "hfcompress"
         fused.kernel_group_size = first.kernel_group_size
-        fused.register_buffer("weight_int4", torch.cat([m.weight_int4 for m in members]))
-        fused.register_buffer("weight_scale", torch.cat([m.weight_scale for m in members]))
-        fused.register_buffer("weight_offset", None if first.weight_offset is None
-                              else torch.cat([m.weight_offset for m in members]))
+        for name in ("weight_int4", "weight_scale", "weight_offset"):
+            fused.register_buffer(name, cat_rows(members, name))
         return fused
 
     def dequantized_weight(self):
@@ -174,14 +185,9 @@ class Int8PackedLinear(PackedLinear):
         if any((m.bias is None) != (first.bias is None) or (m.zero_scale is None) != (first.zero_scale is None)
                for m in members):
             return None
-        fused = cls.__new__(cls)
-        PackedLinear.__init__(fused, first.in_features, sum(m.out_features for m in members),
-                              None if first.bias is None else torch.cat([m.bias for m in members]),
-                              first.compute_dtype)
-        fused.register_buffer("weight_int8", torch.cat([m.weight_int8 for m in members]))
-        fused.register_buffer("weight_scale", torch.cat([m.weight_scale for m in members]))
-        fused.register_buffer("zero_scale", None if first.zero_scale is None
-                              else torch.cat([m.zero_scale for m in members]))
+        fused = cls.fused_shell(members)
+        for name in ("weight_int8", "weight_scale", "zero_scale"):
+            fused.register_buffer(name, cat_rows(members, name))
         return fused
 
     def dequantized_weight(self):
