@@ -150,11 +150,9 @@ def load_model(name_or_path, *, trust_remote_code: bool = False, allow_pickle: b
 
 def load_tokenizer(name_or_path, *, trust_remote_code: bool = False, gguf_file: str | None = None, **kwargs):
     """``AutoTokenizer.from_pretrained`` behind a clear error; a GGUF's tokenizer is built from its metadata."""
-    resolved = resolve_model(name_or_path, gguf_file)
-    if is_gguf_path(resolved):
-        kwargs = {**kwargs, "gguf_file": Path(resolved).name}
-        resolved = str(Path(resolved).parent)
-    tokenizer = load_auto_tokenizer(resolved, trust_remote_code=trust_remote_code, **kwargs)
+    # A .gguf path resolves to the file; core.pretrained reads its tokenizer from the file's folder.
+    tokenizer = load_auto_tokenizer(resolve_model(name_or_path, gguf_file), trust_remote_code=trust_remote_code,
+                                    **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
