@@ -1,6 +1,7 @@
 """runs/report.py draws on its own canvas: a report leaves the user's matplotlib backend alone."""
 
 import matplotlib
+import pytest
 
 from hfcompress.runs.report import plot_models
 
@@ -22,3 +23,22 @@ def test_plot_keeps_the_users_backend(tmp_path):
 def test_no_rows_no_plot(tmp_path):
     assert plot_models([], tmp_path / "report.png", "title") is None
     assert not (tmp_path / "report.png").exists()
+
+
+def test_failed_redraw_keeps_the_previous_plot(tmp_path, monkeypatch):
+    """A report is rewritten after every stage; a crash while drawing must leave the last good PNG, whole."""
+    from matplotlib.figure import Figure
+
+    path = plot_models(ROWS, tmp_path / "report.png", "title")
+    good = path.read_bytes()
+
+    def broken_savefig(self, fname, **kwargs):
+        with open(fname, "wb") as handle:
+            handle.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        plot_models(ROWS[:1], tmp_path / "report.png", "other title")
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.png"]  # no partial file left behind

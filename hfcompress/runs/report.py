@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from ..core.atomic import atomic_write_text
 
 
 def _rows(summaries: list[dict]) -> list[dict]:
@@ -86,15 +89,20 @@ def plot_models(rows: list[dict], path: Path, title: str) -> Path | None:
     right.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Written beside the target and renamed over it: a reader sees the old plot or the new one, never half a PNG
+    staged = path.with_name(f".{path.name}.partial")
+    try:
+        fig.savefig(staged, dpi=110, format="png")
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
     return path
 
 
 def write_report(run_dir: Path, recipe, summaries: list[dict]) -> Path:
     rows = _rows(summaries)
     plot = plot_models(rows, run_dir / "report.png", f"hfcompress: {recipe.name}")
-    (run_dir / "report.json").write_text(json.dumps({"recipe": recipe.name, "stages": summaries, "models": rows},
-                                                    indent=2, default=str) + "\n")
-    path = run_dir / "report.md"
-    path.write_text(render_markdown(recipe, summaries, rows, plot.name if plot else None))
-    return path
+    atomic_write_text(run_dir / "report.json", json.dumps({"recipe": recipe.name, "stages": summaries,
+                                                          "models": rows}, indent=2, default=str) + "\n")
+    return atomic_write_text(run_dir / "report.md", render_markdown(recipe, summaries, rows,
+                                                                     plot.name if plot else None))
