@@ -62,7 +62,7 @@ def _settings(config) -> dict:
 # --------------------------------------------------------------------------------------------------------
 def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="auto", max_shard_size="2GB",
                        overwrite: bool = False, progress: bool = True, recipe_text: str | None = None,
-                       base_model: str | None = None, device: str | None = None) -> Path:
+                       base_model: str | None = None, device: str | None = None, strict: bool = False) -> Path:
     """Load ``model_ref`` (on ``device``), quantize it with ``config``, save it (atomically) with its tokenizer
     and card.
 
@@ -84,7 +84,7 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="auto",
     model = load_model(resolved, device=device)
     uses_data = config.method in ("gptq", "awq") or getattr(config, "observer", "minmax") != "minmax"
     quantize(model, config, calibration_data=calibration_data if uses_data else None, tokenizer=tokenizer,
-             progress=progress)
+             progress=progress, strict=strict)
     report = getattr(model, "hfcompress_report", None)
     settings = _settings(config)
     fallbacks = getattr(report, "fallbacks", None)
@@ -130,9 +130,10 @@ def _load_snippet(config) -> str:
 
 
 def run_quantize(model_ref, out_dir, config, calibration_data="auto", overwrite=False, max_shard_size="2GB",
-                 progress=True, device=None) -> Path:
+                 progress=True, device=None, strict=False) -> Path:
     return quantize_to_folder(model_ref, out_dir, config, calibration_data=calibration_data,
-                              max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, device=device)
+                              max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, device=device,
+                              strict=strict)
 
 
 def quantize_stage(ctx) -> dict:
@@ -143,7 +144,8 @@ def quantize_stage(ctx) -> dict:
     calibration_data = resolve_calibration_source(args.calibration_data, ctx.recipe.model, ctx.input_model)
     out = quantize_to_folder(ctx.input_model, ctx.work_dir, config, calibration_data=calibration_data,
                              max_shard_size=args.max_shard_size, overwrite=True, progress=ctx.progress,
-                             recipe_text=ctx.recipe.source, base_model=base_name, device=args.device)
+                             recipe_text=ctx.recipe.source, base_model=base_name, device=args.device,
+                             strict=args.strict)
     return {"output": out.name, "method": config.method, "bits": config.weight_bits}
 
 

@@ -24,6 +24,9 @@ class QuantizeStageArgs:
     max_shard_size: str = field(default="2GB", metadata={"help": "largest safetensors shard of the checkpoint"})
     device: str | None = field(default=None, metadata={
         "help": "where to load the model and calibrate: cpu, cuda, cuda:N or auto (default: cpu)"})
+    strict: bool = field(default=False, metadata={
+        "help": "fail, naming them, if any weight meant to be quantized would stay in floating point (e.g. an "
+                "unsupported module type); nothing is written"})
 
 
 @dataclass

@@ -312,16 +312,21 @@ def _check_plain_and_unexpected(model, infos: dict[str, TensorInfo], accounted: 
     expected.update({n: b for n, b in model.named_buffers(remove_duplicate=False) if n not in non_persistent})
     quantized_modules = {t.rsplit(".", 1)[0] for t in accounted}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
+    plain = {}
     for name, tensor in expected.items():
         module_name = name.rsplit(".", 1)[0]
         if name in accounted or module_name in quantized_modules:
             continue  # a quantized module's float weight is replaced by its packed tensors
-        info = infos.get(name)
-        if info is None:
+        if name not in infos:
             partner = tied.get(name) or next((t for t, s in tied.items() if s == name), None)
             partner_module = partner.rsplit(".", 1)[0] if partner else None
             if partner and (partner in infos or partner_module in quantized_modules):
                 continue  # stored once under its tied name
+        plain[name] = tensor
+    stored = _stored_layout(model, plain, report)
+    for name, tensor in stored.items():
+        info = infos.get(name)
+        if info is None:
             report.problems.append(f"checkpoint is missing tensor {name!r} {list(tensor.shape)}")
             continue
         report.tensors_checked += 1
@@ -329,9 +334,27 @@ def _check_plain_and_unexpected(model, infos: dict[str, TensorInfo], accounted: 
             report.problems.append(f"tensor {name!r} in {info.file.name} has shape {list(info.shape)}, but "
                                    f"config.json's model expects {list(tensor.shape)}")
     for name, info in infos.items():
-        if name not in expected and name not in accounted:
+        if name not in stored and name not in expected and name not in accounted:
             report.problems.append(f"tensor {name!r} in {info.file.name} does not belong to the model that "
                                    "config.json describes")
+
+
+def _stored_layout(model, tensors: dict, report: VerifyReport) -> dict:
+    """``tensors`` (the skeleton's names, meta tensors) under the names and shapes ``save_pretrained`` writes.
+
+    transformers 5 converts some checkpoints' layout at load and back at save (Mixtral's per-expert
+    ``block_sparse_moe.experts.N.w1`` <-> the fused ``mlp.experts.gate_up_proj``), so the file holds the
+    reverted layout; its own ``revert_weight_conversion`` gives it (shape-only work on meta tensors).
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return dict(revert_weight_conversion(model, dict(tensors)))
+    except Exception as exc:  # an unknown conversion only limits the check to the in-memory names
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        report.notes.append(f"could not map the model's tensors to the saved layout ({first}); checked the "
+                            "in-memory names")
+        return tensors
 
 
 def _check_float_values(infos: dict[str, TensorInfo], reader: TensorReader, report: VerifyReport) -> None:

@@ -39,12 +39,12 @@ def test_counts_and_reasons(tiny_llama):
     assert tiny_llama.hfcompress_report.coverage_line == coverage["line"]
 
 
-def _tiny_mixtral():
+def _tiny_mixtral(vocab_size: int = 128):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     return MixtralForCausalLM(MixtralConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)).eval()
 
 
@@ -124,3 +124,20 @@ def test_card_and_config_state_coverage(tmp_path, tiny_reference_dir):
     card = (out / "README.md").read_text()
     assert f"**Coverage:** {line}." in card
     assert "- `lm_head`: ignored by the user ('lm_head')" in card
+
+
+def test_cli_strict_refuses_and_writes_nothing(tmp_path, capsys, tiny_tokenizer):
+    """``hfcompress quantize --strict`` is the same refusal as ``quantize(..., strict=True)``: one line naming the
+    weights, exit 2, no output folder; without it the same folder quantizes."""
+    from hfcompress.cli import main
+
+    src = tmp_path / "mixtral"
+    _tiny_mixtral(len(tiny_tokenizer)).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    out = tmp_path / "out"
+    args = ["quantize", str(src), str(out), "--method", "rtn", "--bits", "4", "--group_size", "32", "-q"]
+    assert main(args + ["--strict"]) == 2  # EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "strict=True" in err and "experts.gate_up_proj" in err
+    assert not out.exists()
+    assert main(args) == 0 and (out / "config.json").is_file()
