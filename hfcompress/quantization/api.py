@@ -232,15 +232,32 @@ def _finish(target: Target, weight: torch.Tensor, scale, zero_point, codes, extr
     return Quantized(codes, scale, zero_point, error, extra or {})
 
 
-def _rtn_one(target: Target, config: QuantizationConfig, generator) -> Quantized:
-    weight = target.weight
+def rtn_weight(weight: torch.Tensor, group_size: int | None, config: QuantizationConfig, generator=None,
+               hessian: torch.Tensor | None = None) -> Quantized:
+    """Method ``rtn`` on one (out, in) weight: scales (min-max, or the MSE-searched clip, weighted by ``hessian``
+    when given), then codes. Also what :mod:`.hf_quantizer` runs on each weight as ``from_pretrained`` loads it."""
     clip = 1.0
     if config.observer == "mse":
-        clip = P.search_clip(weight, config.bits, target.group_size, config.symmetric, hessian=target.hessian)
-    scale, zero_point = P.compute_qparams(weight, config.bits, target.group_size, config.symmetric, clip=clip,
+        clip = P.search_clip(weight, config.bits, group_size, config.symmetric, hessian=hessian)
+    scale, zero_point = P.compute_qparams(weight, config.bits, group_size, config.symmetric, clip=clip,
                                           stochastic=config.rounding == "stochastic", scale_dtype=weight.dtype)
-    codes = P.quantize(weight, scale, zero_point, config.bits, target.group_size, config.rounding, generator)
-    return _finish(target, weight, scale, zero_point, codes)
+    codes = P.quantize(weight, scale, zero_point, config.bits, group_size, config.rounding, generator)
+    approx = P.dequantize(codes, scale, zero_point, group_size, dtype=torch.float32)
+    return Quantized(codes, scale, zero_point, P.relative_output_error(weight, approx, hessian))
+
+
+def _rtn_one(target: Target, config: QuantizationConfig, generator) -> Quantized:
+    return rtn_weight(target.weight, target.group_size, config, generator, target.hessian)
+
+
+def rtn_without_data(name: str, weight: torch.Tensor, group_size: int | None, config: QuantizationConfig,
+                     generator=None) -> tuple[Quantized, LayerReport]:
+    """RTN of a layer no calibration statistics reach, with its report row (errors relative to the weight)."""
+    before = _rtn_error(weight, group_size, None, config)
+    result = rtn_weight(weight, group_size, config, generator)
+    return result, LayerReport(name=name, bits=config.bits, group_size=group_size,
+                               fallback=group_size != config.group_size, error_before=before,
+                               error_after=result.error, metric="weight")
 
 
 def quantize_rtn(layer, layer_name, targets: dict[str, Target], config, generator, probe=None) -> dict[str, Quantized]:
@@ -605,14 +622,10 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                        unit="layer")
             for name, module in bar:
                 target = Target(name, module, group_sizes[name])
-                before = _rtn_error(target.weight, target.group_size, None, config)
-                result = _rtn_one(target, config, generator)
+                result, layer_report = rtn_without_data(name, target.weight, target.group_size, config, generator)
                 _install(model, target, result, config, rollback)
                 targets[name] = None
-                report.layers.append(LayerReport(
-                    name=name, bits=config.bits, group_size=target.group_size,
-                    fallback=target.group_size != config.group_size, error_before=before,
-                    error_after=result.error, metric="weight"))
+                report.layers.append(layer_report)
         order = {name: i for i, name in enumerate(targets)}
         report.layers.sort(key=lambda layer: order[layer.name])
         report.seconds = time.perf_counter() - started
