@@ -54,16 +54,12 @@ from . import ct_format
 from .api import QuantizationReport, Target, _attach_report, _audit, _group_sizes, _install, rtn_without_data
 from .config import QuantizationConfig, QuantizationError
 from .modules import CompressedLinear
+from .packed import SAVE_PACKED_HINT
 from .runtime import pack_compressed_linears
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "hfcompress"
-
-_HOW_TO_SAVE = ("save a quantized checkpoint with hfcompress.quantize(model, QuantizationConfig(...)) + "
-                "model.save_pretrained(dir) or `hfcompress quantize MODEL OUT`, or load with "
-                "HFCompressConfig(packed=False), whose model save_pretrained writes as compressed-tensors")
-
 
 class HFCompressConfig(QuantizationConfigMixin):
     """Load-time quantization by hfcompress, for ``from_pretrained(..., quantization_config=...)``.
@@ -262,7 +258,7 @@ class HFCompressQuantizer(HfQuantizer):
     def is_serializable(self, **kwargs) -> bool:
         if self.quantization_config.packed:
             logger.warning("a model loaded with HFCompressConfig(packed=True) runs packed kernel layouts and cannot "
-                           "be saved; %s", _HOW_TO_SAVE)
+                           "be saved: %s", SAVE_PACKED_HINT)
             return False
         return True
 
