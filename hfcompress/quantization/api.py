@@ -373,15 +373,21 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def compressed_linear(source: nn.Module, result: Quantized, bits: int, group_size: int | None) -> CompressedLinear:
+    """The :class:`CompressedLinear` holding ``result`` in place of ``source`` (whose bias it copies)."""
+    bias = getattr(source, "bias", None)
+    module = CompressedLinear.from_codes(
+        result.codes, result.scale, result.zero_point, bits, group_size,
+        bias=None if bias is None else bias.detach(),
+        zero_point_rows=ct_format.zero_point_rows(result.codes.shape[0], bits))
+    module.unsupported_reason = ct_format.unsupported_reason(module, source)
+    return module
+
+
 def _install(model, target: Target, result: Quantized, config: QuantizationConfig,
              rollback: Rollback | None = None) -> CompressedLinear:
     source = target.module
-    bias = getattr(source, "bias", None)
-    module = CompressedLinear.from_codes(
-        result.codes, result.scale, result.zero_point, config.bits, target.group_size,
-        bias=None if bias is None else bias.detach(),
-        zero_point_rows=ct_format.zero_point_rows(result.codes.shape[0], config.bits))
-    module.unsupported_reason = ct_format.unsupported_reason(module, source)
+    module = compressed_linear(source, result, config.bits, target.group_size)
     _replace(model, target.name, module)
     if rollback is not None:
         rollback.replaced(target.name, source)

@@ -68,21 +68,32 @@ def _own_weights(module: nn.Module):
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.ndim >= 2]
 
 
-def plan(model: nn.Module, ignore: list[str]) -> Plan:
-    """Sort ``model``'s weights (see the module docstring); ``ignore`` is ``QuantizationConfig.ignore``."""
+def plan(model: nn.Module, ignore: list[str], tied: dict[str, str] | None = None) -> Plan:
+    """Sort ``model``'s weights (see the module docstring); ``ignore`` is ``QuantizationConfig.ignore``.
+
+    A weight shared by two modules counts once, where it is first met. ``tied`` ({parameter name: name of the
+    parameter it will share}, transformers' ``all_tied_weights_keys``) says so for a model whose ties are not
+    made yet (the meta-device model ``from_pretrained`` builds before loading)."""
+    tied = tied or {}
+    aliases = {**{source: source for source in tied.values()}, **tied}
+
+    def identity(full_name: str, param) -> int | str:
+        return aliases.get(full_name, id(param))
+
     targets: dict[str, int] = {}
     skipped: dict[str, str] = {}
     skipped_linear: set[str] = set()
     ignored: set[str] = set()
-    seen: set[int] = set()
+    seen: set[int | str] = set()
     for name, module in model.named_modules():
         if not name:
             continue
         pattern = next((p for p in ignore if matches(name, p)), None)
         if is_linear(module):
-            if id(module.weight) in seen:
+            key = identity(f"{name}.weight", module.weight)
+            if key in seen:
                 continue  # a tied weight counts once
-            seen.add(id(module.weight))
+            seen.add(key)
             if pattern is not None:
                 skipped[name] = f"ignored by the user ({pattern!r})"
                 ignored.add(name)
@@ -91,10 +102,10 @@ def plan(model: nn.Module, ignore: list[str]) -> Plan:
                 targets[name] = module.weight.numel()
             continue
         for param_name, param in _own_weights(module):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
             full = f"{name}.{param_name}"
+            if identity(full, param) in seen:
+                continue
+            seen.add(identity(full, param))
             if isinstance(module, nn.Embedding) or "embed" in type(module).__name__.lower():
                 skipped[full] = EMBEDDING
                 continue
@@ -105,7 +116,8 @@ def plan(model: nn.Module, ignore: list[str]) -> Plan:
             else:
                 skipped[full] = (f"unsupported module type {type(module).__name__} (a {param.ndim}-D "
                                  f"{list(param.shape)} weight; only nn.Linear/Conv1D layers are quantized)")
-    total = sum(p.numel() for p in model.parameters())
+    counted = {identity(n, p): p.numel() for n, p in model.named_parameters(remove_duplicate=False)}
+    total = sum(counted.values())
     return Plan(targets, skipped, skipped_linear, ignored, total)
 
 

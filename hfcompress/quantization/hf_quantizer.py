@@ -51,7 +51,8 @@ from ..core.errors import ConfigError, HFCompressError
 from . import calibrate as C
 from . import coverage as CV
 from . import ct_format
-from .api import QuantizationReport, Target, _attach_report, _audit, _group_sizes, _install, rtn_without_data
+from .api import (QuantizationReport, _attach_report, _audit, _group_sizes, compressed_linear, rtn_without_data,
+                  select_targets)
 from .config import QuantizationConfig, QuantizationError
 from .modules import CompressedLinear
 from .packed import SAVE_PACKED_HINT
@@ -151,22 +152,19 @@ def _single_device(device_map) -> torch.device:
 
 
 class RTNQuantize(ConversionOps):
-    """transformers' load-time operation on one targeted weight: RTN it and install the CompressedLinear."""
+    """transformers' load-time operation on one targeted weight: RTN it (:meth:`HFCompressQuantizer.quantize_weight`)
+    and hand back an empty placeholder for the float weight, so that nothing float of that size stays loaded."""
 
     def __init__(self, hf_quantizer: "HFCompressQuantizer"):
         self.hf_quantizer = hf_quantizer
 
-    def convert(self, input_dict: dict, model=None, full_layer_name: str | None = None, missing_keys=None,
-                **kwargs) -> dict:
+    def convert(self, input_dict: dict, model=None, full_layer_name: str | None = None, **kwargs) -> dict:
         key, value = next(iter(input_dict.items()))
         tensor = value[0] if isinstance(value, list) else value
         full_layer_name = full_layer_name or key
-        quantized = self.hf_quantizer.quantize_weight(model, full_layer_name.removesuffix(".weight"), tensor)
-        if not quantized:
+        if not self.hf_quantizer.quantize_weight(model, full_layer_name.removesuffix(".weight"), tensor):
             return {full_layer_name: tensor}  # stays float; postprocessing raises, naming it
-        if missing_keys is not None:
-            missing_keys.discard(full_layer_name)
-        return {}
+        return {full_layer_name: tensor.new_empty(0)}
 
 
 class HFCompressQuantizer(HfQuantizer):
@@ -181,6 +179,7 @@ class HFCompressQuantizer(HfQuantizer):
         self.generator = None  # nearest rounding draws nothing (stochastic rounding is not offered here)
         self.targets: dict[str, int | None] = {}  # module name -> effective group size
         self.layers: dict = {}  # module name -> LayerReport
+        self.pending: dict[str, CompressedLinear] = {}  # quantized while loading, installed after
         self.problems: list[str] = []
         self.device = torch.device("cpu")
         self.planned = None
@@ -192,21 +191,19 @@ class HFCompressQuantizer(HfQuantizer):
                               "quantized checkpoint with hfcompress.load_compressed(path)")
         self.device = _single_device(device_map)
 
+    def update_device_map(self, device_map):
+        # The whole model on the one device the packed runtime runs on (no accelerate dispatch across devices).
+        return None if device_map is None and self.device.type == "cpu" else {"": str(self.device)}
+
     # ---- before the weights: the targets, checked on the meta-device model --------------------------------------
     def _process_model_before_weight_loading(self, model, **kwargs):
         self.started = time.perf_counter()
-        self.planned = CV.plan(model, self.config.ignore)
-        try:
-            targets = {name: model.get_submodule(name) for name in self.planned.targets}
-        except AttributeError as exc:  # pragma: no cover - plan() only lists modules of the model
-            raise QuantizationError(str(exc)) from exc
-        if not targets:
-            raise ConfigError(f"{type(model).__name__} has no nn.Linear layers left to quantize after "
-                              f"ignore={self.config.ignore}; check HFCompressConfig.ignore")
-        tied = {key.removesuffix(".weight") for pair in getattr(model, "all_tied_weights_keys", {}).items()
-                for key in pair}
+        tied_keys = dict(getattr(model, "all_tied_weights_keys", None) or {})  # tied only after loading
+        self.planned = CV.plan(model, self.config.ignore, tied=tied_keys)
+        targets = select_targets(model, self.config.ignore)
+        tied = {key.removesuffix(".weight") for pair in tied_keys.items() for key in pair}
         for name in targets:
-            if name in tied:
+            if name in tied:  # as quantize refuses it (api._check_weights)
                 raise QuantizationError(f"{name}.weight is tied to another weight of {type(model).__name__}; "
                                         f"add {name!r} to HFCompressConfig.ignore to keep it in floating point")
         self.targets = _group_sizes(targets, self.config.group_size)
@@ -214,15 +211,19 @@ class HFCompressQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         name, _, leaf = param_name.rpartition(".")
-        return leaf == "weight" and name in self.targets and name not in self.layers
+        return leaf == "weight" and name in self.targets
 
     def get_quantize_ops(self):
         return RTNQuantize(self)
 
     def quantize_weight(self, model, name: str, tensor: torch.Tensor) -> bool:
-        """RTN one weight as it loads and put its CompressedLinear in place; False (a problem noted) when the
-        weight cannot be quantized. Errors are noted, not raised: transformers turns an exception here into a
-        generic load report, and postprocessing raises ours."""
+        """RTN one weight as it loads into the CompressedLinear ``quantize`` would install; False (a problem noted)
+        when it cannot be quantized. Errors are noted, not raised: transformers turns an exception here into a
+        generic load report, and postprocessing raises ours.
+
+        The module is swapped in only after loading: until then the float Linear keeps its place (with an empty
+        weight), because transformers initialises the weights the checkpoint lacks by calling each model's
+        ``_init_weights``, which may read a child's ``.weight`` (GPT-2's reads ``c_proj.weight``)."""
         source = model.get_submodule(name)
         weight = tensor.t() if C.is_conv1d(source) else tensor  # (out, in)
         if not torch.isfinite(weight).all():
@@ -232,15 +233,24 @@ class HFCompressQuantizer(HfQuantizer):
             return False
         group_size = self.targets[name]
         result, self.layers[name] = rtn_without_data(name, weight.detach(), group_size, self.config, self.generator)
-        module = _install(model, Target(name, source, group_size), result, self.config)
-        module._is_hf_initialized = True
+        self.pending[name] = compressed_linear(source, result, self.config.bits, group_size)
         return True
+
+    def _install_pending(self, model) -> None:
+        """Put each CompressedLinear in its Linear's place, with the bias that loaded there (before or after)."""
+        for name, module in self.pending.items():
+            source = model.get_submodule(name)
+            if source.bias is not None:
+                module.bias.data = source.bias.detach().clone()
+            model.set_submodule(name, module)
+        self.pending = {}
 
     # ---- after the weights: report, then the packed runtime -------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.problems:
             raise QuantizationError(self.problems[0] + (f" ({len(self.problems)} layers)" if len(self.problems) > 1
                                                         else ""))
+        self._install_pending(model)
         report = QuantizationReport(method="rtn", config=self.config.to_dict(),
                                     layers=[self.layers[n] for n in self.planned.targets if n in self.layers],
                                     seconds=time.perf_counter() - self.started)
@@ -250,8 +260,7 @@ class HFCompressQuantizer(HfQuantizer):
             # What quantize() leaves: save_pretrained writes the compressed-tensors checkpoint.
             model.config.quantization_config = ct_format.quantization_config(model)
             return model
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        pack_compressed_linears(model, dtype, self.device, self.quantization_config.fuse_projections,
+        pack_compressed_linears(model, model.dtype, self.device, self.quantization_config.fuse_projections,
                                 self.quantization_config.quantize_embeddings)
         return model
 

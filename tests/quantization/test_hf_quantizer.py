@@ -120,6 +120,26 @@ def test_biases_and_generate(bias_folder, tmp_path):
     assert torch.equal(out, reference.generate(prompt, max_new_tokens=8, do_sample=False))
 
 
+def test_gpt2_conv1d(tmp_path):
+    """GPT-2 stores its projections as transposed Conv1D weights, and its _init_weights reads c_proj.weight
+    while transformers initialises what the checkpoint lacks: both must survive load-time quantization."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "gpt2")
+    ours = _load(tmp_path / "gpt2", bits=8, group_size=None)
+    assert type(ours.transformer.h[0].attn.c_attn) is Int8PackedLinear
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.float32)
+    quantize(reference, QuantizationConfig(method="rtn", bits=8, group_size=None), progress=False)
+    # The same dequantized weights (quantize's CompressedLinear multiplies them in float32); only the summation
+    # order may differ: K * eps relative, K <= 256.
+    want = _logits(reference)
+    torch.testing.assert_close(_logits(ours), want, rtol=0,
+                               atol=256 * torch.finfo(torch.float32).eps * float(want.abs().max()))
+    assert ours.config.hfcompress["coverage"] == reference.config.hfcompress["coverage"]
+
+
 def test_unpacked_load_saves_the_reference_checkpoint(float_folder, tmp_path):
     """packed=False keeps what quantize leaves; save_pretrained writes the same compressed-tensors folder."""
     options = dict(bits=4, group_size=32, symmetric=False)
@@ -214,9 +234,12 @@ def test_nan_weight_is_named(float_folder, tmp_path):
         _load(folder, group_size=32)
 
 
-def test_group_size_dividing_nothing_and_split_device_maps(float_folder):
+def test_group_size_dividing_nothing_and_device_maps(float_folder):
     with pytest.raises(ConfigError, match=r"group_size=40 divides none"):
         _load(float_folder, group_size=40)
+    model = AutoModelForCausalLM.from_pretrained(float_folder, device_map="cpu",
+                                                 quantization_config=HFCompressConfig(group_size=32))
+    assert isinstance(kernel_module(model.model.layers[0].mlp.down_proj), Int4PackedLinear)
     with pytest.raises(ConfigError, match="runs a model on one device"):
         AutoModelForCausalLM.from_pretrained(float_folder, quantization_config=HFCompressConfig(),
                                              device_map={"model": "cpu", "lm_head": "disk"})
