@@ -460,7 +460,7 @@ def _attach_report(model: nn.Module, report: QuantizationReport) -> None:
                                    "layers": [asdict(layer) for layer in report.layers],
                                    "calibration_samples": report.calibration_samples,
                                    "true_sequential": report.true_sequential,
-                                   "coverage": report.coverage}
+                                   "coverage": None if report.coverage is None else CV.stored(report.coverage)}
 
 
 def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_data=None, tokenizer=None,

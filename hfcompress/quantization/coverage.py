@@ -54,13 +54,23 @@ class Coverage:
                 f"{100 * self.parameter_fraction:.1f}% of parameters")
 
     def to_dict(self) -> dict:
-        return {"line": self.line(), **asdict(self), "parameter_fraction": self.parameter_fraction}
+        """Everything, the quantized names included (``model.hfcompress_report.coverage``)."""
+        return {"line": self.line(), **asdict(self), "quantized_linear_weights": len(self.quantized),
+                "parameter_fraction": self.parameter_fraction}
 
     def describe_skipped(self, limit: int = 8) -> str:
         """``name (reason)``, ..., for a card or an error."""
         items = [f"{name} ({reason})" for name, reason in self.skipped.items()]
         more = f", and {len(items) - limit} more" if len(items) > limit else ""
         return ", ".join(items[:limit]) + more
+
+
+def stored(coverage: dict) -> dict:
+    """What ``config.json``'s ``hfcompress.coverage`` keeps of :meth:`Coverage.to_dict`: the counts, the
+    parameter share and the skipped weights with their reasons, not the name of every quantized layer (about
+    70 KB on a 30-layer model, and the tensors say which layers are quantized: ``hfcompress verify`` derives
+    that set from them)."""
+    return {key: value for key, value in coverage.items() if key != "quantized"}
 
 
 def _own_weights(module: nn.Module):
