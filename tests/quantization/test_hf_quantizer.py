@@ -180,7 +180,7 @@ def test_config_round_trips():
     assert data["quant_method"] == "hfcompress" and data["bits"] == 8 and data["group_size"] is None
     again = HFCompressConfig.from_dict(json.loads(json.dumps(data)))
     assert again.to_dict() == data
-    assert type(AutoQuantizationConfig.from_dict(data)) is HFCompressConfig  # through transformers' registry
+    assert type(AutoQuantizationConfig.from_dict(data)) is hf_quantizer.HFCompressConfig  # transformers' registry
     assert config.quantization_config() == QuantizationConfig(method="rtn", bits=8, group_size=None, symmetric=False,
                                                               ignore=["lm_head", "re:.*down_proj"])
 
@@ -258,6 +258,8 @@ def test_importing_again_keeps_one_registration(float_folder):
     model = AutoModelForCausalLM.from_pretrained(float_folder, dtype=torch.float32,
                                                  quantization_config=module.HFCompressConfig(group_size=32))
     assert isinstance(kernel_module(model.model.layers[0].mlp.down_proj), Int4PackedLinear)
+    before = _load(float_folder, group_size=32)  # a config made from the class imported before the reload
+    assert torch.equal(_logits(before), _logits(model))
 
 
 def test_a_foreign_quantizer_of_that_name_is_not_replaced():
