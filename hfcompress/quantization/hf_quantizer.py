@@ -10,11 +10,13 @@ transformers loads it, through transformers' own plug-in point for quantizers (`
 How it runs, like bitsandbytes' load-time quantization: transformers builds the model on the meta device and
 streams the checkpoint in; each weight :class:`HFCompressQuantizer` targets (the ``nn.Linear``\\s that
 ``quantize`` would target) goes through :class:`RTNQuantize`, which rounds it (:func:`.api.rtn_weight`, the code
-``quantize(model, QuantizationConfig(method="rtn"))`` runs) and puts the :class:`~.modules.CompressedLinear`
-``quantize`` would install in its place, so the float model never exists in memory as a whole. After loading,
-the CompressedLinears become the packed modules :func:`~.runtime.load_compressed` builds from the checkpoint
+``quantize(model, QuantizationConfig(method="rtn"))`` runs) into the :class:`~.modules.CompressedLinear`
+``quantize`` would install, and leaves an empty tensor where the float weight would go, so the float model never
+exists in memory as a whole. After loading, the CompressedLinears take their Linears' places (with the biases
+that loaded there) and become the packed modules :func:`~.runtime.load_compressed` builds from the checkpoint
 ``save_pretrained`` would write of them (:func:`.runtime.pack_compressed_linears`): the same modules, the same
-logits.
+logits. The weights quantize in checkpoint order, one at a time; ``model.hfcompress_report`` and config.json's
+``hfcompress`` section record them as ``quantize`` does.
 
 Only data-free quantization can run here (``from_pretrained`` has no way to pass calibration data): ``rtn``
 at 2/3/4/8 bits, group-wise or per channel, symmetric or with zero points, min-max or MSE-searched clipping.
