@@ -25,6 +25,7 @@ _EXPORTS = {
     "prepare_qat": "hfcompress.quantization.qat",
     "convert_qat": "hfcompress.quantization.qat",
     "load_compressed": "hfcompress.quantization.runtime",
+    "HFCompressConfig": "hfcompress.quantization.hf_quantizer",
     "save_checkpoint": "hfcompress.quantization.saving",
     "verify_checkpoint": "hfcompress.quantization.verify",
     "DistillationConfig": "hfcompress.distillation.config",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .quantization.config import QuantizationConfig
     from .quantization.qat import convert_qat, prepare_qat
     from .quantization.runtime import load_compressed
+    from .quantization.hf_quantizer import HFCompressConfig
     from .quantization.saving import save_checkpoint
     from .quantization.verify import verify_checkpoint
     from .models.reference import reference_model

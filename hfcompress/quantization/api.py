@@ -232,15 +232,32 @@ def _finish(target: Target, weight: torch.Tensor, scale, zero_point, codes, extr
     return Quantized(codes, scale, zero_point, error, extra or {})
 
 
-def _rtn_one(target: Target, config: QuantizationConfig, generator) -> Quantized:
-    weight = target.weight
+def rtn_weight(weight: torch.Tensor, group_size: int | None, config: QuantizationConfig, generator=None,
+               hessian: torch.Tensor | None = None) -> Quantized:
+    """Method ``rtn`` on one (out, in) weight: scales (min-max, or the MSE-searched clip, weighted by ``hessian``
+    when given), then codes. Also what :mod:`.hf_quantizer` runs on each weight as ``from_pretrained`` loads it."""
     clip = 1.0
     if config.observer == "mse":
-        clip = P.search_clip(weight, config.bits, target.group_size, config.symmetric, hessian=target.hessian)
-    scale, zero_point = P.compute_qparams(weight, config.bits, target.group_size, config.symmetric, clip=clip,
+        clip = P.search_clip(weight, config.bits, group_size, config.symmetric, hessian=hessian)
+    scale, zero_point = P.compute_qparams(weight, config.bits, group_size, config.symmetric, clip=clip,
                                           stochastic=config.rounding == "stochastic", scale_dtype=weight.dtype)
-    codes = P.quantize(weight, scale, zero_point, config.bits, target.group_size, config.rounding, generator)
-    return _finish(target, weight, scale, zero_point, codes)
+    codes = P.quantize(weight, scale, zero_point, config.bits, group_size, config.rounding, generator)
+    approx = P.dequantize(codes, scale, zero_point, group_size, dtype=torch.float32)
+    return Quantized(codes, scale, zero_point, P.relative_output_error(weight, approx, hessian))
+
+
+def _rtn_one(target: Target, config: QuantizationConfig, generator) -> Quantized:
+    return rtn_weight(target.weight, target.group_size, config, generator, target.hessian)
+
+
+def rtn_without_data(name: str, weight: torch.Tensor, group_size: int | None, config: QuantizationConfig,
+                     generator=None) -> tuple[Quantized, LayerReport]:
+    """RTN of a layer no calibration statistics reach, with its report row (errors relative to the weight)."""
+    before = _rtn_error(weight, group_size, None, config)
+    result = rtn_weight(weight, group_size, config, generator)
+    return result, LayerReport(name=name, bits=config.bits, group_size=group_size,
+                               fallback=group_size != config.group_size, error_before=before,
+                               error_after=result.error, metric="weight")
 
 
 def quantize_rtn(layer, layer_name, targets: dict[str, Target], config, generator, probe=None) -> dict[str, Quantized]:
@@ -356,15 +373,21 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def compressed_linear(source: nn.Module, result: Quantized, bits: int, group_size: int | None) -> CompressedLinear:
+    """The :class:`CompressedLinear` holding ``result`` in place of ``source`` (whose bias it copies)."""
+    bias = getattr(source, "bias", None)
+    module = CompressedLinear.from_codes(
+        result.codes, result.scale, result.zero_point, bits, group_size,
+        bias=None if bias is None else bias.detach(),
+        zero_point_rows=ct_format.zero_point_rows(result.codes.shape[0], bits))
+    module.unsupported_reason = ct_format.unsupported_reason(module, source)
+    return module
+
+
 def _install(model, target: Target, result: Quantized, config: QuantizationConfig,
              rollback: Rollback | None = None) -> CompressedLinear:
     source = target.module
-    bias = getattr(source, "bias", None)
-    module = CompressedLinear.from_codes(
-        result.codes, result.scale, result.zero_point, config.bits, target.group_size,
-        bias=None if bias is None else bias.detach(),
-        zero_point_rows=ct_format.zero_point_rows(result.codes.shape[0], config.bits))
-    module.unsupported_reason = ct_format.unsupported_reason(module, source)
+    module = compressed_linear(source, result, config.bits, target.group_size)
     _replace(model, target.name, module)
     if rollback is not None:
         rollback.replaced(target.name, source)
@@ -437,7 +460,7 @@ def _attach_report(model: nn.Module, report: QuantizationReport) -> None:
                                    "layers": [asdict(layer) for layer in report.layers],
                                    "calibration_samples": report.calibration_samples,
                                    "true_sequential": report.true_sequential,
-                                   "coverage": report.coverage}
+                                   "coverage": None if report.coverage is None else CV.stored(report.coverage)}
 
 
 def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_data=None, tokenizer=None,
@@ -605,14 +628,10 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
                        unit="layer")
             for name, module in bar:
                 target = Target(name, module, group_sizes[name])
-                before = _rtn_error(target.weight, target.group_size, None, config)
-                result = _rtn_one(target, config, generator)
+                result, layer_report = rtn_without_data(name, target.weight, target.group_size, config, generator)
                 _install(model, target, result, config, rollback)
                 targets[name] = None
-                report.layers.append(LayerReport(
-                    name=name, bits=config.bits, group_size=target.group_size,
-                    fallback=target.group_size != config.group_size, error_before=before,
-                    error_after=result.error, metric="weight"))
+                report.layers.append(layer_report)
         order = {name: i for i, name in enumerate(targets)}
         report.layers.sort(key=lambda layer: order[layer.name])
         report.seconds = time.perf_counter() - started

@@ -54,7 +54,9 @@ class Coverage:
                 f"{100 * self.parameter_fraction:.1f}% of parameters")
 
     def to_dict(self) -> dict:
-        return {"line": self.line(), **asdict(self), "parameter_fraction": self.parameter_fraction}
+        """Everything, the quantized names included (``model.hfcompress_report.coverage``)."""
+        return {"line": self.line(), **asdict(self), "quantized_linear_weights": len(self.quantized),
+                "parameter_fraction": self.parameter_fraction}
 
     def describe_skipped(self, limit: int = 8) -> str:
         """``name (reason)``, ..., for a card or an error."""
@@ -63,26 +65,45 @@ class Coverage:
         return ", ".join(items[:limit]) + more
 
 
+def stored(coverage: dict) -> dict:
+    """What ``config.json``'s ``hfcompress.coverage`` keeps of :meth:`Coverage.to_dict`: the counts, the
+    parameter share and the skipped weights with their reasons, not the name of every quantized layer (about
+    70 KB on a 30-layer model, and the tensors say which layers are quantized: ``hfcompress verify`` derives
+    that set from them)."""
+    return {key: value for key, value in coverage.items() if key != "quantized"}
+
+
 def _own_weights(module: nn.Module):
     """(name, parameter) of the module's own matrices (ndim >= 2), not its children's."""
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.ndim >= 2]
 
 
-def plan(model: nn.Module, ignore: list[str]) -> Plan:
-    """Sort ``model``'s weights (see the module docstring); ``ignore`` is ``QuantizationConfig.ignore``."""
+def plan(model: nn.Module, ignore: list[str], tied: dict[str, str] | None = None) -> Plan:
+    """Sort ``model``'s weights (see the module docstring); ``ignore`` is ``QuantizationConfig.ignore``.
+
+    A weight shared by two modules counts once, where it is first met. ``tied`` ({parameter name: name of the
+    parameter it will share}, transformers' ``all_tied_weights_keys``) says so for a model whose ties are not
+    made yet (the meta-device model ``from_pretrained`` builds before loading)."""
+    tied = tied or {}
+    aliases = {**{source: source for source in tied.values()}, **tied}
+
+    def identity(full_name: str, param) -> int | str:
+        return aliases.get(full_name, id(param))
+
     targets: dict[str, int] = {}
     skipped: dict[str, str] = {}
     skipped_linear: set[str] = set()
     ignored: set[str] = set()
-    seen: set[int] = set()
+    seen: set[int | str] = set()
     for name, module in model.named_modules():
         if not name:
             continue
         pattern = next((p for p in ignore if matches(name, p)), None)
         if is_linear(module):
-            if id(module.weight) in seen:
+            key = identity(f"{name}.weight", module.weight)
+            if key in seen:
                 continue  # a tied weight counts once
-            seen.add(id(module.weight))
+            seen.add(key)
             if pattern is not None:
                 skipped[name] = f"ignored by the user ({pattern!r})"
                 ignored.add(name)
@@ -91,10 +112,10 @@ def plan(model: nn.Module, ignore: list[str]) -> Plan:
                 targets[name] = module.weight.numel()
             continue
         for param_name, param in _own_weights(module):
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
             full = f"{name}.{param_name}"
+            if identity(full, param) in seen:
+                continue
+            seen.add(identity(full, param))
             if isinstance(module, nn.Embedding) or "embed" in type(module).__name__.lower():
                 skipped[full] = EMBEDDING
                 continue
@@ -105,7 +126,8 @@ def plan(model: nn.Module, ignore: list[str]) -> Plan:
             else:
                 skipped[full] = (f"unsupported module type {type(module).__name__} (a {param.ndim}-D "
                                  f"{list(param.shape)} weight; only nn.Linear/Conv1D layers are quantized)")
-    total = sum(p.numel() for p in model.parameters())
+    counted = {identity(n, p): p.numel() for n, p in model.named_parameters(remove_duplicate=False)}
+    total = sum(counted.values())
     return Plan(targets, skipped, skipped_linear, ignored, total)
 
 

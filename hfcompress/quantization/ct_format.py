@@ -78,9 +78,23 @@ def _scheme_key(module: CompressedLinear) -> tuple:
     return module.bits, module.group_size, module.symmetric
 
 
+def weight_args(bits: int, group_size: int | None, symmetric: bool, actorder: bool = False):
+    """compressed-tensors' ``QuantizationArgs`` of our integer weight scheme (group-wise, or per channel)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
+                            strategy="channel" if group_size is None else "group", group_size=group_size,
+                            actorder="weight" if actorder and group_size is not None else None)
+
+
+def module_weight_args(module: CompressedLinear):
+    """The ``QuantizationArgs`` a checkpoint of ``module`` declares (what the packed runtime reads)."""
+    return weight_args(*_scheme_key(module))
+
+
 def quantization_config(model: nn.Module, actorder: bool = False) -> dict:
     """The ``quantization_config`` dict (config.json) describing the model's ``CompressedLinear`` layers."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     schemes: dict[tuple, list[str]] = {}
     ignore = []
@@ -102,11 +116,7 @@ def quantization_config(model: nn.Module, actorder: bool = False) -> dict:
     width = len(str(len(ordered) - 1))
     for position, index in enumerate([*range(1, len(ordered)), 0]):
         (bits, group_size, symmetric), names = ordered[index]
-        args = QuantizationArgs(
-            num_bits=bits, type="int", symmetric=symmetric, dynamic=False,
-            strategy="channel" if group_size is None else "group", group_size=group_size,
-            actorder="weight" if actorder and group_size is not None else None,
-        )
+        args = weight_args(bits, group_size, symmetric, actorder)
         targets = ["Linear"] if index == 0 else names
         groups[f"group_{position:0{width}d}"] = QuantizationScheme(targets=targets, weights=args, format=FORMAT)
     config = QuantizationConfig(config_groups=groups, format=FORMAT, quantization_status="compressed",

@@ -26,6 +26,16 @@ from ..core.native import (
 logger = logging.getLogger(__name__)
 
 
+SAVE_PACKED_HINT = ("a model from load_compressed() is saved by copying its checkpoint folder; to save a model "
+                    "quantized at load, load it with HFCompressConfig(packed=False), or quantize with "
+                    "hfcompress.quantize(...) + save_pretrained / `hfcompress quantize MODEL OUT`")
+
+
+def packed_modules(model: nn.Module) -> list[str]:
+    """Names of the packed runtime modules in ``model`` (their kernel layouts cannot be saved)."""
+    return [name for name, module in model.named_modules() if isinstance(module, PackedModuleMixin)]
+
+
 class PackedModuleMixin:
     """Shared behaviour: logical parameter count, and refusing to be saved as if it were a float model."""
 
@@ -36,8 +46,8 @@ class PackedModuleMixin:
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # Our kernel layouts are not the compressed-tensors layout: saving them would write a checkpoint
         # that plain from_pretrained loads as random float weights. Refuse instead.
-        raise HFCompressError(f"module {prefix.rstrip('.')!r} comes from load_compressed() and is inference-only; "
-                              "copy the original checkpoint folder instead of saving this model")
+        raise HFCompressError(f"module {prefix.rstrip('.')!r} is a packed runtime module and is inference-only; "
+                              f"{SAVE_PACKED_HINT}")
 
 
 def cat_rows(members: list, name: str) -> torch.Tensor | None:

@@ -49,6 +49,8 @@ from ..core.native import (
     int8_gemv_available,
 )
 from .cuda_runtime import build_cuda_linear, finish_cuda_model
+from .ct_format import module_weight_args
+from .modules import CompressedLinear
 from .checkpoint import (
     CheckpointError,
     TensorReader,
@@ -82,7 +84,7 @@ from .packed import (  # the modules live in .packed (so .cuda_runtime can build
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_compressed", "PackedLinear", "Int4PackedLinear", "Int8PackedLinear", "DequantLinear",
+__all__ = ["load_compressed", "pack_compressed_linears", "PackedLinear", "Int4PackedLinear", "Int8PackedLinear", "DequantLinear",
            "PackedEmbedding", "SharedInputProjections", "SharedInputSlice", "fuse_shared_input_projections",
            "kernel_module", "Int8RowEmbedding", "quantize_input_embeddings"]
 
@@ -124,16 +126,37 @@ def _read_module_tensors(name: str, module: nn.Module, weights, reader: TensorRe
                 bias=bias, shape=(n, k))
 
 
+def compressed_linear_tensors(module: CompressedLinear) -> dict:
+    """What :func:`_read_module_tensors` reads from a checkpoint, taken from a :class:`CompressedLinear` in
+    memory: it holds the very tensors ``save_pretrained`` would write (``weight_packed``, ``weight_scale``,
+    packed ``weight_zero_point``), so the packed module built from either is the same."""
+    n, k = module.out_features, module.in_features
+    zero_point = None
+    if not module.symmetric:
+        zero_point = kernels.unpack_zero_point(module.weight_zero_point, module.bits, n).reshape(n, -1)
+    bias = None if module.bias is None else module.bias.detach()
+    return dict(packed=module.weight_packed, scale=module.weight_scale, zero_point=zero_point, g_idx=None,
+                bias=bias, shape=(n, k))
+
+
 def build_packed_module(name: str, module: nn.Module, weights, reader: TensorReader, dtype: torch.dtype,
                         device: torch.device) -> nn.Module:
-    """The packed replacement for one quantized Linear/Embedding (see the module docstring for the choice)."""
+    """The packed replacement for one quantized Linear/Embedding of a checkpoint (see the module docstring)."""
     t = _read_module_tensors(name, module, weights, reader)
+    if isinstance(module, nn.Embedding):
+        n, k = t["shape"]
+        group_size = weights.group_size if weights.strategy == "group" else None
+        return PackedEmbedding(t["packed"], weights.num_bits, t["scale"], t["zero_point"], group_size, dtype,
+                               (n, k), padding_idx=module.padding_idx)
+    return packed_linear(name, t, weights, dtype, device)
+
+
+def packed_linear(name: str, t: dict, weights, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The packed module for one quantized Linear from its tensors ``t`` (:func:`_read_module_tensors` or
+    :func:`compressed_linear_tensors`) and compressed-tensors ``QuantizationArgs`` ``weights``."""
     n, k = t["shape"]
     bits = weights.num_bits
     group_size = weights.group_size if weights.strategy == "group" else None
-    if isinstance(module, nn.Embedding):
-        return PackedEmbedding(t["packed"], bits, t["scale"], t["zero_point"], group_size, dtype, (n, k),
-                               padding_idx=module.padding_idx)
     if device.type == "cuda":  # the GPU's kernels (tinygemm int4, int8 in the GEMM)
         return build_cuda_linear(name, t, weights, dtype, device)
     native = device.type == "cpu" and t["g_idx"] is None
@@ -294,6 +317,15 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
     missing = _tie_missing(model, still_meta)
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
+    finish_packed_model(model, device, fuse_projections, quantize_embeddings)
+    _load_generation_config(model, folder)
+    return model
+
+
+def finish_packed_model(model: nn.Module, device: torch.device, fuse_projections: bool = True,
+                        quantize_embeddings: bool = False) -> nn.Module:
+    """Once every quantized layer is a packed module: warn about slow int4 layers, share kernel calls between
+    projections of one input, finish the CUDA modules, optionally int8 the input embeddings; eval mode."""
     if device.type == "cpu":
         _warn_int4_fallbacks(model)
     if fuse_projections:
@@ -302,10 +334,23 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
         finish_cuda_model(model)
     if quantize_embeddings:
         quantize_input_embeddings(model)
-
     model.to(device).eval().requires_grad_(False)
-    _load_generation_config(model, folder)
     return model
+
+
+def pack_compressed_linears(model: nn.Module, dtype: torch.dtype, device: torch.device | str | None = None,
+                            fuse_projections: bool = True, quantize_embeddings: bool = False,
+                            progress: bool = False) -> nn.Module:
+    """Replace, in place, every :class:`CompressedLinear` of a model quantized in memory (``quantize``, or
+    ``from_pretrained(..., quantization_config=HFCompressConfig(...))``) by the packed module
+    :func:`load_compressed` would build from the checkpoint ``save_pretrained`` writes of it; then
+    :func:`finish_packed_model`. The CompressedLinear buffers are freed as each layer is packed."""
+    device = resolve_device(device)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)]
+    for name, module in tqdm(layers, desc="Packing weights", disable=not progress):
+        packed = packed_linear(name, compressed_linear_tensors(module), module_weight_args(module), dtype, device)
+        model.set_submodule(name, packed)
+    return finish_packed_model(model, device, fuse_projections, quantize_embeddings)
 
 
 def _warn_int4_fallbacks(model: nn.Module) -> None:

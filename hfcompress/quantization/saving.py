@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..core.atomic import CheckpointExistsError, atomic_folder, check_destination
 from ..core.errors import HFCompressError
+from .packed import SAVE_PACKED_HINT, packed_modules
 
 __all__ = ["CheckpointExistsError", "save_checkpoint"]
 
@@ -32,6 +33,14 @@ def _check_bnb_cpu_repacked(model) -> None:
                 f"cannot save: bitsandbytes repacked layer {name!r} for its CPU kernel during a forward pass and "
                 "cannot write it back exactly (bitsandbytes 0.50); save before running the model, or quantize "
                 "with hfcompress.quantize (which keeps layers serializable)")
+
+
+def _check_not_packed(model) -> None:
+    """A model on the packed runtime holds kernel layouts, not checkpoint tensors: refuse before writing."""
+    names = packed_modules(model) if hasattr(model, "named_modules") else []
+    if names:
+        raise HFCompressError(f"cannot save: {names[0]!r} ({len(names)} modules) is a packed runtime module "
+                              f"(inference only); {SAVE_PACKED_HINT}")
 
 
 def _write_extra_files(folder: Path, extra_files: dict[str, str | bytes]) -> None:
@@ -67,6 +76,7 @@ def save_checkpoint(model, out_dir: str | os.PathLike, tokenizer=None, max_shard
     out_dir = Path(out_dir).expanduser().absolute()
     check_destination(out_dir, overwrite)
     _check_bnb_cpu_repacked(model)
+    _check_not_packed(model)
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:

@@ -446,6 +446,36 @@ def card_claims(folder: Path) -> dict:
     return {"quantized": False, "why": "", "count": count}
 
 
+def _check_coverage(coverage: dict, stored: list[str], report: VerifyReport) -> None:
+    """config.json's ``hfcompress.coverage`` against the quantized modules the tensors hold: the count of
+    quantized linear weights, and no weight said to be kept in float stored quantized. Checkpoints written
+    before the count was stored list every quantized name instead (``quantized``): that list must be the set."""
+    if not stored or not isinstance(coverage, dict):
+        return
+    claimed = coverage.get("quantized")
+    if isinstance(claimed, list) and set(claimed) != set(stored):
+        missing = sorted(set(claimed) - set(stored))
+        extra = sorted(set(stored) - set(claimed))
+        detail = "; ".join(part for part in (
+            f"said quantized but stored in float: {', '.join(missing[:5])}" if missing else "",
+            f"stored quantized but not listed: {', '.join(extra[:5])}" if extra else "") if part)
+        report.problems.append(f"config.json's hfcompress.coverage lists {len(claimed)} quantized linear weights, "
+                               f"the checkpoint stores {len(stored)} ({detail})")
+    count = coverage.get("quantized_linear_weights")
+    if isinstance(count, int) and count != len(stored):
+        report.problems.append(f"config.json's hfcompress.coverage says {count} linear weights are quantized, the "
+                               f"checkpoint stores {len(stored)} quantized weights")
+    skipped = coverage.get("skipped")
+    quantized = set(stored)
+    wrong = sorted(name for name in (skipped if isinstance(skipped, dict) else {})
+                   if name in quantized or name.removesuffix(".weight") in quantized)
+    if wrong:
+        report.problems.append(f"config.json's hfcompress.coverage says {', '.join(wrong[:5])} "
+                               f"{'is' if len(wrong) == 1 else 'are'} kept in floating point "
+                               f"({skipped[wrong[0]]}), but the checkpoint stores {'it' if len(wrong) == 1 else 'them'}"
+                               " quantized")
+
+
 def check_claims(folder: Path, config: dict, infos: dict[str, TensorInfo], report: VerifyReport) -> None:
     """Append a problem for every way the card or config.json misstates the tensors (see the module docstring)."""
     stored = stored_quantized_modules(infos)
@@ -464,15 +494,7 @@ def check_claims(folder: Path, config: dict, infos: dict[str, TensorInfo], repor
         report.problems.append(f"{len(stored)} weight(s) are stored quantized (e.g. {example!r}, "
                                f"{infos[example].dtype}) but config.json has no quantization_config, so "
                                f"transformers would not load them as quantized")
-    claimed = ((config.get("hfcompress") or {}).get("coverage") or {}).get("quantized")
-    if isinstance(claimed, list) and stored and set(claimed) != set(stored):
-        missing = sorted(set(claimed) - set(stored))
-        extra = sorted(set(stored) - set(claimed))
-        detail = "; ".join(part for part in (
-            f"said quantized but stored in float: {', '.join(missing[:5])}" if missing else "",
-            f"stored quantized but not listed: {', '.join(extra[:5])}" if extra else "") if part)
-        report.problems.append(f"config.json's hfcompress.coverage lists {len(claimed)} quantized linear weights, "
-                               f"the checkpoint stores {len(stored)} ({detail})")
+    _check_coverage(((config.get("hfcompress") or {}).get("coverage") or {}), stored, report)
     if card.get("count") is not None and stored and card["count"] != len(stored):
         report.problems.append(f"README.md says {card['count']} linear weights are quantized, the checkpoint "
                                f"stores {len(stored)} quantized weights")

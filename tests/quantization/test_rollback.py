@@ -58,7 +58,7 @@ def _assert_restored(model, original):
 # fails o_proj of the 2nd layer after q/k/v were quantized and written into their float weights in place.
 # The others: one call per layer (AWQ has folded scales into the layer's norms and linears by then).
 CASES = {
-    "rtn": (dict(method="rtn", bits=4, group_size=32), None, "_rtn_one", 9),
+    "rtn": (dict(method="rtn", bits=4, group_size=32), None, "rtn_weight", 9),
     "rtn_mse": (dict(method="rtn", bits=4, group_size=32, observer="mse", num_samples=8, seq_len=32), IDS,
                 "rtn", 2),
     "gptq_one_pass": (dict(method="gptq", bits=4, group_size=32, num_samples=8, seq_len=32), IDS, "gptq", 9),
@@ -118,7 +118,7 @@ def test_without_memory_for_a_rollback_the_model_refuses_to_save(method, tiny_ll
 
     monkeypatch.setattr(S, "free_bytes", lambda device: 0)
     if method == "rtn":
-        _raise_on_call(monkeypatch, api, "_rtn_one", 9)
+        _raise_on_call(monkeypatch, api, "rtn_weight", 9)
     else:
         bnb = pytest.importorskip("bitsandbytes")
         _raise_on_call(monkeypatch, bnb.nn.Params4bit, "_quantize", 9)

@@ -80,17 +80,50 @@ def test_quantized_tensors_without_quantization_config(tmp_path, good, kind):
 
 def test_coverage_that_does_not_match_the_tensors(tmp_path, good):
     folder = _copy(good["rtn"], tmp_path / "coverage")
+    coverage = json.loads((folder / "config.json").read_text())["hfcompress"]["coverage"]
+    assert "quantized" not in coverage and coverage["quantized_linear_weights"] == 14  # counts, not 14 names
 
     def claim_lm_head(config):
-        config["hfcompress"]["coverage"]["quantized"].append("lm_head")
+        config["hfcompress"]["coverage"]["quantized_linear_weights"] = 15
 
     _edit_config(folder, claim_lm_head)
     card = folder / "README.md"
     card.write_text(card.read_text().replace("14 of 15 linear weights quantized", "15 of 15 linear weights quantized"))
     problems = verify_checkpoint(folder).problems
+    assert any("hfcompress.coverage says 15 linear weights are quantized, the checkpoint stores 14" in p
+               for p in problems), problems
+    assert any("README.md says 15 linear weights are quantized, the checkpoint stores 14" in p for p in problems)
+
+
+def test_coverage_skipped_weight_stored_quantized(tmp_path, good):
+    folder = _copy(good["rtn"], tmp_path / "skipped")
+    _edit_config(folder, lambda c: c["hfcompress"]["coverage"]["skipped"].update(
+        {"model.layers.0.mlp.down_proj": "ignored by the user ('down_proj')"}))
+    problems = verify_checkpoint(folder).problems
+    assert any("says model.layers.0.mlp.down_proj is kept in floating point (ignored by the user ('down_proj')), but "
+               "the checkpoint stores it quantized" in p for p in problems), problems
+
+
+def test_old_checkpoints_listing_every_quantized_name_still_verify(tmp_path, good):
+    """Before the counts, config.json listed every quantized layer (``coverage.quantized``): still checked."""
+    from hfcompress.quantization.verify import stored_quantized_modules
+    from hfcompress.quantization.checkpoint import read_index
+
+    folder = _copy(good["rtn"], tmp_path / "old")
+    names = stored_quantized_modules(read_index(folder))
+
+    def old_format(config):
+        coverage = config["hfcompress"]["coverage"]
+        del coverage["quantized_linear_weights"]
+        coverage["quantized"] = list(names)
+
+    _edit_config(folder, old_format)
+    problems = verify_checkpoint(folder).problems
+    assert not any("coverage" in p for p in problems), problems  # (the manifest notes the edited config.json)
+    _edit_config(folder, lambda c: c["hfcompress"]["coverage"]["quantized"].append("lm_head"))
+    problems = verify_checkpoint(folder).problems
     assert any("hfcompress.coverage lists 15 quantized linear weights, the checkpoint stores 14 (said quantized but "
                "stored in float: lm_head)" in p for p in problems), problems
-    assert any("README.md says 15 linear weights are quantized, the checkpoint stores 14" in p for p in problems)
 
 
 def test_cast_card_does_not_claim_quantization(good):
