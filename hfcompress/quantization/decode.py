@@ -90,6 +90,14 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _root_cause(exc: BaseException) -> str:
+    """'Type: first line' of the innermost cause (Dynamo wraps a backend's error in BackendCompilerFailed)."""
+    while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None:
+        exc = inner
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def _guarded_compiled_call(model, compile_config):
     """transformers' compiled forward (``PreTrainedModel.get_compiled_call``), run eagerly instead, with one
     warning, if compiling it fails. Bound to the model instance by :func:`enable_compiled_decode`."""
@@ -101,8 +109,7 @@ def _guarded_compiled_call(model, compile_config):
             try:
                 return compiled(*args, **kwargs)
             except _compile_errors() as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                state["failed"] = f"{type(exc).__name__}: {first}"
+                state["failed"] = _root_cause(exc)
                 logger.warning("compile_decode: torch.compile of the decode step failed (%s); decoding with the "
                                "eager forward instead (same results, slower). Load with compile_decode=False to "
                                "skip the attempt.", state["failed"])
