@@ -283,9 +283,14 @@ def kernel_table(rows: list[dict]) -> str:
 
 
 def decode_bytes_per_token(model) -> int:
-    """Weight bytes streamed per decoded token: everything but the input embedding table (one row read)."""
+    """Weight bytes streamed per decoded token: everything but the input embedding table (one row read), unless
+    the output head multiplies by that same table (tied embeddings: the head streams it whole every token)."""
     embedding = model.get_input_embeddings()
-    table = sum(common.weight_bytes(m) for m in [embedding]) if embedding is not None else 0
+    head = model.get_output_embeddings()
+    storages = lambda m: {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}  # noqa: E731
+    if embedding is None or (head is not None and storages(embedding) & storages(head)):
+        return common.weight_bytes(model)
+    table = common.weight_bytes(embedding)
     row = table // max(1, getattr(embedding, "num_embeddings", 1))
     return common.weight_bytes(model) - table + row
 
@@ -736,7 +741,8 @@ def main(argv=None) -> int:
         results[name].update(summarize_runs(runs[name], args.prompt))
         results[name]["dtype"] = str(next(main_models[name].parameters()).dtype).replace("torch.", "")
         # Where a decode step's time goes (before the long prefills below, which would grow a static cache).
-        results[name]["step_split"] = step_split(main_models[name], prompt)
+        # (no longer than the timed runs: a compiled variant's static cache then keeps its compiled length)
+        results[name]["step_split"] = step_split(main_models[name], prompt, min(17, args.new_tokens))
     # Prefill at each --prefill-prompts length (one forward over the prompt; median of --repeats, round-robin).
     prefill_runs: dict[str, dict[int, list[float]]] = {name: {} for name in main_models}
     for length in args.prefill_prompts:
