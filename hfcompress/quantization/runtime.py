@@ -253,7 +253,7 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
             (transformers' own static cache and automatic compile, switched on; see :mod:`.decode`): Inductor
             fuses each layer's norms, rotary, cache update and residuals around our kernels, which removes most of
             the per-token Python and dispatch cost of eager decoder layers (the larger share of a small model's
-            decode step). The first ``generate`` pays the compile (tens of seconds to minutes, once per process),
+            decode step). The first ``generate`` pays the compile (one to three minutes, once per process),
             so it is off by default; if compiling fails, decode runs eagerly with one warning.
 
     Returns the ``PreTrainedModel`` in eval mode; ``generate()`` works as usual. Raises
