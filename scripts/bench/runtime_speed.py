@@ -586,7 +586,8 @@ def compare_isa_paths(args, argv: list[str]) -> int:
     for isa in args.isa_paths:
         out = Path(args.work) / f"isa_{isa}.json"
         out.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, *passthrough, "--no-torchao", "--out", str(out), "--only", *ISA_VARIANTS]
+        cmd = [sys.executable, __file__, *passthrough, "--no-torchao", "--no-llamacpp", "--out", str(out), "--only",
+               *ISA_VARIANTS]
         env = {**os.environ, **ISA_ENV[isa]}
         print(f"== {isa} path: {' '.join(f'{k}={v}' for k, v in ISA_ENV[isa].items())}", flush=True)
         proc = subprocess.run(cmd, env=env)
