@@ -286,21 +286,34 @@ class Int8RowEmbedding(PackedModuleMixin, nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits=8, per-row scales (quantized at load)"
 
 
-def quantize_input_embeddings(model: nn.Module) -> bool:
-    """Replace the model's float input embedding table by an :class:`Int8RowEmbedding`. Skipped, with a
-    warning, when the table is shared with another module (tied output head), whose float weight it is."""
+def quantize_input_embeddings(model: nn.Module, tied_head: bool = True) -> bool:
+    """Replace the model's float input embedding table by an :class:`Int8RowEmbedding`.
+
+    A table tied to the output head (``tie_word_embeddings``, e.g. SmolLM2, Llama-3.2-1B) is quantized once for
+    both: the head becomes an :class:`Int8PackedLinear` over the same int8 codes and per-row scales (no second
+    copy), so logits come from the int8 table, as llama.cpp's GGUF files store such a shared table (Q8_0). At
+    decode that head is the largest matrix of a small model (49152 x 576 for SmolLM2-135M, as many weights as
+    a third of its decoder layers): int8 halves its bytes against bfloat16 and runs on our int8 kernel (CPU;
+    ``tied_head=False`` keeps such a table in floating point). Skipped, with a warning, when the table is shared
+    with anything else."""
     embedding = model.get_input_embeddings()
     if not isinstance(embedding, nn.Embedding):
         return False
     weight = embedding.weight
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head if tied_head and isinstance(head, nn.Linear) and head.weight is weight and head.bias is None else None
     shared_with = [name for name, module in model.named_modules()
-                   if module is not embedding and getattr(module, "weight", None) is weight]
+                   if module is not embedding and module is not tied
+                   and getattr(module, "weight", None) is weight]
     if shared_with:
-        logger.warning("quantize_embeddings: the input embedding table is tied to %s; keeping it in floating "
-                       "point (quantize that head in the checkpoint to save its memory)", ", ".join(shared_with))
+        logger.warning("quantize_embeddings: the input embedding table is also used by %s; keeping it in floating "
+                       "point", ", ".join(shared_with))
         return False
-    model.set_input_embeddings(Int8RowEmbedding(weight, weight.dtype if weight.is_floating_point() else
-                                                torch.float32, embedding.padding_idx))
+    dtype = weight.dtype if weight.is_floating_point() else torch.float32
+    table = Int8RowEmbedding(weight, dtype, embedding.padding_idx)
+    model.set_input_embeddings(table)
+    if tied is not None:
+        model.set_output_embeddings(Int8PackedLinear(table.weight_int8, table.weight_scale, None, None, dtype))
     return True
 
 
@@ -338,7 +351,11 @@ class SharedInputProjections(nn.Module):
     @staticmethod
     def _version(x: torch.Tensor) -> int | None:
         # Inference-mode tensors keep no version counter: there the identity of the tensor is what is checked.
-        return None if x.is_inference() else x._version
+        # Under torch.compile the traced program is checked instead: Dynamo follows tensor identity exactly
+        # and sees every in-place op, which it cannot express as a version number.
+        if torch.compiler.is_compiling() or x.is_inference():
+            return None
+        return x._version
 
     def output_for(self, index: int, x: torch.Tensor) -> torch.Tensor:
         pending = self._pending

@@ -22,7 +22,9 @@ or a weight dequantized once at load).
 
 Projections that read the same tensor (q/k/v, gate/up) share one kernel call over their concatenated
 int8 weights (``fuse_projections``, on by default; the modules keep their names as ``SharedInputSlice``).
-``quantize_embeddings=True`` additionally stores a float input embedding table as int8 rows.
+``quantize_embeddings=True`` additionally stores a float input embedding table as int8 rows (and a head tied to it
+multiplies by those rows). ``compile_decode=True`` makes ``generate()`` decode with a static KV cache and a compiled
+forward (:mod:`.decode`).
 
 Activations run in ``dtype``. By default bfloat16 where the CPU multiplies it in hardware (AVX-512 BF16, AMX)
 or our kernels are unavailable (PyTorch's int4/int8 kernels are much faster in bfloat16), and float32 where our
@@ -50,6 +52,7 @@ from ..core.native import (
 )
 from .cuda_runtime import build_cuda_linear, finish_cuda_model
 from .ct_format import module_weight_args
+from .decode import enable_compiled_decode
 from .modules import CompressedLinear
 from .checkpoint import (
     CheckpointError,
@@ -247,7 +250,8 @@ def _tie_missing(model: nn.Module, missing: set[str]) -> set[str]:
 
 def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device | None = None,
                     dtype: torch.dtype | str | None = None, *, trust_remote_code: bool = False,
-                    progress: bool = True, fuse_projections: bool = True, quantize_embeddings: bool = False):
+                    progress: bool = True, fuse_projections: bool = True, quantize_embeddings: bool = False,
+                    compile_decode: bool = False):
     """Load a compressed-tensors ``pack-quantized`` checkpoint (ours or llm-compressor's) for inference
     with weights kept packed.
 
@@ -266,7 +270,14 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
             int8 with one scale per row (:class:`Int8RowEmbedding`): ~half the memory of a bfloat16 table,
             and decode reads one row of it per token, so speed is unchanged. Off by default because it
             goes beyond what the checkpoint stores. (A checkpoint whose embeddings are already quantized
-            loads them packed either way.)
+            loads them packed either way.) On CPU a table tied to the output head is quantized once for both, and
+            the head multiplies on the int8 kernel (:func:`.packed.quantize_input_embeddings`).
+        compile_decode: let ``generate()`` decode with a static KV cache and a ``torch.compile``'d forward
+            (transformers' own static cache and automatic compile, switched on; see :mod:`.decode`): Inductor
+            fuses each layer's norms, rotary, cache update and residuals around our kernels, which removes most of
+            the per-token Python and dispatch cost of eager decoder layers (the larger share of a small model's
+            decode step). The first ``generate`` pays the compile (one to three minutes, once per process),
+            so it is off by default; if compiling fails, decode runs eagerly with one warning.
 
     Returns the ``PreTrainedModel`` in eval mode; ``generate()`` works as usual. Raises
     :class:`~hfcompress.quantization.checkpoint.CheckpointError` (one line, naming the file/tensor) for a folder
@@ -319,6 +330,8 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
         raise CheckpointError(f"checkpoint is missing tensor {sorted(missing)[0]!r} ({len(missing)} missing)")
     finish_packed_model(model, device, fuse_projections, quantize_embeddings)
     _load_generation_config(model, folder)
+    if compile_decode:
+        enable_compiled_decode(model)
     return model
 
 
@@ -333,7 +346,7 @@ def finish_packed_model(model: nn.Module, device: torch.device, fuse_projections
     if device.type == "cuda":
         finish_cuda_model(model)
     if quantize_embeddings:
-        quantize_input_embeddings(model)
+        quantize_input_embeddings(model, tied_head=device.type == "cpu")
     model.to(device).eval().requires_grad_(False)
     return model
 

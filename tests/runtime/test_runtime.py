@@ -240,12 +240,17 @@ def test_quantize_embeddings_at_load(tmp_path, llama):
     assert (logits(ours) - logits(plain)).abs().max() < 0.05 * logits(plain).abs().max()
 
 
-def test_quantize_embeddings_keeps_a_tied_table(tmp_path, caplog):
+def test_quantize_embeddings_keeps_a_tied_table_when_the_head_stays_float(tmp_path, caplog):
+    """Off the CPU (tied_head=False) the head keeps its float table, and so does the input side (with a warning);
+    on the CPU both use one int8 table (tests/runtime/test_decode.py)."""
+    from hfcompress.quantization.packed import quantize_input_embeddings
+
     write_ct_checkpoint(small_llama(tie=True), tmp_path, num_bits=8, strategy="channel")
+    ours = load_compressed(tmp_path, progress=False)
     with caplog.at_level("WARNING"):
-        ours = load_compressed(tmp_path, progress=False, quantize_embeddings=True)
-    assert type(ours.model.embed_tokens) is torch.nn.Embedding
-    assert "tied" in caplog.text
+        assert not quantize_input_embeddings(ours, tied_head=False)
+    assert type(ours.model.embed_tokens) is torch.nn.Embedding and ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert "lm_head" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------------
