@@ -24,6 +24,12 @@ class QuantizeStageArgs:
     max_shard_size: str = field(default="2GB", metadata={"help": "largest safetensors shard of the checkpoint"})
     device: str | None = field(default=None, metadata={
         "help": "where to load the model and calibrate: cpu, cuda, cuda:N or auto (default: cpu)"})
+    stream: bool = field(default=False, metadata={
+        "help": "never load the whole model: quantize a safetensors checkpoint one decoder layer at a time from "
+                "its shards (checkpoints larger than memory; resumable)"})
+    max_memory: str | None = field(default=None, metadata={
+        "help": "with --stream: the RSS budget, e.g. 8GB or 8GiB (default: the memory available); refused up "
+                "front when one layer cannot be quantized within it"})
 
 
 @dataclass

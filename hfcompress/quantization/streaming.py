@@ -645,6 +645,12 @@ def quantize_checkpoint(src, out_dir, config: QuantizationConfig | dict, calibra
                                 f"{bound.describe()}; raise max_memory to at least {_gib(bound.total)}, or lower "
                                 f"num_samples/seq_len")
     one_pass = config.method == "gptq" and config.true_sequential and not cache_on_disk
+    disk_need = _output_bytes(source, names, targets, config) + (bound.cache if cache_on_disk else 0)
+    existing = next(p for p in out_dir.parents if p.is_dir())
+    disk_free = shutil.disk_usage(existing).free
+    if disk_need > disk_free:
+        raise DiskFullError(f"{out_dir.parent} has {_gib(disk_free)} free, but the quantized checkpoint needs about "
+                            f"{_gib(disk_need)}; free space or write elsewhere")
     logger.info("streaming %s: peak memory bound %s (budget %s)", folder.name, bound.describe(), _gib(limit))
     if progress:
         tqdm.write(f"hfcompress: streaming {len(layers)} decoder layers; memory bound {bound.describe()}; "
@@ -698,12 +704,11 @@ def quantize_checkpoint(src, out_dir, config: QuantizationConfig | dict, calibra
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        need = _output_bytes(source, names, targets, config) + bound.cache
-        free = shutil.disk_usage(out_dir.parent).free
         shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(out_dir.parent).free
         raise DiskFullError(f"disk full while writing {out_dir}: the quantized checkpoint needs about "
-                            f"{_gib(need)} (with its calibration cache), {_gib(free)} are free on that disk now "
-                            f"that the partial output was removed; free space or write elsewhere") from exc
+                            f"{_gib(disk_need)} (plus one shard while the parts are joined); {_gib(free)} are free "
+                            f"now that the partial output was removed; free space or write elsewhere") from exc
     peak = peak_rss_bytes()
     logger.info("quantized %s -> %s in %.0f s; peak RSS %s (bound %s)", folder, out_dir,
                 time.perf_counter() - started, _gib(peak), _gib(bound.total))

@@ -18,21 +18,24 @@ from hfcompress.quantization.config import QuantizationConfig
 from hfcompress.quantization.saving import save_checkpoint
 
 
-def _tiny(kind: str = "llama", layers: int = 3, tie: bool = False):
+def _tiny(kind: str = "llama", layers: int = 3, tie: bool = False, vocab: int = 256):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie)
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 
-def _source(tmp_path: Path, kind: str = "llama", layers: int = 3, tie: bool = False) -> Path:
+def _source(tmp_path: Path, kind: str = "llama", layers: int = 3, tie: bool = False, tokenizer=None) -> Path:
     """A sharded fp32 checkpoint (small shards: the layers span several files)."""
     folder = tmp_path / f"src-{kind}"
-    _tiny(kind, layers, tie).save_pretrained(folder, max_shard_size="60KB")
+    _tiny(kind, layers, tie, len(tokenizer) if tokenizer is not None else 256).save_pretrained(
+        folder, max_shard_size="60KB")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     assert (folder / "model.safetensors.index.json").is_file()
     return folder
 
@@ -138,7 +141,7 @@ def test_output_loads_with_transformers_and_hfcompress_and_verifies(tmp_path):
     packed = hfcompress.load_compressed(out)
     with torch.no_grad():
         ref, a, b = (m(tokens).logits for m in (reference, plain, packed))
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert (a - b.float()).norm() < 0.02 * a.norm()  # the packed runtime computes in bfloat16
     assert (a - ref).norm() < 0.5 * ref.norm()  # int4 of a random model: close, not equal
     assert main(["verify", str(out)]) == 0
     assert not list(tmp_path.glob(".out*"))  # the staging folder is gone
@@ -282,8 +285,9 @@ def test_existing_output_is_not_clobbered(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ST.CheckpointExistsError if hasattr(ST, "CheckpointExistsError") else Exception,
-                       match="not empty"):
+    from hfcompress.core.atomic import CheckpointExistsError
+
+    with pytest.raises(CheckpointExistsError, match="not empty"):
         ST.quantize_checkpoint(src, out, QuantizationConfig(method="rtn"), progress=False)
     assert (out / "keep.txt").read_text() == "mine"
 
@@ -313,15 +317,21 @@ def test_concat_parts_is_a_valid_safetensors_file(tmp_path):
     assert not any(p.exists() for p in parts)
 
 
-def test_cli_stream_end_to_end(tmp_path):
+def test_cli_stream_end_to_end(tmp_path, tiny_tokenizer):
+    """GPTQ from text: the source folder's tokenizer tokenizes the calibration data and is saved with it."""
     from hfcompress.cli import main
 
-    src = _source(tmp_path)
+    src = _source(tmp_path, tokenizer=tiny_tokenizer)
     out = tmp_path / "cli-out"
-    assert main(["quantize", str(src), str(out), "--method", "rtn", "--bits", "4", "--group-size", "32",
-                 "--stream", "--max-memory", "4GB", "-q"]) == 0
+    assert main(["quantize", str(src), str(out), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--num-samples", "4", "--seq-len", "64", "--calibration-data", "stdlib", "--stream",
+                 "--max-memory", "4GB", "-q"]) == 0
+    assert (out / "README.md").is_file() and (out / "tokenizer.json").is_file()
+    assert main(["verify", str(out)]) == 0
+    rtn = tmp_path / "cli-rtn"
+    assert main(["quantize", str(src), str(rtn), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--stream", "-q"]) == 0
     memory = _in_memory(src, tmp_path / "memory", QuantizationConfig(method="rtn", bits=4, group_size=32))
-    a, b = _tensors(memory), _tensors(out)
+    a, b = _tensors(memory), _tensors(rtn)
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert (out / "README.md").is_file()
