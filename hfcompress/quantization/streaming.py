@@ -69,6 +69,7 @@ from . import coverage as CV
 from . import ct_format
 from . import primitives as P
 from . import sequential as S
+from .awq import AWQ_SEARCH_SAMPLES
 from .checkpoint import (
     SAFE_INDEX,
     SAFE_WEIGHTS,
@@ -140,7 +141,12 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (``VmHWM``; ``ru_maxrss`` is in KiB on Linux)."""
+    """Peak resident set size of this process so far: ``VmHWM`` (``ru_maxrss`` would carry a parent's peak
+    across fork + exec), else ``ru_maxrss`` (KiB on Linux)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -539,7 +545,11 @@ def _estimate_bound(model, layers, source, names, targets, config, blocks, front
     unit = max(layer_bytes, front_bytes, rest_bytes)
     hidden = getattr(model.config, "hidden_size", None) or 0
     widest = max((C.linear_shape(m)[1] for m in targets.values()), default=hidden)
-    cache = work = 0
+    cache = 0
+    # Quantizing the largest linear: the RTN reference error and the result each make float copies of it
+    # (fake-quantized, dequantized) next to its codes.
+    largest = max((o * i for o, i in (C.linear_shape(m) for m in targets.values())), default=0)
+    work = 4 * largest * 4
     if blocks is not None:
         n, t = blocks.shape
         batch = min(n, C.CALIBRATION_BATCH)
@@ -547,9 +557,16 @@ def _estimate_bound(model, layers, source, names, targets, config, blocks, front
         cache = n * t * hidden * itemsize
         if cache_on_disk:
             cache = batch * t * hidden * itemsize * 2  # one batch read, its output written
-        # Hessians: one (in, in) float32 per distinct input of a layer; GPTQ holds ~3 more of the widest.
-        inputs_per_layer = 4
-        work = (inputs_per_layer + 3) * widest * widest * 4
+        # Statistics: at most one (in, in) float32 E[x x^T] per linear of the layer (shared inputs share one).
+        first = layers[0][0] + "." if layers else ""
+        shapes = [C.linear_shape(m) for n, m in targets.items() if n.startswith(first)] or [(widest, widest)]
+        work += sum(i * i * 4 for _, i in shapes)
+        if config.method == "gptq":
+            # gptq_quantize on the widest input: its Hessian copy, the identity, the damped matrix, its Cholesky
+            # factor, the inverse and its factor (6 x in^2), and the float32 (stacked) weight with its codes.
+            work += 6 * widest * widest * 4 + 2 * sum(o * i for o, i in shapes) * 4
+        elif config.method == "awq":
+            work += min(n, AWQ_SEARCH_SAMPLES) * t * (2 * hidden + widest) * 4  # cached block calls
         work += batch * t * (4 * hidden + 3 * widest) * 4  # one batch's live activations in the layer
     return MemoryBound(baseline=baseline, unit=unit, cache=cache, work=work)
 
