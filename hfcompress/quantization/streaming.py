@@ -226,6 +226,7 @@ def build_skeleton(folder: Path, infos: dict[str, TensorInfo]) -> nn.Module:
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{str(folder)!r}: cannot build a causal LM from its config.json: "
                               f"{str(exc).strip().splitlines()[0]}") from exc
+    model.tie_weights()  # init_empty_weights makes a separate meta parameter of each tied weight
     return model.eval()
 
 

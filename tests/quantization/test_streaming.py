@@ -84,6 +84,21 @@ def test_rtn_is_bit_identical_to_the_in_memory_path(tmp_path, kind):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
 
 
+def test_tied_embeddings_are_written_once_as_save_pretrained_does(tmp_path):
+    src = _source(tmp_path, tie=True)
+    config = QuantizationConfig(method="rtn", bits=4, group_size=32)
+    memory = _in_memory(src, tmp_path / "memory", config)
+    streamed = ST.quantize_checkpoint(src, tmp_path / "stream", config, progress=False)
+    a, b = _tensors(memory), _tensors(streamed)
+    assert a.keys() == b.keys() and "lm_head.weight" not in b
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # quantizing the tied head itself is refused, as in memory
+    with pytest.raises(ST.A.QuantizationError, match="tied weights"):
+        ST.quantize_checkpoint(src, tmp_path / "head", QuantizationConfig(method="rtn", group_size=32, ignore=[]),
+                               progress=False)
+
+
 def test_rtn_with_calibration_statistics_matches_too(tmp_path):
     """MSE-clipped RTN weights its search by each layer's inputs: those come from the quantized layers before
     it in both paths, so the codes are the same."""
