@@ -642,7 +642,8 @@ def quantize_checkpoint(src, out_dir, config: QuantizationConfig | dict, calibra
     release_memory()
     baseline = rss_bytes()
     front = _front_modules(model, layers)
-    front_bytes = sum(source.nbytes(names[p + k]) for p, m in front for k in _state_names(m) if names.get(p + k))
+    front_bytes = sum(source.nbytes(names[_unit_prefix(p) + k]) for p, m in front
+                      for k, _ in m.named_parameters(recurse=False) if names.get(_unit_prefix(p) + k))
     available = _available_memory()
     limit = budget if budget is not None else available
     bound = _estimate_bound(model, layers, source, names, targets, config, blocks, front_bytes, baseline,
@@ -721,16 +722,26 @@ def quantize_checkpoint(src, out_dir, config: QuantizationConfig | dict, calibra
         publish(staging, out_dir, overwrite=overwrite)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
+            _keep_partial(staging, state)
             raise
         shutil.rmtree(staging, ignore_errors=True)
         free = shutil.disk_usage(out_dir.parent).free
         raise DiskFullError(f"disk full while writing {out_dir}: the quantized checkpoint needs about "
                             f"{_gib(disk_need)} (plus one shard while the parts are joined); {_gib(free)} are free "
                             f"now that the partial output was removed; free space or write elsewhere") from exc
+    except BaseException:  # an error, Ctrl-C: what is done stays for a resume
+        _keep_partial(staging, state)
+        raise
     peak = peak_rss_bytes()
     logger.info("quantized %s -> %s in %.0f s; peak RSS %s (bound %s)", folder, out_dir,
                 time.perf_counter() - started, _gib(peak), _gib(bound.total))
     return out_dir
+
+
+def _keep_partial(staging: Path, state: RunState) -> None:
+    if staging.is_dir():
+        logger.warning("stopped after %d finished unit(s); the partial output stays in %s: rerun the same command "
+                       "to resume", len(state.done), staging)
 
 
 def _available_memory() -> int:
