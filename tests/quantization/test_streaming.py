@@ -350,3 +350,19 @@ def test_cli_stream_end_to_end(tmp_path, tiny_tokenizer):
     a, b = _tensors(memory), _tensors(rtn)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_rss_above_max_memory_while_running_stops_and_keeps_the_finished_layers(tmp_path, monkeypatch):
+    """The bound is checked before starting (against the estimate) and after every unit (against the RSS)."""
+    src = _source(tmp_path)
+    config = QuantizationConfig(method="rtn", group_size=32)
+    measured = iter([0] + [10 ** 9] * 4 + [10 ** 12] * 100)  # baseline, a few units, then far above the budget
+    monkeypatch.setattr(ST, "rss_bytes", lambda: next(measured))
+    with pytest.raises(ST.MemoryBudgetError, match="exceeds max_memory .* rerun with a larger max_memory"):
+        ST.quantize_checkpoint(src, tmp_path / "out", config, max_memory="100GB", progress=False)
+    state = ST.RunState.load(tmp_path / ".out.partial" / ST.WORK_DIR)
+    # the unit during which the RSS went over was written and is kept; the later ones were not started
+    assert state is not None and 4 <= len(state.done) < 6 and "model.layers.2" not in state.done
+    monkeypatch.setattr(ST, "rss_bytes", lambda: 10 ** 9)
+    out = ST.quantize_checkpoint(src, tmp_path / "out", config, max_memory="100GB", progress=False)
+    assert ST.RunState.load(out / ST.WORK_DIR) is None and not (tmp_path / ".out.partial").exists()
