@@ -116,7 +116,8 @@ def test_rtn_with_calibration_statistics_matches_too(tmp_path):
 @pytest.mark.parametrize("true_sequential", [True, False])
 def test_gptq_matches_the_in_memory_path(tmp_path, true_sequential):
     """Same calibration tokens, same per-layer steps: GPTQ's codes agree. The layer inputs are computed by the
-    same float operations in both paths, so they are expected bit-identical; the tolerance allows codes to
+    same float operations in both paths, so they are expected bit-identical (and are, on this machine, for
+    GPTQ and AWQ alike); the tolerance allows codes to
     move by one step on a ~1e-6 fraction of weights (a rounding tie flipped by a different summation order
     of the float32 Hessian), which would not change the output error by more than 1e-3 relative."""
     src = _source(tmp_path)
