@@ -563,9 +563,9 @@ def _estimate_bound(model, layers, source, names, targets, config, blocks, front
         shapes = [C.linear_shape(m) for n, m in targets.items() if n.startswith(first)] or [(widest, widest)]
         work += sum(i * i * 4 for _, i in shapes)
         if config.method == "gptq":
-            # gptq_quantize on the widest input: its Hessian copy, the identity, the damped matrix, its Cholesky
-            # factor, the inverse and its factor (6 x in^2), and the float32 (stacked) weight with its codes.
-            work += 6 * widest * widest * 4 + 2 * sum(o * i for o, i in shapes) * 4
+            # gptq_quantize on the widest input: its Hessian copy and at most two more (in, in) matrices while
+            # inverting it (gptq.inverse_hessian_cholesky), plus the float32 (stacked) weight with its codes.
+            work += 3 * widest * widest * 4 + 2 * sum(o * i for o, i in shapes) * 4
         elif config.method == "awq":
             work += min(n, AWQ_SEARCH_SAMPLES) * t * (2 * hidden + widest) * 4  # cached block calls
         work += batch * t * (4 * hidden + 3 * widest) * 4  # one batch's live activations in the layer
