@@ -215,7 +215,8 @@ def report(args) -> None:
     table = "\n".join(lines)
     Path(args.md).write_text(args.header.replace("{machine}", machine).replace("{date}", time.strftime(
         "%Y-%m-%d %H:%M UTC", time.gmtime())).replace("{table}", table) if args.header else table + "\n")
-    Path(args.md).with_suffix(".json").write_text(json.dumps({"machine": machine, "runs": rows}, indent=2))
+    Path(args.json or Path(args.md).with_suffix(".json")).write_text(
+        json.dumps({"machine": machine, "runs": rows}, indent=2))
     print(table)
 
 
@@ -255,6 +256,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("report")
     p.add_argument("--results", required=True)
     p.add_argument("--md", required=True)
+    p.add_argument("--json", default=None, help="default: --md with .json")
     p.add_argument("--header", default=None)
     p.set_defaults(func=report)
     args = parser.parse_args(argv)
