@@ -684,7 +684,7 @@ def quantize_checkpoint(src, out_dir, config: QuantizationConfig | dict, calibra
     if state is not None and state.settings != settings:
         raise ResumeMismatchError(f"{staging} holds a partial run with other settings "
                                   f"({_first_difference(state.settings, settings)}); rerun with the same settings "
-                                  f"to resume it, or pass resume=False (--no-resume) to start over")
+                                  f"to resume it, or start over: resume=False, or delete that folder")
     if state is None:
         shutil.rmtree(staging, ignore_errors=True)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -933,7 +933,8 @@ class _Run:
         if start > 0:
             if self.state.inputs_generation != start:
                 raise ResumeMismatchError(f"the saved calibration inputs are not those of decoder layer "
-                                          f"{layers[start][0]}; pass resume=False to start over")
+                                          f"{layers[start][0]}; start over: resume=False, or delete "
+                                          f"{self.work.parent}")
             load_hidden(inputs, root, start, on_disk)
             one_pass = self.state.true_sequential
         else:
