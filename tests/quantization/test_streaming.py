@@ -273,8 +273,8 @@ def test_tensor_missing_from_the_checkpoint(tmp_path):
 def test_budget_smaller_than_one_layer(tmp_path):
     src = _source(tmp_path)
     with pytest.raises(ST.MemoryBudgetError, match=r"max_memory='1MB'.*raise max_memory to at least"):
-        ST.quantize_checkpoint(src, tmp_path / "out", QuantizationConfig(method="rtn"), max_memory="1MB",
-                               progress=False)
+        ST.quantize_checkpoint(src, tmp_path / "out", QuantizationConfig(method="rtn", group_size=32),
+                               max_memory="1MB", progress=False)
     assert not list(tmp_path.glob(".out*")) and not (tmp_path / "out").exists()
 
 
