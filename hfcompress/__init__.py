@@ -22,6 +22,7 @@ _EXPORTS = {
     "EvalResult": "hfcompress.models.evaluate",
     "QuantizationConfig": "hfcompress.quantization.config",
     "quantize": "hfcompress.quantization.api",
+    "quantize_checkpoint": "hfcompress.quantization.streaming",
     "prepare_qat": "hfcompress.quantization.qat",
     "convert_qat": "hfcompress.quantization.qat",
     "load_compressed": "hfcompress.quantization.runtime",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .quantization.api import quantize
     from .quantization.config import QuantizationConfig
     from .quantization.qat import convert_qat, prepare_qat
+    from .quantization.streaming import quantize_checkpoint
     from .quantization.runtime import load_compressed
     from .quantization.hf_quantizer import HFCompressConfig
     from .quantization.saving import save_checkpoint

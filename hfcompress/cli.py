@@ -113,7 +113,7 @@ def cmd_quantize(args) -> int:
         hf_logging.disable_progress_bar()
     out = run_quantize(rest.model, rest.output, config, calibration_data=stage.calibration_data,
                        overwrite=rest.overwrite, max_shard_size=stage.max_shard_size, progress=not rest.quiet,
-                       device=stage.device, strict=stage.strict)
+                       device=stage.device, strict=stage.strict, stream=stage.stream, max_memory=stage.max_memory)
     print(f"wrote {out}")
     return 0
 

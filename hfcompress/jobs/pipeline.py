@@ -62,14 +62,16 @@ def _settings(config) -> dict:
 # --------------------------------------------------------------------------------------------------------
 def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="auto", max_shard_size="2GB",
                        overwrite: bool = False, progress: bool = True, recipe_text: str | None = None,
-                       base_model: str | None = None, device: str | None = None, strict: bool = False) -> Path:
+                       base_model: str | None = None, device: str | None = None, strict: bool = False,
+                       stream: bool = False, max_memory: str | None = None) -> Path:
     """Load ``model_ref`` (on ``device``), quantize it with ``config``, save it (atomically) with its tokenizer
     and card.
 
     ``calibration_data="auto"`` is resolved by :func:`resolve_calibration_source` from ``model_ref`` and
-    ``base_model`` (a recipe's root model).
+    ``base_model`` (a recipe's root model). ``stream``: never load the whole model; quantize it one decoder
+    layer at a time from its safetensors shards within ``max_memory``
+    (:func:`hfcompress.quantization.streaming.quantize_checkpoint`).
     """
-    from .hub import build_model_card
     from ..models.loading import gguf_note, load_model, load_tokenizer, resolve_model
     from ..quantization.api import quantize
     from ..core.atomic import check_destination
@@ -80,17 +82,44 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="auto",
     check_shard_size(max_shard_size)
     resolved = resolve_model(model_ref)
     calibration_data = resolve_calibration_source(calibration_data, model_ref, resolved, base_model)
+    uses_data = config.method in ("gptq", "awq") or getattr(config, "observer", "minmax") != "minmax"
+    if not stream and max_memory is not None:
+        raise ConfigError("max_memory bounds a streamed quantization: pass --stream with --max-memory")
+    if stream:
+        from ..quantization.streaming import quantize_checkpoint
+
+        if device not in (None, "cpu"):
+            raise ConfigError(f"--stream quantizes on the CPU, one layer at a time; drop --device {device}")
+        tokenizer = load_tokenizer(resolved)
+
+        def card_files(report) -> dict:
+            card = _quantization_card(model_ref, config, calibration_data, uses_data, report, recipe_text,
+                                      base_model, gguf_note(resolved))
+            return {"README.md": str(card)}
+
+        return quantize_checkpoint(resolved, out_dir, config, calibration_data=calibration_data if uses_data else None,
+                                   tokenizer=tokenizer, max_memory=max_memory, max_shard_size=max_shard_size,
+                                   overwrite=overwrite, progress=progress, strict=strict, extra_files=card_files)
     tokenizer = load_tokenizer(resolved)
     model = load_model(resolved, device=device)
-    uses_data = config.method in ("gptq", "awq") or getattr(config, "observer", "minmax") != "minmax"
     quantize(model, config, calibration_data=calibration_data if uses_data else None, tokenizer=tokenizer,
              progress=progress, strict=strict)
-    report = getattr(model, "hfcompress_report", None)
+    card = _quantization_card(model_ref, config, calibration_data, uses_data, getattr(model, "hfcompress_report", None),
+                              recipe_text, base_model, gguf_note(model))
+    return save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
+                           extra_files={"README.md": str(card)})
+
+
+def _quantization_card(model_ref, config, calibration_data, uses_data: bool, report, recipe_text, base_model,
+                       base_model_note):
+    """The model card of a quantized checkpoint (in memory or streamed): settings, data, coverage, loading."""
+    from .hub import build_model_card
+
     settings = _settings(config)
     fallbacks = getattr(report, "fallbacks", None)
     if fallbacks:  # {layer: group size used} for layers the requested group size does not divide
         settings["group_size_fallbacks"] = fallbacks
-    card = build_model_card(
+    return build_model_card(
         title=f"{Path(str(base_model or model_ref)).name} ({config.method}, {config.weight_bits}-bit)"
         if config.method != "cast" else f"{Path(str(base_model or model_ref)).name} ({config.dtype})",
         base_model=base_model or model_ref, method=f"post-training quantization ({config.method})",
@@ -99,9 +128,7 @@ def quantize_to_folder(model_ref: str, out_dir, config, calibration_data="auto",
         else "No calibration data (data-free method).",
         recipe_text=recipe_text, load_snippet=_load_snippet(config), coverage=getattr(report, "coverage", None),
         tags=["quantized", config.method] if config.method != "cast" else ["cast", config.dtype],
-        base_model_note=gguf_note(model))
-    return save_checkpoint(model, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
-                           extra_files={"README.md": str(card)})
+        base_model_note=base_model_note)
 
 
 def check_shard_size(max_shard_size) -> None:
@@ -130,10 +157,10 @@ def _load_snippet(config) -> str:
 
 
 def run_quantize(model_ref, out_dir, config, calibration_data="auto", overwrite=False, max_shard_size="2GB",
-                 progress=True, device=None, strict=False) -> Path:
+                 progress=True, device=None, strict=False, stream=False, max_memory=None) -> Path:
     return quantize_to_folder(model_ref, out_dir, config, calibration_data=calibration_data,
                               max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, device=device,
-                              strict=strict)
+                              strict=strict, stream=stream, max_memory=max_memory)
 
 
 def quantize_stage(ctx) -> dict:
@@ -145,7 +172,7 @@ def quantize_stage(ctx) -> dict:
     out = quantize_to_folder(ctx.input_model, ctx.work_dir, config, calibration_data=calibration_data,
                              max_shard_size=args.max_shard_size, overwrite=True, progress=ctx.progress,
                              recipe_text=ctx.recipe.source, base_model=base_name, device=args.device,
-                             strict=args.strict)
+                             strict=args.strict, stream=args.stream, max_memory=args.max_memory)
     return {"output": out.name, "method": config.method, "bits": config.weight_bits}
 
 

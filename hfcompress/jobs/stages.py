@@ -27,6 +27,12 @@ class QuantizeStageArgs:
     strict: bool = field(default=False, metadata={
         "help": "fail, naming them, if any weight meant to be quantized would stay in floating point (e.g. an "
                 "unsupported module type); nothing is written"})
+    stream: bool = field(default=False, metadata={
+        "help": "never load the whole model: quantize a safetensors checkpoint one decoder layer at a time from "
+                "its shards (checkpoints larger than memory; resumable)"})
+    max_memory: str | None = field(default=None, metadata={
+        "help": "with --stream: the RSS budget, e.g. 8GB or 8GiB (default: the memory available); refused up "
+                "front when one layer cannot be quantized within it"})
 
 
 @dataclass

@@ -531,59 +531,12 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
     group_sizes = _group_sizes(targets, config.group_size)
 
     # ---- from here on the model is modified ----
-    generator = torch.Generator().manual_seed(config.seed)
-    handler = METHODS[config.method]
     report = QuantizationReport(method=config.method, config=config.to_dict(),
                                 calibration_samples=0 if blocks is None else blocks.shape[0])
-
-    def solve(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> dict[str, tuple]:
-        """Quantize ``layer_targets``: name -> (target, result, RTN error before). Only AWQ touches the model
-        (it folds scales into the layer's weights): the rollback keeps their values first."""
-        _check_finite_stats(layer_name, layer_targets)
-        if config.method == "awq":
-            rollback.modified(*layer.parameters())
-        before = {n: _rtn_error(t.weight, t.group_size, t.hessian, config) for n, t in layer_targets.items()}
-        results = handler(layer, layer_name, layer_targets, config, generator, probe)
-        return {name: (t, results[name], before[name]) for name, t in layer_targets.items()}
-
-    def install(solved: dict[str, tuple]) -> None:
-        for name, (t, result, before) in solved.items():
-            _install(model, t, result, config, rollback)
-            targets[name] = None  # drop our reference: the float weight can be freed (unless rollback keeps it)
-            report.layers.append(LayerReport(
-                name=name, bits=config.bits, group_size=t.group_size, fallback=t.group_size != config.group_size,
-                error_before=before, error_after=result.error,
-                metric="weight" if t.stats is None else "output", extra=result.extra))
-
-    def run(layer, layer_name, layer_targets: dict[str, Target], probe=None) -> None:
-        install(solve(layer, layer_name, layer_targets, probe))
-
-    def run_one_pass(layer, layer_name, inside: dict[str, nn.Module], propagate: bool) -> None:
-        """GPTQ's true-sequential order in one forward pass (:mod:`.sequential`): each group of linears is
-        quantized, and its weights replaced in place by their dequantized values, when the batches reach it;
-        the CompressedLinear modules are installed once the pass is over."""
-        solved: dict[str, tuple] = {}
-
-        def quantize_group(names: list[str], stats: C.InputStats) -> None:
-            group = solve(layer, layer_name, {n: Target(n, inside[n], group_sizes[n], stats) for n in names})
-            for name, (t, result, _) in group.items():
-                approx = P.dequantize(result.codes, result.scale, result.zero_point, t.group_size)
-                rollback.modified(t.module.weight)
-                C.linear_weight(t.module).copy_(approx)  # an (out, in) view also of a Conv1D weight
-            solved.update(group)
-
-        missed = S.quantize_layer_in_one_pass(layer, inputs, inside, quantize_group, plan, layer_name, propagate)
-        if missed:  # left in ``targets``: the RTN pass below takes them
-            logger.warning("%s: no calibration batch reached %s; quantized with round-to-nearest instead",
-                           layer_name, ", ".join(missed))
-        install({name: solved[name] for name in inside if name in solved})
-
-    one_pass = config.method == "gptq" and config.true_sequential
-    plan = S.SharingPlan()
-
     quantized_bytes = sum(C.linear_weight(m).numel() for m in targets.values()) * config.bits // 8
     rollback = Rollback(model, keep=choose_keep(model, quantized_bytes))
     rollback.on_undo(lambda: _forget_quantization(model))
+    steps = LayerwiseQuantizer(model, config, targets, group_sizes, report, rollback)
     with _eval_mode(model), rollback:
         if blocks is not None:
             autocast = lambda: C.calibration_autocast(model, config.calibration_dtype)  # noqa: E731
@@ -593,53 +546,142 @@ def quantize(model: nn.Module, config: QuantizationConfig | dict, calibration_da
             first_kwargs = list(inputs.kwargs)  # the first layer's; later layers may differ (Gemma 3)
             _check_finite_activations(inputs, f"the inputs of the first decoder layer {layers[0][0]} (the "
                                               f"embeddings of the calibration tokens)")
-            if one_pass:
-                one_pass = S.fits_in_memory(inputs, targets)
+            one_pass = config.method == "gptq" and config.true_sequential and S.fits_in_memory(inputs, targets)
             report.true_sequential = one_pass
             bar = tqdm(layers, desc=f"{config.method} {config.bits}-bit", disable=not progress, unit="layer")
             last = layers[-1][0]
             for index, (layer_name, layer) in enumerate(bar):
                 bar.set_postfix_str(layer_name)
                 C.use_layer_kwargs(inputs, index, first_kwargs)
-                inside = {n: m for n, m in targets.items() if n == layer_name or n.startswith(layer_name + ".")}
-                if inside and one_pass:
-                    with autocast():
-                        run_one_pass(layer, layer_name, inside, propagate=layer_name != last)
-                    if layer_name != last:
-                        _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
-                    continue  # the pass has already produced the next layer's inputs
-                if inside:
-                    with autocast():
-                        stats = C.collect_stats(layer, inside, inputs)
-                    run(layer, layer_name, {n: Target(n, m, group_sizes[n], stats[n]) for n, m in inside.items()},
-                        probe=C.LayerProbe(layer, inputs, autocast))
-                    layer = model.get_submodule(layer_name)  # the layer itself may have been a target
-                if layer_name != last:  # the last layer's outputs feed nothing that is calibrated
-                    with dequantized_weights_cached(layer), autocast():
-                        C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
-                    _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
+                steps.quantize_layer(layer_name, layer, inputs, autocast, one_pass, propagate=layer_name != last)
             del inputs
-        rest = {n: m for n, m in targets.items() if m is not None}
-        if rest:
-            if blocks is not None:
-                logger.info("quantizing %d layer(s) without calibration statistics (outside the decoder layers, "
-                            "or never called) with RTN: %s", len(rest), ", ".join(rest))
-            bar = tqdm(rest.items(), desc=f"rtn {config.bits}-bit", disable=not progress or blocks is not None,
-                       unit="layer")
-            for name, module in bar:
-                target = Target(name, module, group_sizes[name])
-                result, layer_report = rtn_without_data(name, target.weight, target.group_size, config, generator)
-                _install(model, target, result, config, rollback)
-                targets[name] = None
-                report.layers.append(layer_report)
-        order = {name: i for i, name in enumerate(targets)}
-        report.layers.sort(key=lambda layer: order[layer.name])
+        rest = steps.remaining()
+        if rest and blocks is not None:
+            logger.info("quantizing %d layer(s) without calibration statistics (outside the decoder layers, "
+                        "or never called) with RTN: %s", len(rest), ", ".join(rest))
+        steps.quantize_uncalibrated(rest, progress=progress and blocks is None)
         report.seconds = time.perf_counter() - started
-        _audit(model, planned, report, lambda m: isinstance(m, CompressedLinear), strict)
-        if getattr(model, "config", None) is not None:
-            model.config.quantization_config = ct_format.quantization_config(
-                model, actorder=config.method == "gptq" and config.act_order)
-        _attach_report(model, report)
+        finish_report(model, config, planned, report, strict)
     rollback.commit()
     return model
 
+
+def finish_report(model: nn.Module, config: QuantizationConfig, planned: CV.Plan, report: QuantizationReport,
+                  strict: bool) -> None:
+    """Once every target is quantized: order the per-layer report as the targets, audit the coverage, set
+    ``config.quantization_config`` (compressed-tensors) and the ``hfcompress`` block of ``config.json``."""
+    order = {name: i for i, name in enumerate(planned.targets)}
+    report.layers.sort(key=lambda layer: order.get(layer.name, len(order)))
+    _audit(model, planned, report, lambda m: isinstance(m, CompressedLinear), strict)
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = ct_format.quantization_config(
+            model, actorder=config.method == "gptq" and config.act_order)
+    _attach_report(model, report)
+
+
+class LayerwiseQuantizer:
+    """The per-layer steps of an integer quantization (``rtn``/``gptq``/``awq``), shared by :func:`quantize`
+    (the whole model in memory) and :func:`hfcompress.quantization.streaming.quantize_checkpoint` (one decoder
+    layer materialised at a time): quantize the targets of one decoder layer from its calibration inputs and
+    replace them by :class:`CompressedLinear` modules, run the quantized layer to produce the next layer's
+    inputs, and round the targets outside the decoder layers to nearest.
+
+    ``targets``: name -> linear still to quantize (set to None once replaced); ``report`` collects one
+    :class:`LayerReport` per linear; ``rollback`` records every change (``Rollback(keep=False)`` records
+    nothing). ``generator`` (seeded from ``config.seed``) is the random stream of stochastic rounding.
+    """
+
+    def __init__(self, model: nn.Module, config: QuantizationConfig, targets: dict[str, nn.Module | None],
+                 group_sizes: dict[str, int | None], report: QuantizationReport, rollback: Rollback):
+        self.model, self.config, self.targets, self.group_sizes = model, config, targets, group_sizes
+        self.report, self.rollback = report, rollback
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.handler = METHODS[config.method]
+        self.plan = S.SharingPlan()
+
+    def inside(self, layer_name: str) -> dict[str, nn.Module]:
+        """The targets still to quantize in the decoder layer ``layer_name`` (full names)."""
+        return {n: m for n, m in self.targets.items()
+                if m is not None and (n == layer_name or n.startswith(layer_name + "."))}
+
+    def remaining(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.targets.items() if m is not None}
+
+    def solve(self, layer, layer_name, layer_targets: dict[str, Target], probe=None) -> dict[str, tuple]:
+        """Quantize ``layer_targets``: name -> (target, result, RTN error before). Only AWQ touches the model
+        (it folds scales into the layer's weights): the rollback keeps their values first."""
+        config = self.config
+        _check_finite_stats(layer_name, layer_targets)
+        if config.method == "awq":
+            self.rollback.modified(*layer.parameters())
+        before = {n: _rtn_error(t.weight, t.group_size, t.hessian, config) for n, t in layer_targets.items()}
+        results = self.handler(layer, layer_name, layer_targets, config, self.generator, probe)
+        return {name: (t, results[name], before[name]) for name, t in layer_targets.items()}
+
+    def install(self, solved: dict[str, tuple]) -> None:
+        for name, (t, result, before) in solved.items():
+            _install(self.model, t, result, self.config, self.rollback)
+            self.targets[name] = None  # drop our reference: the float weight can be freed (unless rollback keeps it)
+            self.report.layers.append(LayerReport(
+                name=name, bits=self.config.bits, group_size=t.group_size,
+                fallback=t.group_size != self.config.group_size, error_before=before, error_after=result.error,
+                metric="weight" if t.stats is None else "output", extra=result.extra))
+
+    def run_one_pass(self, layer, layer_name, inside: dict[str, nn.Module], inputs: C.LayerInputs,
+                     propagate: bool) -> None:
+        """GPTQ's true-sequential order in one forward pass (:mod:`.sequential`): each group of linears is
+        quantized, and its weights replaced in place by their dequantized values, when the batches reach it;
+        the CompressedLinear modules are installed once the pass is over."""
+        solved: dict[str, tuple] = {}
+
+        def quantize_group(names: list[str], stats: C.InputStats) -> None:
+            group = self.solve(layer, layer_name,
+                               {n: Target(n, inside[n], self.group_sizes[n], stats) for n in names})
+            for name, (t, result, _) in group.items():
+                approx = P.dequantize(result.codes, result.scale, result.zero_point, t.group_size)
+                self.rollback.modified(t.module.weight)
+                C.linear_weight(t.module).copy_(approx)  # an (out, in) view also of a Conv1D weight
+            solved.update(group)
+
+        missed = S.quantize_layer_in_one_pass(layer, inputs, inside, quantize_group, self.plan, layer_name,
+                                              propagate)
+        if missed:  # left in ``targets``: the RTN pass takes them
+            logger.warning("%s: no calibration batch reached %s; quantized with round-to-nearest instead",
+                           layer_name, ", ".join(missed))
+        self.install({name: solved[name] for name in inside if name in solved})
+
+    def quantize_layer(self, layer_name: str, layer: nn.Module, inputs: C.LayerInputs, autocast,
+                       one_pass: bool, propagate: bool) -> None:
+        """Quantize the targets inside decoder layer ``layer_name`` from its calibration ``inputs``; with
+        ``propagate``, replace ``inputs``' hidden states by the quantized layer's outputs (the next layer's
+        inputs). ``one_pass``: GPTQ in one forward pass (:meth:`run_one_pass`)."""
+        inside = self.inside(layer_name)
+        if inside and one_pass:
+            with autocast():
+                self.run_one_pass(layer, layer_name, inside, inputs, propagate)
+            if propagate:
+                _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
+            return  # the pass has already produced the next layer's inputs
+        if inside:
+            with autocast():
+                stats = C.collect_stats(layer, inside, inputs)
+            self.install(self.solve(
+                layer, layer_name, {n: Target(n, m, self.group_sizes[n], stats[n]) for n, m in inside.items()},
+                probe=C.LayerProbe(layer, inputs, autocast)))
+            layer = self.model.get_submodule(layer_name)  # the layer itself may have been a target
+        if propagate:  # the last layer's outputs feed nothing that is calibrated
+            with dequantized_weights_cached(layer), autocast():
+                C.propagate(layer, inputs)  # the quantized layer's outputs feed the next one
+            _check_finite_activations(inputs, f"the outputs of decoder layer {layer_name}")
+
+    def quantize_uncalibrated(self, modules: dict[str, nn.Module], progress: bool = False) -> None:
+        """Round ``modules`` (name -> linear: those outside the decoder layers, or never called) to nearest,
+        without calibration statistics, and install them."""
+        config = self.config
+        bar = tqdm(modules.items(), desc=f"rtn {config.bits}-bit", disable=not progress, unit="layer")
+        for name, module in bar:
+            target = Target(name, module, self.group_sizes[name])
+            result, layer_report = rtn_without_data(name, target.weight, target.group_size, config, self.generator)
+            _install(self.model, target, result, config, self.rollback)
+            self.targets[name] = None
+            self.report.layers.append(layer_report)

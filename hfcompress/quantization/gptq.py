@@ -23,16 +23,20 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor
     Damping keeps the inverse well conditioned; if the matrix is still not positive definite (e.g. rank
     deficient calibration), the damping is raised tenfold up to three times before giving up.
     """
-    n = hessian.shape[0]
     mean_diag = torch.diagonal(hessian).mean()
-    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
     for attempt in range(4):
         lam = damp * (10 ** attempt)
-        damped = hessian + (lam * mean_diag if mean_diag > 0 else max(lam, 1e-8)) * eye
+        # The damping added to the diagonal in place, and each intermediate freed once used: at most two
+        # (in, in) matrices besides ``hessian`` are alive (the streaming engine's memory bound counts on it).
+        damped = hessian.clone()
+        damped.diagonal().add_(lam * mean_diag if mean_diag > 0 else max(lam, 1e-8))
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info.item() == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0:
                 if attempt:
                     logger.warning("GPTQ: Hessian was not positive definite; used damp=%g", lam)
