@@ -77,6 +77,47 @@ def _train(kind: str, learning_rate: float, teacher, tokenizer, train, cache_dir
                             "train_log": logs}
 
 
+def _interleaved_timing(teacher, tokenizer, train, cache_dir, args, work, reps: int) -> dict:
+    """Seconds of one training step's loss forward + backward (optimizer step excluded: the same in both modes)
+    with the live teacher and from the cache, alternating live/cache ``reps`` times on the same batch, so both
+    see the same load of a shared machine; medians and their ratio."""
+    import statistics
+
+    from transformers import default_data_collator
+
+    from hfcompress import DistillationTrainer, make_student
+    from hfcompress.core.data import BlockDataset
+    from hfcompress.distillation.cache import CacheDataset, TeacherCache
+    from hfcompress.distillation.hidden import num_layers
+
+    layers = args.student_layers or max(1, num_layers(teacher) // 2)
+    kd = dict(loss="forward_kl", temperature=1.0, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+              hidden_weight=0.0)
+    trainers = {
+        "live": DistillationTrainer(model=make_student(teacher, num_layers=layers), teacher_model=teacher,
+                                    args=_config(work, "timing-live", args, args.kd_lr, **kd),
+                                    train_dataset=BlockDataset(train), processing_class=tokenizer),
+        "cache": DistillationTrainer(model=make_student(teacher, num_layers=layers),
+                                     args=_config(work, "timing-cache", args, args.kd_lr, mode="cache", **kd),
+                                     teacher_cache=cache_dir, processing_class=tokenizer)}
+    dataset = {"live": BlockDataset(train), "cache": CacheDataset(TeacherCache(cache_dir))}
+    batch = {name: default_data_collator([dataset[name][i] for i in range(args.batch_size)]) for name in trainers}
+    seconds = {name: [] for name in trainers}
+    for _ in range(reps + 1):  # the first round warms up (allocations, the head check) and is dropped
+        for name, trainer in trainers.items():
+            model = trainer.model.train()
+            started = time.perf_counter()
+            loss = trainer.compute_loss(model, dict(batch[name]))
+            loss.backward()
+            seconds[name].append(time.perf_counter() - started)
+            model.zero_grad(set_to_none=True)
+    medians = {name: statistics.median(values[1:]) for name, values in seconds.items()}
+    tokens = args.batch_size * train.shape[1]
+    return {"reps": reps, "batch_tokens": tokens, "seconds": seconds, "median_seconds": medians,
+            "tokens_per_s": {name: tokens / value for name, value in medians.items()},
+            "cache_speedup": medians["live"] / medians["cache"]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="teacher model folder")
@@ -84,13 +125,17 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--student-layers", type=int, default=None, help="default: half the teacher's")
-    parser.add_argument("--runs", nargs="+", default=["cache", "ce:3e-4", "live", "ce:1e-3", "ce:1e-4"],
+    parser.add_argument("--runs", nargs="*", default=["cache", "ce:3e-4", "live", "ce:1e-3", "ce:1e-4"],
                         help="'ce:LR', 'live' or 'cache' (KD at --kd-lr), in the order to run")
     parser.add_argument("--kd-lr", type=float, default=3e-4)
     parser.add_argument("--kd-weight", type=float, default=0.5)
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--top-k", type=int, default=64, help="teacher cache: stored tokens per position")
     parser.add_argument("--logprob-format", default="uint7", help="teacher cache: storage of the log-probabilities")
+    parser.add_argument("--timing-reps", type=int, default=0,
+                        help="after the runs: time one step's loss forward+backward live vs cache, alternating this "
+                             "many times on the same batch (the training runs' own tokens/s are from different "
+                             "time windows of a shared machine)")
     parser.add_argument("--quantize-kd", action="store_true",
                         help="after the runs: GPTQ int4 g128 of the best KD student (distill, then quantize)")
     parser.add_argument("--work", type=Path, default=Path("scripts/bench/work/real_distill"))
@@ -126,7 +171,7 @@ def main(argv=None) -> int:
 
     print(f"teacher ppl {out['teacher_perplexity']:.3f}", flush=True)
     cache_dir = args.work / f"cache-top{args.top_k}-{args.logprob_format}-{train.shape[0]}x{train.shape[1]}"
-    if "cache" in args.runs:
+    if "cache" in args.runs or args.timing_reps:
         if not (cache_dir / "cache.json").is_file():
             started = time.perf_counter()
             meta = write_teacher_cache(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer,
@@ -152,6 +197,11 @@ def main(argv=None) -> int:
             best_kd = (student, row)
         else:
             del student
+    if args.timing_reps:
+        out["interleaved_timing"] = _interleaved_timing(teacher, tokenizer, train, cache_dir, args, args.work,
+                                                        args.timing_reps)
+        print(json.dumps(out["interleaved_timing"]), flush=True)
+        save()
     if args.quantize_kd and best_kd is not None:
         from hfcompress import QuantizationConfig, quantize
 
