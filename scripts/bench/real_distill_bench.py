@@ -163,13 +163,13 @@ def main(argv=None) -> int:
            "steps": args.steps, "batch_size": args.batch_size, "block_size": int(train.shape[1]),
            "train_tokens": int(train.numel()), "eval_tokens": int(held_out.shape[0] * (held_out.shape[1] - 1)),
            "kd_objective": f"{args.kd_weight} forward KL (T=1) + {args.ce_weight} CE, logits only",
-           "teacher_perplexity": perplexity(teacher, held_out, batch_size=4), "runs": []}
+           "teacher_perplexity": perplexity(teacher, held_out, batch_size=4) if args.runs else None, "runs": []}
 
     def save():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
 
-    print(f"teacher ppl {out['teacher_perplexity']:.3f}", flush=True)
+    print(f"teacher ppl {out['teacher_perplexity']}", flush=True)
     cache_dir = args.work / f"cache-top{args.top_k}-{args.logprob_format}-{train.shape[0]}x{train.shape[1]}"
     if "cache" in args.runs or args.timing_reps:
         if not (cache_dir / "cache.json").is_file():
