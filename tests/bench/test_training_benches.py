@@ -69,7 +69,7 @@ def test_real_distill_bench_full_vocabulary_cache_matches_the_live_teacher(tmp_p
     assert real_distill_bench.main([
         "--model", str(tiny_reference_dir), "--blocks", str(blocks_file), "--steps", "3", "--batch-size", "2",
         "--runs", "cache", "ce:1e-3", "live", "ce:1e-4", "--kd-lr", "1e-3", "--top-k", str(vocab),
-        "--logprob-format", "float32", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+        "--logprob-format", "float32", "--timing-reps", "1", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     runs = {run["run"]: run for run in result["runs"]}
     assert set(runs) == {"cache-0.001", "ce-0.001", "live-0.001", "ce-0.0001"}
@@ -79,3 +79,5 @@ def test_real_distill_bench_full_vocabulary_cache_matches_the_live_teacher(tmp_p
     assert result["cache"]["mean_tail_mass"] == 0.0 and result["train_tokens"] == 3 * 2 * 48
     assert all(run["train_tokens"] == 3 * 2 * 48 and run["tokens_per_s"] > 0 for run in runs.values())
     assert torch.isfinite(torch.tensor([run["perplexity"] for run in runs.values()])).all()
+    timing = result["interleaved_timing"]  # shape only: no timing assertions in tests
+    assert {len(v) for v in timing["seconds"].values()} == {2} and timing["cache_speedup"] > 0
