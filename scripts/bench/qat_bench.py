@@ -31,9 +31,23 @@ import torch
 def _blocks(tokenizer, args):
     from hfcompress.core.data import load_blocks
 
+    if args.blocks:
+        # The prepared blocks of run.py (e.g. SmolLM2's: calibration/train from `mix`, eval = pydoc test), so
+        # rows compare with the post-training rows measured on the same file.
+        from safetensors.torch import load_file
+
+        saved = load_file(str(args.blocks))
+        needed = args.steps * args.batch_size
+        if saved["train"].shape[0] < needed:
+            raise SystemExit(f"{args.blocks} holds {saved['train'].shape[0]} train blocks; {needed} are needed "
+                             f"(steps x batch size): lower --steps or --batch-size")
+        args.block_size = saved["train"].shape[1]
+        held_out = saved["eval"] if args.eval_blocks is None else saved["eval"][: args.eval_blocks]
+        return saved["train"][:needed], held_out, saved["calibration"]
+
     train = load_blocks(args.data, tokenizer, args.block_size, split="train",
                         num_blocks=args.steps * args.batch_size, seed=args.seed)
-    held_out = load_blocks(args.data, tokenizer, args.block_size, split="test", num_blocks=args.eval_blocks,
+    held_out = load_blocks(args.data, tokenizer, args.block_size, split="test", num_blocks=args.eval_blocks or 64,
                            seed=args.seed)
     calibration = load_blocks(args.data, tokenizer, args.block_size, split="validation", num_blocks=128,
                               seed=args.seed)
@@ -65,7 +79,9 @@ def _train_qat(model, qconfig, train, args, work, learn_scales, teacher=None):
                                       args=_training_args(work, args, kd_weight=1.0, ce_weight=0.0,
                                                           hidden_weight=0.0, temperature=1.0))
     trainer.train()
-    return convert_qat(trainer.accelerator.unwrap_model(trainer.model))
+    logs = [{k: v for k, v in entry.items() if k in ("step", "loss", "kd_loss", "ce_loss")}
+            for entry in trainer.state.log_history if "loss" in entry]
+    return convert_qat(trainer.accelerator.unwrap_model(trainer.model)), logs
 
 
 def _score(model, reference, held_out, work, tokenizer):
@@ -80,6 +96,20 @@ def _score(model, reference, held_out, work, tokenizer):
             "checkpoint_bytes": checkpoint_bytes(folder)}
 
 
+def _payload(rows: list[dict], args) -> dict:
+    """The JSON of the rows so far, each with its share of the RTN -> fp32 perplexity gap; written to --out."""
+    fp = rows[0]["perplexity"]
+    for row in rows[1:]:
+        rtn = next((r["perplexity"] for r in rows if r["method"] == "rtn" and r["bits"] == row["bits"]), None)
+        row["gap_recovered"] = None if rtn is None or math.isclose(rtn, fp) else (rtn - row["perplexity"]) / (rtn - fp)
+    payload = {"model": args.model, "data": str(args.blocks or args.data), "group_size": args.group_size,
+               "block_size": args.block_size, "batch_size": args.batch_size, "token_budget": args.steps *
+               args.batch_size * args.block_size, "steps": args.steps, "learning_rate": args.learning_rate,
+               "rows": rows}
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference:small")
@@ -92,7 +122,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
-    parser.add_argument("--eval-blocks", type=int, default=64)
+    parser.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks (default 64; with "
+                        "--blocks: all of the file's eval blocks)")
+    parser.add_argument("--blocks", type=Path, default=None,
+                        help="safetensors file of token blocks (calibration, eval, train) as run.py prepares them; "
+                             "replaces --data/--block-size")
+
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="qat_bench.json")
     args = parser.parse_args(argv)
@@ -121,19 +156,15 @@ def main(argv=None) -> int:
                              progress=False)
                 else:
                     teacher = None if method == "qat" else copy.deepcopy(reference)
-                    model = _train_qat(model, qconfig, train, args, work, method == "qad-lsq", teacher)
+                    model, logs = _train_qat(model, qconfig, train, args, work, method == "qad-lsq", teacher)
                 row = {"method": method, "bits": bits, **_score(model, reference, held_out, work, tokenizer)}
+                if method not in ("rtn", "gptq"):
+                    row["train_log"] = logs
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             print(json.dumps(row), flush=True)
-    fp = rows[0]["perplexity"]
-    for row in rows[1:]:
-        rtn = next(r["perplexity"] for r in rows if r["method"] == "rtn" and r["bits"] == row["bits"]) \
-            if "rtn" in args.methods else None
-        row["gap_recovered"] = None if rtn is None or math.isclose(rtn, fp) else (rtn - row["perplexity"]) / (rtn - fp)
-    payload = {"model": args.model, "group_size": args.group_size, "token_budget": args.steps * args.batch_size *
-               args.block_size, "steps": args.steps, "learning_rate": args.learning_rate, "rows": rows}
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+            payload = _payload(rows, args)  # written after every row: a stopped run keeps what it measured
+    payload = _payload(rows, args)
     print(f"\n{args.model}, group size {args.group_size}, {payload['token_budget']:,} training tokens\n")
     print("| method | bits | perplexity | KL to fp (nats/token) | gap recovered | seconds |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Distillation on a real model folder: a half-depth student trained with KD (live teacher and teacher cache)
+against cross-entropy only, at equal steps on the same token blocks in the same order.
+
+    python scripts/bench/real_distill_bench.py --model scripts/bench/work/models/smollm2-fp32 \\
+        --blocks scripts/bench/work/smollm2/blocks-smollm2.safetensors --steps 30 --batch-size 2 \\
+        --runs cache ce:3e-4 live ce:1e-3 ce:1e-4 --out real_distill.json
+
+``--blocks``: the token blocks ``run.py`` prepares for a real model (``train`` blocks are trained on, ``eval``
+blocks scored — for SmolLM2 the pydoc test split, so rows compare with the post-training quantization rows,
+``calibration`` blocks calibrate the optional GPTQ of the KD student). The student is ``make_student(teacher,
+num_layers=half)`` (every other teacher layer), re-made from seed 0 for every run.
+
+Runs (``--runs``, in the order given, so live and cache runs can be interleaved in one time window):
+
+* ``ce:LR``: cross-entropy only at learning rate LR (the baseline is the best of these on the eval blocks);
+* ``live``: ``kd_weight``·forward KL(teacher ‖ student) + ``ce_weight``·CE with the teacher running beside the
+  student (logits only, so the live and cache runs optimise the same objective);
+* ``cache``: the same objective from a top-k teacher cache (``write_teacher_cache`` over the same train blocks,
+  written once first; its build time is reported apart: it is paid once per data set, not per run).
+
+Tokens/s = training tokens / ``train_runtime`` of the Trainer (steps only; model loading and scoring excluded).
+Results are written to ``--out`` after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def _config(work: Path, name: str, args, learning_rate: float, **objective):
+    from hfcompress import DistillationConfig
+
+    return DistillationConfig(output_dir=str(work / name), report_to=[], use_cpu=not torch.cuda.is_available(),
+                              disable_tqdm=True, seed=0, per_device_train_batch_size=args.batch_size,
+                              max_steps=args.steps, learning_rate=learning_rate, warmup_steps=max(1, args.steps // 20),
+                              lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, args.steps // 10),
+                              save_strategy="no", train_sampling_strategy="sequential", **objective)
+
+
+def _train(kind: str, learning_rate: float, teacher, tokenizer, train, cache_dir, args, work):
+    from hfcompress import DistillationTrainer, make_student
+    from hfcompress.core.data import BlockDataset
+    from hfcompress.distillation.hidden import num_layers
+
+    torch.manual_seed(0)
+    student = make_student(teacher, num_layers=args.student_layers or max(1, num_layers(teacher) // 2))
+    kd = dict(loss="forward_kl", temperature=1.0, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+              hidden_weight=0.0)
+    name = f"{kind}-{learning_rate:g}"
+    if kind == "ce":
+        config = _config(work, name, args, learning_rate, kd_weight=0.0, ce_weight=1.0, hidden_weight=0.0)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
+                                      train_dataset=BlockDataset(train), processing_class=tokenizer)
+    elif kind == "live":
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=_config(work, name, args,
+                                      learning_rate, **kd), train_dataset=BlockDataset(train),
+                                      processing_class=tokenizer)
+    else:
+        trainer = DistillationTrainer(model=student, args=_config(work, name, args, learning_rate, mode="cache",
+                                                                  cache_top_k=args.top_k, **kd),
+                                      teacher_cache=cache_dir, processing_class=tokenizer)
+    output = trainer.train()
+    logs = [{k: v for k, v in entry.items() if k in ("step", "loss", "kd_loss", "ce_loss")}
+            for entry in trainer.state.log_history if "loss" in entry]
+    runtime = output.metrics["train_runtime"]
+    return student.eval(), {"run": name, "kind": kind, "learning_rate": learning_rate, "train_runtime_s": runtime,
+                            "train_tokens": int(train.numel()), "tokens_per_s": train.numel() / runtime,
+                            "train_log": logs}
+
+
+def _interleaved_timing(teacher, tokenizer, train, cache_dir, args, work, reps: int) -> dict:
+    """Seconds of one training step's loss forward + backward (optimizer step excluded: the same in both modes)
+    with the live teacher and from the cache, alternating live/cache ``reps`` times on the same batch, so both
+    see the same load of a shared machine; medians and their ratio."""
+    import statistics
+
+    from transformers import default_data_collator
+
+    from hfcompress import DistillationTrainer, make_student
+    from hfcompress.core.data import BlockDataset
+    from hfcompress.distillation.cache import CacheDataset, TeacherCache
+    from hfcompress.distillation.hidden import num_layers
+
+    layers = args.student_layers or max(1, num_layers(teacher) // 2)
+    kd = dict(loss="forward_kl", temperature=1.0, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+              hidden_weight=0.0)
+    trainers = {
+        "live": DistillationTrainer(model=make_student(teacher, num_layers=layers), teacher_model=teacher,
+                                    args=_config(work, "timing-live", args, args.kd_lr, **kd),
+                                    train_dataset=BlockDataset(train), processing_class=tokenizer),
+        "cache": DistillationTrainer(model=make_student(teacher, num_layers=layers),
+                                     args=_config(work, "timing-cache", args, args.kd_lr, mode="cache", **kd),
+                                     teacher_cache=cache_dir, processing_class=tokenizer)}
+    dataset = {"live": BlockDataset(train), "cache": CacheDataset(TeacherCache(cache_dir))}
+    batch = {name: default_data_collator([dataset[name][i] for i in range(args.batch_size)]) for name in trainers}
+    seconds = {name: [] for name in trainers}
+    for _ in range(reps + 1):  # the first round warms up (allocations, the head check) and is dropped
+        for name, trainer in trainers.items():
+            model = trainer.model.train()
+            started = time.perf_counter()
+            loss = trainer.compute_loss(model, dict(batch[name]))
+            loss.backward()
+            seconds[name].append(time.perf_counter() - started)
+            model.zero_grad(set_to_none=True)
+    medians = {name: statistics.median(values[1:]) for name, values in seconds.items()}
+    tokens = args.batch_size * train.shape[1]
+    return {"reps": reps, "batch_tokens": tokens, "seconds": seconds, "median_seconds": medians,
+            "tokens_per_s": {name: tokens / value for name, value in medians.items()},
+            "cache_speedup": medians["live"] / medians["cache"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="teacher model folder")
+    parser.add_argument("--blocks", type=Path, required=True, help="safetensors of calibration/eval/train blocks")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--student-layers", type=int, default=None, help="default: half the teacher's")
+    parser.add_argument("--runs", nargs="*", default=["cache", "ce:3e-4", "live", "ce:1e-3", "ce:1e-4"],
+                        help="'ce:LR', 'live' or 'cache' (KD at --kd-lr), in the order to run")
+    parser.add_argument("--kd-lr", type=float, default=3e-4)
+    parser.add_argument("--kd-weight", type=float, default=0.5)
+    parser.add_argument("--ce-weight", type=float, default=0.5)
+    parser.add_argument("--top-k", type=int, default=64, help="teacher cache: stored tokens per position")
+    parser.add_argument("--logprob-format", default="uint7", help="teacher cache: storage of the log-probabilities")
+    parser.add_argument("--timing-reps", type=int, default=0,
+                        help="after the runs: time one step's loss forward+backward live vs cache, alternating this "
+                             "many times on the same batch (the training runs' own tokens/s are from different "
+                             "time windows of a shared machine)")
+    parser.add_argument("--quantize-kd", action="store_true",
+                        help="after the runs: GPTQ int4 g128 of the best KD student (distill, then quantize)")
+    parser.add_argument("--work", type=Path, default=Path("scripts/bench/work/real_distill"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from safetensors.torch import load_file
+
+    from hfcompress.distillation.cache import write_teacher_cache
+    from hfcompress.models.evaluate import perplexity
+    from hfcompress.models.loading import load_model, load_tokenizer
+
+    blocks = load_file(str(args.blocks))
+    train, held_out = blocks["train"][: args.steps * args.batch_size], blocks["eval"]
+    if train.shape[0] < args.steps * args.batch_size:
+        raise SystemExit(f"{args.blocks} holds {train.shape[0]} train blocks; steps x batch size = "
+                         f"{args.steps * args.batch_size} are needed")
+    tokenizer = load_tokenizer(args.model)
+    teacher = load_model(args.model).eval()
+    out = {"command": "python scripts/bench/real_distill_bench.py " + " ".join(argv or __import__("sys").argv[1:]),
+           "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+           "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+           "steps": args.steps, "batch_size": args.batch_size, "block_size": int(train.shape[1]),
+           "train_tokens": int(train.numel()), "eval_tokens": int(held_out.shape[0] * (held_out.shape[1] - 1)),
+           "kd_objective": f"{args.kd_weight} forward KL (T=1) + {args.ce_weight} CE, logits only",
+           "teacher_perplexity": perplexity(teacher, held_out, batch_size=4) if args.runs else None, "runs": []}
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+    print(f"teacher ppl {out['teacher_perplexity']}", flush=True)
+    cache_dir = args.work / f"cache-top{args.top_k}-{args.logprob_format}-{train.shape[0]}x{train.shape[1]}"
+    if "cache" in args.runs or args.timing_reps:
+        if not (cache_dir / "cache.json").is_file():
+            started = time.perf_counter()
+            meta = write_teacher_cache(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer,
+                                       teacher_name=str(args.model), batch_size=args.batch_size, progress=False,
+                                       logprob_format=args.logprob_format)
+            out["cache"] = {"build_seconds": time.perf_counter() - started, "top_k": args.top_k,
+                            "bytes_per_token": meta.bytes_per_token, "mean_tail_mass": meta.mean_tail_mass,
+                            "quantization_kl": meta.quantization_kl}
+            print(f"cache {out['cache']}", flush=True)
+            save()
+    best_kd = None
+    for spec in args.runs:
+        kind, _, lr = spec.partition(":")
+        if kind not in ("ce", "live", "cache"):
+            raise SystemExit(f"--runs: {spec!r} is not 'ce:LR', 'live' or 'cache'")
+        learning_rate = float(lr) if lr else args.kd_lr
+        student, row = _train(kind, learning_rate, teacher, tokenizer, train, cache_dir, args, args.work)
+        row["perplexity"] = perplexity(student, held_out, batch_size=4)
+        out["runs"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "train_log"}), flush=True)
+        save()
+        if kind != "ce" and (best_kd is None or row["perplexity"] < best_kd[1]["perplexity"]):
+            best_kd = (student, row)
+        else:
+            del student
+    if args.timing_reps:
+        out["interleaved_timing"] = _interleaved_timing(teacher, tokenizer, train, cache_dir, args, args.work,
+                                                        args.timing_reps)
+        print(json.dumps(out["interleaved_timing"]), flush=True)
+        save()
+    if args.quantize_kd and best_kd is not None:
+        from hfcompress import QuantizationConfig, quantize
+
+        student, row = best_kd
+        started = time.perf_counter()
+        calibration = blocks["calibration"]
+        quantize(student, QuantizationConfig(method="gptq", bits=4, group_size=128, seq_len=calibration.shape[1],
+                                             num_samples=calibration.shape[0]),
+                 calibration_data=calibration, progress=False)
+        out["distill_then_quantize"] = {"student": row["run"], "method": "gptq int4 g128",
+                                        "perplexity": perplexity(student, held_out, batch_size=4),
+                                        "quantize_seconds": time.perf_counter() - started}
+        print(json.dumps(out["distill_then_quantize"]), flush=True)
+        save()
+    ce_runs = [r for r in out["runs"] if r["kind"] == "ce"]
+    if ce_runs:
+        base = min(ce_runs, key=lambda r: r["perplexity"])
+        out["baseline"] = base["run"]
+        for r in out["runs"]:
+            r["ratio_vs_best_ce"] = r["perplexity"] / base["perplexity"]
+    save()
+    print("| run | lr | perplexity | vs best CE | tokens/s |\n|---|---:|---:|---:|---:|")
+    for r in out["runs"]:
+        print(f"| {r['kind']} | {r['learning_rate']:g} | {r['perplexity']:.3f} | {r.get('ratio_vs_best_ce', 0):.3f} | "
+              f"{r['tokens_per_s']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""The training benchmarks on a prepared blocks file (what run.py writes for a real model), on the tiny teacher:
+``qat_bench.py --blocks`` and ``real_distill_bench.py`` (KD live / teacher cache / CE-only). No timing asserts."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def blocks_file(tmp_path_factory, tiny_reference_dir):
+    from safetensors.torch import save_file
+
+    from hfcompress.core.data import load_blocks
+    from hfcompress.models.loading import load_tokenizer
+
+    blocks = load_blocks("stdlib", load_tokenizer(tiny_reference_dir), 48, split="train", num_blocks=16, seed=0)
+    path = tmp_path_factory.mktemp("blocks") / "blocks.safetensors"
+    save_file({"train": blocks[:8].contiguous(), "eval": blocks[8:11].contiguous(),
+               "calibration": blocks[11:].contiguous()}, str(path))
+    return path
+
+
+def test_qat_bench_scores_the_files_eval_blocks(tmp_path, tiny_reference_dir, blocks_file):
+    import qat_bench
+    from safetensors.torch import load_file
+
+    from hfcompress.models.evaluate import perplexity
+    from hfcompress.models.loading import load_model
+
+    out = tmp_path / "qat.json"
+    assert qat_bench.main(["--model", str(tiny_reference_dir), "--blocks", str(blocks_file), "--bits", "4",
+                           "--group-size", "32", "--methods", "rtn", "qad", "--steps", "2", "--batch-size", "2",
+                           "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["block_size"] == 48 and result["token_budget"] == 2 * 2 * 48
+    rows = {row["method"]: row for row in result["rows"]}
+    expected = perplexity(load_model(tiny_reference_dir).eval(), load_file(str(blocks_file))["eval"])
+    assert math.isclose(rows["fp32"]["perplexity"], expected, rel_tol=1e-6)
+    rtn, qad = rows["rtn"]["perplexity"], rows["qad"]["perplexity"]
+    assert math.isclose(rows["qad"]["gap_recovered"], (rtn - qad) / (rtn - expected), rel_tol=1e-9)
+    assert [entry["step"] for entry in rows["qad"]["train_log"]] == [1, 2]
+
+
+def test_qat_bench_refuses_too_few_train_blocks(tmp_path, tiny_reference_dir, blocks_file):
+    import qat_bench
+
+    with pytest.raises(SystemExit, match="8 train blocks; 20 are needed"):
+        qat_bench.main(["--model", str(tiny_reference_dir), "--blocks", str(blocks_file), "--methods", "qad",
+                        "--steps", "10", "--batch-size", "2", "--out", str(tmp_path / "x.json")])
+
+
+def test_real_distill_bench_full_vocabulary_cache_matches_the_live_teacher(tmp_path, tiny_reference_dir,
+                                                                           blocks_file):
+    """With every token id cached in float32 the cache loss is the live loss, so the two KD runs (same blocks,
+    same order, same seed) end at the same perplexity; the CE runs are scored against the best of them."""
+    import real_distill_bench
+
+    vocab = json.loads((tiny_reference_dir / "config.json").read_text())["vocab_size"]
+    out = tmp_path / "distill.json"
+    assert real_distill_bench.main([
+        "--model", str(tiny_reference_dir), "--blocks", str(blocks_file), "--steps", "3", "--batch-size", "2",
+        "--runs", "cache", "ce:1e-3", "live", "ce:1e-4", "--kd-lr", "1e-3", "--top-k", str(vocab),
+        "--logprob-format", "float32", "--timing-reps", "1", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    runs = {run["run"]: run for run in result["runs"]}
+    assert set(runs) == {"cache-0.001", "ce-0.001", "live-0.001", "ce-0.0001"}
+    assert math.isclose(runs["cache-0.001"]["perplexity"], runs["live-0.001"]["perplexity"], rel_tol=1e-3)
+    best = min(runs["ce-0.001"]["perplexity"], runs["ce-0.0001"]["perplexity"])
+    assert math.isclose(runs["live-0.001"]["ratio_vs_best_ce"], runs["live-0.001"]["perplexity"] / best)
+    assert result["cache"]["mean_tail_mass"] == 0.0 and result["train_tokens"] == 3 * 2 * 48
+    assert all(run["train_tokens"] == 3 * 2 * 48 and run["tokens_per_s"] > 0 for run in runs.values())
+    assert torch.isfinite(torch.tensor([run["perplexity"] for run in runs.values()])).all()
+    timing = result["interleaved_timing"]  # shape only: no timing assertions in tests
+    assert {len(v) for v in timing["seconds"].values()} == {2} and timing["cache_speedup"] > 0
