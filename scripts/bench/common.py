@@ -81,6 +81,22 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 
 
 @torch.no_grad()
+def kl_to_reference(reference, model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean KL(reference ‖ model) of the next-token distributions, in nats per predicted token (the positions
+    ``perplexity`` scores). Shared by both environments so every row's KL is computed the same way."""
+    reference.eval()
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start:start + batch_size]  # (B, T)
+        p = torch.log_softmax(reference(input_ids=batch.to(model_device(reference))).logits[:, :-1].float(), dim=-1)
+        q = torch.log_softmax(model(input_ids=batch.to(model_device(model))).logits[:, :-1].float(), dim=-1)
+        total += (p.exp() * (p - q.to(p.device))).sum().item()
+        count += p.shape[0] * p.shape[1]
+    return total / count
+
+
+@torch.no_grad()
 def mean_pooled_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            batch_size: int = 16) -> torch.Tensor:
     """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2: masked mean of the
