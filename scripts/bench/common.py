@@ -81,19 +81,25 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 
 
 @torch.no_grad()
-def kl_to_reference(reference, model, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean KL(reference ‖ model) of the next-token distributions, in nats per predicted token (the positions
-    ``perplexity`` scores). Shared by both environments so every row's KL is computed the same way."""
+def kl_and_perplexity(reference, model, blocks: torch.Tensor, batch_size: int = 8) -> tuple[float, float]:
+    """(mean KL(reference ‖ model) of the next-token distributions in nats per predicted token, the model's
+    perplexity) over the positions ``perplexity`` scores, from one forward pass of each model: the perplexity
+    is ``perplexity(model, blocks)``'s, same batches and sums. Shared by both environments so every row's KL is
+    computed the same way."""
     reference.eval()
     model.eval()
-    total, count = 0.0, 0
+    total_kl, total_nll, count = 0.0, 0.0, 0
     for start in range(0, blocks.shape[0], batch_size):
         batch = blocks[start:start + batch_size]  # (B, T)
+        logits = model(input_ids=batch.to(model_device(model))).logits[:, :-1].float()  # (B, T-1, V)
+        targets = batch[:, 1:].to(logits.device)
+        total_nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                       reduction="sum").item()
+        q = torch.log_softmax(logits, dim=-1)
         p = torch.log_softmax(reference(input_ids=batch.to(model_device(reference))).logits[:, :-1].float(), dim=-1)
-        q = torch.log_softmax(model(input_ids=batch.to(model_device(model))).logits[:, :-1].float(), dim=-1)
-        total += (p.exp() * (p - q.to(p.device))).sum().item()
-        count += p.shape[0] * p.shape[1]
-    return total / count
+        total_kl += (p.exp() * (p - q.to(p.device))).sum().item()
+        count += targets.numel()
+    return total_kl / count, math.exp(total_nll / count)
 
 
 @torch.no_grad()

@@ -95,12 +95,12 @@ def cmd_quant(args) -> int:
         report = getattr(model, "hfcompress_report", None)
         if report is not None and hasattr(report, "fallbacks"):
             result["fallback_layers"] = report.fallbacks
-        if not args.no_eval:
-            result["perplexity"] = common.perplexity(model, blocks["eval"])
-        if args.kl:  # the fp32 model again, loaded after the peak RSS was taken (it must not count in it)
+        if args.kl and not args.no_eval:  # the fp32 model again, loaded after the peak RSS was taken
             reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-            result["kl_to_fp32"] = common.kl_to_reference(reference, model, blocks["eval"])
+            result["kl_to_fp32"], result["perplexity"] = common.kl_and_perplexity(reference, model, blocks["eval"])
             del reference
+        elif not args.no_eval:
+            result["perplexity"] = common.perplexity(model, blocks["eval"])
         if args.save:
             model.save_pretrained(args.save)
             if tokenizer is not None:

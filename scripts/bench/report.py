@@ -605,6 +605,14 @@ def _job_filter_note(job_filter: dict) -> str:
             + (f" ({', '.join(left_out)})" if left_out else "") + " and have no rows below.\n")
 
 
+def _resume_note(resumed: dict) -> str:
+    """One line naming the rows reused from an earlier run in the same work folder (``run.py --resume``)."""
+    jobs = resumed.get("reused_jobs") or []
+    return (f"**Resumed.** {len(jobs)} row(s) ({', '.join(jobs)}) come from the earlier run `{resumed.get('command')}` "
+            f"({resumed.get('date')}) in the same work folder, with exactly the same subprocess command; this "
+            f"invocation ran the others.\n")
+
+
 def write(results: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -652,6 +660,7 @@ def write(results: dict, path: Path) -> None:
            if profile["name"] == "full" and profile["teacher"] != "base" else "") + "\n",
         *(f"**Note.** {note}\n" for note in results.get("notes", [])),
         *([_job_filter_note(results["job_filter"])] if results.get("job_filter") else []),
+        *([_resume_note(results["resumed_from"])] if (results.get("resumed_from") or {}).get("reused_jobs") else []),
         "**Noise.** The machine is shared (other jobs ran during this benchmark, see the load average); "
         "wall-time and tokens/s numbers carry the spread shown beside them and differ run to run by more than "
         "that when the load changes — read ratios, not absolute values. Perplexities, cosines and byte counts "

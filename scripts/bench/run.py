@@ -180,14 +180,18 @@ def job_selected(name: str, jobs: list[str] | None, skip: list[str] | None) -> b
 class Runner:
     """Runs jobs one at a time. ``jobs`` / ``skip`` filter them by name (``job_selected``); ``after_job`` is
     called after each one that ran (run.py rewrites results.json and the markdown there); ``dry_run`` only
-    prints the names of the jobs that would run."""
+    prints the names of the jobs that would run. ``previous``: successful records of an earlier run in the same
+    work folder (``--resume``), by job name; a job whose record has exactly the same subprocess command is not
+    run again, its record is reused."""
 
     def __init__(self, work: Path, results: dict, peer_python: Path | None, verbose: bool = True,
                  jobs: list[str] | None = None, skip: list[str] | None = None, after_job=None,
-                 dry_run: bool = False):
+                 dry_run: bool = False, previous: dict[str, dict] | None = None):
         self.work, self.results, self.peer_python, self.verbose = work, results, peer_python, verbose
         self.jobs, self.skip, self.after_job, self.dry_run = jobs, skip, after_job, dry_run
+        self.previous = previous or {}
         self.skipped: list[str] = []  # names of the jobs the filter left out, in profile order
+        self.reused: list[str] = []  # names of the jobs whose earlier record was reused
         (work / "logs").mkdir(parents=True, exist_ok=True)
         (work / "json").mkdir(parents=True, exist_ok=True)
 
@@ -203,8 +207,17 @@ class Runner:
             else:
                 self.skipped.append(job.name)
             return {"status": "skipped", "name": job.name, "section": job.section}
-        job.out.unlink(missing_ok=True)
         command = [self.python_for(job.side), *map(str, job.argv)]
+        shown = " ".join(shlex.quote(c) for c in [Path(command[0]).name, *command[1:]])
+        earlier = self.previous.get(job.name)
+        if earlier is not None and earlier.get("command") == shown:
+            result = dict(earlier, **job.meta)
+            self.results.setdefault(job.section, []).append(result)
+            self.reused.append(job.name)
+            if self.verbose:
+                print(f"[{job.section}] {job.name} ... reused from the earlier run", flush=True)
+            return result
+        job.out.unlink(missing_ok=True)
         log = self.work / "logs" / f"{job.section}-{job.name}.log"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    PYTHONHASHSEED="0", TQDM_DISABLE="1", WANDB_DISABLED="true", TRL_EXPERIMENTAL_SILENCE="1")
@@ -232,7 +245,7 @@ class Runner:
             result = {"status": "error", "error": reason}
         result.update(job.meta)
         result.update(name=job.name, side=job.side, section=job.section, process_seconds=round(seconds, 1),
-                      command=" ".join(shlex.quote(c) for c in [Path(command[0]).name, *command[1:]]),
+                      command=shown,
                       log=str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log))
         self.results.setdefault(job.section, []).append(result)
         if self.verbose:
@@ -757,6 +770,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out the jobs whose name matches one of these shell patterns")
     parser.add_argument("--list-jobs", action="store_true",
                         help="print the section, name and side of every job the run would start, then exit")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the successful measurements of the previous run in the same work folder "
+                             "(results.json) whose subprocess command is unchanged; run the rest")
     parser.add_argument("--no-peers", action="store_true", help="our side only (no peer venv)")
     parser.add_argument("--no-setup", action="store_true", help="never create the peer venv (use it if present)")
     parser.add_argument("--results", type=Path, default=None, help="markdown output (default: RESULTS.md here, "
@@ -820,11 +836,20 @@ def main(argv: list[str] | None = None) -> int:
         results["total_seconds"] = round(time.time() - started, 1)
         if "job_filter" in results:
             results["job_filter"]["left_out"] = runner.skipped
+        if "resumed_from" in results:
+            results["resumed_from"]["reused_jobs"] = runner.reused
         common.write_json(work / "results.json", results)
         report.write(results, results_md)
 
+    previous: dict[str, dict] = {}
+    if args.resume and (work / "results.json").is_file():
+        earlier = json.loads((work / "results.json").read_text())
+        previous = {r["name"]: r for section in SECTIONS for r in earlier.get(section, [])
+                    if isinstance(r, dict) and r.get("status") == "ok" and r.get("name")}
+        results["date"] = earlier.get("date", results["date"])  # the measurements span both runs
+        results["resumed_from"] = {"command": earlier.get("command"), "date": earlier.get("date")}
     runner = Runner(work, results, peer_python, jobs=args.jobs, skip=args.skip_jobs,
-                    after_job=None if args.list_jobs else write_results, dry_run=args.list_jobs)
+                    after_job=None if args.list_jobs else write_results, dry_run=args.list_jobs, previous=previous)
 
     if not args.list_jobs:
         print(f"profile {profile.name}: teacher '{profile.teacher}', sections {', '.join(only)}", flush=True)

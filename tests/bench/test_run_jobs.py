@@ -58,3 +58,20 @@ def test_list_jobs_prints_the_filtered_profile_without_preparing_anything(tmp_pa
 def test_report_names_the_jobs_a_filtered_run_left_out():
     note = report._job_filter_note({"jobs": ["rtn-*"], "skip_jobs": None, "left_out": ["gptq-int4-g128"]})
     assert "`--jobs rtn-*`" in note and "1 of the profile's jobs were left out (gptq-int4-g128)" in note
+
+
+def test_runner_reuses_an_earlier_record_only_for_the_same_command(tmp_path):
+    first: dict = {}
+    run.Runner(tmp_path, first, None, verbose=False).run(_job(tmp_path, "a"))
+    earlier = first["quant"][0]
+    changed = dict(earlier, name="b", command=earlier["command"] + " --other")
+    results: dict = {}
+    runner = run.Runner(tmp_path, results, None, verbose=False, previous={"a": earlier, "b": changed})
+    (tmp_path / "a.json").unlink()
+    reused = runner.run(_job(tmp_path, "a"))
+    assert reused["value"] == 1 and not (tmp_path / "a.json").exists()  # not run again
+    rerun = runner.run(_job(tmp_path, "b"))  # same name, different command: runs
+    assert rerun["status"] == "ok" and (tmp_path / "b.json").exists()
+    assert runner.reused == ["a"]
+    assert [r["name"] for r in results["quant"]] == ["a", "b"]
+    assert "1 row(s) (a)" in report._resume_note({"command": "x", "date": "d", "reused_jobs": runner.reused})
