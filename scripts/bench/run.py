@@ -353,29 +353,32 @@ def prepare_real_model(profile: Profile, work: Path) -> Path:
     return path
 
 
+def text_blocks(tokenizer, source: str, split: str, count: int, seed: int, block_size: int):
+    """``count`` blocks of ``block_size`` tokens drawn (seeded permutation) from every block a text split packs
+    into -> (min(count, available), block_size). The first k blocks of a draw are the same for every count >= k."""
+    import torch
+
+    from hfcompress.core.data import load_texts, pack_blocks
+
+    available = pack_blocks(load_texts(source, split=split), tokenizer, block_size)  # (M, T)
+    order = torch.randperm(available.shape[0], generator=torch.Generator().manual_seed(seed))
+    return available[order[:count]]
+
+
 def prepare_text_blocks(profile: Profile, model: Path, work: Path) -> Path:
     """Calibration / eval / train blocks of a real model's tokenizer from the profile's text sources. The
     eval and train counts are capped at what the splits hold (pydoc's test split: ~10k SmolLM2 tokens)."""
-    import torch
     from transformers import AutoTokenizer
-
-    from hfcompress.core.data import load_texts, pack_blocks
 
     path = work / f"blocks-{profile.name}.safetensors"
     if path.is_file():
         return path
     tokenizer = AutoTokenizer.from_pretrained(model)
     T = profile.block_size
-
-    def blocks(source, split, count, seed):
-        available = pack_blocks(load_texts(source, split=split), tokenizer, T)  # (M, T)
-        order = torch.randperm(available.shape[0], generator=torch.Generator().manual_seed(seed))
-        return available[order[:count]]
-
-    calibration = blocks(profile.calibration_source, "train", profile.calibration_blocks, 0)
-    evaluation = blocks(profile.eval_source, "test", profile.eval_blocks, 0)
+    calibration = text_blocks(tokenizer, profile.calibration_source, "train", profile.calibration_blocks, 0, T)
+    evaluation = text_blocks(tokenizer, profile.eval_source, "test", profile.eval_blocks, 0, T)
     needed = max(profile.distill_steps, profile.pipeline_steps) * profile.distill_batch
-    train = blocks(profile.calibration_source, "train", needed, 1)
+    train = text_blocks(tokenizer, profile.calibration_source, "train", needed, 1, T)
     common.save_blocks(path, calibration=calibration, eval=evaluation, train=train)
     return path
 
