@@ -95,9 +95,11 @@ def kl_and_perplexity(reference, model, blocks: torch.Tensor, batch_size: int = 
         targets = batch[:, 1:].to(logits.device)
         total_nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                        reduction="sum").item()
-        q = torch.log_softmax(logits, dim=-1)
-        p = torch.log_softmax(reference(input_ids=batch.to(model_device(reference))).logits[:, :-1].float(), dim=-1)
-        total_kl += (p.exp() * (p - q.to(p.device))).sum().item()
+        ref_logits = reference(input_ids=batch.to(model_device(reference))).logits[:, :-1].float()
+        for row in range(batch.shape[0]):  # one sequence at a time: (T-1, V) temporaries, not (B, T-1, V) ones
+            q = torch.log_softmax(logits[row], dim=-1)
+            p = torch.log_softmax(ref_logits[row].to(q.device), dim=-1)
+            total_kl += (p.exp() * (p - q)).sum().item()
         count += targets.numel()
     return total_kl / count, math.exp(total_nll / count)
 
