@@ -606,11 +606,14 @@ def _job_filter_note(job_filter: dict) -> str:
 
 
 def _resume_note(resumed: dict) -> str:
-    """One line naming the rows reused from an earlier run in the same work folder (``run.py --resume``)."""
+    """One line naming the rows reused from earlier runs in the same work folder (``run.py --resume``)."""
     jobs = resumed.get("reused_jobs") or []
-    return (f"**Resumed.** {len(jobs)} row(s) ({', '.join(jobs)}) come from the earlier run `{resumed.get('command')}` "
-            f"({resumed.get('date')}) in the same work folder, with exactly the same subprocess command; this "
-            f"invocation ran the others.\n")
+    commands = resumed.get("commands") or [resumed.get("command")]
+    return (f"**Resumed.** {len(jobs)} row(s) ({', '.join(jobs)}) were measured by earlier invocation(s) in the "
+            f"same work folder (the first started {resumed.get('date')}: "
+            + "; ".join(f"`{c}`" for c in commands if c)
+            + "), each by exactly the subprocess command in its JSON; this invocation reused them and ran the "
+              "others.\n")
 
 
 def write(results: dict, path: Path) -> None:
@@ -636,7 +639,11 @@ def write(results: dict, path: Path) -> None:
     load = machine.get("loadavg_at_start")
     head = [
         "# hfcompress side-by-side benchmarks\n",
-        (f"Produced by **one invocation**: `{results['command']}` (profile `{profile['name']}`), "
+        (f"Produced by `{results['command']}` (profile `{profile['name']}`), resuming earlier invocations in "
+         f"the same work folder from {results['date']} (see **Resumed**); "
+         f"{results.get('total_seconds', 0) / 60:.1f} minutes in this invocation"
+         if (results.get("resumed_from") or {}).get("reused_jobs") else
+         f"Produced by **one invocation**: `{results['command']}` (profile `{profile['name']}`), "
          f"{results['date']}, {results.get('total_seconds', 0) / 60:.1f} minutes. Every number below comes from "
          f"that run" if not results.get("rerun_sections") else
          f"Produced by `{results['command']}` (profile `{profile['name']}`), {results['date']}, with the "

@@ -849,8 +849,9 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads((work / "results.json").read_text())
         previous = {r["name"]: r for section in SECTIONS for r in earlier.get(section, [])
                     if isinstance(r, dict) and r.get("status") == "ok" and r.get("name")}
-        results["date"] = earlier.get("date", results["date"])  # the measurements span both runs
-        results["resumed_from"] = {"command": earlier.get("command"), "date": earlier.get("date")}
+        results["date"] = earlier.get("date", results["date"])  # the measurements span every invocation
+        chain = (earlier.get("resumed_from") or {}).get("commands", []) + [earlier.get("command")]
+        results["resumed_from"] = {"commands": chain, "date": earlier.get("date")}
     runner = Runner(work, results, peer_python, jobs=args.jobs, skip=args.skip_jobs,
                     after_job=None if args.list_jobs else write_results, dry_run=args.list_jobs, previous=previous)
 

@@ -74,4 +74,5 @@ def test_runner_reuses_an_earlier_record_only_for_the_same_command(tmp_path):
     assert rerun["status"] == "ok" and (tmp_path / "b.json").exists()
     assert runner.reused == ["a"]
     assert [r["name"] for r in results["quant"]] == ["a", "b"]
-    assert "1 row(s) (a)" in report._resume_note({"command": "x", "date": "d", "reused_jobs": runner.reused})
+    note = report._resume_note({"commands": ["python run.py x"], "date": "d", "reused_jobs": runner.reused})
+    assert "1 row(s) (a)" in note and "`python run.py x`" in note
