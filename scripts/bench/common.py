@@ -81,6 +81,30 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 
 
 @torch.no_grad()
+def kl_and_perplexity(reference, model, blocks: torch.Tensor, batch_size: int = 8) -> tuple[float, float]:
+    """(mean KL(reference ‖ model) of the next-token distributions in nats per predicted token, the model's
+    perplexity) over the positions ``perplexity`` scores, from one forward pass of each model: the perplexity
+    is ``perplexity(model, blocks)``'s, same batches and sums. Shared by both environments so every row's KL is
+    computed the same way."""
+    reference.eval()
+    model.eval()
+    total_kl, total_nll, count = 0.0, 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start:start + batch_size]  # (B, T)
+        logits = model(input_ids=batch.to(model_device(model))).logits[:, :-1].float()  # (B, T-1, V)
+        targets = batch[:, 1:].to(logits.device)
+        total_nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                       reduction="sum").item()
+        ref_logits = reference(input_ids=batch.to(model_device(reference))).logits[:, :-1].float()
+        for row in range(batch.shape[0]):  # one sequence at a time: (T-1, V) temporaries, not (B, T-1, V) ones
+            q = torch.log_softmax(logits[row], dim=-1)
+            p = torch.log_softmax(ref_logits[row].to(q.device), dim=-1)
+            total_kl += (p.exp() * (p - q)).sum().item()
+        count += targets.numel()
+    return total_kl / count, math.exp(total_nll / count)
+
+
+@torch.no_grad()
 def mean_pooled_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            batch_size: int = 16) -> torch.Tensor:
     """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2: masked mean of the

@@ -95,12 +95,12 @@ def cmd_quant(args) -> int:
         report = getattr(model, "hfcompress_report", None)
         if report is not None and hasattr(report, "fallbacks"):
             result["fallback_layers"] = report.fallbacks
-        if not args.no_eval:
-            result["perplexity"] = common.perplexity(model, blocks["eval"])
-        if args.kl:  # the fp32 model again, loaded after the peak RSS was taken (it must not count in it)
+        if args.kl and not args.no_eval:  # the fp32 model again, loaded after the peak RSS was taken
             reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-            result["kl_to_fp32"] = _kl_to_reference(reference, model, blocks["eval"])
+            result["kl_to_fp32"], result["perplexity"] = common.kl_and_perplexity(reference, model, blocks["eval"])
             del reference
+        elif not args.no_eval:
+            result["perplexity"] = common.perplexity(model, blocks["eval"])
         if args.save:
             model.save_pretrained(args.save)
             if tokenizer is not None:
@@ -109,23 +109,6 @@ def cmd_quant(args) -> int:
             result["checkpoint_bytes"] = common.checkpoint_bytes(args.save)
 
     return common.run_and_record(args.out, _fields(args), body)
-
-
-def _kl_to_reference(reference, model, blocks, batch_size: int = 8) -> float:
-    """Mean KL(reference || model) in nats per predicted token (the positions perplexity scores)."""
-    import torch
-
-    reference.eval()
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, blocks.shape[0], batch_size):
-            batch = blocks[start:start + batch_size]
-            p = torch.log_softmax(reference(input_ids=batch).logits[:, :-1].float(), dim=-1)
-            q = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)
-            total += (p.exp() * (p - q)).sum().item()
-            count += p.shape[0] * p.shape[1]
-    return total / count
 
 
 def cmd_embed(args) -> int:

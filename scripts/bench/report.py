@@ -29,6 +29,11 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:+.2f}%"
 
 
+def _mnats(kl) -> str:
+    """A KL in nats per token, as millinats (the unit of every KL column)."""
+    return f"{kl * 1e3:.3f}" if kl is not None else "-"
+
+
 def _ratio(a, b, digits: int = 2) -> str:
     return "-" if a is None or b in (None, 0) else f"{a / b:.{digits}f}×"
 
@@ -104,7 +109,7 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
              if fallbacks else "")
         kl = r.get("kl_to_fp32")
         rows.append([r.get("label", r["name"]), _f(r.get("perplexity")), _pct(_delta(r.get("perplexity"), fp32)),
-                     f"{kl * 1e3:.3f}" if kl is not None else "-",
+                     _mnats(kl),
                      _f(r.get("quantize_seconds"), 2), _mib(r.get("peak_rss_bytes")),
                      _mib((r.get("peak_rss_bytes") or 0) - (r.get("baseline_rss_bytes") or 0))
                      if r.get("baseline_rss_bytes") else "-",
@@ -212,6 +217,7 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
                              _f(o.get("perplexity")) if _ok(o) else f"error: {o.get('error')}",
                              _f(t.get("perplexity")) if _ok(t) else f"error: {t.get('error')}",
                              _ratio(o.get("perplexity"), t.get("perplexity"), 4),
+                             _mnats(o.get("kl_to_fp32")), _mnats(t.get("kl_to_fp32")),
                              _f(o_s, 2), _f(t_s, 2), _ratio(o_s, t_s),
                              _mib(o.get("peak_rss_bytes")), _mib(t.get("peak_rss_bytes")),
                              _f(o.get("checkpoint_bytes")), _f(t.get("checkpoint_bytes"))])
@@ -229,9 +235,13 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
         out.append("Symmetric int weights, min-max observer, GPTQ dampening 0.01 of the mean Hessian diagonal, "
                    "block 128, no activation ordering, sequential layer-by-layer calibration on both sides "
                    "(llm-compressor's `sequential` pipeline, batch 1; hfcompress 8 sequences per forward pass, "
-                   "its default); `lm_head` in floating point. For the grouped schemes the MLP `down_proj` layers, "
-                   "whose input width the group size does not divide, stay in floating point on **both** sides "
-                   "(llm-compressor refuses them; see below). hfcompress's default runs each decoder layer once: "
+                   "its default); `lm_head` in floating point. "
+                   + ("For the grouped schemes the MLP `down_proj` layers, whose input width the group size does "
+                      "not divide, stay in floating point on **both** sides (llm-compressor refuses them; see "
+                      "below). " if any(r.get("ignore_down_proj") for r in matched) else
+                      "The group sizes divide every layer width, so every linear but `lm_head` is quantized on "
+                      "both sides. ")
+                   + "hfcompress's default runs each decoder layer once: "
                    "every linear is quantized when the calibration batches reach it, from the outputs of the "
                    "already-quantized linears before it (GPTQ's true-sequential order); the 'two passes' rows "
                    "take every Hessian of a layer from its floating-point pass, then run the quantized layer for "
@@ -240,7 +250,8 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
                    + (", median over each side's runs (the main run, then timing-only repeats alternating "
                       "llm-compressor and hfcompress)" if timing else "")
                    + ". Checkpoints are both compressed-tensors `pack-quantized`.\n")
-        out.append(table(["scheme", "hfcompress ppl", "llm-compressor ppl", "ppl ratio", "hfcompress s",
+        out.append(table(["scheme", "hfcompress ppl", "llm-compressor ppl", "ppl ratio", "hfcompress KL mnats/tok",
+                          "llm-compressor KL mnats/tok", "hfcompress s",
                           "llm-compressor s", "time ratio", "hfcompress peak RSS MiB",
                           "llm-compressor peak RSS MiB", "hfcompress ckpt bytes", "llm-compressor ckpt bytes"],
                          rows))
@@ -263,12 +274,13 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
                                           r.get("timing_covers")) if x)
             rows.append([r.get("label"), _f(r.get("bits")), _f(r.get("perplexity")) if _ok(r) else
                          f"error: {r.get('error')}", _pct(_delta(r.get("perplexity"), fp32)),
+                         _mnats(r.get("kl_to_fp32")),
                          _f(r.get("quantize_seconds"), 2), _mib(r.get("peak_rss_bytes")), _mib(r.get("weight_bytes")),
                          _ratio(r.get("weight_bytes"), fp32_bytes), _f(r.get("checkpoint_bytes")), notes])
         out.append("\n### Other weight quantizers on the same teacher and eval blocks\n")
         out.append("Data-free methods (no calibration). Weight bytes count the real storage of packed/subclassed "
                    "tensors and their scales. bitsandbytes int8 keeps outlier columns in fp16 at runtime.\n")
-        out.append(table(["tool", "bits", "perplexity", "Δ vs fp32", "quantize s", "peak RSS MiB", "weights MiB",
+        out.append(table(["tool", "bits", "perplexity", "Δ vs fp32", "KL mnats/tok", "quantize s", "peak RSS MiB", "weights MiB",
                           "vs fp32", "ckpt bytes", "notes"], rows))
     return out
 
@@ -583,6 +595,27 @@ def headline_lines(h: dict) -> list[str]:
     return lines
 
 
+def _job_filter_note(job_filter: dict) -> str:
+    """One line saying which of the profile's jobs this run left out (``run.py --jobs / --skip-jobs``)."""
+    chosen = [f"`--jobs {' '.join(job_filter['jobs'])}`"] if job_filter.get("jobs") else []
+    chosen += [f"`--skip-jobs {' '.join(job_filter['skip_jobs'])}`"] if job_filter.get("skip_jobs") else []
+    left_out = job_filter.get("left_out") or []
+    return (f"**Subset of the profile.** This run selected its jobs with {' and '.join(chosen)}; "
+            f"{len(left_out)} of the profile's jobs were left out"
+            + (f" ({', '.join(left_out)})" if left_out else "") + " and have no rows below.\n")
+
+
+def _resume_note(resumed: dict) -> str:
+    """One line naming the rows reused from earlier runs in the same work folder (``run.py --resume``)."""
+    jobs = resumed.get("reused_jobs") or []
+    commands = resumed.get("commands") or [resumed.get("command")]
+    return (f"**Resumed.** {len(jobs)} row(s) ({', '.join(jobs)}) were measured by earlier invocation(s) in the "
+            f"same work folder (the first started {resumed.get('date')}: "
+            + "; ".join(f"`{c}`" for c in commands if c)
+            + "), each by exactly the subprocess command in its JSON; this invocation reused them and ran the "
+              "others.\n")
+
+
 def write(results: dict, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -606,7 +639,11 @@ def write(results: dict, path: Path) -> None:
     load = machine.get("loadavg_at_start")
     head = [
         "# hfcompress side-by-side benchmarks\n",
-        (f"Produced by **one invocation**: `{results['command']}` (profile `{profile['name']}`), "
+        (f"Produced by `{results['command']}` (profile `{profile['name']}`), resuming earlier invocations in "
+         f"the same work folder from {results['date']} (see **Resumed**); "
+         f"{results.get('total_seconds', 0) / 60:.1f} minutes in this invocation"
+         if (results.get("resumed_from") or {}).get("reused_jobs") else
+         f"Produced by **one invocation**: `{results['command']}` (profile `{profile['name']}`), "
          f"{results['date']}, {results.get('total_seconds', 0) / 60:.1f} minutes. Every number below comes from "
          f"that run" if not results.get("rerun_sections") else
          f"Produced by `{results['command']}` (profile `{profile['name']}`), {results['date']}, with the "
@@ -629,6 +666,8 @@ def write(results: dict, path: Path) -> None:
            f"(`--teacher {profile['teacher']}`); the target lines below apply those thresholds to it."
            if profile["name"] == "full" and profile["teacher"] != "base" else "") + "\n",
         *(f"**Note.** {note}\n" for note in results.get("notes", [])),
+        *([_job_filter_note(results["job_filter"])] if results.get("job_filter") else []),
+        *([_resume_note(results["resumed_from"])] if (results.get("resumed_from") or {}).get("reused_jobs") else []),
         "**Noise.** The machine is shared (other jobs ran during this benchmark, see the load average); "
         "wall-time and tokens/s numbers carry the spread shown beside them and differ run to run by more than "
         "that when the load changes — read ratios, not absolute values. Perplexities, cosines and byte counts "

@@ -2,7 +2,7 @@
 """Side-by-side benchmarks: hfcompress against the tools users would otherwise pick, in one run.
 
     python scripts/bench/run.py [--quick | --smoke] [--only quant|runtime|distill|pipeline|embed ...]
-                                [--no-peers] [--results PATH]
+                                [--jobs GLOB ...] [--skip-jobs GLOB ...] [--no-peers] [--results PATH]
 
 * Sets up the peer venv (``scripts/bench/.venv-peers``: llm-compressor, TRL, bitsandbytes, HQQ, quanto,
   torchao, all-MiniLM-L6-v2) if it is missing (``setup_peers.py``).
@@ -13,6 +13,11 @@
   peer venv's), fixed seeds, repeated timings reported as median and spread.
 * Writes ``RESULTS.md`` (tables with ratios, machine, date, the exact command, versions of both environments,
   every peer that could not run with its exact error) and PNG plots beside it, plus ``results.json``.
+
+``--jobs`` / ``--skip-jobs`` run a subset of a profile's measurements (shell patterns on job names, e.g.
+``--jobs 'rtn-*' 'gptq-int4-*' 'peer-*'``; ``--list-jobs`` prints the names): the jobs that run are reported
+in one RESULTS file as usual, which says which patterns selected them. RESULTS.md and results.json are
+rewritten after every job, so a run cut short still reports every measurement it finished.
 
 Profiles: ``--smoke`` (tiny teacher, our side only unless peers exist; seconds — for CI), ``--quick`` (small
 teacher, few samples; <= 10 minutes on 2 cores), default full (base teacher, ~0.5B speed model; 30-60 min).
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import json
 import os
 import shlex
@@ -88,6 +94,9 @@ class Profile:
     # A real pretrained model instead of a reference teacher (see REAL_MODELS), and the text sources of its
     # calibration / evaluation / training blocks.
     real_model: str | None = None
+    # Layers left in floating point on both sides of the grouped llm-compressor head to head: those whose input
+    # width the group size does not divide (llm-compressor refuses them; the reference teachers' down_proj).
+    llmc_grouped_ignore: list[str] = field(default_factory=lambda: ["re:.*down_proj"])
     calibration_source: str = "stdlib"
     eval_source: str = "stdlib"
 
@@ -131,7 +140,9 @@ PROFILES = {
     "smollm2": Profile(
         name="smollm2", teacher="smollm2", block_size=512, calibration_blocks=64, eval_blocks=64, bits=[8, 4, 3],
         group_size=128, channel_bits=[8, 4, 3],
-        llmc_jobs=[("gptq", 4, 128), ("gptq", 3, 128), ("awq", 4, 128)],
+        # Group 64 divides every SmolLM2 width (576, 1536): the head to head quantizes every linear but lm_head on
+        # both sides (at group 128 llm-compressor refuses the 576-wide layers, which hfcompress quantizes at 64).
+        llmc_jobs=[("gptq", 4, 64), ("gptq", 3, 64), ("awq", 4, 64)], llmc_grouped_ignore=[],
         quant_peers=["bnb_int8", "bnb_nf4", "hqq_int4_g128", "hqq_int3_g128", "quanto_int8", "quanto_int4"],
         speed_config=SPEED_QUICK, speed_peers=[], new_tokens=64, prompt_tokens=64, repeats=3, distill_steps=60,
         distill_batch=8, embed_sentences=0, embed_calibration_blocks=0, embed_peers=[], pipeline_steps=150,
@@ -159,9 +170,28 @@ class Job:
     meta: dict = field(default_factory=dict)
 
 
+def job_selected(name: str, jobs: list[str] | None, skip: list[str] | None) -> bool:
+    """Whether the job ``name`` runs under ``--jobs`` (None: all) and ``--skip-jobs`` shell patterns."""
+    if jobs is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in jobs):
+        return False
+    return not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip or ())
+
+
 class Runner:
-    def __init__(self, work: Path, results: dict, peer_python: Path | None, verbose: bool = True):
+    """Runs jobs one at a time. ``jobs`` / ``skip`` filter them by name (``job_selected``); ``after_job`` is
+    called after each one that ran (run.py rewrites results.json and the markdown there); ``dry_run`` only
+    prints the names of the jobs that would run. ``previous``: successful records of an earlier run in the same
+    work folder (``--resume``), by job name; a job whose record has exactly the same subprocess command is not
+    run again, its record is reused."""
+
+    def __init__(self, work: Path, results: dict, peer_python: Path | None, verbose: bool = True,
+                 jobs: list[str] | None = None, skip: list[str] | None = None, after_job=None,
+                 dry_run: bool = False, previous: dict[str, dict] | None = None):
         self.work, self.results, self.peer_python, self.verbose = work, results, peer_python, verbose
+        self.jobs, self.skip, self.after_job, self.dry_run = jobs, skip, after_job, dry_run
+        self.previous = previous or {}
+        self.skipped: list[str] = []  # names of the jobs the filter left out, in profile order
+        self.reused: list[str] = []  # names of the jobs whose earlier record was reused
         (work / "logs").mkdir(parents=True, exist_ok=True)
         (work / "json").mkdir(parents=True, exist_ok=True)
 
@@ -169,9 +199,25 @@ class Runner:
         return str(self.peer_python) if side == "peer" else sys.executable
 
     def run(self, job: Job) -> dict:
-        """Run one job; return its JSON result, or an error record with the exact failure."""
-        job.out.unlink(missing_ok=True)
+        """Run one job; return its JSON result, or an error record with the exact failure. A job the filter
+        leaves out (or any job of a dry run) is not run and not recorded: its record has status 'skipped'."""
+        if self.dry_run or not job_selected(job.name, self.jobs, self.skip):
+            if self.dry_run and job_selected(job.name, self.jobs, self.skip):
+                print(f"{job.section}\t{job.name}\t{job.side}", flush=True)
+            else:
+                self.skipped.append(job.name)
+            return {"status": "skipped", "name": job.name, "section": job.section}
         command = [self.python_for(job.side), *map(str, job.argv)]
+        shown = " ".join(shlex.quote(c) for c in [Path(command[0]).name, *command[1:]])
+        earlier = self.previous.get(job.name)
+        if earlier is not None and earlier.get("command") == shown:
+            result = dict(earlier, **job.meta)
+            self.results.setdefault(job.section, []).append(result)
+            self.reused.append(job.name)
+            if self.verbose:
+                print(f"[{job.section}] {job.name} ... reused from the earlier run", flush=True)
+            return result
+        job.out.unlink(missing_ok=True)
         log = self.work / "logs" / f"{job.section}-{job.name}.log"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    PYTHONHASHSEED="0", TQDM_DISABLE="1", WANDB_DISABLED="true", TRL_EXPERIMENTAL_SILENCE="1")
@@ -199,12 +245,14 @@ class Runner:
             result = {"status": "error", "error": reason}
         result.update(job.meta)
         result.update(name=job.name, side=job.side, section=job.section, process_seconds=round(seconds, 1),
-                      command=" ".join(shlex.quote(c) for c in [Path(command[0]).name, *command[1:]]),
+                      command=shown,
                       log=str(log.relative_to(ROOT)) if log.is_relative_to(ROOT) else str(log))
         self.results.setdefault(job.section, []).append(result)
         if self.verbose:
             print(f"{result.get('status')} ({seconds:.0f}s)" +
                   (f": {result.get('error')}" if result.get("status") != "ok" else ""), flush=True)
+        if self.after_job is not None:
+            self.after_job()
         return result
 
 
@@ -305,29 +353,32 @@ def prepare_real_model(profile: Profile, work: Path) -> Path:
     return path
 
 
+def text_blocks(tokenizer, source: str, split: str, count: int, seed: int, block_size: int):
+    """``count`` blocks of ``block_size`` tokens drawn (seeded permutation) from every block a text split packs
+    into -> (min(count, available), block_size). The first k blocks of a draw are the same for every count >= k."""
+    import torch
+
+    from hfcompress.core.data import load_texts, pack_blocks
+
+    available = pack_blocks(load_texts(source, split=split), tokenizer, block_size)  # (M, T)
+    order = torch.randperm(available.shape[0], generator=torch.Generator().manual_seed(seed))
+    return available[order[:count]]
+
+
 def prepare_text_blocks(profile: Profile, model: Path, work: Path) -> Path:
     """Calibration / eval / train blocks of a real model's tokenizer from the profile's text sources. The
     eval and train counts are capped at what the splits hold (pydoc's test split: ~10k SmolLM2 tokens)."""
-    import torch
     from transformers import AutoTokenizer
-
-    from hfcompress.core.data import load_texts, pack_blocks
 
     path = work / f"blocks-{profile.name}.safetensors"
     if path.is_file():
         return path
     tokenizer = AutoTokenizer.from_pretrained(model)
     T = profile.block_size
-
-    def blocks(source, split, count, seed):
-        available = pack_blocks(load_texts(source, split=split), tokenizer, T)  # (M, T)
-        order = torch.randperm(available.shape[0], generator=torch.Generator().manual_seed(seed))
-        return available[order[:count]]
-
-    calibration = blocks(profile.calibration_source, "train", profile.calibration_blocks, 0)
-    evaluation = blocks(profile.eval_source, "test", profile.eval_blocks, 0)
+    calibration = text_blocks(tokenizer, profile.calibration_source, "train", profile.calibration_blocks, 0, T)
+    evaluation = text_blocks(tokenizer, profile.eval_source, "test", profile.eval_blocks, 0, T)
     needed = max(profile.distill_steps, profile.pipeline_steps) * profile.distill_batch
-    train = blocks(profile.calibration_source, "train", needed, 1)
+    train = text_blocks(tokenizer, profile.calibration_source, "train", needed, 1, T)
     common.save_blocks(path, calibration=calibration, eval=evaluation, train=train)
     return path
 
@@ -465,18 +516,24 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
     # *both* sides for the grouped schemes; the default run that includes them is recorded as well.
     if runner.peer_python is None:
         return
+    # The other quantizers first: no calibration, minutes in all (the llm-compressor pairs below take longest).
+    for tool in profile.quant_peers:
+        runner.run(Job("quant", f"peer-{tool}", "peer",
+                       _peer("inmemory_quant.py", "--tool", tool, "--task", "ppl", *base, "--kl",
+                             "--save", runner.work / "ckpt" / f"peer-{tool}", "--out", J / f"quant-peer-{tool}.json"),
+                       J / f"quant-peer-{tool}.json", t, dict(table="peers", label=tool)))
     for method, bits, group in profile.llmc_jobs:
         grouped = group > 0
-        ignore = ["lm_head", "re:.*down_proj"] if grouped else ["lm_head"]
+        ignore = ["lm_head", *profile.llmc_grouped_ignore] if grouped else ["lm_head"]
         tag = f"{method}-w{bits}-{'g' + str(group) if grouped else 'channel'}"
         common_args = ["--bits", bits, "--group-size", group, "--ignore", *ignore]
         # llm-compressor runs without activation ordering here (its script passes actorder=None); so does ours,
         # whose default is on
         ours_args = common_args + (["--no-act-order"] if method == "gptq" else [])
         meta = dict(table="matched", label=f"{method.upper()} W{bits}A16 {'g' + str(group) if grouped else 'channel'}",
-                    ignore_down_proj=grouped)
+                    ignore_down_proj=grouped and "re:.*down_proj" in ignore)
         llmc = runner.run(Job("quant", f"llmc-{tag}", "peer",
-                              _peer("llmcompressor_oneshot.py", *base, "--method", method, *common_args,
+                              _peer("llmcompressor_oneshot.py", *base, "--method", method, *common_args, "--kl",
                                     "--save", runner.work / "ckpt" / f"llmc-{tag}",
                                     "--out", J / f"quant-llmc-{tag}.json"),
                               J / f"quant-llmc-{tag}.json", t, dict(meta, tool="llm-compressor")))
@@ -487,12 +544,12 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
             llmc["label"] = f"{meta['label']} as shipped (CPU)"
             runner.run(Job("quant", f"llmc-{tag}-nopin", "peer",
                            _peer("llmcompressor_oneshot.py", *base, "--method", method, *common_args,
-                                 "--patch-pin-memory", "--save", runner.work / "ckpt" / f"llmc-{tag}",
+                                 "--patch-pin-memory", "--kl", "--save", runner.work / "ckpt" / f"llmc-{tag}",
                                  "--out", J / f"quant-llmc-{tag}-nopin.json"),
                            J / f"quant-llmc-{tag}-nopin.json", t,
                            dict(meta, tool="llm-compressor", note="pin_memory patched to a no-op")))
         runner.run(Job("quant", f"ours-{tag}", "ours",
-                       _ours("quant", *base, "--method", method, *ours_args,
+                       _ours("quant", *base, "--method", method, *ours_args, "--kl",
                              "--save", runner.work / "ckpt" / f"ours-{tag}", "--out", J / f"quant-ours-{tag}.json"),
                        J / f"quant-ours-{tag}.json", t, dict(meta, tool="hfcompress")))
         if method == "gptq":
@@ -528,11 +585,6 @@ def quant_section(runner: Runner, profile: Profile, ctx: dict) -> None:
                          profile.group_size, "--out", J / "quant-llmc-default.json"),
                    J / "quant-llmc-default.json", t,
                    dict(table="llmc_default", label=f"GPTQ W4A16 g{profile.group_size}, all layers")))
-    for tool in profile.quant_peers:
-        runner.run(Job("quant", f"peer-{tool}", "peer",
-                       _peer("inmemory_quant.py", "--tool", tool, "--task", "ppl", *base,
-                             "--save", runner.work / "ckpt" / f"peer-{tool}", "--out", J / f"quant-peer-{tool}.json"),
-                       J / f"quant-peer-{tool}.json", t, dict(table="peers", label=tool)))
 
 
 def runtime_section(runner: Runner, profile: Profile, ctx: dict) -> None:
@@ -555,6 +607,8 @@ def runtime_from_helper(runner: Runner, profile: Profile, helper: Path) -> None:
             *(["--no-torchao"] if runner.peer_python is None else []), "--out", out]
     result = runner.run(Job("runtime", "helper-runtime_speed.py", "helper", argv, out, profile.timeout_s * 2,
                             dict(helper="runtime_speed.py")))
+    if result.get("status") == "skipped":
+        return
     runner.results["runtime"].remove(result)
     if result.get("status") == "error" and "results" not in result:
         runner.results["runtime"].append(result)
@@ -577,7 +631,8 @@ def runtime_from_helper(runner: Runner, profile: Profile, helper: Path) -> None:
 
 
 def own_runtime_section(runner: Runner, profile: Profile, ctx: dict) -> None:
-    model, J, t = prepare_speed_model(profile, runner.work), runner.work / "json", profile.timeout_s
+    model = Path("<speed model>") if runner.dry_run else prepare_speed_model(profile, runner.work)
+    J, t = runner.work / "json", profile.timeout_s
     speed = ["--new-tokens", profile.new_tokens, "--prompt-tokens", profile.prompt_tokens,
              "--repeats", profile.repeats]
     # Our int8 / int4 checkpoints of the speed model (RTN: the weights are random, only shapes matter).
@@ -661,7 +716,7 @@ def embed_section(runner: Runner, profile: Profile, ctx: dict) -> None:
                                            "package, which is not available in this run"})
         return
     J, t = runner.work / "json", profile.timeout_s
-    data = prepare_embed_blocks(profile, model, runner.work)
+    data = Path("<embed blocks>") if runner.dry_run else prepare_embed_blocks(profile, model, runner.work)
     base = ["--model", model, "--blocks", data]
     ours_runs = [("int8-rtn-channel", "rtn", 8, 0), ("int4-rtn-g32", "rtn", 4, 32),
                  ("int4-gptq-g32", "gptq", 4, 32), ("int4-awq-g32", "awq", 4, 32), ("int4-rtn-channel", "rtn", 4, 0),
@@ -693,8 +748,11 @@ def helper_scripts(runner: Runner, profile: Profile, ctx: dict, only: list[str])
             continue
         out = runner.work / "json" / f"helper-{section}.json"
         extra = profile.helper_args.get(section, [])
-        runner.run(Job(section, f"helper-{script}", "helper", [str(path), *args, *map(str, extra), "--out", out],
-                       out, profile.timeout_s * 2, dict(helper=script)))
+        argv = [str(path), *args, *map(str, extra), "--out", out]
+        ran = runner.run(Job(section, f"helper-{script}", "helper", argv, out, profile.timeout_s * 2,
+                             dict(helper=script)))
+        if ran.get("status") == "skipped":
+            continue
         log = runner.work / "logs" / f"{section}-helper-{script}.log"
         saved = json.loads(out.read_text()) if out.is_file() else {}
         text = next((saved[k] for k in ("table_markdown", "markdown", "table") if isinstance(saved.get(k), str)), "")
@@ -708,6 +766,16 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="small teacher, few samples (<= 10 min on 2 cores)")
     size.add_argument("--smoke", action="store_true", help="tiny teacher, seconds; checks the plumbing (CI)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="sections to run")
+    parser.add_argument("--jobs", nargs="+", default=None, metavar="GLOB",
+                        help="run only the jobs whose name matches one of these shell patterns, e.g. 'rtn-*' "
+                             "'peer-*' (see --list-jobs); the others are left out of the results")
+    parser.add_argument("--skip-jobs", nargs="+", default=None, metavar="GLOB",
+                        help="leave out the jobs whose name matches one of these shell patterns")
+    parser.add_argument("--list-jobs", action="store_true",
+                        help="print the section, name and side of every job the run would start, then exit")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the successful measurements of the previous run in the same work folder "
+                             "(results.json) whose subprocess command is unchanged; run the rest")
     parser.add_argument("--no-peers", action="store_true", help="our side only (no peer venv)")
     parser.add_argument("--no-setup", action="store_true", help="never create the peer venv (use it if present)")
     parser.add_argument("--results", type=Path, default=None, help="markdown output (default: RESULTS.md here, "
@@ -744,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     peer_python = None
     if not args.no_peers:
         peer_python = PEER_VENV / "bin" / "python"
-        if not peer_python.exists() and not args.no_setup:
+        if not peer_python.exists() and not args.no_setup and not args.list_jobs:
             print("setting up the peer venv (once; several minutes) ...", flush=True)
             subprocess.run([sys.executable, str(BENCH_DIR / "setup_peers.py")], check=False)
         if not peer_python.exists():
@@ -763,14 +831,40 @@ def main(argv: list[str] | None = None) -> int:
         results["peer_install"] = status.get("packages", {})
         results["versions_peers"] = {line.split("==")[0]: line.split("==")[1] for line in status.get("freeze", [])
                                      if "==" in line}
-    runner = Runner(work, results, peer_python)
+    if args.jobs or args.skip_jobs:
+        results["job_filter"] = {"jobs": args.jobs, "skip_jobs": args.skip_jobs, "left_out": []}
 
-    print(f"profile {profile.name}: teacher '{profile.teacher}', sections {', '.join(only)}", flush=True)
+    def write_results() -> None:
+        """results.json and the markdown as they stand: a run cut short still reports every finished job."""
+        results["total_seconds"] = round(time.time() - started, 1)
+        if "job_filter" in results:
+            results["job_filter"]["left_out"] = runner.skipped
+        if "resumed_from" in results:
+            results["resumed_from"]["reused_jobs"] = runner.reused
+        common.write_json(work / "results.json", results)
+        report.write(results, results_md)
+
+    previous: dict[str, dict] = {}
+    if args.resume and (work / "results.json").is_file():
+        earlier = json.loads((work / "results.json").read_text())
+        previous = {r["name"]: r for section in SECTIONS for r in earlier.get(section, [])
+                    if isinstance(r, dict) and r.get("status") == "ok" and r.get("name")}
+        results["date"] = earlier.get("date", results["date"])  # the measurements span every invocation
+        chain = (earlier.get("resumed_from") or {}).get("commands", []) + [earlier.get("command")]
+        results["resumed_from"] = {"commands": chain, "date": earlier.get("date")}
+    runner = Runner(work, results, peer_python, jobs=args.jobs, skip=args.skip_jobs,
+                    after_job=None if args.list_jobs else write_results, dry_run=args.list_jobs, previous=previous)
+
+    if not args.list_jobs:
+        print(f"profile {profile.name}: teacher '{profile.teacher}', sections {', '.join(only)}", flush=True)
     ctx: dict = {}
 
     def need_teacher() -> None:
         """Shared teacher inputs, made on first use (runtime and embed do not need the teacher)."""
         if "teacher" in ctx:
+            return
+        if args.list_jobs:  # names only: nothing is prepared
+            ctx.update(teacher=Path("<teacher>"), blocks=Path("<blocks>"), student=Path("<student>"))
             return
         if profile.real_model:
             ctx["teacher"] = prepare_real_model(profile, work)
@@ -796,16 +890,14 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("quant", "distill", "pipeline") or (name == "runtime" and profile.name != "full"):
             need_teacher()
         sections[name](runner, profile, ctx)
-        # A partial run still leaves its numbers (the session may end before the last section).
-        results["total_seconds"] = round(time.time() - started, 1)
-        common.write_json(work / "results.json", results)
-        report.write(results, results_md)
+        if not args.list_jobs:  # a partial run still leaves its numbers (the session may end early)
+            write_results()
     if profile.name == "full":
         need_teacher()
     helper_scripts(runner, profile, ctx, only)
-    results["total_seconds"] = round(time.time() - started, 1)
-    common.write_json(work / "results.json", results)
-    report.write(results, results_md)
+    if args.list_jobs:
+        return 0
+    write_results()
     print(f"wrote {results_md} ({results['total_seconds']:.0f}s)")
     return 0
 

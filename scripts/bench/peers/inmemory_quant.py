@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--kl", action="store_true", help="ppl: also the mean KL to the fp32 model on eval")
     parser.add_argument("--save", default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -183,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         if left and args.tool not in ("fp32", "bf16"):
             result["warning"] = f"{len(left)} linear layer(s) left unquantized, e.g. {left[0]}"
         if args.task == "ppl":
-            result["perplexity"] = common.perplexity(model, data["eval"])
+            if args.kl:  # the fp32 model again, after the peak RSS was taken; one pass for both numbers
+                fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+                result["kl_to_fp32"], result["perplexity"] = common.kl_and_perplexity(fp32, model, data["eval"])
+                del fp32
+            else:
+                result["perplexity"] = common.perplexity(model, data["eval"])
             _try_save(model, AutoTokenizer.from_pretrained(args.model), args.save, result)
         elif args.task == "embed":
             candidate = common.mean_pooled_embeddings(model, data["eval_input_ids"], data["eval_attention_mask"])

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                              "without an accelerator; pinning only speeds host-to-device copies, no numeric effect)")
     parser.add_argument("--save", default=None, help="write the compressed checkpoint here")
     parser.add_argument("--no-eval", action="store_true", help="skip perplexity (timing-only repeats)")
+    parser.add_argument("--kl", action="store_true", help="also the mean KL to the fp32 model on eval")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -106,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         result["quantize_seconds"] = time.perf_counter() - start
         result["peak_rss_bytes"] = common.peak_rss_bytes()
         if not args.no_eval:
-            result["perplexity"] = common.perplexity(model, blocks["eval"])
+            if args.kl:  # the fp32 model again, after the peak RSS was taken; one pass for both numbers
+                fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+                result["kl_to_fp32"], result["perplexity"] = common.kl_and_perplexity(fp32, model, blocks["eval"])
+                del fp32
+            else:
+                result["perplexity"] = common.perplexity(model, blocks["eval"])
         if args.save:
             model.save_pretrained(args.save, save_compressed=True)
             tokenizer.save_pretrained(args.save)
