@@ -242,14 +242,15 @@ def kernel_streaming(out_features: int, in_features: int, total_mib: int = 768, 
                 lambda q: native.int8_gemv(x16, q, scale32)
             yield f"hfcompress int8_gemv {isa} (fp32 activations)", 1.0, int8_weights, \
                 lambda q: native.int8_gemv(x32, q, scale32)
-            groups = in_features // 128
-            int4_scale = torch.rand(out_features, groups) / 64
+            # group 128 where it divides the width (SmolLM2's 576 takes 64, as its checkpoints do)
+            g4 = next(g for g in (128, 64, 32) if in_features % g == 0)
+            int4_scale = torch.rand(out_features, in_features // g4) / 64
 
             def int4_native_weights():
                 return [native.int4_pack(torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8))
-                        for _ in range(count(0.5 + 4 / 128))]
-            yield f"hfcompress int4_gemv {isa} g128 (fp32 activations)", 0.5 + 4 / 128, int4_native_weights, \
-                lambda p: native.int4_gemv(x32, p, int4_scale, None, out_features, 128)
+                        for _ in range(count(0.5 + 4 / g4))]
+            yield f"hfcompress int4_gemv {isa} g{g4} (fp32 activations)", 0.5 + 4 / g4, int4_native_weights, \
+                lambda p: native.int4_gemv(x32, p, int4_scale, None, out_features, g4)
         if group is not None:
             def int4_weights():
                 return [kernels.pack_int4_cpu(torch.randint(-8, 8, (out_features, in_features), dtype=torch.int8),
