@@ -104,6 +104,18 @@ def kl_and_perplexity(reference, model, blocks: torch.Tensor, batch_size: int = 
     return total_kl / count, math.exp(total_nll / count)
 
 
+def score_against_fp32(model, fp32_path, blocks: torch.Tensor, kl: bool) -> dict:
+    """``{"perplexity"}``, plus ``"kl_to_fp32"`` when ``kl``: the float32 model at ``fp32_path`` is loaded only
+    then (after the caller's peak RSS was taken) and freed after the one pass of :func:`kl_and_perplexity`."""
+    if not kl:
+        return {"perplexity": perplexity(model, blocks)}
+    from transformers import AutoModelForCausalLM
+
+    fp32 = AutoModelForCausalLM.from_pretrained(fp32_path, dtype=torch.float32)
+    kl_value, ppl = kl_and_perplexity(fp32, model, blocks)
+    return {"kl_to_fp32": kl_value, "perplexity": ppl}
+
+
 @torch.no_grad()
 def mean_pooled_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            batch_size: int = 16) -> torch.Tensor:

@@ -184,12 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if left and args.tool not in ("fp32", "bf16"):
             result["warning"] = f"{len(left)} linear layer(s) left unquantized, e.g. {left[0]}"
         if args.task == "ppl":
-            if args.kl:  # the fp32 model again, after the peak RSS was taken; one pass for both numbers
-                fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-                result["kl_to_fp32"], result["perplexity"] = common.kl_and_perplexity(fp32, model, data["eval"])
-                del fp32
-            else:
-                result["perplexity"] = common.perplexity(model, data["eval"])
+            result.update(common.score_against_fp32(model, args.model, data["eval"], args.kl))
             _try_save(model, AutoTokenizer.from_pretrained(args.model), args.save, result)
         elif args.task == "embed":
             candidate = common.mean_pooled_embeddings(model, data["eval_input_ids"], data["eval_attention_mask"])

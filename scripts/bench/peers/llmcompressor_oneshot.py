@@ -107,12 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         result["quantize_seconds"] = time.perf_counter() - start
         result["peak_rss_bytes"] = common.peak_rss_bytes()
         if not args.no_eval:
-            if args.kl:  # the fp32 model again, after the peak RSS was taken; one pass for both numbers
-                fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-                result["kl_to_fp32"], result["perplexity"] = common.kl_and_perplexity(fp32, model, blocks["eval"])
-                del fp32
-            else:
-                result["perplexity"] = common.perplexity(model, blocks["eval"])
+            result.update(common.score_against_fp32(model, args.model, blocks["eval"], args.kl))
         if args.save:
             model.save_pretrained(args.save, save_compressed=True)
             tokenizer.save_pretrained(args.save)
