@@ -58,6 +58,7 @@ from .api import (QuantizationReport, _attach_report, _audit, _group_sizes, comp
 from .config import QuantizationConfig, QuantizationError
 from .modules import CompressedLinear
 from .packed import SAVE_PACKED_HINT
+from .decode import enable_compiled_decode
 from .runtime import pack_compressed_linears
 
 logger = logging.getLogger(__name__)
@@ -79,12 +80,13 @@ class HFCompressConfig(QuantizationConfigMixin):
             ``QuantizationConfig.ignore``.
         packed: return the packed runtime (our int4/int8 kernels; inference only, cannot be saved). False keeps
             compressed-tensors modules that ``save_pretrained`` writes as a checkpoint (slow to run).
-        fuse_projections, quantize_embeddings: as in :func:`~hfcompress.load_compressed` (packed only).
+        fuse_projections, quantize_embeddings, compile_decode: as in :func:`~hfcompress.load_compressed` (packed
+            only; ``compile_decode=True`` makes ``generate()`` decode with a static KV cache and a compiled step).
     """
 
     def __init__(self, method: str = "rtn", bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
                  observer: str = "minmax", ignore: list[str] | None = None, packed: bool = True,
-                 fuse_projections: bool = True, quantize_embeddings: bool = False,
+                 fuse_projections: bool = True, quantize_embeddings: bool = False, compile_decode: bool = False,
                  quant_method: str = QUANT_METHOD):
         if quant_method != QUANT_METHOD:
             raise ConfigError(f"HFCompressConfig has quant_method {QUANT_METHOD!r}, got {quant_method!r}")
@@ -93,10 +95,11 @@ class HFCompressConfig(QuantizationConfigMixin):
         self.observer = observer
         self.ignore = ["lm_head"] if ignore is None else ignore
         self.packed, self.fuse_projections, self.quantize_embeddings = packed, fuse_projections, quantize_embeddings
+        self.compile_decode = compile_decode
         self.post_init()
 
     _QUANTIZATION_FIELDS = ("method", "bits", "group_size", "symmetric", "observer", "ignore")
-    _RUNTIME_FIELDS = ("packed", "fuse_projections", "quantize_embeddings")
+    _RUNTIME_FIELDS = ("packed", "fuse_projections", "quantize_embeddings", "compile_decode")
 
     def post_init(self) -> None:
         """Check every value (``QuantizationConfig``'s checks, then what load-time quantization can do)."""
@@ -264,7 +267,15 @@ class HFCompressQuantizer(HfQuantizer):
             return model
         pack_compressed_linears(model, model.dtype, self.device, self.quantization_config.fuse_projections,
                                 self.quantization_config.quantize_embeddings)
+        if self.quantization_config.compile_decode:
+            enable_compiled_decode(model)
         return model
+
+    @property
+    def is_compileable(self) -> bool:
+        # generate() compiles only if the quantizer allows it: the packed modules trace without a graph break (our
+        # kernels are custom ops with fake implementations; tests/runtime/test_decode.py)
+        return bool(self.quantization_config.packed)
 
     def is_serializable(self, **kwargs) -> bool:
         if self.quantization_config.packed:

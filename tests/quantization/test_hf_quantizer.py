@@ -120,6 +120,20 @@ def test_biases_and_generate(bias_folder, tmp_path):
     assert torch.equal(out, reference.generate(prompt, max_new_tokens=8, do_sample=False))
 
 
+def test_compile_decode_option(bias_folder, tmp_path):
+    """``compile_decode=True`` switches on the same static-cache compiled decode as ``load_compressed`` does (the
+    compile itself and its tokens are tested in tests/runtime/test_decode.py); off by default."""
+    from hfcompress.quantization.decode import compiled_decode_status
+
+    assert compiled_decode_status(_load(bias_folder, bits=4, group_size=32)) == "off"
+    model = _load(bias_folder, bits=4, group_size=32, compile_decode=True)
+    assert compiled_decode_status(model) == "not compiled yet"
+    assert model.generation_config.cache_implementation == "static"
+    assert model.hf_quantizer.is_compileable  # else generate() skips the compile ("unable to meet the criteria")
+    with pytest.raises(ConfigError, match="compile_decode must be True or False"):
+        HFCompressConfig(compile_decode="yes")
+
+
 def test_gpt2_conv1d(tmp_path):
     """GPT-2 stores its projections as transposed Conv1D weights, and its _init_weights reads c_proj.weight
     while transformers initialises what the checkpoint lacks: both must survive load-time quantization."""
