@@ -8,6 +8,11 @@ queued kernels before reading a clock, and the peak memory of a run.
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import sys
+from pathlib import Path
+
 import torch
 
 from .errors import ConfigError
@@ -61,3 +66,14 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far: Linux's ``VmHWM`` (``ru_maxrss`` would carry a parent's
+    peak across fork + exec), else ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.data import check_block_size, load_texts, pack_stream, token_stream, utf8_bytes
-from ..core.devices import peak_memory_bytes, reset_peak_memory, synchronize
+from ..core.devices import peak_memory_bytes, peak_rss_bytes, reset_peak_memory, synchronize
 from ..core.errors import ConfigError, DataError
 
 
@@ -143,12 +141,6 @@ def count_parameters(model) -> int:
             shape = getattr(getattr(param, "quant_state", None), "shape", None)
             total += math.prod(shape) if shape is not None else param.numel()
     return total
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _median_seconds(fn, repeats: int, device: torch.device | None = None) -> tuple[float, float]:

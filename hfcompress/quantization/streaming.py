@@ -49,7 +49,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import shutil
 import struct
 import time
@@ -62,6 +61,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.atomic import check_destination, publish
+from ..core.devices import peak_rss_bytes
 from ..core.errors import ConfigError, DataError, HFCompressError
 from . import api as A
 from . import calibrate as C
@@ -138,16 +138,6 @@ def rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far: ``VmHWM`` (``ru_maxrss`` would carry a parent's peak
-    across fork + exec), else ``ru_maxrss`` (KiB on Linux)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def release_memory() -> None:
