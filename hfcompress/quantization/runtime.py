@@ -277,7 +277,9 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
             fuses each layer's norms, rotary, cache update and residuals around our kernels, which removes most of
             the per-token Python and dispatch cost of eager decoder layers (the larger share of a small model's
             decode step). The first ``generate`` pays the compile (one to three minutes, once per process),
-            so it is off by default; if compiling fails, decode runs eagerly with one warning.
+            so it is off by default; if compiling fails, decode runs eagerly with one warning. The compiled
+            step does not re-check the model's modules at every call (:func:`.decode.skip_module_guards`):
+            load the model again rather than changing its modules after the first ``generate``.
 
     Returns the ``PreTrainedModel`` in eval mode; ``generate()`` works as usual. Raises
     :class:`~hfcompress.quantization.checkpoint.CheckpointError` (one line, naming the file/tensor) for a folder

@@ -290,7 +290,7 @@ def generation_speed(model, prompt: torch.Tensor, new_tokens: int = 128, repeats
     kwargs = dict(attention_mask=attention, do_sample=False, pad_token_id=pad_token_id)
 
     def generate(n: int) -> None:
-        model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        model.generate(input_ids=prompt, max_new_tokens=n, eos_token_id=None, **kwargs)
 
     model(input_ids=prompt)
     generate(2)  # warm-up: allocations, kernel selection, KV-cache setup

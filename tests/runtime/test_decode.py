@@ -62,8 +62,11 @@ def teacher_forced_logits(model, sequence, new_tokens=NEW_TOKENS):
     return logits[:, -new_tokens - 1:-1]  # (1, new, V)
 
 
-def test_decode_attention_matches_repeated_kv():
-    """One query token over grouped K/V heads in place = transformers' repeat_kv + SDPA (float64, exact order)."""
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled-form"])
+def test_decode_attention_matches_repeated_kv(compiling, monkeypatch):
+    """One query token over grouped K/V heads in place = transformers' repeat_kv + SDPA (float64, exact order),
+    both as SDPA (eager) and in the written-out form the compiled step traces."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
 
     class Attention(torch.nn.Module):
         num_key_value_groups = 3
@@ -87,6 +90,8 @@ def test_compiled_decode_one_graph_same_tokens_and_logits(int4_path, monkeypatch
     eager = load_compressed(int4_path, progress=False)
     compiled = load_compressed(int4_path, progress=False, compile_decode=True)
     assert compiled.generation_config.cache_implementation == "static"
+    # Dynamo skips the guards on the model's modules (their evaluation cost as much per step as the LM head)
+    assert compiled.generation_config.compile_config.options["guard_filter_fn"] is decode.skip_module_guards
     assert compiled_decode_status(compiled) == "not compiled yet" and compiled_decode_status(eager) == "off"
     with caplog.at_level(logging.WARNING):
         tokens, logits = greedy(compiled)
@@ -162,3 +167,29 @@ def test_inductor_compiled_decode_matches_eager(int4_path, caplog):
                   - reference).abs().max()
     # The int8 input table (quantize_embeddings) adds its own rounding to both runs alike.
     assert (logits - eager_logits).abs().max() <= 2 * bf16_error
+
+
+def test_module_guards_skipped_and_the_rest_kept(int4_path, monkeypatch):
+    """The guard filter drops the guards whose source is a module of the model and keeps the others (the
+    inputs, the static cache): the decode step then still recompiles for a longer cache but not per module."""
+    seen, original = [], decode.skip_module_guards
+
+    def recording_filter(entries):
+        keep = original(entries)
+        seen.extend(zip(entries, keep))
+        return keep
+
+    backend = RecordingBackend()
+    monkeypatch.setattr(decode, "inductor_backend", lambda: backend)
+    monkeypatch.setattr(decode, "skip_module_guards", recording_filter)
+    torch._dynamo.reset()
+    model = load_compressed(int4_path, progress=False, compile_decode=True)
+    greedy(model)
+    dropped = [e for e, keep in seen if not keep]
+    kept = [e for e, keep in seen if keep]
+    assert dropped and kept
+    assert all(e.orig_guard.source.is_unspecialized_nn_module() for e in dropped)
+    assert not any(e.orig_guard.source.is_unspecialized_nn_module() for e in kept)
+    # a longer generation than the static cache holds recompiles (a kept guard on the cache's shape fired)
+    greedy(model, new_tokens=NEW_TOKENS + 40)
+    assert len(backend.graphs) >= 2

@@ -92,7 +92,7 @@ void tiled_gemm(const at::Tensor& x, int64_t N, float* y, bool bf16_tiles, Dequa
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> tile(static_cast<size_t>(rows * K));
     std::vector<c10::BFloat16> tile16(bf16_tiles ? static_cast<size_t>(rows * K) : 0);
-    at::Tensor out = at::empty({M, rows}, x.options().dtype(type));
+    at::Tensor out = bf16_tiles ? at::empty({M, rows}, x.options().dtype(type)) : at::Tensor();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, count = std::min(rows, N - n0);
       dequant(n0, count, tile.data());
@@ -102,6 +102,12 @@ void tiled_gemm(const at::Tensor& x, int64_t N, float* y, bool bf16_tiles, Dequa
         data = tile16.data();
       }
       const at::Tensor wt = at::from_blob(data, {count, K}, at::TensorOptions().dtype(type));
+      if (!bf16_tiles) {
+        // float32: the GEMM writes its columns of y in place (row stride N), no copy.
+        at::Tensor dst = at::from_blob(y + n0, {M, count}, {N, 1}, x.options().dtype(at::kFloat));
+        at::mm_out(dst, x, wt.t());
+        continue;
+      }
       at::Tensor ot = out.narrow(1, 0, count);
       if (count == rows) {
         at::mm_out(ot, x, wt.t());
