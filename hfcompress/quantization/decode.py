@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import native
+
 logger = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "hfcompress_sdpa"
@@ -59,6 +61,13 @@ def decode_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if (not dropout and query.device.type == "cpu" and key.dtype == query.dtype and value.dtype == query.dtype
+            and query.dtype in (torch.float32, torch.bfloat16, torch.float64) and native.kernels_available()):
+        # Our kernel: one call, grouped K/V read in place, the mask's excluded positions skipped.
+        mask = None if attention_mask is None else attention_mask.reshape(batch, attention_mask.shape[-1])
+        scale = scaling if scaling is not None else dim ** -0.5
+        out = native.decode_attention(query.reshape(batch, heads, dim), key, value, mask, scale)  # (B, H, Dv)
+        return out.unsqueeze(1), None  # (B, 1, H, Dv), transformers' layout
     grouped = query.reshape(batch, heads // groups, groups, dim)  # (B, KV heads, groups, D): one row per query head
     if dropout or not torch.compiler.is_compiling():
         # The mask (B, 1, 1, L) is the same for every head and row: it broadcasts over (B, KV heads, groups, L).

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .conftest import load_dequantized_reference, small_llama, write_ct_checkpoint
+from hfcompress.core import native
 from hfcompress.quantization import decode
 from hfcompress.quantization.decode import compiled_decode_status, decode_sdpa_attention
 from hfcompress.quantization.runtime import Int8PackedLinear, Int8RowEmbedding, load_compressed
@@ -62,25 +63,68 @@ def teacher_forced_logits(model, sequence, new_tokens=NEW_TOKENS):
     return logits[:, -new_tokens - 1:-1]  # (1, new, V)
 
 
-@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled-form"])
-def test_decode_attention_matches_repeated_kv(compiling, monkeypatch):
-    """One query token over grouped K/V heads in place = transformers' repeat_kv + SDPA (float64, exact order),
-    both as SDPA (eager) and in the written-out form the compiled step traces."""
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
-
-    class Attention(torch.nn.Module):
-        num_key_value_groups = 3
-
+def grouped_attention_case(dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
     query = torch.randn(2, 6, 1, 16, generator=g, dtype=torch.float64)
     key, value = (torch.randn(2, 2, 9, 16, generator=g, dtype=torch.float64) for _ in range(2))
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     mask[0, ..., 5:] = False  # a static cache's unused tail
-    out, _ = decode_sdpa_attention(Attention(), query, key, value, mask, scaling=0.25)
     expected = F.scaled_dot_product_attention(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1),
                                               attn_mask=mask, scale=0.25).transpose(1, 2)
+    return query.to(dtype), key.to(dtype), value.to(dtype), mask, expected
+
+
+class Attention(torch.nn.Module):
+    num_key_value_groups = 3
+
+
+@pytest.mark.parametrize("path", ["kernel", "sdpa", "compiled-form"])
+def test_decode_attention_matches_repeated_kv(path, monkeypatch):
+    """One query token over grouped K/V heads in place = transformers' repeat_kv + SDPA (float64, exact up to
+    summation order), through our kernel, through SDPA (no kernels, eager) and in the written-out form the
+    compiled step traces when the kernels are unavailable."""
+    if path == "kernel" and not native.kernels_available():
+        pytest.skip("hfcompress's native kernels are not built here")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: path == "compiled-form")
+    if path != "kernel":
+        monkeypatch.setattr(native, "kernels_available", lambda: False)
+    query, key, value, mask, expected = grouped_attention_case()
+    out, _ = decode_sdpa_attention(Attention(), query, key, value, mask, scaling=0.25)
     assert out.shape == (2, 1, 6, 16)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not native.kernels_available(), reason="hfcompress's native kernels are not built here")
+@pytest.mark.parametrize("isa", sorted({0, native.kernel_isa()}))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_isa_paths_dtypes_and_masks(isa, dtype):
+    """Every code path (portable, AVX2) and dtype, with a bool mask, the equivalent additive float mask and no
+    mask: within the rounding of the inputs to ``dtype`` (float32 sums), against float64 SDPA of those inputs."""
+    query, key, value, mask, _ = grouped_attention_case(dtype)
+    q64, k64, v64 = (t.double() for t in (query, key, value))  # the rounded inputs, exactly
+    additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    for m in (mask, additive, None):
+        expected = F.scaled_dot_product_attention(
+            q64, k64.repeat_interleave(3, 1), v64.repeat_interleave(3, 1),
+            attn_mask=None if m is None else m if m.dtype == torch.bool else m.double(), scale=0.25)[:, :, 0]
+        out = native.decode_attention(query[:, :, 0], key, value, None if m is None else m.reshape(2, 9), 0.25, isa)
+        assert out.dtype == dtype and out.shape == (2, 6, 16)
+        # float32 sums of 16 + 9 terms: ~1e-6 relative; bfloat16 output rounding: 2^-9 relative
+        tol = 4e-3 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not native.kernels_available(), reason="hfcompress's native kernels are not built here")
+def test_decode_attention_kernel_edge_cases():
+    query, key, value, mask, _ = grouped_attention_case(torch.float32)
+    none = torch.zeros(2, 9, dtype=torch.bool)
+    none[1] = True
+    out = native.decode_attention(query[:, :, 0], key, value, none, 0.25)
+    assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()  # nothing to attend: NaN, like softmax
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        native.decode_attention(query[:, :5, 0], key, value, None, 0.25)  # 5 query heads over 2 K/V heads
+    with pytest.raises(RuntimeError, match="mask must be"):
+        native.decode_attention(query[:, :, 0], key, value, mask.reshape(2, 9)[:, :4], 0.25)
 
 
 def test_compiled_decode_one_graph_same_tokens_and_logits(int4_path, monkeypatch, caplog):
