@@ -31,6 +31,7 @@ The static cache is allocated for the longest ``max_length`` seen, and attention
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 
@@ -139,11 +140,28 @@ def skip_module_guards(guard_entries) -> list[bool]:
     return torch.compiler.skip_guard_on_all_nn_modules_unsafe(guard_entries)
 
 
+def _compiled_call(model, compile_config, state: dict):
+    """``torch.compile(model.__call__)`` with ``compile_config``, once per model and config (what transformers'
+    ``get_compiled_call`` does), in a cache of compiled entries of this model's own (``isolate_recompiles``).
+
+    Every model of a class shares its forward's code object and so, by default, Dynamo's cache of compiled
+    entries; what tells two models apart is the guards on their modules. :func:`skip_module_guards` drops
+    those, so without isolation a second model (int4 after int8, say) would run the first one's graph."""
+    options = compile_config.to_dict()
+    if state.get("config") != options or "compiled" not in state:
+        isolate = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+        if not isolate and (options.get("options") or {}).get("guard_filter_fn") is not None:
+            options["options"].pop("guard_filter_fn")  # older torch: keep the guards rather than share entries
+        state["config"] = compile_config.to_dict()
+        state["compiled"] = torch.compile(model.__call__, **options, **({"isolate_recompiles": True} if isolate else {}))
+    return state["compiled"]
+
+
 def _guarded_compiled_call(model, compile_config):
     """transformers' compiled forward (``PreTrainedModel.get_compiled_call``), run eagerly instead, with one
     warning, if compiling it fails. Bound to the model instance by :func:`enable_compiled_decode`."""
-    compiled = type(model).get_compiled_call(model, compile_config)
     state = model.__dict__.setdefault("_hfcompress_decode", {"failed": None})
+    compiled = _compiled_call(model, compile_config or model.generation_config.compile_config, state)
 
     def forward(*args, **kwargs):
         if state["failed"] is None:
@@ -173,17 +191,17 @@ def enable_compiled_decode(model) -> bool:
         model.set_attn_implementation(DECODE_ATTENTION)
     on_cpu = model.device.type == "cpu"
     backend = inductor_backend()
-    options = {"guard_filter_fn": skip_module_guards}
     if on_cpu:
+        options = {"guard_filter_fn": skip_module_guards}
         # Inductor's C++ wrapper: the step's ~150 kernel calls and allocations run from compiled C++ instead of
         # generated Python (SmolLM2-135M int4: 7.8 instead of 8.9 CPU ms per step, the same tokens), for about
         # twice the compile time.
         if backend == "inductor":
             options["cpp_wrapper"] = True
         config = CompileConfig(fullgraph=True, backend=backend, mode=None, options=options)
-    else:  # CUDA graphs ("reduce-overhead", transformers' default) exist on GPUs only; mode and options exclude
-        # each other in torch.compile, except for the guard filter, which it takes out of options first
-        config = CompileConfig(fullgraph=True, backend=backend, mode="reduce-overhead", options=options)
+    else:  # CUDA graphs ("reduce-overhead", transformers' default) exist on GPUs only; torch.compile takes a mode
+        # or options, not both, so the guard filter stays off there (CUDA graphs replay without Python anyway)
+        config = CompileConfig(fullgraph=True, backend=backend, mode="reduce-overhead")
     config._compile_all_devices = True  # transformers' switch to compile on CPUs too
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = config

@@ -237,3 +237,18 @@ def test_module_guards_skipped_and_the_rest_kept(int4_path, monkeypatch):
     # a longer generation than the static cache holds recompiles (a kept guard on the cache's shape fired)
     greedy(model, new_tokens=NEW_TOKENS + 40)
     assert len(backend.graphs) >= 2
+
+
+def test_two_models_of_one_class_keep_their_own_compiled_step(int4_path, tmp_path, monkeypatch):
+    """Module guards are skipped (see above), so what keeps an int8 model from running an int4 model's graph
+    (the same class, the same forward code) is each model's own cache of compiled entries."""
+    backend = RecordingBackend()
+    monkeypatch.setattr(decode, "inductor_backend", lambda: backend)
+    torch._dynamo.reset()
+    int8_path = write_ct_checkpoint(small_llama(layers=2), tmp_path / "w8", num_bits=8, strategy="channel")
+    for path in (int4_path, int8_path, int4_path):
+        compiled = load_compressed(path, progress=False, compile_decode=True)
+        tokens, _ = greedy(compiled)
+        assert compiled_decode_status(compiled) == "compiled"
+        assert torch.equal(tokens, greedy(load_compressed(path, progress=False))[0])
+    assert len(backend.graphs) == 3  # one per model: none reused another model's entries
