@@ -121,6 +121,16 @@ void tiled_gemm(const at::Tensor& x, int64_t N, float* y, bool bf16_tiles, Dequa
   });
 }
 
+#ifdef HFC_X86
+// The sum of a vector's 8 float32 lanes.
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 // x (M, K) float32 or bfloat16 -> float32 values: float32 read in place, bfloat16 converted into `scratch`.
 inline const float* as_float(const at::Tensor& xc, std::vector<float>& scratch) {
   if (xc.scalar_type() == at::kFloat) return xc.data_ptr<float>();

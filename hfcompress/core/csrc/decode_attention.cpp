@@ -67,11 +67,7 @@ __attribute__((target("avx2,fma"))) float dot_avx2(const float* q, const T* k, i
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(k + i + 8), a1);
   }
   for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), a0);
-  const __m256 a = _mm256_add_ps(a0, a1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  float total = _mm_cvtss_f32(s);
+  float total = hfc::hsum256(_mm256_add_ps(a0, a1));
   for (; i < n; ++i) total += q[i] * to_float(k[i]);
   return total;
 }
