@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -162,6 +163,109 @@ def test_cache_mismatches_are_refused(tmp_path, cache_dir, tiny_teacher, tiny_to
         DistillationTrainer(model=student, teacher_cache=cache_dir, args=config(tmp_path))
     with pytest.raises(ConfigError, match="hidden_weight"):
         DistillationConfig(output_dir=str(tmp_path), report_to=[], mode="cache", hidden_weight=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hidden states in the cache
+# --------------------------------------------------------------------------------------------------------
+class _RaisingTeacher(torch.nn.Module):
+    """Stands for the teacher where none may run."""
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the teacher ran")
+
+
+@pytest.mark.parametrize("layer_map,hidden_loss,width", [("uniform", "cosine", None), ({"0": 0}, "mse", None),
+                                                         ("last", "mse", 32)])
+def test_cache_with_hidden_states_gives_the_live_loss(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks,
+                                                      layer_map, hidden_loss, width):
+    meta = K.write_teacher_cache(tiny_teacher, distill_blocks[:4], tmp_path / "full", top_k=512,
+                                 tokenizer=tiny_tokenizer, logprob_format="float32", hidden_layers=[1, 0],
+                                 hidden_dtype="float32", progress=False)
+    assert (meta.hidden_layers, meta.hidden_size, meta.hidden_dtype, meta.teacher_num_layers) == ([0, 1], 64,
+                                                                                                "float32", 2)
+    assert meta.hidden_bytes_per_token == 2 * 64 * 4  # two layers of 64 float32 values per predicted token
+    student = make_student(tiny_teacher, num_layers=1, hidden_size=width)  # width 32: learned projections
+    kwargs = dict(kd_weight=1.0, ce_weight=0.5, hidden_weight=3.0, hidden_loss=hidden_loss, layer_map=layer_map)
+    live = DistillationTrainer(model=copy.deepcopy(student), teacher_model=copy.deepcopy(tiny_teacher),
+                               args=config(tmp_path / "a", **kwargs), train_dataset=BlockDataset(distill_blocks[:4]),
+                               processing_class=tiny_tokenizer)
+    cached = DistillationTrainer(model=copy.deepcopy(student), teacher_cache=tmp_path / "full",
+                                 args=config(tmp_path / "b", mode="cache", **kwargs), processing_class=tiny_tokenizer)
+    assert cached.layer_map == live.layer_map and cached.teacher_model is None
+    assert cached.hidden_projections.has_parameters() == (width is not None)
+    batch = _batch(distill_blocks, [2, 0, 3])
+    batch["labels"][0, :5] = -100  # masked positions are skipped in both
+    expected = live.compute_loss(live.model, {k: v for k, v in batch.items() if k != "cache_index"})
+    got = cached.compute_loss(cached.model, batch)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # ... and the hidden term is really in it: without it the two differ.
+    hidden = cached._components["train"][2]
+    assert hidden > 0.01 * got.item() * batch["labels"].numel()
+
+
+def test_cache_hidden_training_runs_no_teacher(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
+    K.write_teacher_cache(tiny_teacher, distill_blocks[:8], tmp_path / "cache", top_k=32, tokenizer=tiny_tokenizer,
+                          hidden_layers=[1], progress=False)
+    cache = K.TeacherCache(tmp_path / "cache")
+    assert cache.meta.hidden_dtype == "float16" and cache.meta.hidden_bytes_per_token == 64 * 2
+    with torch.no_grad():  # the stored states are the teacher's, to float16 precision
+        exact = tiny_teacher(input_ids=distill_blocks[[5, 1]], output_hidden_states=True).hidden_states[2]
+    stored = cache.hidden_rows(torch.tensor([5, 1]), 1).float()
+    assert stored.dtype == torch.float32 and torch.allclose(stored, exact[:, :-1].reshape(-1, 64), rtol=1e-3,
+                                                            atol=1e-3)
+    student = make_student(tiny_teacher, num_layers=1)
+    trainer = DistillationTrainer(model=student, teacher_model=None, teacher_cache=tmp_path / "cache",
+                                  args=config(tmp_path / "run", mode="cache", max_steps=4, hidden_weight=10.0,
+                                              layer_map="last", hidden_loss="mse"), processing_class=tiny_tokenizer)
+    trainer.teacher_model = _RaisingTeacher()  # nothing may run a teacher
+    trainer.train()
+    hidden = [entry["hidden_loss"] for entry in trainer.state.log_history if "hidden_loss" in entry]
+    assert len(hidden) == 4 and all(h > 0 for h in hidden) and hidden[-1] < hidden[0]
+
+
+def test_cache_hidden_state_errors(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks, cache_dir):
+    student = make_student(tiny_teacher, num_layers=1)
+
+    def trainer(folder, **kwargs):
+        return DistillationTrainer(model=student, teacher_cache=folder, processing_class=tiny_tokenizer,
+                                   args=config(tmp_path / "run", mode="cache", hidden_weight=1.0, **kwargs))
+
+    with pytest.raises(K.TeacherCacheError, match="holds no hidden states.*--hidden-layers"):
+        trainer(cache_dir)  # written without hidden states
+    K.write_teacher_cache(tiny_teacher, distill_blocks[:2], tmp_path / "h", top_k=8, hidden_layers=[0], progress=False)
+    with pytest.raises(K.TeacherCacheError, match=r"needs teacher layers \[1\].*layers \[0\] only.*--hidden-layers 1"):
+        trainer(tmp_path / "h")  # 'uniform' maps the 1-layer student onto teacher layer 1
+    assert trainer(tmp_path / "h", layer_map={"0": 0}).layer_map == {0: 0}
+    with pytest.raises(ConfigError, match=r"hidden layers \[2\] do not exist.*0\.\.1"):
+        K.write_teacher_cache(tiny_teacher, distill_blocks[:2], tmp_path / "bad", top_k=8, hidden_layers=[2],
+                              progress=False)
+    with pytest.raises(ConfigError, match="hidden_dtype='int8'"):
+        K.write_teacher_cache(tiny_teacher, distill_blocks[:2], tmp_path / "bad", top_k=8, hidden_layers=[0],
+                              hidden_dtype="int8", progress=False)
+    # A cache whose stored width is not the one its metadata states (edited, or mixed up) is refused on open.
+    meta = json.loads((tmp_path / "h" / K.METADATA_FILE).read_text())
+    meta["hidden_size"] = 128
+    (tmp_path / "h" / K.METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(K.TeacherCacheError, match=r"shape \[62, 64\].*hidden_size 128"):
+        K.TeacherCache(tmp_path / "h")
+    with pytest.raises(ConfigError, match="mode='online' has no teacher hidden states"):
+        DistillationConfig(output_dir=str(tmp_path), report_to=[], mode="online", hidden_weight=1.0)
+
+
+def test_cli_cache_teacher_stores_hidden_states(tmp_path, tiny_reference_dir, capsys):
+    from hfcompress.cli import main
+
+    out = tmp_path / "cache"
+    assert main(["cache-teacher", str(tiny_reference_dir), "--out", str(out), "--data", "stdlib:validation",
+                 "--block-size", "16", "--num-blocks", "2", "--top-k", "8", "--hidden-layers", "1", "0",
+                 "--hidden-dtype", "bfloat16", "-q"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[:printed.rindex("}") + 1])
+    assert (summary["hidden_layers"], summary["hidden_dtype"], summary["hidden_bytes_per_token"]) == \
+        ([0, 1], "bfloat16", 2 * 64 * 2)
+    assert "256.0 bytes/token of hidden states (layers 0, 1, bfloat16)" in printed
+    assert K.TeacherCache(out).hidden_rows(torch.tensor([1]), 0).dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------------------------------------
