@@ -355,6 +355,110 @@ def test_self_and_truncate_errors(tmp_path, tiny_teacher):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Self with an EMA teacher
+# --------------------------------------------------------------------------------------------------------
+def _ema_trainer(tmp_path, teacher, tokenizer, blocks, **kwargs):
+    args = config(tmp_path, mode="self", self_teacher="ema", **{"ema_decay": 0.9, "learning_rate": 1e-2, **kwargs})
+    return DistillationTrainer(model=copy.deepcopy(teacher), args=args, train_dataset=BlockDataset(blocks),
+                               processing_class=tokenizer)
+
+
+def test_ema_teacher_follows_the_decay_formula(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
+    from transformers import TrainerCallback
+
+    trainer = _ema_trainer(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks[:12], max_steps=3)
+    ema = trainer.signal.ema.model
+    assert ema is not trainer.model and not any(p.requires_grad for p in ema.parameters())
+    snapshots = [({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                  {n: p.detach().clone() for n, p in ema.named_parameters()})]
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # after the optimizer step and the EMA update
+            snapshots.append(({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                              {n: p.detach().clone() for n, p in ema.named_parameters()}))
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert len(snapshots) == 4
+    assert all(torch.equal(snapshots[0][0][n], snapshots[0][1][n]) for n in snapshots[0][0])  # starts as a copy
+    for (_, ema_before), (student, ema_after) in zip(snapshots, snapshots[1:]):
+        for name, value in ema_after.items():
+            expected = 0.9 * ema_before[name] + 0.1 * student[name]  # ema <- d·ema + (1-d)·model
+            assert torch.allclose(value, expected, rtol=1e-6, atol=1e-7), name
+            assert ema.get_parameter(name).grad is None
+    moved = [n for n in student if not torch.equal(student[n], snapshots[0][0][n])]
+    assert moved and all(not torch.equal(ema_after[n], student[n]) for n in moved)  # a lagging average
+
+
+@pytest.mark.parametrize("exit_layers", [None, [0]])
+def test_ema_teacher_kl_is_in_the_loss(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks, exit_layers):
+    from hfcompress.distillation.modes import final_norm
+
+    trainer = _ema_trainer(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks[:4], exit_layers=exit_layers,
+                           kd_weight=1.0, ce_weight=0.5, temperature=2.0)
+    ema = trainer.signal.ema.model
+    with torch.no_grad():  # an EMA that has drifted from the model, as it does during training
+        for param in ema.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    batch = BlockDataset(distill_blocks[:3])
+    batch = {k: torch.stack([batch[i][k] for i in range(3)]) for k in batch[0]}
+    got = trainer.compute_loss(trainer.model, batch)
+
+    model = trainer.model
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], output_hidden_states=True)
+        teacher = F.log_softmax(ema(input_ids=batch["input_ids"]).logits[:, :-1] / 2.0, -1)
+        outputs = [out.logits] + [model.lm_head(final_norm(model)(out.hidden_states[layer + 1]))
+                                  for layer in exit_layers or []]
+        kl = sum(4.0 * F.kl_div(F.log_softmax(logits[:, :-1] / 2.0, -1), teacher, reduction="none",
+                                log_target=True).sum(-1) for logits in outputs) / len(outputs)  # T² = 4
+        ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 512), batch["input_ids"][:, 1:].reshape(-1),
+                             reduction="none")
+        expected = (kl.reshape(-1) + 0.5 * ce).mean()
+    assert kl.mean() > 1e-3  # the teacher term is not negligible: a CE-only loss would differ
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, 0.5 * ce.mean(), rtol=1e-3)
+
+
+def test_ema_teacher_is_saved_and_resumed(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    blocks = distill_blocks[:16]
+    full = _ema_trainer(tmp_path / "full", tiny_teacher, tiny_tokenizer, blocks, max_steps=2, save_strategy="steps",
+                        save_steps=1)
+    full.train()
+    assert (tmp_path / "full" / "checkpoint-1" / "ema.safetensors").is_file()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "ema")
+    final_ema = full.signal.ema.model.state_dict()
+    assert all(torch.equal(saved.state_dict()[n], final_ema[n]) for n in final_ema)
+    assert not torch.equal(final_ema["lm_head.weight"], full.model.lm_head.weight)  # the student is not the EMA
+    checkpoint_ema = load_file(tmp_path / "full" / "checkpoint-1" / "ema.safetensors")
+
+    resumed = _ema_trainer(tmp_path / "full", tiny_teacher, tiny_tokenizer, blocks, max_steps=2,
+                           save_strategy="steps", save_steps=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    # The resumed EMA continued from the checkpoint's (not from the resumed model's weights) ...
+    for name, value in resumed.signal.ema.model.state_dict().items():
+        assert torch.allclose(value, final_ema[name], rtol=1e-5, atol=1e-6), name
+    # ... which is a different state than the model's own weights at step 1.
+    assert not torch.allclose(checkpoint_ema["lm_head.weight"],
+                              load_file(tmp_path / "full" / "checkpoint-1" / "model.safetensors")["lm_head.weight"])
+
+
+def test_ema_config_errors(tmp_path, tiny_teacher):
+    base = dict(output_dir=str(tmp_path), report_to=[], mode="self", self_teacher="ema")
+    for decay in (1.0, -0.1, 1.5, "0.9", True):
+        with pytest.raises(ConfigError, match=r"ema_decay must be a number in \[0, 1\)"):
+            DistillationConfig(**base, ema_decay=decay)
+    with pytest.raises(ConfigError, match="self_teacher='ema' is for mode='self'"):
+        DistillationConfig(output_dir=str(tmp_path), report_to=[], self_teacher="ema")
+    with pytest.raises(ConfigError, match="self_teacher='mean' is unknown; choose one of final, ema"):
+        DistillationConfig(**{**base, "self_teacher": "mean"})
+    assert DistillationConfig(**base, ema_decay=0.0).ema_decay == 0.0
+
+
+# --------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------
 def test_cli_cache_teacher_and_truncate(tmp_path, tiny_reference_dir, distill_text_file, capsys):
