@@ -161,8 +161,8 @@ def test_cache_mismatches_are_refused(tmp_path, cache_dir, tiny_teacher, tiny_to
     make(teacher_model=tiny_teacher)  # the right teacher passes (and is not kept)
     with pytest.raises(ConfigError, match="set mode='cache'"):
         DistillationTrainer(model=student, teacher_cache=cache_dir, args=config(tmp_path))
-    with pytest.raises(ConfigError, match="hidden_weight"):
-        DistillationConfig(output_dir=str(tmp_path), report_to=[], mode="cache", hidden_weight=1.0)
+    with pytest.raises(ConfigError, match="hidden_weight"):  # (mode='cache' reads them from the cache)
+        DistillationConfig(output_dir=str(tmp_path), report_to=[], mode="self", hidden_weight=1.0)
 
 
 # --------------------------------------------------------------------------------------------------------
