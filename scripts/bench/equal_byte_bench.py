@@ -11,7 +11,10 @@ Rows (each measured in its own process by ``ours.py``, on the same held-out bloc
 * per student depth in ``--depths``: a student with that many decoder layers (``make_student``: the teacher's
   layers at uniform spacing, the teacher's width and vocabulary), distilled from the teacher with the
   ``DistillationConfig`` defaults for ``--steps`` steps of ``--batch-size`` blocks, then fp32, int8 RTN and int4
-  GPTQ.
+  GPTQ;
+* with ``--control``: the teacher trained further with cross-entropy on the same blocks for the same steps (the
+  students see ``steps x batch`` blocks the teacher never saw; a teacher that was not trained to convergence
+  gains from them too), then the teacher's ladder. The budget table counts it as a teacher row.
 
 Bytes: the decoder layers' weights as stored in the checkpoint (packed integers, scales, norms), read from the
 safetensors headers. The token embeddings and the LM head (kept in floating point, as quantization's default
@@ -175,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--work", type=Path, default=common.WORK_DIR / "equal_byte")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "equal_byte.json")
+    parser.add_argument("--control", action="store_true",
+                        help="also the teacher trained further with cross-entropy on the students' blocks")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the measurements already in --work (only for a --work of the same arguments)")
     args = parser.parse_args(argv)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -197,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         tag = label.replace(" ", "_")
         ckpt = None if bits == 32 else work / f"ckpt-{tag}"
         method = quant_args[0] if quant_args else "fp32"
-        r = common.run_ours(["quant", "--model", folder, *blocks, "--method", method, *quant_args[1:],
-                             *(["--save", ckpt] if ckpt else [])], work / f"{tag}.json", work / f"{tag}.log")
+        out = work / f"{tag}.json"
+        done = args.reuse and out.is_file() and json.loads(out.read_text()).get("status") == "ok"
+        r = json.loads(out.read_text()) if done else common.run_ours(
+            ["quant", "--model", folder, *blocks, "--method", method, *quant_args[1:],
+             *(["--save", ckpt] if ckpt else [])], out, work / f"{tag}.log")
         row = {"label": label, "model": model_name, "role": role, "scheme": scheme, "bits": bits,
                "status": r.get("status"), "error": r.get("error"), "perplexity": r.get("perplexity")}
         stored = ckpt or folder
@@ -216,18 +226,30 @@ def main(argv: list[str] | None = None) -> int:
 
     ladder(f"teacher ({result['teacher_name']})", teacher, "teacher", teacher_side=True)
     result["distill"] = {}
+
+    def train(name: str, init: Path, objective: str) -> Path | None:
+        """``init`` trained for --steps on the train blocks (distilled from the teacher, or CE only)."""
+        trained = work / f"{name}-trained"
+        out = work / f"train-{name}.json"
+        done = args.reuse and out.is_file() and json.loads(out.read_text()).get("status") == "ok"
+        record = json.loads(out.read_text()) if done else common.run_ours(
+            ["distill", "--teacher", teacher, "--student", init, *blocks, "--objective", objective, "--steps",
+             args.steps, "--batch-size", args.batch_size, "--save", trained], out, work / f"train-{name}.log")
+        result["distill"][name] = {k: record.get(k) for k in ("status", "error", "objective", "train_seconds",
+                                                              "perplexity", "final_train_loss")}
+        if record.get("status") != "ok":
+            print(f"training {name} failed: {record.get('error')}", flush=True)
+            return None
+        return trained
+
     for depth in args.depths:
-        init = student_init(teacher, depth, work)
-        distilled = work / f"student-{depth}L-distilled"
-        train = common.run_ours(["distill", "--teacher", teacher, "--student", init, *blocks, "--objective",
-                                 "default", "--steps", args.steps, "--batch-size", args.batch_size, "--save",
-                                 distilled], work / f"distill-{depth}L.json", work / f"distill-{depth}L.log")
-        result["distill"][f"{depth}L"] = {k: train.get(k) for k in ("status", "error", "train_seconds",
-                                                                     "perplexity", "final_train_loss")}
-        if train.get("status") != "ok":
-            print(f"distilling the {depth}-layer student failed: {train.get('error')}", flush=True)
-            continue
-        ladder(f"distilled student {depth}L", distilled, "student", teacher_side=False)
+        distilled = train(f"student-{depth}L", student_init(teacher, depth, work), "default")
+        if distilled is not None:
+            ladder(f"distilled student {depth}L", distilled, "student", teacher_side=False)
+    if args.control:
+        further = train("teacher-ce", teacher, "ce")
+        if further is not None:
+            ladder("teacher + CE on the same blocks", further, "teacher", teacher_side=True)
     save()
     print(table(result))
     return 0
