@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -101,7 +102,9 @@ def budgets(rows: list[dict], slack: float = 1.05) -> list[dict]:
         limit = slack * student["decoder_bytes"]
         fitting = [t for t in teachers if t["decoder_bytes"] <= limit]
         below = min(fitting, key=lambda t: t["perplexity"]) if fitting else None
-        above = next((t for t in teachers if t["decoder_bytes"] > limit), None)
+        larger = [t for t in teachers if t["decoder_bytes"] > limit]
+        above = min((t for t in larger if t["decoder_bytes"] == larger[0]["decoder_bytes"]),
+                    key=lambda t: t["perplexity"]) if larger else None
         entry = {"budget_bytes": student["decoder_bytes"], "student": student["label"],
                  "student_perplexity": student["perplexity"]}
         for side, row in (("within", below), ("above", above)):
@@ -116,7 +119,20 @@ def budgets(rows: list[dict], slack: float = 1.05) -> list[dict]:
 
 def table(result: dict) -> str:
     kib = 1024
-    lines = ["| model | bits | decoder weights KiB | checkpoint KiB | perplexity |", "|---|---|---|---|---|"]
+    m = result["machine"]
+    lines = [f"# Equal bytes: the teacher quantized harder vs a distilled student quantized less ({result['date']})",
+             "", f"`{result['command']}`", "",
+             f"Teacher `{result['teacher']}` ({result['teacher_name']}). Each student: the teacher's layers at uniform "
+             f"spacing, distilled with the `DistillationConfig` defaults (1.0 forward KL + 0.5 CE + 10 cosine hidden) "
+             f"for {result['steps']} steps of {result['batch_size']} x {result['block_size']} tokens "
+             f"({result['distill_tokens_per_student']:,} tokens; the teacher itself was trained on "
+             f"{result.get('teacher_train_tokens') or '?':,} tokens), learning rate 1e-3 constant. GPTQ: group "
+             f"{result['group_size']}, 64 calibration blocks. Perplexity on {result['eval_tokens']:,} held-out tokens "
+             f"(stdlib test split). Machine: {m.get('cpu_model')} ({m.get('cpu_flags')}), {m.get('cpu_count')} vCPUs "
+             f"shared with other jobs, {m.get('nproc')} core for this run, torch threads {m.get('torch_threads')}.",
+             "", "Bytes: decoder layers as stored in the checkpoint (packed integers, scales, norms); the embeddings "
+             "and LM head (floating point) are the same size in every row and included only in the checkpoint "
+             "column.", "", "| model | bits | decoder weights KiB | checkpoint KiB | perplexity |", "|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: -r.get("decoder_bytes", 0)):
         ppl = f"{r['perplexity']:.2f}" if r.get("perplexity") else r.get("error", "—")
         lines.append(f"| {r['label']} | {r['bits']} | {r['decoder_bytes'] / kib:.0f} | "
@@ -155,6 +171,7 @@ def plot(result: dict, path: Path) -> None:
             ax.annotate(r["scheme"], (r["decoder_bytes"] / 1024, r["perplexity"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("decoder weights as stored (KiB, log scale; embeddings + LM head identical in every row)")
@@ -191,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"teacher": args.teacher, "teacher_name": teacher.name, "steps": args.steps,
               "batch_size": args.batch_size, "block_size": args.block_size, "group_size": g,
               "distill_tokens_per_student": args.steps * args.batch_size * args.block_size,
-              "eval_tokens": args.eval_blocks * args.block_size, "machine": common.machine_info(), "rows": []}
+              "eval_tokens": args.eval_blocks * args.block_size, "machine": common.machine_info(), "rows": [],
+              "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "command": "python scripts/bench/equal_byte_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "teacher_train_tokens": json.loads((teacher / "reference_metrics.json").read_text()).get("train_tokens")
+              if (teacher / "reference_metrics.json").is_file() else None}
 
     def save() -> None:
         result["budgets"] = budgets(result["rows"])
