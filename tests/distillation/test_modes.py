@@ -490,15 +490,17 @@ def test_distill_script_runs_the_cache_and_self_modes(tmp_path, tiny_reference_d
 
     cache = tmp_path / "cache"
     assert main(["cache-teacher", str(tiny_reference_dir), "--out", str(cache), "--data", "stdlib:validation",
-                 "--block-size", "32", "--num-blocks", "8", "-q"]) == 0
+                 "--block-size", "32", "--num-blocks", "8", "--hidden-layers", "1", "-q"]) == 0
     common = ["--teacher", str(tiny_reference_dir), "--student_num_layers", "1", "--block_size", "32",
               "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu", "true",
               "--save_strategy", "no"]
     out = distill_from_args(*parse_distill_args(common + ["--mode", "cache", "--teacher_cache", str(cache),
+                                                          "--hidden_weight", "1.0", "--layer_map", "last",
                                                           "--output_dir", str(tmp_path / "cached")]))
     assert (out / "config.json").is_file()
     out = distill_from_args(*parse_distill_args(common + ["--mode", "self", "--num_train_blocks", "8",
                                                           "--dataset", "stdlib:validation",
-                                                          "--student_num_layers", "2",
+                                                          "--student_num_layers", "2", "--self_teacher", "ema",
+                                                          "--ema_decay", "0.9",
                                                           "--output_dir", str(tmp_path / "self")]))
-    assert (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / "ema" / "config.json").is_file()
