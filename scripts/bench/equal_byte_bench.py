@@ -132,7 +132,8 @@ def table(result: dict) -> str:
              f"shared with other jobs, {m.get('nproc')} core for this run, torch threads {m.get('torch_threads')}.",
              "", "Bytes: decoder layers as stored in the checkpoint (packed integers, scales, norms); the embeddings "
              "and LM head (floating point) are the same size in every row and included only in the checkpoint "
-             "column.", "", "| model | bits | decoder weights KiB | checkpoint KiB | perplexity |", "|---|---|---|---|---|"]
+             "column.", "",
+             "| model | bits | decoder weights KiB | checkpoint KiB | perplexity |", "|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: -r.get("decoder_bytes", 0)):
         ppl = f"{r['perplexity']:.2f}" if r.get("perplexity") else r.get("error", "—")
         lines.append(f"| {r['label']} | {r['bits']} | {r['decoder_bytes'] / kib:.0f} | "
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
               "distill_tokens_per_student": args.steps * args.batch_size * args.block_size,
               "eval_tokens": args.eval_blocks * args.block_size, "machine": common.machine_info(), "rows": [],
               "date": time.strftime("%Y-%m-%d", time.gmtime()),
-              "command": "python scripts/bench/equal_byte_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": " ".join(["python scripts/bench/equal_byte_bench.py",
+                                   *(sys.argv[1:] if argv is None else argv)]),
               "teacher_train_tokens": json.loads((teacher / "reference_metrics.json").read_text()).get("train_tokens")
               if (teacher / "reference_metrics.json").is_file() else None}
 
