@@ -447,6 +447,18 @@ def run_and_record(out: str | os.PathLike, fields: dict, body: Callable[[dict], 
     return code
 
 
+def run_ours(argv: list, out: Path, log: Path) -> dict:
+    """One ``ours.py`` measurement in its own process; its JSON, or an error record naming the failure."""
+    out.unlink(missing_ok=True)
+    with open(log, "w") as handle:
+        subprocess.run([sys.executable, str(BENCH_DIR / "ours.py"), *map(str, argv), "--out", str(out)],
+                       stdout=handle, stderr=subprocess.STDOUT, check=False)
+    if out.is_file():
+        return json.loads(out.read_text())
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return {"status": "error", "error": lines[-1] if lines else "no output"}
+
+
 def step_timer():
     """A ``transformers.TrainerCallback`` that records the wall time at the end of every optimizer step."""
     from transformers import TrainerCallback
