@@ -30,7 +30,6 @@ import os
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.errors import ConfigError
 from .losses import LogitLoss, hidden_state_loss, next_token_targets, normalize, predicted_positions
@@ -112,6 +111,56 @@ class CachedTeacher(TeacherSignal):
 # --------------------------------------------------------------------------------------------------------
 # online: teacher and student train together
 # --------------------------------------------------------------------------------------------------------
+ONLINE_TEACHER_DIR = "teacher"  # in each checkpoint and in output_dir
+ONLINE_OPTIMIZER_FILE = "teacher_optimizer.safetensors"
+
+
+def load_weights(model: torch.nn.Module, folder) -> None:
+    """Load a ``save_pretrained`` folder's safetensors weights into ``model`` in place (every shard; weights
+    tied to another are stored once): raises if a tensor is unknown or one of the model's is not found."""
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(folder) if f.startswith("model") and f.endswith(".safetensors"))
+    if not files:
+        raise ConfigError(f"{folder} holds no model*.safetensors weights")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(folder, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {p.data_ptr() for n, p in model.state_dict().items() if n in state}
+    untied = [n for n in missing if model.state_dict()[n].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ConfigError(f"{folder} does not match the teacher: unknown tensors {unexpected[:3]}, missing "
+                          f"{untied[:3]}")
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path) -> None:
+    """An optimizer's state dict as safetensors (no pickle): its tensors by "<param index>.<name>", its
+    param groups as JSON metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value.detach().contiguous().cpu() for index, entry in state["state"].items()
+               for key, value in entry.items()}
+    save_file(tensors, path, metadata={"param_groups": json.dumps(state["param_groups"])})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        groups = json.loads(handle.metadata()["param_groups"])
+        state: dict[int, dict] = {}
+        for key in handle.keys():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = handle.get_tensor(key)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 def check_trainable_teacher(teacher) -> None:
     """Online mode trains the teacher: refuse a quantized one or one whose parameters are all frozen."""
     from ..quantization.modules import CompressedLinear
@@ -131,7 +180,8 @@ def check_trainable_teacher(teacher) -> None:
 
 
 class _OnlineTeacherCallback(TrainerCallback):
-    """Steps the teacher's optimizer after the student's and saves the teacher next to the student."""
+    """Steps the teacher's optimizer after the student's and saves the final teacher next to the student
+    (checkpoints hold theirs through :meth:`OnlineTeacher.save_state`)."""
 
     def __init__(self, signal: "OnlineTeacher"):
         self.signal = signal
@@ -143,14 +193,12 @@ class _OnlineTeacherCallback(TrainerCallback):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):
-            self.signal.teacher.save_pretrained(os.path.join(folder, "teacher"))
-
     def on_train_end(self, args, state, control, **kwargs):
+        from ..core.atomic import atomic_folder
+
         if args.should_save:
-            self.signal.teacher.save_pretrained(os.path.join(args.output_dir, "teacher"))
+            with atomic_folder(os.path.join(args.output_dir, ONLINE_TEACHER_DIR), overwrite=True) as folder:
+                unwrap(self.signal.teacher).save_pretrained(folder)
 
 
 class OnlineTeacher(TeacherSignal):
@@ -161,6 +209,26 @@ class OnlineTeacher(TeacherSignal):
         self.optimizer = torch.optim.AdamW(params, lr=args.teacher_learning_rate or args.learning_rate,
                                            weight_decay=args.weight_decay)
         self.mutual_weight = args.mutual_weight
+
+    def save_state(self, folder) -> None:
+        """The teacher as a ``from_pretrained`` folder (``teacher/``) and its optimizer's state
+        (``teacher_optimizer.safetensors``), inside the checkpoint being staged, so both are published with it."""
+        unwrap(self.teacher).save_pretrained(os.path.join(folder, ONLINE_TEACHER_DIR))
+        save_optimizer_state(self.optimizer, os.path.join(folder, ONLINE_OPTIMIZER_FILE))
+
+    def load_state(self, folder) -> None:
+        teacher_dir = os.path.join(folder, ONLINE_TEACHER_DIR)
+        if not os.path.isdir(teacher_dir):
+            logger.warning("%s has no %s/; the online teacher restarts from the weights it was given", folder,
+                           ONLINE_TEACHER_DIR)
+            return
+        load_weights(unwrap(self.teacher), teacher_dir)
+        optimizer_file = os.path.join(folder, ONLINE_OPTIMIZER_FILE)
+        if os.path.isfile(optimizer_file):
+            load_optimizer_state(self.optimizer, optimizer_file)
+        else:
+            logger.warning("%s has no %s; the teacher's optimizer restarts", folder, ONLINE_OPTIMIZER_FILE)
+        logger.info("restored the online teacher from %s", teacher_dir)
 
     def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
         spec = trainer.spec

@@ -287,6 +287,36 @@ def test_online_trains_the_teacher_and_saves_it(tmp_path, tiny_teacher, tiny_tok
     assert torch.equal(saved.lm_head.weight, tiny_teacher.lm_head.weight.detach())
 
 
+def test_online_checkpoints_hold_the_teacher_and_a_resume_continues_it(tmp_path, tiny_teacher, tiny_tokenizer,
+                                                                        distill_blocks):
+    """checkpoint-N/teacher (loadable) and the teacher's optimizer state are written inside the staged checkpoint;
+    resuming from it continues the teacher where it was (weights and AdamW moments), not from its start."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    def trainer_for(out, teacher):
+        return DistillationTrainer(model=make_student(teacher, num_layers=1), teacher_model=teacher,
+                                   args=config(out, mode="online", max_steps=4, save_strategy="steps", save_steps=2,
+                                               teacher_learning_rate=1e-3, mutual_weight=0.5),
+                                   train_dataset=BlockDataset(distill_blocks[:16]), processing_class=tiny_tokenizer)
+
+    start = copy.deepcopy(tiny_teacher)
+    full_teacher = copy.deepcopy(start)
+    full = trainer_for(tmp_path / "full", full_teacher)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / "teacher" / "config.json").is_file() and (checkpoint / "teacher_optimizer.safetensors").is_file()
+    at_two = AutoModelForCausalLM.from_pretrained(checkpoint / "teacher")
+    assert not torch.equal(at_two.lm_head.weight, start.lm_head.weight)  # it trained
+
+    resumed_teacher = copy.deepcopy(start)  # what a resumed run is given: the teacher's starting weights
+    resumed = trainer_for(tmp_path / "full", resumed_teacher)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for (name, value), expected in zip(resumed_teacher.state_dict().items(), full_teacher.state_dict().values()):
+        assert torch.allclose(value, expected, rtol=1e-5, atol=1e-6), name
+
+
 def test_online_refuses_a_teacher_that_cannot_train(tmp_path, tiny_teacher, tiny_tokenizer):
     from hfcompress import QuantizationConfig, quantize
 
