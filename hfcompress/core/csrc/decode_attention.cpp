@@ -81,6 +81,47 @@ __attribute__((target("avx2,fma"))) void axpy_avx2(float a, const T* v, float* o
 }
 #endif
 
+#ifdef HFC_X86
+// exp(x) for x <= 0 (scores minus their maximum), 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7
+// polynomial (Cephes' expf coefficients; relative error ~1e-7, below float32's rounding of the sums after it),
+// times 2^n through the exponent bits. x below -87 (including -inf) gives 0 or a denormal-free tiny value.
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+__attribute__((target("avx2,fma"))) void exp_shifted_avx2(const float* s, float* out, int64_t n, float top) {
+  const __m256 t = _mm256_set1_ps(top);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + i), t)));
+  for (; i < n; ++i) out[i] = std::exp(s[i] - top);
+}
+#endif
+
+// out[l] = exp(s[l] - top) (s <= top; -inf gives 0): the softmax's numerators, vectorised on the AVX2 path.
+template <typename Acc>
+void exp_shifted(Isa isa, const Acc* s, Acc* out, int64_t n, Acc top) {
+#ifdef HFC_X86
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (isa != Isa::kScalar) return exp_shifted_avx2(s, out, n, top);
+  }
+#endif
+  (void)isa;
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(s[i] - top);
+}
+
 template <typename T, typename Acc>
 Acc dot(Isa isa, const Acc* q, const T* k, int64_t n) {
 #ifdef HFC_X86
@@ -121,7 +162,8 @@ void run(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // Heads per task: enough work (~16k multiply-adds) to be worth a thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L * (D + Dv)));
   at::parallel_for(0, B * H, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<Acc> qf(static_cast<size_t>(D)), scores(static_cast<size_t>(L)), acc(static_cast<size_t>(Dv));
+    std::vector<Acc> qf(static_cast<size_t>(D)), scores(static_cast<size_t>(L)), probs(static_cast<size_t>(L));
+    std::vector<Acc> acc(static_cast<size_t>(Dv));
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / H, h = r % H, kvh = h / G;
       const T* qrow = qp + r * D;
@@ -144,11 +186,11 @@ void run(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       if (top == -std::numeric_limits<Acc>::infinity()) {
         total = std::numeric_limits<Acc>::quiet_NaN();  // nothing to attend: NaN, like softmax of all -inf
       } else {
+        exp_shifted<Acc>(isa, scores.data(), probs.data(), L, top);  // probs[l] = exp(scores[l] - top)
         for (int64_t l = 0; l < L; ++l) {
-          if (scores[l] == -std::numeric_limits<Acc>::infinity()) continue;
-          const Acc p = std::exp(scores[l] - top);
-          total += p;
-          axpy<T, Acc>(isa, p, vb + l * Dv, acc.data(), Dv);
+          if (scores[l] == -std::numeric_limits<Acc>::infinity()) continue;  // masked: skipped, not zeroed
+          total += probs[l];
+          axpy<T, Acc>(isa, probs[l], vb + l * Dv, acc.data(), Dv);
         }
       }
       T* orow = op + r * Dv;
