@@ -80,6 +80,7 @@ from .packed import (  # the modules live in .packed (so .cuda_runtime can build
     PackedModuleMixin,
     SharedInputProjections,
     SharedInputSlice,
+    flatten_head_input,
     fuse_shared_input_projections,
     kernel_module,
     quantize_input_embeddings,
@@ -349,6 +350,8 @@ def finish_packed_model(model: nn.Module, device: torch.device, fuse_projections
         finish_cuda_model(model)
     if quantize_embeddings:
         quantize_input_embeddings(model, tied_head=device.type == "cpu")
+    if device.type == "cpu":
+        flatten_head_input(model)
     model.to(device).eval().requires_grad_(False)
     return model
 
