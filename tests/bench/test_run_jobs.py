@@ -94,3 +94,16 @@ def test_resume_matches_commands_recorded_in_another_checkout(tmp_path):
                           + " ".join(shlex.quote(a) for a in job.argv[1:])}
     runner = run.Runner(tmp_path, {}, None, verbose=False, previous={"a": earlier})
     assert runner.run(job)["value"] == 1 and runner.reused == ["a"] and not job.out.exists()
+
+
+def test_report_labels_timings_of_a_loaded_machine_as_distorted():
+    assert report.load_distorted({"loadavg_at_start": (2.7, 4.4, 5.7)})
+    assert not report.load_distorted({"loadavg_at_start": (0.2, 0.5, 0.9)})
+    assert not report.load_distorted({})
+    rows = [{"name": "fp32", "status": "ok", "table": "ours", "label": "fp32", "perplexity": 15.2,
+             "quantize_seconds": 1.0}]
+    profile = {"name": "smollm2", "group_size": 128, "bits": [4], "real_model": "smollm2", "block_size": 512,
+               "calibration_blocks": 64, "eval_blocks": 64}
+    loaded = "\n".join(report.quant_tables(rows, profile, [], {}, distorted=True))
+    idle = "\n".join(report.quant_tables(rows, profile, [], {}))
+    assert "quantize s (load-distorted)" in loaded and "load-distorted" not in idle
