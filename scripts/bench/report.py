@@ -624,7 +624,8 @@ def _resume_note(resumed: dict) -> str:
     return (f"**Resumed.** {len(jobs)} row(s) ({', '.join(jobs)}) were measured by earlier invocation(s) in the "
             f"same work folder (the first started {resumed.get('date')}: "
             + "; ".join(f"`{c}`" for c in commands if c)
-            + "), each by exactly the subprocess command in its JSON; this invocation reused them and ran the "
+            + "), each by the subprocess command in its JSON (the same as this invocation's for that job, up to "
+              "where the checkout lies: see `run.portable_command`); this invocation reused them and ran the "
               "others.\n")
 
 
