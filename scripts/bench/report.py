@@ -497,9 +497,11 @@ def plots(results: dict, folder: Path) -> list[str]:
     if bars and fp32:
         fig, ax = plt.subplots(figsize=(9, 0.28 * len(bars) + 1.5))
         colors = ["tab:blue" if b[2] == "hfcompress" else "tab:orange" for b in bars]
-        ax.barh([b[0] for b in bars], [max(b[1], 1e-3) for b in bars], color=colors)
+        # A log axis has no room for rows at or below fp32: they are drawn at its floor and say their value.
+        labels = [b[0] + (f" ({b[1]:+.2f}%, drawn at the floor)" if b[1] < 1e-3 else "") for b in bars]
+        ax.barh(labels, [max(b[1], 1e-3) for b in bars], color=colors)
         ax.set_xscale("log")
-        ax.set_xlabel("perplexity increase over fp32 (%, log scale)")
+        ax.set_xlabel("perplexity increase over fp32 (%, log scale; floor 0.001%)")
         ax.invert_yaxis()
         ax.set_title("Quantization quality (blue: hfcompress, orange: peers)")
         fig.tight_layout()
