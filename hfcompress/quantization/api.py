@@ -314,7 +314,7 @@ def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generato
 
     Each mapping's scale search (:func:`.awq.search_scale`) measures, for linears sharing one input (q/k/v,
     gate/up), the error at the output of their common parent block, re-run on the first
-    :data:`.awq.AWQ_SEARCH_SAMPLES` calibration sequences (:func:`.awq.block_error`); for a single linear,
+    :data:`.awq.AWQ_SEARCH_TOKENS` calibration tokens (:func:`.awq.block_error`); for a single linear,
     or without ``probe.inputs``, its own output error from the input Hessian (all calibration tokens).
 
     ``probe()`` runs the (still floating-point) layer on one calibration batch; ``probe.inputs``, when
@@ -338,7 +338,7 @@ def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generato
         if inputs is not None and parent_name not in linears:
             parent = modules[parent_name]  # "" is the layer itself
             with autocast():
-                calls = C.capture_module_calls(layer, parent, inputs, A.AWQ_SEARCH_SAMPLES)
+                calls = C.capture_module_calls(layer, parent, inputs, A.AWQ_SEARCH_TOKENS)
             if calls:
                 error = A.block_error(parent, [t.module for t in group], calls, autocast)
                 objective = "block"

@@ -71,12 +71,14 @@ SCALE_MAPPINGS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
-# Calibration sequences on which the block error of a scale search is measured: the first calibration
-# batches, until they hold this many (the first rows of pre-tokenized data; a seeded random draw of text).
-# Each block search re-runs the block AWQ_GRID times on them, so this bounds its cost. On the `base` teacher
-# (256-token sequences, int4 g128, three calibration draws) 16 sequences gave mean perplexity 43.459 against
-# 43.440 for 32 (worse on every draw) at 0.7x the time; 64 and 128 were only tried on one draw.
-AWQ_SEARCH_SAMPLES = 32
+# Calibration tokens on which the block error of a scale search is measured: the first calibration batches,
+# until they hold this many token positions (the first rows of pre-tokenized data; a seeded random draw of
+# text). Each block search re-runs the block AWQ_GRID times on them, so this bounds its cost, which grows with
+# tokens, not sequences: counted in sequences, the same setting cost twice as much on 512-token sequences as
+# on the 256-token ones it was chosen on. On the `base` teacher (256-token sequences, int4 g128, three
+# calibration draws) 16 sequences (4,096 tokens) gave mean perplexity 43.459 against 43.440 for 32 (8,192
+# tokens; worse on every draw) at 0.7x the time; 64 and 128 sequences were only tried on one draw.
+AWQ_SEARCH_TOKENS = 8192
 
 
 def scale_candidates(abs_mean: torch.Tensor, grid: int = AWQ_GRID):

@@ -355,12 +355,22 @@ class ModuleCall:
 
 
 @torch.no_grad()
+def batch_tokens(args: tuple, kwargs: dict) -> int:
+    """Token positions in one batch of a layer's inputs: batch x sequence of its hidden states (B, T, H)
+    (padding included: re-running the layer costs the same for it); 1 if they are not a tensor."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim < 2:
+        return 1
+    return math.prod(hidden.shape[:-1])
+
+
 def capture_module_calls(layer: nn.Module, module: nn.Module, inputs: LayerInputs,
-                         max_samples: int | None = None) -> list[ModuleCall]:
+                         max_tokens: int | None = None) -> list[ModuleCall]:
     """Run ``layer`` on its calibration batches and record each call of ``module`` (one of its sub-modules,
     or the layer itself): its positional/keyword inputs and output, so that ``module`` can be re-run on them
-    alone. Each batch stops right after ``module`` has run. ``max_samples``: stop after the batch that
-    reaches this many sequences (all batches if None). Empty if ``module`` is never called."""
+    alone. Each batch stops right after ``module`` has run. ``max_tokens``: stop after the batch that
+    reaches this many token positions (:func:`batch_tokens`; all batches if None). Empty if ``module`` is
+    never called."""
     calls: list[ModuleCall] = []
 
     def hook(mod, args, kwargs, output):
@@ -368,17 +378,16 @@ def capture_module_calls(layer: nn.Module, module: nn.Module, inputs: LayerInput
         raise _StopForward
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
-    samples = 0
+    tokens = 0
     try:
         for args, kwargs in zip(inputs.args, inputs.kwargs):
-            if max_samples is not None and samples >= max_samples:
+            if max_tokens is not None and tokens >= max_tokens:
                 break
             try:
                 layer(*args, **kwargs)
             except _StopForward:
                 pass
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            samples += hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.ndim > 1 else 1
+            tokens += batch_tokens(args, kwargs)
     finally:
         handle.remove()
     return calls

@@ -69,7 +69,7 @@ from . import coverage as CV
 from . import ct_format
 from . import primitives as P
 from . import sequential as S
-from .awq import AWQ_SEARCH_SAMPLES
+from .awq import AWQ_SEARCH_TOKENS
 from .checkpoint import (
     SAFE_INDEX,
     SAFE_WEIGHTS,
@@ -557,7 +557,9 @@ def _estimate_bound(model, layers, source, names, targets, config, blocks, front
             # inverting it (gptq.inverse_hessian_cholesky), plus the float32 (stacked) weight with its codes.
             work += 3 * widest * widest * 4 + 2 * sum(o * i for o, i in shapes) * 4
         elif config.method == "awq":
-            work += min(n, AWQ_SEARCH_SAMPLES) * t * (2 * hidden + widest) * 4  # cached block calls
+            # cached block calls: whole batches until AWQ_SEARCH_TOKENS (capture_module_calls)
+            searched = min(n, batch * -(-AWQ_SEARCH_TOKENS // (batch * t)))
+            work += searched * t * (2 * hidden + widest) * 4
         work += batch * t * (4 * hidden + 3 * widest) * 4  # one batch's live activations in the layer
     return MemoryBound(baseline=baseline, unit=unit, cache=cache, work=work)
 

@@ -92,7 +92,17 @@ def _delta(ppl, base) -> float | None:
     return None if ppl is None or not base else 100 * (ppl / base - 1)
 
 
-def quant_tables(results: list[dict], profile: dict, checks: list[str], headline: dict) -> list[str]:
+def load_distorted(machine: dict) -> bool:
+    """Whether the run's timings are distorted by other processes: the 1-minute load average was at least 1
+    when it started (at least one other runnable process on the machine before any measurement began)."""
+    load = machine.get("loadavg_at_start")
+    return bool(load) and load[0] >= 1.0
+
+
+def quant_tables(results: list[dict], profile: dict, checks: list[str], headline: dict,
+                 distorted: bool = False) -> list[str]:
+    """``distorted``: label every timing column and wall-time target as load-distorted (:func:`load_distorted`)."""
+    secs = "quantize s (load-distorted)" if distorted else "quantize s"
     out: list[str] = []
     named = _by_name(results)
     fp32 = named.get("fp32", {}).get("perplexity")
@@ -134,7 +144,7 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
                f"in GPTQ's true-sequential order: every calibration batch is in flight inside the layer at once, so "
                f"their Δ RSS holds all of one layer's activations, not only its inputs — see the two-pass rows of "
                f"the head to head below for the other order's time and memory).\n")
-    out.append(table(["method", "perplexity", "Δ vs fp32", "KL mnats/tok", "quantize s", "peak RSS MiB", "Δ RSS MiB",
+    out.append(table(["method", "perplexity", "Δ vs fp32", "KL mnats/tok", secs, "peak RSS MiB", "Δ RSS MiB",
                       "weights MiB", "vs fp32", "notes"], rows))
 
     # Targets of the quantization issue.
@@ -230,7 +240,8 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
                     checks.append(f"vs llm-compressor GPTQ W{bits}A16{suffix}: perplexity {o['perplexity']:.3f} vs "
                                   f"{t['perplexity']:.3f} ({_ppl_verdict(o['perplexity'], t['perplexity'])}), "
                                   f"wall time {o_s / t_s:.2f}× theirs (target ≤ "
-                                  f"0.5×: {'met' if o_s <= 0.5 * t_s else 'NOT met'})")
+                                  f"0.5×: {'met' if o_s <= 0.5 * t_s else 'NOT met'}"
+                                  + ("; timings load-distorted, not a speed claim" if distorted else "") + ")")
         out.append("\n### Head to head with llm-compressor (same calibration blocks, same settings)\n")
         out.append("Symmetric int weights, min-max observer, GPTQ dampening 0.01 of the mean Hessian diagonal, "
                    "block 128, no activation ordering, sequential layer-by-layer calibration on both sides "
@@ -251,8 +262,9 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
                       "llm-compressor and hfcompress)" if timing else "")
                    + ". Checkpoints are both compressed-tensors `pack-quantized`.\n")
         out.append(table(["scheme", "hfcompress ppl", "llm-compressor ppl", "ppl ratio", "hfcompress KL mnats/tok",
-                          "llm-compressor KL mnats/tok", "hfcompress s",
-                          "llm-compressor s", "time ratio", "hfcompress peak RSS MiB",
+                          "llm-compressor KL mnats/tok", *(f"{c} (load-distorted)" if distorted else c for c in
+                                                            ("hfcompress s", "llm-compressor s", "time ratio")),
+                          "hfcompress peak RSS MiB",
                           "llm-compressor peak RSS MiB", "hfcompress ckpt bytes", "llm-compressor ckpt bytes"],
                          rows))
         if timing:
@@ -280,7 +292,7 @@ def quant_tables(results: list[dict], profile: dict, checks: list[str], headline
         out.append("\n### Other weight quantizers on the same teacher and eval blocks\n")
         out.append("Data-free methods (no calibration). Weight bytes count the real storage of packed/subclassed "
                    "tensors and their scales. bitsandbytes int8 keeps outlier columns in fp16 at runtime.\n")
-        out.append(table(["tool", "bits", "perplexity", "Δ vs fp32", "KL mnats/tok", "quantize s", "peak RSS MiB", "weights MiB",
+        out.append(table(["tool", "bits", "perplexity", "Δ vs fp32", "KL mnats/tok", secs, "peak RSS MiB", "weights MiB",
                           "vs fp32", "ckpt bytes", "notes"], rows))
     return out
 
@@ -485,9 +497,11 @@ def plots(results: dict, folder: Path) -> list[str]:
     if bars and fp32:
         fig, ax = plt.subplots(figsize=(9, 0.28 * len(bars) + 1.5))
         colors = ["tab:blue" if b[2] == "hfcompress" else "tab:orange" for b in bars]
-        ax.barh([b[0] for b in bars], [max(b[1], 1e-3) for b in bars], color=colors)
+        # A log axis has no room for rows at or below fp32: they are drawn at its floor and say their value.
+        labels = [b[0] + (f" ({b[1]:+.2f}%, drawn at the floor)" if b[1] < 1e-3 else "") for b in bars]
+        ax.barh(labels, [max(b[1], 1e-3) for b in bars], color=colors)
         ax.set_xscale("log")
-        ax.set_xlabel("perplexity increase over fp32 (%, log scale)")
+        ax.set_xlabel("perplexity increase over fp32 (%, log scale; floor 0.001%)")
         ax.invert_yaxis()
         ax.set_title("Quantization quality (blue: hfcompress, orange: peers)")
         fig.tight_layout()
@@ -612,7 +626,8 @@ def _resume_note(resumed: dict) -> str:
     return (f"**Resumed.** {len(jobs)} row(s) ({', '.join(jobs)}) were measured by earlier invocation(s) in the "
             f"same work folder (the first started {resumed.get('date')}: "
             + "; ".join(f"`{c}`" for c in commands if c)
-            + "), each by exactly the subprocess command in its JSON; this invocation reused them and ran the "
+            + "), each by the subprocess command in its JSON (the same as this invocation's for that job, up to "
+              "where the checkout lies: see `run.portable_command`); this invocation reused them and ran the "
               "others.\n")
 
 
@@ -625,7 +640,8 @@ def write(results: dict, path: Path) -> None:
     checks: list[str] = []
     body: list[str] = []
     if results.get("quant"):
-        body += ["## Quantization: quality and cost\n"] + quant_tables(results["quant"], profile, checks, headline)
+        body += ["## Quantization: quality and cost\n"] + quant_tables(results["quant"], profile, checks, headline,
+                                                                         load_distorted(machine))
     if results.get("runtime"):
         body += ["\n## Runtime: speed and memory\n"] + runtime_tables(results["runtime"], results.get("bandwidth"),
                                                                       profile, headline, checks)
@@ -671,7 +687,10 @@ def write(results: dict, path: Path) -> None:
         "**Noise.** The machine is shared (other jobs ran during this benchmark, see the load average); "
         "wall-time and tokens/s numbers carry the spread shown beside them and differ run to run by more than "
         "that when the load changes — read ratios, not absolute values. Perplexities, cosines and byte counts "
-        "are deterministic (fixed seeds, same blocks).\n",
+        "are deterministic (fixed seeds, same blocks)."
+        + (" The 1-minute load average was ≥ 1 when this invocation started (other processes were running): "
+           "every timing column is labelled **load-distorted** and supports no speed claim."
+           if load_distorted(machine) else "") + "\n",
     ]
     done = [name for name in ("quant", "embed", "distill", "pipeline", "runtime") if results.get(name)]
     missing = [name for name in results.get("sections", []) if name not in done]
@@ -683,6 +702,8 @@ def write(results: dict, path: Path) -> None:
         head.append(f"The capabilities' own script(s) {' and '.join(absent)} did not complete within this "
                     f"invocation (stopped for time); their committed tables come from separate runs.\n")
     hl = headline_lines(headline)
+    if hl and load_distorted(machine):
+        hl = [line + (" (load-distorted)" if "wall time" in line else "") for line in hl]
     if hl:
         head += ["## Headline ratios\n"] + hl + [""]
     if checks:

@@ -37,6 +37,7 @@ import datetime
 import fnmatch
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -170,6 +171,17 @@ class Job:
     meta: dict = field(default_factory=dict)
 
 
+_CHECKOUT_PREFIX = re.compile(r"(^|\s)/[^\s']*?/(?=scripts/bench/)")
+
+
+def portable_command(command: str) -> str:
+    """``command`` with the absolute location of the checkout dropped from every path into ``scripts/bench/``
+    (``/work/wt/a/scripts/bench/ours.py`` -> ``scripts/bench/ours.py``): ``--resume`` compares commands this
+    way, so a work folder (results.json) carried to another worktree or clone of the repository still reuses
+    the measurements of the same script on the same inputs, and any other change of an argument still reruns."""
+    return _CHECKOUT_PREFIX.sub(r"\1", command)
+
+
 def job_selected(name: str, jobs: list[str] | None, skip: list[str] | None) -> bool:
     """Whether the job ``name`` runs under ``--jobs`` (None: all) and ``--skip-jobs`` shell patterns."""
     if jobs is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in jobs):
@@ -181,8 +193,8 @@ class Runner:
     """Runs jobs one at a time. ``jobs`` / ``skip`` filter them by name (``job_selected``); ``after_job`` is
     called after each one that ran (run.py rewrites results.json and the markdown there); ``dry_run`` only
     prints the names of the jobs that would run. ``previous``: successful records of an earlier run in the same
-    work folder (``--resume``), by job name; a job whose record has exactly the same subprocess command is not
-    run again, its record is reused."""
+    work folder (``--resume``), by job name; a job whose record has the same subprocess command (compared by
+    :func:`portable_command`: wherever the checkout lies) is not run again, its record is reused."""
 
     def __init__(self, work: Path, results: dict, peer_python: Path | None, verbose: bool = True,
                  jobs: list[str] | None = None, skip: list[str] | None = None, after_job=None,
@@ -210,7 +222,7 @@ class Runner:
         command = [self.python_for(job.side), *map(str, job.argv)]
         shown = " ".join(shlex.quote(c) for c in [Path(command[0]).name, *command[1:]])
         earlier = self.previous.get(job.name)
-        if earlier is not None and earlier.get("command") == shown:
+        if earlier is not None and portable_command(earlier.get("command") or "") == portable_command(shown):
             result = dict(earlier, **job.meta)
             self.results.setdefault(job.section, []).append(result)
             self.reused.append(job.name)

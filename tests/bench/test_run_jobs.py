@@ -3,6 +3,7 @@ records, without running any model (fast)."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,33 @@ def test_runner_reuses_an_earlier_record_only_for_the_same_command(tmp_path):
     assert [r["name"] for r in results["quant"]] == ["a", "b"]
     note = report._resume_note({"commands": ["python run.py x"], "date": "d", "reused_jobs": runner.reused})
     assert "1 row(s) (a)" in note and "`python run.py x`" in note
+
+
+def test_resume_matches_commands_recorded_in_another_checkout(tmp_path):
+    here = f"python {BENCH}/ours.py quant --model {BENCH}/work/models/m --bits 4 --out {BENCH}/work/p/json/q.json"
+    there = here.replace(str(BENCH.parents[1]), "/elsewhere/wt/other")
+    assert there != here and run.portable_command(there) == run.portable_command(here)
+    assert run.portable_command(here).startswith("python scripts/bench/ours.py quant --model scripts/bench/work/")
+    assert run.portable_command(there.replace("--bits 4", "--bits 3")) != run.portable_command(here)
+    assert run.portable_command("python /data/model --out /x/y") == "python /data/model --out /x/y"
+    # A record made in another checkout is reused by a runner here, not run again
+    job = _job(tmp_path, "a")
+    job.argv = [str(BENCH / "ours.py"), *job.argv]  # a path into scripts/bench/, as every real job has
+    earlier = {"status": "ok", "value": 1, "name": "a",
+               "command": f"{Path(sys.executable).name} /elsewhere/wt/x/scripts/bench/ours.py "
+                          + " ".join(shlex.quote(a) for a in job.argv[1:])}
+    runner = run.Runner(tmp_path, {}, None, verbose=False, previous={"a": earlier})
+    assert runner.run(job)["value"] == 1 and runner.reused == ["a"] and not job.out.exists()
+
+
+def test_report_labels_timings_of_a_loaded_machine_as_distorted():
+    assert report.load_distorted({"loadavg_at_start": (2.7, 4.4, 5.7)})
+    assert not report.load_distorted({"loadavg_at_start": (0.2, 0.5, 0.9)})
+    assert not report.load_distorted({})
+    rows = [{"name": "fp32", "status": "ok", "table": "ours", "label": "fp32", "perplexity": 15.2,
+             "quantize_seconds": 1.0}]
+    profile = {"name": "smollm2", "group_size": 128, "bits": [4], "real_model": "smollm2", "block_size": 512,
+               "calibration_blocks": 64, "eval_blocks": 64}
+    loaded = "\n".join(report.quant_tables(rows, profile, [], {}, distorted=True))
+    idle = "\n".join(report.quant_tables(rows, profile, [], {}))
+    assert "quantize s (load-distorted)" in loaded and "load-distorted" not in idle

@@ -142,10 +142,11 @@ def test_captured_module_calls_replay_the_module(tiny_llama, calibration_ids):
     ran_mlp = []
     handle = layer.mlp.register_forward_pre_hook(lambda mod, args: ran_mlp.append(1))
     try:
-        calls = C.capture_module_calls(layer, layer.self_attn, inputs, max_samples=6)
+        calls = C.capture_module_calls(layer, layer.self_attn, inputs, max_tokens=6 * 64)
     finally:
         handle.remove()
-    assert len(calls) == 2 and not ran_mlp  # 2 batches of 4 reach 6 sequences; each stops after self_attn
+    # 2 batches of 4 x 64 tokens reach 6 x 64 tokens; each stops after self_attn
+    assert len(calls) == 2 and not ran_mlp
     with torch.no_grad():
         for call in calls:
             torch.testing.assert_close(C.layer_output(layer.self_attn(*call.args, **call.kwargs)), call.output,
@@ -161,11 +162,29 @@ def test_captured_module_calls_replay_the_module(tiny_llama, calibration_ids):
             handle.remove()
         torch.testing.assert_close(calls[0].args[0], seen[0], rtol=0, atol=0)
         # The layer itself can be the module.
-        whole = C.capture_module_calls(layer, layer, inputs, max_samples=4)
+        whole = C.capture_module_calls(layer, layer, inputs, max_tokens=4 * 64)
         assert len(whole) == 1
         torch.testing.assert_close(whole[0].output, C.run_first_batch(layer, inputs), rtol=0, atol=0)
     probe = C.LayerProbe(layer, inputs)
     assert probe.inputs is inputs and torch.equal(probe(), whole[0].output)
+
+
+def test_search_budget_counts_tokens_not_sequences(tiny_llama):
+    """The block re-runs of a scale search cost per token: the same AWQ_SEARCH_TOKENS budget takes half as
+    many sequences when they are twice as long (whole batches, so at least one)."""
+    layer = tiny_llama.model.layers[0]
+    width = tiny_llama.config.hidden_size
+    for seq_len, expected_batches in ((8, 4), (16, 2), (32, 1), (128, 1)):  # 4 x seq_len tokens a batch
+        hidden = torch.randn(4, seq_len, width)  # 4 batches of 4 sequences
+        position = torch.arange(seq_len).unsqueeze(0)
+        rotary = tiny_llama.model.rotary_emb(hidden, position)
+        inputs = C.LayerInputs(args=[(hidden,)] * 4, kwargs=[{"position_embeddings": rotary,
+                                                               "attention_mask": None}] * 4)
+        assert C.batch_tokens((hidden,), {}) == 4 * seq_len
+        assert C.batch_tokens((), {"hidden_states": hidden}) == 4 * seq_len
+        calls = C.capture_module_calls(layer, layer.mlp, inputs, max_tokens=128)
+        assert len(calls) == expected_batches, seq_len
+    assert A.AWQ_SEARCH_TOKENS == 32 * 256  # the 32 sequences of 256 tokens the setting was chosen on
 
 
 def test_block_error_measures_the_block_output_and_restores_the_weights(tiny_llama, calibration_ids):
