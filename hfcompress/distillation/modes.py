@@ -68,23 +68,46 @@ class CachedTeacher(TeacherSignal):
 
     def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
         from .cache import bucket_logprobs
+        from .losses import chunked_head_loss
+        from .teachers import gathered_head, lm_head
 
         if "cache_index" not in inputs:
             raise ConfigError("mode='cache' trains on the cache's own blocks: use its dataset "
                               "(the default when train_dataset is None), whose examples carry 'cache_index'")
         spec, vocab = trainer.spec, self.cache.meta.vocab_size
         model_inputs, mask, targets = _split(inputs)
-        outputs = model(**model_inputs, use_cache=False)
-        logits = outputs.logits[mask][:, :vocab].float()  # (N, V)
+        chunked = getattr(trainer, "_chunked", False)
+        outputs = trainer._forward(model, model_inputs, need_hidden=True) if chunked else \
+            model(**model_inputs, use_cache=False)
+        device = outputs.hidden_states[-1].device if chunked else outputs.logits.device
         ids, logp, tail = self.cache.rows(inputs["cache_index"].cpu())  # (B*(T-1), k): positions 0..T-2
         rows = mask[:, :-1].reshape(-1).cpu()
-        ids, logp, tail = ids[rows].to(logits.device), logp[rows].to(logits.device), tail[rows].to(logits.device)
-        student_logp = F.log_softmax(logits / spec.temperature, dim=-1)
-        student_buckets, teacher_buckets = bucket_logprobs(student_logp, ids, logp, tail, vocab)
-        kd = spec._divergence(student_buckets, teacher_buckets)  # (N,), includes T²
-        ce = F.cross_entropy(logits, targets, reduction="none")
-        total = (spec.kd_weight * kd + spec.ce_weight * ce).sum()
-        return self._finish(trainer, model, total, kd.sum(), ce.sum(), mask.sum(), outputs, return_outputs,
+        ids, logp, tail = ids[rows].to(device), logp[rows].to(device), tail[rows].to(device)  # (N, k), (N,)
+        t = spec.temperature
+
+        def per_position(student_logits, start, end):  # (C, V) float32 logits of positions start:end
+            student_logp = F.log_softmax(student_logits / t if t != 1.0 else student_logits, dim=-1)
+            student_buckets, teacher_buckets = bucket_logprobs(student_logp, ids[start:end], logp[start:end],
+                                                               tail[start:end], vocab)
+            kd = spec._divergence(student_buckets, teacher_buckets)  # (C,), includes T²
+            if t == 1.0:  # reuse the log-probs, as LogitLoss.per_position does
+                ce = F.nll_loss(student_logp, targets[start:end], reduction="none")
+            else:
+                ce = F.cross_entropy(student_logits, targets[start:end], reduction="none")
+            return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce
+
+        if chunked:  # as the live loss: (chunk, V) logits at a time from the last hidden states and the LM head
+            with gathered_head(model):
+                head = lm_head(model, vocab)
+                if trainer._check_heads:
+                    trainer._verify_head("student", model, outputs, head)
+                    trainer._check_heads = False
+                total, kd, ce = chunked_head_loss(outputs.hidden_states[-1][mask], head, per_position,
+                                                  chunk_size=trainer.args.loss_chunk_size)
+        else:  # loss_chunk_size=0: the model's own full logits
+            weighted, kd, ce = per_position(outputs.logits[mask][:, :vocab].float(), 0, int(mask.sum()))
+            total, kd, ce = weighted.sum(), kd.sum(), ce.sum()
+        return self._finish(trainer, model, total, kd, ce, mask.sum(), outputs, return_outputs,
                             num_items_in_batch)
 
 

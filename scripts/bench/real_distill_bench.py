@@ -46,35 +46,53 @@ def _config(work: Path, name: str, args, learning_rate: float, **objective):
                               save_strategy="no", train_sampling_strategy="sequential", **objective)
 
 
+def student_layers(teacher, args) -> list[int] | str:
+    """``--layers``: 'uniform' (make_student's default), 'keep-last' (every other layer, but the teacher's last
+    in place of the last kept one) or explicit comma-separated teacher layer indices."""
+    from hfcompress.distillation.hidden import num_layers
+    from hfcompress.distillation.student import uniform_layers
+
+    count = args.student_layers or max(1, num_layers(teacher) // 2)
+    if args.layers == "uniform":
+        return uniform_layers(num_layers(teacher), count)
+    if args.layers == "keep-last":
+        return uniform_layers(num_layers(teacher), count)[:-1] + [num_layers(teacher) - 1]
+    return [int(i) for i in args.layers.split(",")]
+
+
+def _kd_objective(args, hidden: bool) -> dict:
+    return dict(loss="forward_kl", temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+                hidden_weight=args.hidden_weight if hidden else 0.0, hidden_loss=args.hidden_loss)
+
+
 def _train(kind: str, learning_rate: float, teacher, tokenizer, train, cache_dir, args, work):
     from hfcompress import DistillationTrainer, make_student
     from hfcompress.core.data import BlockDataset
-    from hfcompress.distillation.hidden import num_layers
 
     torch.manual_seed(0)
-    student = make_student(teacher, num_layers=args.student_layers or max(1, num_layers(teacher) // 2))
-    kd = dict(loss="forward_kl", temperature=1.0, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
-              hidden_weight=0.0)
+    selection = student_layers(teacher, args)
+    student = make_student(teacher, num_layers=len(selection), layer_selection=selection)
     name = f"{kind}-{learning_rate:g}"
     if kind == "ce":
         config = _config(work, name, args, learning_rate, kd_weight=0.0, ce_weight=1.0, hidden_weight=0.0)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                       train_dataset=BlockDataset(train), processing_class=tokenizer)
-    elif kind == "live":
-        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=_config(work, name, args,
-                                      learning_rate, **kd), train_dataset=BlockDataset(train),
-                                      processing_class=tokenizer)
+    elif kind in ("live", "live-h"):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=_config(
+                                      work, name, args, learning_rate, **_kd_objective(args, kind == "live-h")),
+                                      train_dataset=BlockDataset(train), processing_class=tokenizer)
     else:
         trainer = DistillationTrainer(model=student, args=_config(work, name, args, learning_rate, mode="cache",
-                                                                  cache_top_k=args.top_k, **kd),
+                                                                  cache_top_k=args.top_k,
+                                                                  **_kd_objective(args, False)),
                                       teacher_cache=cache_dir, processing_class=tokenizer)
     output = trainer.train()
-    logs = [{k: v for k, v in entry.items() if k in ("step", "loss", "kd_loss", "ce_loss")}
+    logs = [{k: v for k, v in entry.items() if k in ("step", "loss", "kd_loss", "ce_loss", "hidden_loss")}
             for entry in trainer.state.log_history if "loss" in entry]
     runtime = output.metrics["train_runtime"]
     return student.eval(), {"run": name, "kind": kind, "learning_rate": learning_rate, "train_runtime_s": runtime,
-                            "train_tokens": int(train.numel()), "tokens_per_s": train.numel() / runtime,
-                            "train_log": logs}
+                            "student_layers": selection, "train_tokens": int(train.numel()),
+                            "tokens_per_s": train.numel() / runtime, "train_log": logs}
 
 
 def _interleaved_timing(teacher, tokenizer, train, cache_dir, args, work, reps: int) -> dict:
@@ -90,14 +108,14 @@ def _interleaved_timing(teacher, tokenizer, train, cache_dir, args, work, reps: 
     from hfcompress.distillation.cache import CacheDataset, TeacherCache
     from hfcompress.distillation.hidden import num_layers
 
-    layers = args.student_layers or max(1, num_layers(teacher) // 2)
-    kd = dict(loss="forward_kl", temperature=1.0, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
-              hidden_weight=0.0)
+    selection = student_layers(teacher, args)
+    kd = _kd_objective(args, False)
     trainers = {
-        "live": DistillationTrainer(model=make_student(teacher, num_layers=layers), teacher_model=teacher,
+        "live": DistillationTrainer(model=make_student(teacher, num_layers=len(selection), layer_selection=selection),
+                                    teacher_model=teacher,
                                     args=_config(work, "timing-live", args, args.kd_lr, **kd),
                                     train_dataset=BlockDataset(train), processing_class=tokenizer),
-        "cache": DistillationTrainer(model=make_student(teacher, num_layers=layers),
+        "cache": DistillationTrainer(model=make_student(teacher, num_layers=len(selection), layer_selection=selection),
                                      args=_config(work, "timing-cache", args, args.kd_lr, mode="cache", **kd),
                                      teacher_cache=cache_dir, processing_class=tokenizer)}
     dataset = {"live": BlockDataset(train), "cache": CacheDataset(TeacherCache(cache_dir))}
@@ -126,9 +144,19 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--student-layers", type=int, default=None, help="default: half the teacher's")
     parser.add_argument("--runs", nargs="*", default=["cache", "ce:3e-4", "live", "ce:1e-3", "ce:1e-4"],
-                        help="'ce:LR', 'live' or 'cache' (KD at --kd-lr), in the order to run")
+                        help="'ce:LR', 'live', 'live-h' (live + hidden-state loss) or 'cache' (KD at --kd-lr, or "
+                             "'KIND:LR'), in the order to run")
     parser.add_argument("--kd-lr", type=float, default=3e-4)
     parser.add_argument("--kd-weight", type=float, default=0.5)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--hidden-weight", type=float, default=10.0,
+                        help="'live-h' runs: weight of the hidden-state loss (student layer i -> the teacher layer "
+                             "the group it stands for ends with, DistillationConfig's 'uniform' layer map)")
+    parser.add_argument("--hidden-loss", default="cosine")
+    parser.add_argument("--layers", default="uniform",
+                        help="student layers: 'uniform', 'keep-last' or comma-separated teacher layer indices")
+    parser.add_argument("--eval-blocks", type=int, default=None,
+                        help="score on the first N eval blocks only (quick exploration; default: all)")
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--top-k", type=int, default=64, help="teacher cache: stored tokens per position")
     parser.add_argument("--logprob-format", default="uint7", help="teacher cache: storage of the log-probabilities")
@@ -150,7 +178,7 @@ def main(argv=None) -> int:
     from hfcompress.models.loading import load_model, load_tokenizer
 
     blocks = load_file(str(args.blocks))
-    train, held_out = blocks["train"][: args.steps * args.batch_size], blocks["eval"]
+    train, held_out = blocks["train"][: args.steps * args.batch_size], blocks["eval"][: args.eval_blocks]
     if train.shape[0] < args.steps * args.batch_size:
         raise SystemExit(f"{args.blocks} holds {train.shape[0]} train blocks; steps x batch size = "
                          f"{args.steps * args.batch_size} are needed")
@@ -162,7 +190,9 @@ def main(argv=None) -> int:
            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "steps": args.steps, "batch_size": args.batch_size, "block_size": int(train.shape[1]),
            "train_tokens": int(train.numel()), "eval_tokens": int(held_out.shape[0] * (held_out.shape[1] - 1)),
-           "kd_objective": f"{args.kd_weight} forward KL (T=1) + {args.ce_weight} CE, logits only",
+           "kd_objective": f"{args.kd_weight} forward KL (T={args.temperature:g}) + {args.ce_weight} CE, logits only; "
+                           f"'live-h' adds {args.hidden_weight:g} x {args.hidden_loss} hidden-state loss",
+           "student_layers": student_layers(teacher, args),
            "teacher_perplexity": perplexity(teacher, held_out, batch_size=4) if args.runs else None, "runs": []}
 
     def save():
@@ -170,11 +200,12 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(out, indent=2) + "\n")
 
     print(f"teacher ppl {out['teacher_perplexity']}", flush=True)
-    cache_dir = args.work / f"cache-top{args.top_k}-{args.logprob_format}-{train.shape[0]}x{train.shape[1]}"
+    cache_dir = args.work / (f"cache-top{args.top_k}-{args.logprob_format}-T{args.temperature:g}-"
+                             f"{train.shape[0]}x{train.shape[1]}")
     if "cache" in args.runs or args.timing_reps:
         if not (cache_dir / "cache.json").is_file():
             started = time.perf_counter()
-            meta = write_teacher_cache(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer,
+            meta = write_teacher_cache(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer, temperature=args.temperature,
                                        teacher_name=str(args.model), batch_size=args.batch_size, progress=False,
                                        logprob_format=args.logprob_format)
             out["cache"] = {"build_seconds": time.perf_counter() - started, "top_k": args.top_k,
@@ -185,8 +216,8 @@ def main(argv=None) -> int:
     best_kd = None
     for spec in args.runs:
         kind, _, lr = spec.partition(":")
-        if kind not in ("ce", "live", "cache"):
-            raise SystemExit(f"--runs: {spec!r} is not 'ce:LR', 'live' or 'cache'")
+        if kind not in ("ce", "live", "live-h", "cache"):
+            raise SystemExit(f"--runs: {spec!r} is not 'ce:LR', 'live[:LR]', 'live-h[:LR]' or 'cache[:LR]'")
         learning_rate = float(lr) if lr else args.kd_lr
         student, row = _train(kind, learning_rate, teacher, tokenizer, train, cache_dir, args, args.work)
         row["perplexity"] = perplexity(student, held_out, batch_size=4)
