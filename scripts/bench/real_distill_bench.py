@@ -136,6 +136,40 @@ def _interleaved_timing(teacher, tokenizer, train, cache_dir, args, work, reps: 
             "cache_speedup": medians["live"] / medians["cache"]}
 
 
+def distill_then_quantize(student, row: dict, teacher, calibration: torch.Tensor, held_out: torch.Tensor,
+                          args) -> dict:
+    """The KD student quantized to int4 (``--quant-methods``, group ``--quant-group-size``, ``lm_head`` kept):
+    perplexity and KL to the teacher on the eval blocks, beside the unquantized student's. Each method
+    quantizes its own copy; GPTQ is calibrated on the file's calibration blocks (the first
+    ``--calibration-blocks``)."""
+    import copy
+
+    from hfcompress import QuantizationConfig, quantize
+    from hfcompress.models.evaluate import kl_to_reference, perplexity
+
+    calibration = calibration[: args.calibration_blocks]
+    result = {"student": row["run"], "bits": 4, "group_size": args.quant_group_size,
+              "calibration_tokens": int(calibration.numel()), "student_perplexity": row["perplexity"],
+              "student_kl_to_teacher": kl_to_reference(student, teacher, held_out, batch_size=4), "rows": []}
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+    for method in args.quant_methods:
+        quantized = copy.deepcopy(student)
+        config = QuantizationConfig(method=method, bits=4, group_size=args.quant_group_size,
+                                    seq_len=int(calibration.shape[1]), num_samples=int(calibration.shape[0]))
+        started = time.perf_counter()
+        quantize(quantized, config, calibration_data=calibration if config.needs_calibration else None,
+                 progress=False)
+        seconds = time.perf_counter() - started
+        entry = {"method": f"{method} int4 g{args.quant_group_size}", "quantize_seconds": seconds,
+                 "perplexity": perplexity(quantized, held_out, batch_size=4),
+                 "kl_to_teacher": kl_to_reference(quantized, teacher, held_out, batch_size=4),
+                 "kl_to_student": kl_to_reference(quantized, student, held_out, batch_size=4)}
+        result["rows"].append(entry)
+        print(json.dumps(entry), flush=True)
+        del quantized
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="teacher model folder")
@@ -165,7 +199,11 @@ def main(argv=None) -> int:
                              "many times on the same batch (the training runs' own tokens/s are from different "
                              "time windows of a shared machine)")
     parser.add_argument("--quantize-kd", action="store_true",
-                        help="after the runs: GPTQ int4 g128 of the best KD student (distill, then quantize)")
+                        help="after the runs: the best KD student quantized to int4 (distill, then quantize)")
+    parser.add_argument("--quant-methods", nargs="+", default=["rtn", "gptq"])
+    parser.add_argument("--quant-group-size", type=int, default=64,
+                        help="64 divides SmolLM2's 576-wide projections (128 would fall back to 64 there)")
+    parser.add_argument("--calibration-blocks", type=int, default=16, help="GPTQ: calibration blocks used")
     parser.add_argument("--work", type=Path, default=Path("scripts/bench/work/real_distill"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -234,18 +272,9 @@ def main(argv=None) -> int:
         print(json.dumps(out["interleaved_timing"]), flush=True)
         save()
     if args.quantize_kd and best_kd is not None:
-        from hfcompress import QuantizationConfig, quantize
-
         student, row = best_kd
-        started = time.perf_counter()
-        calibration = blocks["calibration"]
-        quantize(student, QuantizationConfig(method="gptq", bits=4, group_size=128, seq_len=calibration.shape[1],
-                                             num_samples=calibration.shape[0]),
-                 calibration_data=calibration, progress=False)
-        out["distill_then_quantize"] = {"student": row["run"], "method": "gptq int4 g128",
-                                        "perplexity": perplexity(student, held_out, batch_size=4),
-                                        "quantize_seconds": time.perf_counter() - started}
-        print(json.dumps(out["distill_then_quantize"]), flush=True)
+        out["distill_then_quantize"] = distill_then_quantize(student, row, teacher, blocks["calibration"], held_out,
+                                                             args)
         save()
     ce_runs = [r for r in out["runs"] if r["kind"] == "ce"]
     if ce_runs:
