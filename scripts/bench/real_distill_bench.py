@@ -3,21 +3,29 @@
 against cross-entropy only, at equal steps on the same token blocks in the same order.
 
     python scripts/bench/real_distill_bench.py --model scripts/bench/work/models/smollm2-fp32 \\
-        --blocks scripts/bench/work/smollm2/blocks-smollm2.safetensors --steps 30 --batch-size 2 \\
-        --runs cache ce:3e-4 live ce:1e-3 ce:1e-4 --out real_distill.json
+        --blocks scripts/bench/work/smollm2/blocks-smollm2.safetensors --steps 40 --batch-size 1 --kd-lr 1e-3 \\
+        --runs ce:1e-3 live-h cache ce:3e-3 live ce:3e-4 --timing-reps 3 --quantize-kd --out real_distill.json
 
 ``--blocks``: the token blocks ``run.py`` prepares for a real model (``train`` blocks are trained on, ``eval``
 blocks scored — for SmolLM2 the pydoc test split, so rows compare with the post-training quantization rows,
 ``calibration`` blocks calibrate the optional GPTQ of the KD student). The student is ``make_student(teacher,
-num_layers=half)`` (every other teacher layer), re-made from seed 0 for every run.
+num_layers=half, layer_selection=--layers)`` (default: every other teacher layer from the first), re-made from
+seed 0 for every run.
 
-Runs (``--runs``, in the order given, so live and cache runs can be interleaved in one time window):
+Runs (``--runs``, in the order given, so live and cache runs can be interleaved in one time window; ``KIND:LR``
+sets the learning rate, else ``--kd-lr``):
 
 * ``ce:LR``: cross-entropy only at learning rate LR (the baseline is the best of these on the eval blocks);
-* ``live``: ``kd_weight``·forward KL(teacher ‖ student) + ``ce_weight``·CE with the teacher running beside the
-  student (logits only, so the live and cache runs optimise the same objective);
-* ``cache``: the same objective from a top-k teacher cache (``write_teacher_cache`` over the same train blocks,
-  written once first; its build time is reported apart: it is paid once per data set, not per run).
+* ``live``: ``kd_weight``·T²·forward KL(teacher ‖ student) + ``ce_weight``·CE with the teacher running beside
+  the student (logits only, so the live and cache runs optimise the same objective);
+* ``live-h``: ``live`` plus ``--hidden-weight`` × the hidden-state loss (student layer i -> the last teacher layer
+  of the group it stands for, DistillationConfig's ``uniform`` layer map): needs the live teacher's hidden states;
+* ``cache``: the ``live`` objective from a top-k teacher cache (``write_teacher_cache`` over the same train blocks,
+  written once first; its build time is reported apart: it is paid once per data set, not per run). Every KD run
+  also records the cache's approximation error for its student (full KL vs the k+1-bucket KL).
+
+``--quantize-kd``: afterwards the best KD student is quantized to int4 by each of ``--quant-methods`` (its own
+copy each) and scored: perplexity, KL to the teacher and to the unquantized student (distill, then quantize).
 
 Tokens/s = training tokens / ``train_runtime`` of the Trainer (steps only; model loading and scoring excluded).
 Results are written to ``--out`` after every run.
@@ -198,6 +206,9 @@ def main(argv=None) -> int:
                         help="after the runs: time one step's loss forward+backward live vs cache, alternating this "
                              "many times on the same batch (the training runs' own tokens/s are from different "
                              "time windows of a shared machine)")
+    parser.add_argument("--approximation-blocks", type=int, default=2,
+                        help="KD runs, when the cache exists: its approximation error for the trained student on this "
+                             "many train blocks")
     parser.add_argument("--quantize-kd", action="store_true",
                         help="after the runs: the best KD student quantized to int4 (distill, then quantize)")
     parser.add_argument("--quant-methods", nargs="+", default=["rtn", "gptq"])
@@ -240,10 +251,11 @@ def main(argv=None) -> int:
     print(f"teacher ppl {out['teacher_perplexity']}", flush=True)
     cache_dir = args.work / (f"cache-top{args.top_k}-{args.logprob_format}-T{args.temperature:g}-"
                              f"{train.shape[0]}x{train.shape[1]}")
-    if "cache" in args.runs or args.timing_reps:
+    if any(spec.partition(":")[0] == "cache" for spec in args.runs) or args.timing_reps:
         if not (cache_dir / "cache.json").is_file():
             started = time.perf_counter()
-            meta = write_teacher_cache(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer, temperature=args.temperature,
+            meta = write_teacher_cache(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer,
+                                       temperature=args.temperature,
                                        teacher_name=str(args.model), batch_size=args.batch_size, progress=False,
                                        logprob_format=args.logprob_format)
             out["cache"] = {"build_seconds": time.perf_counter() - started, "top_k": args.top_k,
@@ -259,6 +271,13 @@ def main(argv=None) -> int:
         learning_rate = float(lr) if lr else args.kd_lr
         student, row = _train(kind, learning_rate, teacher, tokenizer, train, cache_dir, args, args.work)
         row["perplexity"] = perplexity(student, held_out, batch_size=4)
+        if kind != "ce" and (cache_dir / "cache.json").is_file():
+            # What the top-k cache leaves out, for this student: its full forward KL to the teacher vs the k+1-bucket
+            # KL the cache loss sees, per predicted token on the first train blocks.
+            from hfcompress.distillation.cache import TeacherCache, approximation_error
+
+            row["cache_approximation"] = approximation_error(TeacherCache(cache_dir), teacher, student,
+                                                             num_blocks=args.approximation_blocks)
         out["runs"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "train_log"}), flush=True)
         save()

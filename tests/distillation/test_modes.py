@@ -115,7 +115,8 @@ def test_chunked_cache_loss_equals_the_full_logits_loss(tmp_path, cache_dir, tin
     results = []
     for chunk in (0, 7):
         trainer = DistillationTrainer(model=copy.deepcopy(student), teacher_cache=cache_dir,
-                                      processing_class=tiny_tokenizer, args=config(tmp_path / f"c{chunk}", mode="cache", loss_chunk_size=chunk,
+                                      processing_class=tiny_tokenizer,
+                                      args=config(tmp_path / f"c{chunk}", mode="cache", loss_chunk_size=chunk,
                                                   temperature=temperature, kd_weight=1.0, ce_weight=0.5))
         assert trainer._chunked == (chunk > 0)
         loss = trainer.compute_loss(trainer.model, {k: v.clone() for k, v in batch.items()})
