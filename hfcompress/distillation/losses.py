@@ -369,12 +369,12 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         # Forward/reverse KL and cross-entropy have closed-form logit gradients: no autograd graph per chunk. On
         # CPU in float32, the fused kernel computes them (and the JSD's) in place of the logits; softcapping's
         # chain rule reads the logits, so the gradient may replace them only without it.
-        # A caller's ``per_position`` (an objective of the chunk's logits and rows) always goes through autograd.
+        # A caller's ``per_position`` (an objective of the chunk's logits and rows) returns its logit gradient.
         with_teacher = teacher_hidden is not None
         fused = per_position is None and student_head.softcap is None and \
             spec.fused_kernel_applies(dtype, student_hidden.device, with_teacher)
-        closed_form = per_position is None and (fused or spec.has_closed_form(with_teacher)) and \
-            bool((targets >= 0).all())
+        closed_form = per_position is not None or ((fused or spec.has_closed_form(with_teacher))
+                                                   and bool((targets >= 0).all()))
         for start in range(0, n, step):
             end = min(start + step, n)
             teacher_logits = None
@@ -385,8 +385,11 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 with torch.no_grad():
                     hs = student_hidden[start:end].detach().to(dtype)
                     student_logits = student_head.logits(hs.to(mm), ws_mm, bs)  # (C, V) float32
-                    weighted, kd, ce, grad_logits = spec.per_position_and_grad(
-                        student_logits, teacher_logits, targets[start:end], need_grad=any(want), overwrite=fused)
+                    if per_position is None:
+                        weighted, kd, ce, grad_logits = spec.per_position_and_grad(
+                            student_logits, teacher_logits, targets[start:end], need_grad=any(want), overwrite=fused)
+                    else:
+                        weighted, kd, ce, grad_logits = per_position(student_logits, start, end, any(want))
                     chunk_total = weighted.sum()
                     if grad_logits is not None:
                         g = student_head.grad_before_transforms(student_logits, grad_logits)  # (C, V)
@@ -401,10 +404,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 hs = student_hidden[start:end].detach().to(dtype).requires_grad_(want[0])
                 with torch.enable_grad():
                     student_logits = student_head.logits(hs.to(mm), ws.to(mm), bs)  # (C, V) float32
-                    if per_position is None:
-                        weighted, kd, ce = spec.per_position(student_logits, teacher_logits, targets[start:end])
-                    else:
-                        weighted, kd, ce = per_position(student_logits, start, end)
+                    weighted, kd, ce = spec.per_position(student_logits, teacher_logits, targets[start:end])
                     chunk_total = weighted.sum()
                 inputs = [t for t, w in ((hs, want[0]), (ws, want[1]), (bs, want[2])) if w]
                 if inputs:
@@ -460,10 +460,12 @@ def chunked_head_loss(student_hidden: torch.Tensor, student_head: LMHead, per_po
                       chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`chunked_logit_loss` for an objective the caller computes from each chunk of student logits.
 
-    ``per_position(student_logits (C, V) float32, start, end)`` returns (weighted objective, distillation,
-    cross-entropy), each (C,), for positions ``start:end`` of ``student_hidden`` (N, H): the teacher signal is the
-    caller's, e.g. the rows of a teacher cache (:class:`~.modes.CachedTeacher`). Gradients are taken by autograd
-    chunk by chunk, so at most ``chunk_size`` rows of (·, V) logits and their graph exist at a time.
+    ``per_position(student_logits (C, V) float32, start, end, need_grad)`` returns (weighted objective,
+    distillation, cross-entropy), each (C,), for positions ``start:end`` of ``student_hidden`` (N, H), and the
+    gradient of the weighted objective's sum w.r.t. ``student_logits`` (C, V) (None without ``need_grad``; it must
+    not overwrite ``student_logits``): the teacher signal is the caller's, e.g. the rows of a teacher cache
+    (:class:`~.modes.CachedTeacher`). As in :func:`chunked_logit_loss`, at most ``chunk_size`` rows of (·, V)
+    logits exist at a time and backward only rescales the gradients stored in forward.
     """
     return _ChunkedLogitLoss.apply(student_hidden, student_head.weight, student_head.bias, None, None, None, None,
                                    student_head, None, None, chunk_size, per_position)

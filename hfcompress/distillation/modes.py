@@ -67,7 +67,7 @@ class CachedTeacher(TeacherSignal):
         self.cache = cache
 
     def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from .cache import bucket_logprobs
+        from .cache import bucket_forward_kl_grad, bucket_logprobs
         from .losses import chunked_head_loss
         from .teachers import gathered_head, lm_head
 
@@ -85,7 +85,7 @@ class CachedTeacher(TeacherSignal):
         ids, logp, tail = ids[rows].to(device), logp[rows].to(device), tail[rows].to(device)  # (N, k), (N,)
         t = spec.temperature
 
-        def per_position(student_logits, start, end):  # (C, V) float32 logits of positions start:end
+        def objective(student_logits, start, end):  # (C, V) float32 logits of positions start:end
             student_logp = F.log_softmax(student_logits / t if t != 1.0 else student_logits, dim=-1)
             student_buckets, teacher_buckets = bucket_logprobs(student_logp, ids[start:end], logp[start:end],
                                                                tail[start:end], vocab)
@@ -94,7 +94,26 @@ class CachedTeacher(TeacherSignal):
                 ce = F.nll_loss(student_logp, targets[start:end], reduction="none")
             else:
                 ce = F.cross_entropy(student_logits, targets[start:end], reduction="none")
-            return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce
+            return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, student_logp, student_buckets, teacher_buckets
+
+        def per_position(student_logits, start, end, need_grad):  # for chunked_head_loss
+            if need_grad and spec.loss != "forward_kl":  # other divergences: autograd on this chunk's logits
+                leaf = student_logits.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    weighted, kd, ce = objective(leaf, start, end)[:3]
+                    (grad,) = torch.autograd.grad(weighted.sum(), leaf)
+                return weighted.detach(), kd.detach(), ce.detach(), grad
+            weighted, kd, ce, log_q, student_buckets, teacher_buckets = objective(student_logits, start, end)
+            if not need_grad:
+                return weighted, kd, ce, None
+            # Closed form, as LogitLoss.per_position_and_grad: d(kd_weight T² KL)/dz = kd_weight T (q − p̂),
+            # d CE/dz = softmax(z) − e_y (at T = 1 softmax(z) is q).
+            grad = bucket_forward_kl_grad(log_q, ids[start:end], student_buckets, teacher_buckets)
+            grad.mul_(spec.kd_weight * t)
+            if spec.ce_weight:
+                grad.add_(log_q.exp() if t == 1.0 else F.softmax(student_logits, dim=-1), alpha=spec.ce_weight)
+                grad[torch.arange(grad.shape[0], device=grad.device), targets[start:end]] -= spec.ce_weight
+            return weighted, kd, ce, grad
 
         if chunked:  # as the live loss: (chunk, V) logits at a time from the last hidden states and the LM head
             with gathered_head(model):
@@ -104,8 +123,8 @@ class CachedTeacher(TeacherSignal):
                     trainer._check_heads = False
                 total, kd, ce = chunked_head_loss(outputs.hidden_states[-1][mask], head, per_position,
                                                   chunk_size=trainer.args.loss_chunk_size)
-        else:  # loss_chunk_size=0: the model's own full logits
-            weighted, kd, ce = per_position(outputs.logits[mask][:, :vocab].float(), 0, int(mask.sum()))
+        else:  # loss_chunk_size=0: the model's own full logits, autograd
+            weighted, kd, ce = objective(outputs.logits[mask][:, :vocab].float(), 0, int(mask.sum()))[:3]
             total, kd, ce = weighted.sum(), kd.sum(), ce.sum()
         return self._finish(trainer, model, total, kd, ce, mask.sum(), outputs, return_outputs,
                             num_items_in_batch)
