@@ -304,8 +304,8 @@ def main(argv=None) -> int:
     save()
     print("| run | lr | perplexity | vs best CE | tokens/s |\n|---|---:|---:|---:|---:|")
     for r in out["runs"]:
-        print(f"| {r['kind']} | {r['learning_rate']:g} | {r['perplexity']:.3f} | {r.get('ratio_vs_best_ce', 0):.3f} | "
-              f"{r['tokens_per_s']:.1f} |")
+        ratio = f"{r['ratio_vs_best_ce']:.3f}" if "ratio_vs_best_ce" in r else "-"
+        print(f"| {r['kind']} | {r['learning_rate']:g} | {r['perplexity']:.3f} | {ratio} | {r['tokens_per_s']:.1f} |")
     return 0
 
 
