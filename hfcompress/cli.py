@@ -164,13 +164,16 @@ def cmd_cache_teacher(args) -> int:
     teacher = load_model(path)
     meta = write_teacher_cache(teacher, blocks, args.out, top_k=args.top_k, temperature=args.temperature,
                                tokenizer=tokenizer, teacher_name=path, logprob_format=args.logprob_format,
-                               batch_size=args.batch_size, progress=not args.quiet)
+                               batch_size=args.batch_size, progress=not args.quiet,
+                               hidden_layers=args.hidden_layers, hidden_dtype=args.hidden_dtype)
     summary = {k: v for k, v in asdict(meta).items() if k != "shards"}
     if args.student:
         summary["approximation_error"] = approximation_error(TeacherCache(args.out), teacher,
                                                              load_model(resolve_model(args.student)))
     print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out} ({meta.tokens:,} predicted tokens, {meta.bytes_per_token:.1f} bytes/token)")
+    hidden = (f" + {meta.hidden_bytes_per_token:.1f} bytes/token of hidden states (layers "
+              f"{', '.join(map(str, meta.hidden_layers))}, {meta.hidden_dtype})" if meta.hidden_layers else "")
+    print(f"wrote {args.out} ({meta.tokens:,} predicted tokens, {meta.bytes_per_token:.1f} bytes/token{hidden})")
     return 0
 
 
@@ -302,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprob-format", default="uint7", choices=["uint8", "uint7", "uint6", "float16", "float32"],
                    help="log-prob storage: n-bit codes on a per-row grid, or floats")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward pass")
+    p.add_argument("--hidden-layers", type=int, nargs="+", default=None, metavar="LAYER",
+                   help="also store these 0-based teacher layers' hidden states per token (for hidden_weight > 0; "
+                        "the last layer's are after the final norm)")
+    p.add_argument("--hidden-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage type of --hidden-layers")
     p.add_argument("--student", default=None,
                    help="also report the top-k + tail approximation error against the full KL for this student")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

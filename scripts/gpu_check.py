@@ -17,7 +17,9 @@ skipped, saying why):
 7. ``bnb``      bitsandbytes int8 and nf4 through ``hfcompress.quantize`` on the GPU (when bitsandbytes imports);
 8. ``kernels``  one linear layer at batch 1 and 16: bf16 ``linear``, tinygemm int4, int8 dequantized in the
                 GEMM, and ``aten._weight_int8pack_mm`` (CUDA events);
-9. ``awq``      AWQ int4 of the same model on the GPU (if the time budget allows).
+9. ``compile``  ``load_compressed(..., compile_decode=True)`` on the GPU (static cache, ``torch.compile`` with CUDA
+                graphs): compile time, the same greedy tokens as the eager packed model, decode tokens/s against it;
+10. ``awq``     AWQ int4 of the same model on the GPU (if the time budget allows).
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out`` (default ``$OUT``, else ``./gpu_check_out``) after
 every step, so a run cut short still leaves its report. ``--dry-run`` (or ``HFCOMPRESS_GPU_CHECK_DRY=1``) runs the
@@ -539,6 +541,53 @@ def _time_us(fn, x, device, iters: int = 100) -> float:
         return (time.perf_counter() - begin) * 1e6 / iters
 
 
+def step_compile(run: Run) -> dict:
+    """The compiled decode step on the device: compile time, tokens equal to the eager packed model's, speed.
+    The dry run compiles with Dynamo's "eager" backend (the same tracing, static cache and graph, no Inductor:
+    a CPU Inductor compile takes minutes)."""
+    import torch
+
+    from hfcompress import load_compressed
+    from hfcompress.quantization import decode
+
+    backend = decode.inductor_backend
+    if run.dry_run:
+        decode.inductor_backend = lambda: "eager"
+    try:
+        return _compiled_decode(run, torch, load_compressed, decode)
+    finally:
+        decode.inductor_backend = backend
+
+
+def _compiled_decode(run: Run, torch, load_compressed, decode) -> dict:
+    eager = run.state["packed"]
+    prompt = _tokens(run, 1, run.sizes.prompt, seed=3).to(run.device)
+    new_tokens = 8 if run.dry_run else 32
+
+    def greedy(model):
+        with torch.no_grad():
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                  eos_token_id=None, do_sample=False, pad_token_id=0)
+
+    compiled = load_compressed(run.state["int4_path"], device=run.device, progress=False, compile_decode=True)
+    start = time.perf_counter()
+    tokens = greedy(compiled)  # the first call compiles
+    compile_seconds = time.perf_counter() - start
+    status = decode.compiled_decode_status(compiled)
+    same = bool(torch.equal(tokens, greedy(eager)))
+    compiled_speed, eager_speed = _speed(run, compiled, short=True), _speed(run, eager, short=True)
+    ratio = compiled_speed["decode_tokens_per_s"] / eager_speed["decode_tokens_per_s"]
+    result = {"compiled_decode": status, "compile_seconds": round(compile_seconds, 1), "same_tokens_as_eager": same,
+              "compiled_speed": compiled_speed, "eager_speed": eager_speed, "decode_speed_ratio": round(ratio, 3),
+              "summary": f"{status}; first generate (compile) {compile_seconds:.0f} s; tokens "
+                         f"{'equal' if same else 'DIFFER'} to eager; decode {compiled_speed['decode_tokens_per_s']:.1f}"
+                         f" vs eager {eager_speed['decode_tokens_per_s']:.1f} tok/s ({ratio:.2f}x)"}
+    # bf16 greedy decoding may flip a near-tie token on a random model; the compiled step must at least compile
+    if status != "compiled":
+        raise StepFailed(f"compile_decode fell back: {status}", result)
+    return result
+
+
 STEPS = (  # the headline numbers first; the budget skips what comes late
     ("env", step_env, ()),
     ("model", step_model, ()),
@@ -548,6 +597,7 @@ STEPS = (  # the headline numbers first; the budget skips what comes late
     ("pytest", step_pytest, ()),
     ("bnb", step_bnb, ("model",)),
     ("kernels", step_kernels, ()),
+    ("compile", step_compile, ("runtime",)),
     ("awq", step_awq, ("model",)),
 )
 

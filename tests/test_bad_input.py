@@ -223,6 +223,13 @@ CLI_ROWS = [
      r"out.* is not empty.*--overwrite"),
     ("quantize-output-is-a-file", lambda i: ["quantize", str(i.reference), i.file("out"), "-q"],
      r"it is a file, not a folder"),
+    # ---- quantize --stream (layer by layer from the shards; the output's lock file must not stay behind either)
+    ("quantize-stream-bad-memory", q("--stream", "--max-memory", "lots"), r"max_memory='lots' is not a size.*8GB"),
+    ("quantize-stream-memory-too-small", q("--stream", "--max-memory", "1KB"),
+     r"cannot hold one decoder layer's quantization.*raise max_memory to at least"),
+    ("quantize-stream-output-not-empty", lambda i: [i.non_empty_folder(), *q("--stream")(i)][1:],
+     r"out.* is not empty.*--overwrite"),
+    ("quantize-max-memory-without-stream", q("--max-memory", "8GB"), r"max_memory bounds a streamed quantization"),
     # ---- eval
     ("eval-missing-model", lambda i: ["eval", i.path("nope"), "-q"], r"does not exist"),
     ("eval-missing-data", lambda i: ["eval", str(i.reference), "--data", "./missing.txt", "-q"],

@@ -29,7 +29,8 @@ def test_kernels_reports_each_kernel(capsys, monkeypatch):
 
     code = main(["kernels"])
     out = capsys.readouterr().out
-    assert [line.split(":")[0] for line in out.splitlines()] == ["int8_gemv", "int4_gemv", "kd_logit_loss"]
+    assert [line.split(":")[0] for line in out.splitlines()] == ["int8_gemv", "int4_gemv", "kd_logit_loss",
+                                                                 "decode_attention"]
     assert code == (0 if native.kernels_available() and native.weight_kernels_available() else 1)
     if code == 0:  # each line names the instruction set that runs
         assert all(line.split(": ")[1].startswith("loaded (") for line in out.splitlines())
@@ -37,7 +38,8 @@ def test_kernels_reports_each_kernel(capsys, monkeypatch):
     assert main(["kernels"]) == 1
     assert capsys.readouterr().out == ("int8_gemv: disabled by HFCOMPRESS_NATIVE_KERNELS\n"
                                        "int4_gemv: disabled by HFCOMPRESS_NATIVE_KERNELS\n"
-                                       "kd_logit_loss: disabled by HFCOMPRESS_NATIVE_KERNELS\n")
+                                       "kd_logit_loss: disabled by HFCOMPRESS_NATIVE_KERNELS\n"
+                                       "decode_attention: disabled by HFCOMPRESS_NATIVE_KERNELS\n")
 
 
 def _one_line_error(capsys, argv, expected):

@@ -39,6 +39,8 @@ def test_dry_run_runs_every_step(tmp_path, gpu_check):
     assert steps["gptq"]["mean_relative_output_error_gptq"] < steps["gptq"]["mean_relative_output_error_rtn"]
     assert len(steps["distill"]["logged (step, loss, kd, ce, hidden)"]) >= 1
     assert "| runtime | ok |" in (tmp_path / "gpu_check.md").read_text()
+    compiled = steps["compile"]  # Dynamo's eager backend in the dry run: the tracing and static cache, no Inductor
+    assert compiled["compiled_decode"] == "compiled" and compiled["same_tokens_as_eager"]
 
 
 def test_a_failed_step_is_recorded_and_the_run_goes_on(tmp_path, gpu_check, monkeypatch):

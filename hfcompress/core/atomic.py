@@ -23,7 +23,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import functools
+import inspect
 import logging
 import os
 import shutil
@@ -46,6 +48,66 @@ WEIGHT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorc
 
 class CheckpointExistsError(HFCompressError):
     """The destination folder already holds files and overwrite was not requested."""
+
+
+class OutputInUseError(HFCompressError):
+    """Another process is writing the same output (it holds the output's lock)."""
+
+
+LOCK_TAG = ".lock"  # .<name>.lock beside an output while a run that resumes into a fixed staging folder writes it
+
+
+@contextlib.contextmanager
+def exclusive_output(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``target`` for the block (``flock`` on ``.<name>.lock`` beside it).
+
+    For writers whose staging folder has a fixed name so that a killed run can resume (streaming
+    quantization): two runs into the same output would otherwise write into one staging folder. A second run
+    raises :class:`OutputInUseError` at once, naming the holder's pid; the lock dies with its process, so a
+    killed run never leaves a stale one (its file, if left, is reused)."""
+    target = Path(target).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}{LOCK_TAG}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputInUseError(f"{target} is being written by another hfcompress run (pid {holder}); wait "
+                                   f"for it to finish, or write to another folder") from None
+        try:  # the file may have been unlinked by a holder that just released it: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # releases the lock
+
+
+def locked_output(parameter: str):
+    """Decorator: run the function under :func:`exclusive_output` of its argument named ``parameter``."""
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            with exclusive_output(signature.bind(*args, **kwargs).arguments[parameter]):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def check_destination(target: Path, overwrite: bool) -> None:

@@ -12,6 +12,9 @@
   (AVX-512 VNNI ``vpdpbusd`` or AVX2 ``vpmaddubsw``) with one float scale per block and weight group.
 * Both weight kernels, given many activation rows (prefill), dequantize tiles of weight rows to float32 and
   multiply them with ATen's GEMM, so packed models prefill at float32 GEMM speed.
+* ``hfcompress::decode_attention`` (``csrc/decode_attention.cpp``), a decode step's attention: one query token
+  per head over the KV cache, grouped K/V heads read in place, masked positions skipped (AVX2 + FMA or portable
+  loops). A library GEMM or flash-attention call costs more in setup than this arithmetic at one query row.
 * ``hfcompress::kd_logit_loss`` (``csrc/kd_loss.cpp``), for distillation: forward/reverse KL, generalized
   JSD and cross-entropy of a chunk of logits, and their gradient, in three or four sweeps over each row
   instead of eager PyTorch's ten or so passes over the whole chunk.
@@ -43,9 +46,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / name for name in ("int8_gemv.cpp", "int4_gemv.cpp", "kd_loss.cpp")]
+_SOURCES = [_CSRC / name for name in ("int8_gemv.cpp", "int4_gemv.cpp", "kd_loss.cpp", "decode_attention.cpp")]
 _HEADERS = [_CSRC / "common.h"]
-OPS = ("int8_gemv", "int4_gemv", "kd_logit_loss")
+OPS = ("int8_gemv", "int4_gemv", "kd_logit_loss", "decode_attention")
 _ENV_SWITCH = "HFCOMPRESS_NATIVE_KERNELS"
 _ENV_ISA = "HFCOMPRESS_CPU_ISA"
 # Instruction-set levels the kernels take (csrc/common.h): the names HFCOMPRESS_CPU_ISA accepts map to the
@@ -198,7 +201,9 @@ def native_kernel_status() -> dict:
                else f"not used: needs AVX2, running {isa} (PyTorch's kernels instead)")
     # The loss kernel's clones: AVX-512, AVX2 + FMA, or baseline x86-64 ("generic").
     loss = "avx512" if isa.startswith("avx512") else isa
-    return {"int8_gemv": weights, "int4_gemv": weights, "kd_logit_loss": f"loaded ({loss})"}
+    attention = f"loaded ({'generic' if kernel_isa() == 0 else 'avx2'})"
+    return {"int8_gemv": weights, "int4_gemv": weights, "kd_logit_loss": f"loaded ({loss})",
+            "decode_attention": attention}
 
 
 def _register_fake() -> None:
@@ -219,6 +224,10 @@ def _register_fake() -> None:
               isa=-1):
             rows = student_logits.shape[0]
             return student_logits.new_empty((rows,)), student_logits.new_empty((rows,))
+
+        @torch.library.register_fake("hfcompress::decode_attention")
+        def _(query, key, value, mask, scale, isa=-1):
+            return query.new_empty((query.shape[0], query.shape[1], value.shape[3]))
     except RuntimeError:  # already registered in this process (e.g. by a second import path)
         pass
     _state["fake_registered"] = True
@@ -265,6 +274,19 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset
     x's dtype. ``isa`` as for :func:`int8_gemv` (2 runs the AVX2 code). Call only when the kernels are available.
     """
     return int4_gemv_op()(x, packed, scale, offset, out_features, group_size, kernel_isa() if isa < 0 else isa)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float, isa: int = -1) -> torch.Tensor:
+    """One query token per head over a KV cache, grouped K/V heads read in place (csrc/decode_attention.cpp):
+    query (B, H, D), key (B, KVH, L, D), value (B, KVH, L, Dv), mask None, bool (B, L) (True = attend) or float
+    (B, L) added to the scores -> (B, H, Dv) in query's dtype (float32, bfloat16 or float64); query head h reads
+    K/V head h // (H / KVH). ``isa`` as for :func:`int8_gemv` (1 and up run the AVX2 code). Call only when
+    :func:`kernels_available` is True."""
+    op = _state.get("attention_op")
+    if op is None:
+        op = _state["attention_op"] = torch.ops.hfcompress.decode_attention.default
+    return op(query, key, value, mask, scale, kernel_isa() if isa < 0 else isa)
 
 
 # Divergences the fused loss kernel computes, by DistillationConfig.loss name; "none" = cross-entropy only.

@@ -11,11 +11,15 @@ bucket — the top-k + tail KL of e.g. DistillKit/Sparse-KD):
 * log-probabilities in the same (id) order: ``uint8``/``uint7``/``uint6`` codes ``round((top - logp) / step)``
   with a per-row float16 ``step`` (error <= step/2; ``top`` is not stored: the k probabilities and the tail
   sum to one), bit-packed below 8 bits; or ``float16``/``float32`` values;
-* ``log_tail``: log of the probability mass outside the top-k (``-inf`` when k = vocabulary size).
+* ``log_tail``: log of the probability mass outside the top-k (``-inf`` when k = vocabulary size);
+* optionally (``hidden_layers``), the selected teacher layers' hidden states, one (rows, hidden) tensor per layer
+  in float16 (default), bfloat16 or float32, in a ``hidden-NNNNN.safetensors`` file beside each shard. Layer ``i``
+  is the output of block ``i`` as in :mod:`.hidden` (the last one after the final norm). These are read lazily,
+  block by block (they are ``2·hidden`` bytes per token and layer in float16: far more than the logits' ~120).
 
 Shards are safetensors files (plus the training blocks' token ids, so a cache is its own training set);
 ``cache.json`` holds the metadata the trainer checks: teacher name and weight hash, tokenizer hash, k,
-temperature, vocabulary size and a fingerprint of the token blocks.
+temperature, vocabulary size and a fingerprint of the token blocks, and the hidden layers, width and dtype.
 
 The loss (:func:`bucket_logprobs`): the student's and the teacher's distributions restricted to the k + 1
 buckets (the cached ids, everything else); any divergence of :class:`~.losses.LogitLoss` applies to them. With
@@ -31,7 +35,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +50,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 METADATA_FILE = "cache.json"
 LOGPROB_FORMATS = ("uint8", "uint7", "uint6", "float16", "float32")
+HIDDEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class TeacherCacheError(HFCompressError):
@@ -223,6 +228,12 @@ class CacheMetadata:
     mean_tail_mass: float
     quantization_kl: float  # mean KL(exact buckets ‖ stored buckets): what the storage precision costs
     format_version: int = FORMAT_VERSION
+    # Hidden states (empty when none were stored; caches written before they existed read as such).
+    hidden_layers: list = field(default_factory=list)  # 0-based teacher layers, as in hidden.py
+    hidden_size: int = 0
+    hidden_dtype: str = ""
+    hidden_bytes_per_token: float = 0.0  # all stored layers together
+    teacher_num_layers: int = 0  # to resolve layer_map='uniform'/'last' without the teacher
 
 
 def check_destination(out_dir) -> Path:
@@ -236,9 +247,17 @@ def check_destination(out_dir) -> Path:
 @torch.no_grad()
 def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64, temperature: float = 1.0,
                         tokenizer=None, teacher_name: str = "", logprob_format: str = "uint7",
-                        batch_size: int = 8, blocks_per_shard: int = 4096, progress: bool = True) -> CacheMetadata:
-    """Run ``teacher`` once over ``blocks`` (N, T) and write the cache to ``out_dir`` (must not exist or be empty)."""
+                        batch_size: int = 8, blocks_per_shard: int = 4096, progress: bool = True,
+                        hidden_layers: list[int] | None = None, hidden_dtype: str = "float16") -> CacheMetadata:
+    """Run ``teacher`` once over ``blocks`` (N, T) and write the cache to ``out_dir`` (must not exist or be empty).
+
+    ``hidden_layers`` (0-based teacher layers) also stores those layers' hidden states per predicted token, in
+    ``hidden_dtype``, for hidden-state distillation from the cache (``DistillationConfig.hidden_weight``).
+    """
     from safetensors.numpy import save_file
+    from safetensors.torch import save_file as save_torch_file
+
+    from .hidden import hidden_width, num_layers
 
     if logprob_format not in LOGPROB_FORMATS:
         raise ConfigError(f"logprob_format={logprob_format!r} is unknown; choose one of {', '.join(LOGPROB_FORMATS)}")
@@ -251,17 +270,22 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
         vocab = min(vocab, len(tokenizer))  # padded embedding rows are never real tokens
     if not 1 <= top_k <= vocab:
         raise ConfigError(f"top_k must be in 1..{vocab} (the vocabulary size), got {top_k}")
+    layers = check_hidden_layers(hidden_layers, num_layers(teacher), hidden_dtype)
     out_dir = check_destination(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher.eval()
     device = next(teacher.parameters()).device
-    shards, stored_bytes, tokens, tail_mass, quant_kl = [], 0, 0, 0.0, 0.0
+    shards, stored_bytes, hidden_bytes, tokens, tail_mass, quant_kl = [], 0, 0, 0, 0.0, 0.0
     for shard_start in range(0, blocks.shape[0], blocks_per_shard):
         shard_blocks = blocks[shard_start:shard_start + blocks_per_shard]
         pieces: list[dict[str, np.ndarray]] = []
+        states: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         for start in tqdm(range(0, shard_blocks.shape[0], batch_size), desc="teacher cache", disable=not progress):
             batch = shard_blocks[start:start + batch_size]
-            logits = teacher(input_ids=batch.to(device)).logits[:, :-1, :vocab].float()  # (B, T-1, V)
+            out = teacher(input_ids=batch.to(device), output_hidden_states=bool(layers))
+            for layer in layers:  # hidden_states[i + 1] is block i's output; positions 0..T-2 predict
+                states[layer].append(_stored_states(out.hidden_states[layer + 1][:, :-1], hidden_dtype, layer))
+            logits = out.logits[:, :-1, :vocab].float()  # (B, T-1, V)
             logp = F.log_softmax(logits / temperature, dim=-1).reshape(-1, vocab)  # (n, V)
             top_logp, top_ids = logp.topk(top_k, dim=-1)  # (n, k)
             log_tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1.0)) if top_k < vocab \
@@ -285,17 +309,45 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
         name = f"shard-{len(shards):05d}.safetensors"
         save_file(arrays, str(out_dir / name), metadata={"hfcompress": "teacher-cache", "version": str(FORMAT_VERSION)})
         shards.append({"file": name, "blocks": int(shard_blocks.shape[0])})
+        if layers:
+            tensors = {f"layer_{layer}": torch.cat(parts) for layer, parts in states.items()}  # (rows, H) each
+            hidden_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            shards[-1]["hidden_file"] = f"hidden-{len(shards) - 1:05d}.safetensors"
+            save_torch_file(tensors, str(out_dir / shards[-1]["hidden_file"]), metadata={"hfcompress": "teacher-cache"})
     metadata = CacheMetadata(
         teacher=teacher_name, teacher_hash=weights_hash(teacher),
         tokenizer_hash=tokenizer_hash(tokenizer) if tokenizer is not None else "", top_k=top_k,
         temperature=float(temperature), vocab_size=int(vocab), data_fingerprint=tensor_hash([("blocks", blocks)]),
         num_blocks=int(blocks.shape[0]), block_size=int(blocks.shape[1]), logprob_format=logprob_format,
         shards=shards, bytes_per_token=stored_bytes / tokens, tokens=tokens, mean_tail_mass=tail_mass / tokens,
-        quantization_kl=quant_kl / tokens)
+        quantization_kl=quant_kl / tokens, hidden_layers=layers, hidden_size=hidden_width(teacher) if layers else 0,
+        hidden_dtype=hidden_dtype if layers else "", hidden_bytes_per_token=hidden_bytes / tokens,
+        teacher_num_layers=num_layers(teacher))
     tmp = out_dir / (METADATA_FILE + ".tmp")
     tmp.write_text(json.dumps(asdict(metadata), indent=2) + "\n")
     os.replace(tmp, out_dir / METADATA_FILE)  # written last: a folder without it is not a cache
     return metadata
+
+
+def check_hidden_layers(hidden_layers, teacher_layers: int, hidden_dtype: str) -> list[int]:
+    """The teacher layers whose hidden states a cache stores: sorted, unique, each in 0..teacher_layers-1."""
+    if hidden_dtype not in HIDDEN_DTYPES:
+        raise ConfigError(f"hidden_dtype={hidden_dtype!r} is unknown; choose one of {', '.join(HIDDEN_DTYPES)}")
+    layers = sorted({int(layer) for layer in hidden_layers or ()})
+    bad = [layer for layer in layers if not 0 <= layer < teacher_layers]
+    if bad:
+        raise ConfigError(f"hidden layers {bad} do not exist: the teacher has {teacher_layers} layers "
+                          f"(0..{teacher_layers - 1}); fix --hidden-layers")
+    return layers
+
+
+def _stored_states(states: torch.Tensor, hidden_dtype: str, layer: int) -> torch.Tensor:
+    """(B, T-1, H) -> (B*(T-1), H) on the CPU in ``hidden_dtype``; float16 refuses values it cannot hold."""
+    states = states.detach().float().reshape(-1, states.shape[-1]).cpu()
+    if hidden_dtype == "float16" and states.abs().max() > torch.finfo(torch.float16).max:
+        raise ConfigError(f"teacher layer {layer}'s hidden states reach {states.abs().max().item():.4g}, beyond "
+                          f"float16's range; write the cache with --hidden-dtype bfloat16")
+    return states.to(HIDDEN_DTYPES[hidden_dtype])
 
 
 def _merge(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -326,6 +378,26 @@ class TeacherCache:
         self.shards = [load_file(str(self.path / shard["file"])) for shard in self.meta.shards]
         self._starts = np.cumsum([0] + [shard["blocks"] for shard in self.meta.shards])
         self.rows_per_block = self.meta.block_size - 1
+        self._hidden = [self._open_hidden(shard) for shard in self.meta.shards] if self.meta.hidden_layers else []
+
+    def _open_hidden(self, shard: dict):
+        """A shard's hidden-state file, opened for reading slices (memory-mapped; not loaded whole)."""
+        from safetensors import safe_open
+
+        path = self.path / shard.get("hidden_file", "")
+        if not path.is_file():
+            raise TeacherCacheError(f"{self.path}: {METADATA_FILE} lists hidden layers {self.meta.hidden_layers} "
+                                    f"but {path.name} is missing; rewrite the cache with `hfcompress cache-teacher`")
+        handle = safe_open(str(path), framework="pt")
+        expected = [shard["blocks"] * self.rows_per_block, self.meta.hidden_size]
+        for layer in self.meta.hidden_layers:
+            name = f"layer_{layer}"
+            shape = list(handle.get_slice(name).get_shape()) if name in handle.keys() else None
+            if shape != expected:
+                raise TeacherCacheError(f"{path}: hidden states of layer {layer} have shape {shape}, but "
+                                        f"{METADATA_FILE} says {expected} (blocks x positions, hidden_size "
+                                        f"{self.meta.hidden_size}); the cache is inconsistent: rewrite it")
+        return handle
 
     def __len__(self) -> int:
         return self.meta.num_blocks
@@ -346,6 +418,38 @@ class TeacherCache:
             rows = np.arange(local * self.rows_per_block, (local + 1) * self.rows_per_block)
             out.append(decode_rows(self.shards[shard], rows, self.meta.top_k, self.meta.logprob_format))
         return tuple(torch.cat(parts) for parts in zip(*out))
+
+    def hidden_rows(self, block_indices: torch.Tensor, layer: int) -> torch.Tensor:
+        """Teacher layer ``layer``'s hidden states at every predicted position of these blocks, (B*(T-1), H)."""
+        if layer not in self.meta.hidden_layers:
+            raise TeacherCacheError(f"{self.path} holds no hidden states of teacher layer {layer} (it has "
+                                    f"{self.meta.hidden_layers or 'none'})")
+        out = []
+        for index in block_indices.tolist():
+            shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+            start = (index - int(self._starts[shard])) * self.rows_per_block
+            out.append(self._hidden[shard].get_slice(f"layer_{layer}")[start:start + self.rows_per_block])
+        return torch.cat(out)
+
+    def hidden_layer_map(self, layer_map, student_layers: int) -> dict[int, int]:
+        """``DistillationConfig.layer_map`` resolved against the student's depth and the cached teacher's
+        (:func:`.hidden.resolve_layer_map`), refused unless the cache holds every mapped teacher layer."""
+        from .hidden import resolve_layer_map
+
+        meta, where = self.meta, str(self.path)
+        if not meta.hidden_layers:
+            raise TeacherCacheError(f"{where} holds no hidden states, but the run distils them (hidden_weight > 0); "
+                                    f"rewrite the cache with `hfcompress cache-teacher --hidden-layers ...` or set "
+                                    f"hidden_weight=0")
+        resolved = resolve_layer_map(layer_map, student_layers, meta.teacher_num_layers)
+        needed = sorted(set(resolved.values()))
+        missing = sorted(set(needed) - set(meta.hidden_layers))
+        if missing:
+            raise TeacherCacheError(f"layer_map {resolved} needs teacher layers {missing}, but {where} holds hidden "
+                                    f"states of layers {meta.hidden_layers} only; set layer_map to map onto those "
+                                    f"(e.g. '{{\"{student_layers - 1}\": {meta.hidden_layers[-1]}}}') or rewrite "
+                                    f"the cache with --hidden-layers {' '.join(map(str, needed))}")
+        return resolved
 
     def check(self, *, tokenizer=None, temperature: float | None = None, top_k: int | None = None,
               teacher: str | None = None, teacher_hash: str | None = None, vocab_size: int | None = None) -> None:

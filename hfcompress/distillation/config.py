@@ -19,7 +19,9 @@ LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reve
 HIDDEN_LOSSES = ("mse", "cosine")
 LAYER_MAP_NAMES = ("uniform", "last")
 MODES = ("live", "cache", "online", "self")
-DEFAULT_HIDDEN_WEIGHT = 10.0  # live mode only: the other modes distil logits
+SELF_TEACHERS = ("final", "ema")
+DEFAULT_HIDDEN_WEIGHT = 10.0  # live mode only: cache mode distils hidden states only when asked (they cost space)
+HIDDEN_MODES = ("live", "cache")  # the modes with teacher hidden states
 
 
 @dataclass
@@ -99,13 +101,30 @@ class DistillationConfig(TrainingArguments):
                           "norm and LM head), as a list or comma-separated string such as '1,3'; default: every "
                           "layer but the last."},
     )
+    self_teacher: str = field(
+        default="final",
+        metadata={"help": "mode='self': what teaches. 'final': the model's own final layer (detached) teaches the "
+                          "early exits at `exit_layers`; 'ema': an exponential-moving-average copy of the model "
+                          "(weights updated after each optimizer step as ema = ema_decay·ema + (1-ema_decay)·model, "
+                          "never trained by gradients) teaches the model's final layer, and also the early exits "
+                          "when `exit_layers` is given (mean teacher, Tarvainen & Valpola 2017; the EMA teacher of "
+                          "self-distillation, e.g. DINO). The EMA copy is saved in each checkpoint and in "
+                          "`output_dir/ema` at the end; the saved model is the trained one, as in every mode."},
+    )
+    ema_decay: float = field(
+        default=0.999,
+        metadata={"help": "self_teacher='ema': the decay d in [0, 1) of the EMA update ema = d·ema + (1-d)·model "
+                          "after each optimizer step (the teacher averages the last ~1/(1-d) steps; 0 makes it a "
+                          "copy of the model one step behind)."},
+    )
     # ----- hidden-state distillation -----
     hidden_weight: float | None = field(
         default=None,
         metadata={"help": "Weight of the hidden-state loss (>= 0); 0 turns hidden-state distillation off. Default: "
                           "10 in the live mode (with 'cosine' the benchmark's best on the base teacher at 50 and "
-                          "150 steps, scripts/bench/results/distill_base.md); the other modes distil logits only "
-                          "and need 0."},
+                          "150 steps, scripts/bench/results/distill_base.md); 0 in the other modes. mode='cache' "
+                          "reads the teacher's hidden states from the cache (`cache-teacher --hidden-layers`); "
+                          "online and self distil logits only and need 0."},
     )
     hidden_loss: str = field(
         default="cosine",
@@ -142,9 +161,19 @@ class DistillationConfig(TrainingArguments):
             raise ConfigError(f"DistillationConfig.mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.hidden_weight is None:
             self.hidden_weight = DEFAULT_HIDDEN_WEIGHT if self.mode == "live" else 0.0
-        if self.mode != "live" and self.hidden_weight > 0:
+        if self.mode not in HIDDEN_MODES and self.hidden_weight > 0:
             raise ConfigError(f"DistillationConfig.hidden_weight={self.hidden_weight}: mode={self.mode!r} has no "
                               f"teacher hidden states; set hidden_weight=0")
+        if self.self_teacher not in SELF_TEACHERS:
+            raise ConfigError(f"DistillationConfig.self_teacher={self.self_teacher!r} is unknown; choose one of "
+                              f"{', '.join(SELF_TEACHERS)}")
+        if self.self_teacher != "final" and self.mode != "self":
+            raise ConfigError(f"DistillationConfig.self_teacher={self.self_teacher!r} is for mode='self' "
+                              f"(got mode={self.mode!r})")
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \
+                or not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"DistillationConfig.ema_decay must be a number in [0, 1), got {self.ema_decay!r}; "
+                              f"0.999 averages about the last 1000 steps")
         self.exit_layers = _parse_layer_list(self.exit_layers)
         if self.exit_layers is not None and self.mode != "self":
             raise ConfigError(f"DistillationConfig.exit_layers is for mode='self' (got mode={self.mode!r})")

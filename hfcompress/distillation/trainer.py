@@ -9,7 +9,8 @@ What it overrides and why:
   predicted tokens, divided by the step's token count (exact under gradient accumulation and DDP).
 * ``create_optimizer`` adds the projections as one more parameter group (so their optimizer state is
   checkpointed and restored with the rest); ``train`` restores their weights on resume; ``_save_checkpoint``
-  writes them beside each checkpoint (never into the student).
+  writes them beside each checkpoint (never into the student), with the state of a non-live mode's teacher
+  signal (the EMA teacher of ``self_teacher='ema'``).
 * ``_save_checkpoint`` / ``save_model`` make every save atomic (:mod:`hfcompress.core.atomic`): a checkpoint
   is staged in a hidden folder and renamed into place complete; the final model is moved in with
   ``config.json`` last. ``compute_loss`` stops at the first NaN/Inf loss, naming the step; nothing is saved
@@ -217,17 +218,19 @@ class DistillationTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         self._remove_interrupted_checkpoints()
         projections = self.hidden_projections
-        if resume_from_checkpoint and projections is not None and projections.has_parameters():
-            folder = resume_from_checkpoint
-            if folder is True:
-                folder = get_last_checkpoint(self.args.output_dir)
-                if folder is None:
-                    raise ModelLoadError(f"resume_from_checkpoint=True but {self.args.output_dir} has no "
-                                         f"checkpoint-* folder")
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+            if folder is None:
+                raise ModelLoadError(f"resume_from_checkpoint=True but {self.args.output_dir} has no "
+                                     f"checkpoint-* folder")
+        if folder and projections is not None and projections.has_parameters():
             if load_projections(projections, folder):
                 logger.info("restored hidden-state projections from %s", folder)
             else:
                 logger.warning("%s has no hidden-state projections; they start from their initialisation", folder)
+        if folder and self.signal is not None:
+            self.signal.load_state(folder)  # e.g. the EMA teacher of mode='self'
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
@@ -264,6 +267,8 @@ class DistillationTrainer(Trainer):
                 self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
             if self.hidden_projections is not None and self.hidden_projections.has_parameters():
                 save_projections(self.hidden_projections, staged)
+            if self.signal is not None:
+                self.signal.save_state(staged)  # inside the staged checkpoint: published with it, complete
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish(staged, final, overwrite=True)

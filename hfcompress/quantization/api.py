@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -184,11 +185,24 @@ def _group_sizes(targets: dict[str, nn.Module], group_size: int | None) -> dict[
     sizes = {name: P.fallback_group_size(width, group_size) for name, width in widths.items()}
     fallen = {name: size for name, size in sizes.items() if size != group_size}
     if fallen:
-        detail = ", ".join(f"{name} (width {widths[name]}) -> "
-                           f"{'per-channel' if size is None else size}" for name, size in fallen.items())
         warnings.warn(f"group_size={group_size} does not divide the width of {len(fallen)} layer(s); they "
-                      f"use a smaller group: {detail}", UserWarning, stacklevel=3)
+                      f"use a smaller group: {_fallback_summary(fallen, widths)}", UserWarning, stacklevel=3)
     return sizes
+
+
+def _fallback_summary(fallen: dict[str, int | None], widths: dict[str, int]) -> str:
+    """'width 576 -> 64: model.layers.*.mlp.up_proj, ... (180 layers)': one entry per (width, group), layer
+    indices folded into '*' so a deep model's warning stays a line (the exact per-layer group sizes are in the
+    saved config)."""
+    by_rule: dict[tuple[int, int | None], list[str]] = {}
+    for name, size in fallen.items():
+        by_rule.setdefault((widths[name], size), []).append(name)
+    parts = []
+    for (width, size), names in by_rule.items():
+        patterns = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in names))
+        shown = ", ".join(patterns[:8]) + (f", ... ({len(patterns) - 8} more)" if len(patterns) > 8 else "")
+        parts.append(f"width {width} -> {'per-channel' if size is None else size}: {shown} ({len(names)} layers)")
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------------

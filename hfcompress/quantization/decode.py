@@ -17,6 +17,8 @@ them on for a packed model, so users keep calling ``generate``:
   transformers' own SDPA lets a lone query token attend grouped K/V heads in place only in eager mode, and under
   ``torch.compile`` copies K/V to every query head; with a static cache that is a copy of the whole cache per
   layer per token, and the CPU flash kernel at one query row per head costs ~4x the grouped layout in bfloat16.
+* Dynamo's guards on the model's modules are skipped (:func:`skip_module_guards`): evaluating them cost as much
+  per step as the LM head's kernel. Reload the model rather than changing its modules after the first ``generate``.
 * If compiling fails (no C++ compiler for Inductor, an op Dynamo cannot trace under ``fullgraph``...), decode
   falls back to the eager forward with one warning; results are the same either way.
 
@@ -29,12 +31,15 @@ The static cache is allocated for the longest ``max_length`` seen, and attention
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..core import native
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +62,31 @@ def decode_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if (not dropout and query.device.type == "cpu" and key.dtype == query.dtype and value.dtype == query.dtype
+            and query.dtype in (torch.float32, torch.bfloat16, torch.float64) and native.kernels_available()):
+        # Our kernel: one call, grouped K/V read in place, the mask's excluded positions skipped.
+        mask = None if attention_mask is None else attention_mask.reshape(batch, attention_mask.shape[-1])
+        scale = scaling if scaling is not None else dim ** -0.5
+        out = native.decode_attention(query.reshape(batch, heads, dim), key, value, mask, scale)  # (B, H, Dv)
+        return out.unsqueeze(1), None  # (B, 1, H, Dv), transformers' layout
     grouped = query.reshape(batch, heads // groups, groups, dim)  # (B, KV heads, groups, D): one row per query head
-    # The mask (B, 1, 1, L) is the same for every head and row: it broadcasts over (B, KV heads, groups, L).
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling)  # (B, KV heads, groups, Dv)
+    if dropout or not torch.compiler.is_compiling():
+        # The mask (B, 1, 1, L) is the same for every head and row: it broadcasts over (B, KV heads, groups, L).
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling)  # (B, KV heads, groups, Dv)
+    else:
+        # Compiled: the same softmax(q k^T s + mask) v written as broadcast products and sums, which Inductor
+        # fuses into loops of the step's own C++ (nothing of size (.., L, D) is materialised). At one query row per
+        # head a library call costs more in setup than the arithmetic: ATen's flash attention ~40 us a layer on
+        # a CPU, two bmm calls ~36 us, these loops a few us.
+        scale = scaling if scaling is not None else dim ** -0.5
+        acc = torch.promote_types(query.dtype, torch.float32)  # float32 sums for 16-bit activations
+        scores = (grouped.to(acc).unsqueeze(-2) * key.to(acc).unsqueeze(-3)).sum(-1) * scale  # (B, KVH, groups, L)
+        if attention_mask is not None:
+            scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                      else scores + attention_mask)
+        probs = scores.softmax(dim=-1)
+        out = (probs.unsqueeze(-1) * value.unsqueeze(-3).to(acc)).sum(-2).to(value.dtype)  # (B, KV heads, groups, Dv)
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
@@ -100,11 +126,42 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def skip_module_guards(guard_entries) -> list[bool]:
+    """Dynamo guard filter of the decode step: drop the guards on the model's modules (their attributes,
+    parameters and buffers), keep the rest (the inputs, the static cache, globals).
+
+    Each call of a compiled function first evaluates its guards; with a guard per module attribute and per
+    packed buffer that is ~1.2 ms of a 7-8 ms SmolLM2-135M step on one core (torch.profiler's "TorchDynamo Cache
+    Lookup"), as much as the int8 head's kernel. A loaded packed model's modules do not change between decode
+    steps, which is the contract this relies on (the filter is PyTorch's
+    ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``): parameters are still read at every call, so
+    in-place weight updates are seen, but changing a module's structure, dtype or Python attributes after the
+    first ``generate`` is not detected -- load the model again (or call ``torch._dynamo.reset()``) instead."""
+    return torch.compiler.skip_guard_on_all_nn_modules_unsafe(guard_entries)
+
+
+def _compiled_call(model, compile_config, state: dict):
+    """``torch.compile(model.__call__)`` with ``compile_config``, once per model and config (what transformers'
+    ``get_compiled_call`` does), in a cache of compiled entries of this model's own (``isolate_recompiles``).
+
+    Every model of a class shares its forward's code object and so, by default, Dynamo's cache of compiled
+    entries; what tells two models apart is the guards on their modules. :func:`skip_module_guards` drops
+    those, so without isolation a second model (int4 after int8, say) would run the first one's graph."""
+    options = compile_config.to_dict()
+    if state.get("config") != options or "compiled" not in state:
+        isolate = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+        if not isolate and (options.get("options") or {}).get("guard_filter_fn") is not None:
+            options["options"].pop("guard_filter_fn")  # older torch: keep the guards rather than share entries
+        state["config"] = compile_config.to_dict()
+        state["compiled"] = torch.compile(model.__call__, **options, **({"isolate_recompiles": True} if isolate else {}))
+    return state["compiled"]
+
+
 def _guarded_compiled_call(model, compile_config):
     """transformers' compiled forward (``PreTrainedModel.get_compiled_call``), run eagerly instead, with one
     warning, if compiling it fails. Bound to the model instance by :func:`enable_compiled_decode`."""
-    compiled = type(model).get_compiled_call(model, compile_config)
     state = model.__dict__.setdefault("_hfcompress_decode", {"failed": None})
+    compiled = _compiled_call(model, compile_config or model.generation_config.compile_config, state)
 
     def forward(*args, **kwargs):
         if state["failed"] is None:
@@ -135,12 +192,15 @@ def enable_compiled_decode(model) -> bool:
     on_cpu = model.device.type == "cpu"
     backend = inductor_backend()
     if on_cpu:
+        options = {"guard_filter_fn": skip_module_guards}
         # Inductor's C++ wrapper: the step's ~150 kernel calls and allocations run from compiled C++ instead of
         # generated Python (SmolLM2-135M int4: 7.8 instead of 8.9 CPU ms per step, the same tokens), for about
         # twice the compile time.
-        options = {"cpp_wrapper": True} if backend == "inductor" else None
+        if backend == "inductor":
+            options["cpp_wrapper"] = True
         config = CompileConfig(fullgraph=True, backend=backend, mode=None, options=options)
-    else:  # CUDA graphs ("reduce-overhead", transformers' default) exist on GPUs only
+    else:  # CUDA graphs ("reduce-overhead", transformers' default) exist on GPUs only; torch.compile takes a mode
+        # or options, not both, so the guard filter stays off there (CUDA graphs replay without Python anyway)
         config = CompileConfig(fullgraph=True, backend=backend, mode="reduce-overhead")
     config._compile_all_devices = True  # transformers' switch to compile on CPUs too
     model.generation_config.cache_implementation = "static"

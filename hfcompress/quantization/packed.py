@@ -286,6 +286,30 @@ class Int8RowEmbedding(PackedModuleMixin, nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits=8, per-row scales (quantized at load)"
 
 
+class FlatInputLinear(nn.Linear):
+    """An ``nn.Linear`` that multiplies its input as a contiguous 2-D matrix: for the floating-point LM head.
+
+    The head's input in a prefill is the last position sliced out of (1, T, H): a (1, 1, H) view with strides
+    (T*H, H, 1). On the CPU, in bfloat16, ``F.linear`` sends that through a batched matmul that first copies the
+    whole transposed weight (SmolLM2-135M: 66 ms of a 209 ms 64-token prompt, against 3 ms as a (1, H) matrix).
+    Same parameters, same numbers; only the call shape differs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # (rows, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def flatten_head_input(model: nn.Module) -> bool:
+    """Make a plain floating-point output head a :class:`FlatInputLinear` (in place; weights and tying kept).
+    Returns whether it did."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear:
+        return False
+    head.__class__ = FlatInputLinear
+    return True
+
+
 def quantize_input_embeddings(model: nn.Module, tied_head: bool = True) -> bool:
     """Replace the model's float input embedding table by an :class:`Int8RowEmbedding`.
 

@@ -80,6 +80,7 @@ from .packed import (  # the modules live in .packed (so .cuda_runtime can build
     PackedModuleMixin,
     SharedInputProjections,
     SharedInputSlice,
+    flatten_head_input,
     fuse_shared_input_projections,
     kernel_module,
     quantize_input_embeddings,
@@ -277,7 +278,9 @@ def load_compressed(path_or_repo: str | os.PathLike, device: str | torch.device 
             fuses each layer's norms, rotary, cache update and residuals around our kernels, which removes most of
             the per-token Python and dispatch cost of eager decoder layers (the larger share of a small model's
             decode step). The first ``generate`` pays the compile (one to three minutes, once per process),
-            so it is off by default; if compiling fails, decode runs eagerly with one warning.
+            so it is off by default; if compiling fails, decode runs eagerly with one warning. The compiled
+            step does not re-check the model's modules at every call (:func:`.decode.skip_module_guards`):
+            load the model again rather than changing its modules after the first ``generate``.
 
     Returns the ``PreTrainedModel`` in eval mode; ``generate()`` works as usual. Raises
     :class:`~hfcompress.quantization.checkpoint.CheckpointError` (one line, naming the file/tensor) for a folder
@@ -347,6 +350,8 @@ def finish_packed_model(model: nn.Module, device: torch.device, fuse_projections
         finish_cuda_model(model)
     if quantize_embeddings:
         quantize_input_embeddings(model, tied_head=device.type == "cpu")
+    if device.type == "cpu":
+        flatten_head_input(model)
     model.to(device).eval().requires_grad_(False)
     return model
 

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.atomic import check_destination, publish
+from ..core.atomic import check_destination, locked_output, publish
 from ..core.devices import peak_rss_bytes
 from ..core.errors import ConfigError, DataError, HFCompressError
 from . import api as A
@@ -562,6 +562,7 @@ def _estimate_bound(model, layers, source, names, targets, config, blocks, front
     return MemoryBound(baseline=baseline, unit=unit, cache=cache, work=work)
 
 
+@locked_output("out_dir")
 def quantize_checkpoint(src, out_dir, config: QuantizationConfig | dict, calibration_data=None, tokenizer=None,
                         max_memory=None, max_shard_size="2GB", overwrite: bool = False, progress: bool = True,
                         strict: bool = False, resume: bool = True, extra_files=None,
@@ -582,7 +583,8 @@ def quantize_checkpoint(src, out_dir, config: QuantizationConfig | dict, calibra
         strict, extra_files: as :func:`hfcompress.quantize` / :func:`hfcompress.save_checkpoint`;
             ``extra_files`` may also be a function of the :class:`~.api.QuantizationReport` returning them
             (a model card that states the coverage).
-        resume: continue a previous run's partial output (False: start over).
+        resume: continue a previous run's partial output (False: start over). A second run into the same
+            ``out_dir`` while one is writing raises :class:`~hfcompress.core.atomic.OutputInUseError`.
         cache_on_disk: keep the calibration hidden states on disk (None: only when they do not fit the budget).
 
     Returns the output folder. The run's :class:`~.api.QuantizationReport` is in ``config.json`` (``hfcompress``).

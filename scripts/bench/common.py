@@ -290,7 +290,7 @@ def generation_speed(model, prompt: torch.Tensor, new_tokens: int = 128, repeats
     kwargs = dict(attention_mask=attention, do_sample=False, pad_token_id=pad_token_id)
 
     def generate(n: int) -> None:
-        model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        model.generate(input_ids=prompt, max_new_tokens=n, eos_token_id=None, **kwargs)
 
     model(input_ids=prompt)
     generate(2)  # warm-up: allocations, kernel selection, KV-cache setup
@@ -445,6 +445,18 @@ def run_and_record(out: str | os.PathLike, fields: dict, body: Callable[[dict], 
     result.setdefault("peak_rss_bytes", peak_rss_bytes())
     write_json(out, result)
     return code
+
+
+def run_ours(argv: list, out: Path, log: Path) -> dict:
+    """One ``ours.py`` measurement in its own process; its JSON, or an error record naming the failure."""
+    out.unlink(missing_ok=True)
+    with open(log, "w") as handle:
+        subprocess.run([sys.executable, str(BENCH_DIR / "ours.py"), *map(str, argv), "--out", str(out)],
+                       stdout=handle, stderr=subprocess.STDOUT, check=False)
+    if out.is_file():
+        return json.loads(out.read_text())
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return {"status": "error", "error": lines[-1] if lines else "no output"}
 
 
 def step_timer():

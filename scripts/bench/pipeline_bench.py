@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,19 +28,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 import common  # noqa: E402
 
-OURS = str(BENCH_DIR / "ours.py")
-
-
-def _run(argv: list, out: Path, log: Path) -> dict:
-    """One measurement in its own process; its JSON, or an error record naming the failure."""
-    out.unlink(missing_ok=True)
-    with open(log, "w") as handle:
-        subprocess.run([sys.executable, OURS, *map(str, argv), "--out", str(out)], stdout=handle,
-                       stderr=subprocess.STDOUT, check=False)
-    if out.is_file():
-        return json.loads(out.read_text())
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    return {"status": "error", "error": lines[-1] if lines else "no output"}
+_run = common.run_ours  # one measurement per process (its own peak RSS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -386,7 +386,7 @@ def timed_generate(model, prompt: torch.Tensor, new_tokens: int) -> dict:
     clock = StepClock()
     start = time.perf_counter()
     model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   eos_token_id=None, do_sample=False, pad_token_id=0,
                    logits_processor=LogitsProcessorList([clock]))
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     # Process CPU time per step: with all threads busy on our work it tracks wall time; on a shared machine it
@@ -411,7 +411,7 @@ def step_split(model, prompt: torch.Tensor, new_tokens: int = 17) -> dict:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
             model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
-                           min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+                           eos_token_id=None, do_sample=False, pad_token_id=0)
             wall = time.perf_counter() - start
         events = prof.key_averages()
         kernel = sum(e.self_cpu_time_total for e in events if e.key in kernel_ops) / 1e6

@@ -106,3 +106,31 @@ def test_real_distill_bench_distill_then_quantize(tmp_path, tiny_reference_dir, 
     for row in dq["rows"]:
         assert math.isfinite(row["perplexity"]) and row["kl_to_student"] > 0  # int4 changed the student
         assert row["kl_to_teacher"] > 0
+
+
+def test_equal_byte_bench_counts_stored_bytes_and_pairs_budgets(tmp_path, tiny_reference_dir):
+    import equal_byte_bench as bench
+
+    from hfcompress.models.loading import load_model
+
+    model = load_model(tiny_reference_dir)
+    stored = bench.stored_bytes(tiny_reference_dir)
+    layers = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.startswith("model.layers."))
+    everything = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert stored == {"decoder_bytes": layers, "shared_bytes": everything - layers}
+
+    def row(label, role, bits, size, ppl):
+        return {"label": label, "role": role, "bits": bits, "decoder_bytes": size, "perplexity": ppl}
+
+    rows = [row("t fp32", "teacher", 32, 1000, 10.0), row("t int4", "teacher", 4, 150, 11.0),
+            row("t int3", "teacher", 3, 120, 14.0), row("t int2", "teacher", 2, 90, 30.0),
+            row("s fp32", "student", 32, 500, 12.0), row("s int8", "student", 8, 125, 12.5),
+            row("s int4", "student", 4, 70, 13.0)]
+    pairs = {b["student"]: b for b in bench.budgets(rows)}
+    assert set(pairs) == {"s int8", "s int4"}  # quantized students only
+    # 125 B (+5%): t int3 (120) and t int2 (90) fit, the better one is int3; t int4 (150) is the next larger.
+    assert pairs["s int8"]["teacher_within"]["label"] == "t int3" and pairs["s int8"]["winner"] == "student"
+    assert pairs["s int8"]["teacher_above"]["label"] == "t int4"
+    assert pairs["s int4"]["teacher_within"] is None and pairs["s int4"]["winner"] == "only the student fits"
+    rows[2]["perplexity"] = 12.0
+    assert {b["student"]: b for b in bench.budgets(rows)}["s int8"]["winner"] == "teacher"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -193,8 +194,111 @@ def test_cache_mismatches_are_refused(tmp_path, cache_dir, tiny_teacher, tiny_to
     make(teacher_model=tiny_teacher)  # the right teacher passes (and is not kept)
     with pytest.raises(ConfigError, match="set mode='cache'"):
         DistillationTrainer(model=student, teacher_cache=cache_dir, args=config(tmp_path))
-    with pytest.raises(ConfigError, match="hidden_weight"):
-        DistillationConfig(output_dir=str(tmp_path), report_to=[], mode="cache", hidden_weight=1.0)
+    with pytest.raises(ConfigError, match="hidden_weight"):  # (mode='cache' reads them from the cache)
+        DistillationConfig(output_dir=str(tmp_path), report_to=[], mode="self", hidden_weight=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hidden states in the cache
+# --------------------------------------------------------------------------------------------------------
+class _RaisingTeacher(torch.nn.Module):
+    """Stands for the teacher where none may run."""
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the teacher ran")
+
+
+@pytest.mark.parametrize("layer_map,hidden_loss,width", [("uniform", "cosine", None), ({"0": 0}, "mse", None),
+                                                         ("last", "mse", 32)])
+def test_cache_with_hidden_states_gives_the_live_loss(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks,
+                                                      layer_map, hidden_loss, width):
+    meta = K.write_teacher_cache(tiny_teacher, distill_blocks[:4], tmp_path / "full", top_k=512,
+                                 tokenizer=tiny_tokenizer, logprob_format="float32", hidden_layers=[1, 0],
+                                 hidden_dtype="float32", progress=False)
+    assert (meta.hidden_layers, meta.hidden_size, meta.hidden_dtype, meta.teacher_num_layers) == ([0, 1], 64,
+                                                                                                "float32", 2)
+    assert meta.hidden_bytes_per_token == 2 * 64 * 4  # two layers of 64 float32 values per predicted token
+    student = make_student(tiny_teacher, num_layers=1, hidden_size=width)  # width 32: learned projections
+    kwargs = dict(kd_weight=1.0, ce_weight=0.5, hidden_weight=3.0, hidden_loss=hidden_loss, layer_map=layer_map)
+    live = DistillationTrainer(model=copy.deepcopy(student), teacher_model=copy.deepcopy(tiny_teacher),
+                               args=config(tmp_path / "a", **kwargs), train_dataset=BlockDataset(distill_blocks[:4]),
+                               processing_class=tiny_tokenizer)
+    cached = DistillationTrainer(model=copy.deepcopy(student), teacher_cache=tmp_path / "full",
+                                 args=config(tmp_path / "b", mode="cache", **kwargs), processing_class=tiny_tokenizer)
+    assert cached.layer_map == live.layer_map and cached.teacher_model is None
+    assert cached.hidden_projections.has_parameters() == (width is not None)
+    batch = _batch(distill_blocks, [2, 0, 3])
+    batch["labels"][0, :5] = -100  # masked positions are skipped in both
+    expected = live.compute_loss(live.model, {k: v for k, v in batch.items() if k != "cache_index"})
+    got = cached.compute_loss(cached.model, batch)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # ... and the hidden term is really in it: without it the two differ.
+    hidden = cached._components["train"][2]
+    assert hidden > 0.01 * got.item() * batch["labels"].numel()
+
+
+def test_cache_hidden_training_runs_no_teacher(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
+    K.write_teacher_cache(tiny_teacher, distill_blocks[:8], tmp_path / "cache", top_k=32, tokenizer=tiny_tokenizer,
+                          hidden_layers=[1], progress=False)
+    cache = K.TeacherCache(tmp_path / "cache")
+    assert cache.meta.hidden_dtype == "float16" and cache.meta.hidden_bytes_per_token == 64 * 2
+    with torch.no_grad():  # the stored states are the teacher's, to float16 precision
+        exact = tiny_teacher(input_ids=distill_blocks[[5, 1]], output_hidden_states=True).hidden_states[2]
+    stored = cache.hidden_rows(torch.tensor([5, 1]), 1).float()
+    assert stored.dtype == torch.float32 and torch.allclose(stored, exact[:, :-1].reshape(-1, 64), rtol=1e-3,
+                                                            atol=1e-3)
+    student = make_student(tiny_teacher, num_layers=1)
+    trainer = DistillationTrainer(model=student, teacher_model=None, teacher_cache=tmp_path / "cache",
+                                  args=config(tmp_path / "run", mode="cache", max_steps=4, hidden_weight=10.0,
+                                              layer_map="last", hidden_loss="mse"), processing_class=tiny_tokenizer)
+    trainer.teacher_model = _RaisingTeacher()  # nothing may run a teacher
+    trainer.train()
+    hidden = [entry["hidden_loss"] for entry in trainer.state.log_history if "hidden_loss" in entry]
+    assert len(hidden) == 4 and all(h > 0 for h in hidden) and hidden[-1] < hidden[0]
+
+
+def test_cache_hidden_state_errors(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks, cache_dir):
+    student = make_student(tiny_teacher, num_layers=1)
+
+    def trainer(folder, **kwargs):
+        return DistillationTrainer(model=student, teacher_cache=folder, processing_class=tiny_tokenizer,
+                                   args=config(tmp_path / "run", mode="cache", hidden_weight=1.0, **kwargs))
+
+    with pytest.raises(K.TeacherCacheError, match="holds no hidden states.*--hidden-layers"):
+        trainer(cache_dir)  # written without hidden states
+    K.write_teacher_cache(tiny_teacher, distill_blocks[:2], tmp_path / "h", top_k=8, hidden_layers=[0], progress=False)
+    with pytest.raises(K.TeacherCacheError, match=r"needs teacher layers \[1\].*layers \[0\] only.*--hidden-layers 1"):
+        trainer(tmp_path / "h")  # 'uniform' maps the 1-layer student onto teacher layer 1
+    assert trainer(tmp_path / "h", layer_map={"0": 0}).layer_map == {0: 0}
+    with pytest.raises(ConfigError, match=r"hidden layers \[2\] do not exist.*0\.\.1"):
+        K.write_teacher_cache(tiny_teacher, distill_blocks[:2], tmp_path / "bad", top_k=8, hidden_layers=[2],
+                              progress=False)
+    with pytest.raises(ConfigError, match="hidden_dtype='int8'"):
+        K.write_teacher_cache(tiny_teacher, distill_blocks[:2], tmp_path / "bad", top_k=8, hidden_layers=[0],
+                              hidden_dtype="int8", progress=False)
+    # A cache whose stored width is not the one its metadata states (edited, or mixed up) is refused on open.
+    meta = json.loads((tmp_path / "h" / K.METADATA_FILE).read_text())
+    meta["hidden_size"] = 128
+    (tmp_path / "h" / K.METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(K.TeacherCacheError, match=r"shape \[62, 64\].*hidden_size 128"):
+        K.TeacherCache(tmp_path / "h")
+    with pytest.raises(ConfigError, match="mode='online' has no teacher hidden states"):
+        DistillationConfig(output_dir=str(tmp_path), report_to=[], mode="online", hidden_weight=1.0)
+
+
+def test_cli_cache_teacher_stores_hidden_states(tmp_path, tiny_reference_dir, capsys):
+    from hfcompress.cli import main
+
+    out = tmp_path / "cache"
+    assert main(["cache-teacher", str(tiny_reference_dir), "--out", str(out), "--data", "stdlib:validation",
+                 "--block-size", "16", "--num-blocks", "2", "--top-k", "8", "--hidden-layers", "1", "0",
+                 "--hidden-dtype", "bfloat16", "-q"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[:printed.rindex("}") + 1])
+    assert (summary["hidden_layers"], summary["hidden_dtype"], summary["hidden_bytes_per_token"]) == \
+        ([0, 1], "bfloat16", 2 * 64 * 2)
+    assert "256.0 bytes/token of hidden states (layers 0, 1, bfloat16)" in printed
+    assert K.TeacherCache(out).hidden_rows(torch.tensor([1]), 0).dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -214,6 +318,36 @@ def test_online_trains_the_teacher_and_saves_it(tmp_path, tiny_teacher, tiny_tok
     assert len(changed) == len(before)  # every teacher parameter moved
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
     assert torch.equal(saved.lm_head.weight, tiny_teacher.lm_head.weight.detach())
+
+
+def test_online_checkpoints_hold_the_teacher_and_a_resume_continues_it(tmp_path, tiny_teacher, tiny_tokenizer,
+                                                                        distill_blocks):
+    """checkpoint-N/teacher (loadable) and the teacher's optimizer state are written inside the staged checkpoint;
+    resuming from it continues the teacher where it was (weights and AdamW moments), not from its start."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    def trainer_for(out, teacher):
+        return DistillationTrainer(model=make_student(teacher, num_layers=1), teacher_model=teacher,
+                                   args=config(out, mode="online", max_steps=4, save_strategy="steps", save_steps=2,
+                                               teacher_learning_rate=1e-3, mutual_weight=0.5),
+                                   train_dataset=BlockDataset(distill_blocks[:16]), processing_class=tiny_tokenizer)
+
+    start = copy.deepcopy(tiny_teacher)
+    full_teacher = copy.deepcopy(start)
+    full = trainer_for(tmp_path / "full", full_teacher)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / "teacher" / "config.json").is_file() and (checkpoint / "teacher_optimizer.safetensors").is_file()
+    at_two = AutoModelForCausalLM.from_pretrained(checkpoint / "teacher")
+    assert not torch.equal(at_two.lm_head.weight, start.lm_head.weight)  # it trained
+
+    resumed_teacher = copy.deepcopy(start)  # what a resumed run is given: the teacher's starting weights
+    resumed = trainer_for(tmp_path / "full", resumed_teacher)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for (name, value), expected in zip(resumed_teacher.state_dict().items(), full_teacher.state_dict().values()):
+        assert torch.allclose(value, expected, rtol=1e-5, atol=1e-6), name
 
 
 def test_online_refuses_a_teacher_that_cannot_train(tmp_path, tiny_teacher, tiny_tokenizer):
@@ -284,6 +418,110 @@ def test_self_and_truncate_errors(tmp_path, tiny_teacher):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Self with an EMA teacher
+# --------------------------------------------------------------------------------------------------------
+def _ema_trainer(tmp_path, teacher, tokenizer, blocks, **kwargs):
+    args = config(tmp_path, mode="self", self_teacher="ema", **{"ema_decay": 0.9, "learning_rate": 1e-2, **kwargs})
+    return DistillationTrainer(model=copy.deepcopy(teacher), args=args, train_dataset=BlockDataset(blocks),
+                               processing_class=tokenizer)
+
+
+def test_ema_teacher_follows_the_decay_formula(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
+    from transformers import TrainerCallback
+
+    trainer = _ema_trainer(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks[:12], max_steps=3)
+    ema = trainer.signal.ema.model
+    assert ema is not trainer.model and not any(p.requires_grad for p in ema.parameters())
+    snapshots = [({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                  {n: p.detach().clone() for n, p in ema.named_parameters()})]
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # after the optimizer step and the EMA update
+            snapshots.append(({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                              {n: p.detach().clone() for n, p in ema.named_parameters()}))
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert len(snapshots) == 4
+    assert all(torch.equal(snapshots[0][0][n], snapshots[0][1][n]) for n in snapshots[0][0])  # starts as a copy
+    for (_, ema_before), (student, ema_after) in zip(snapshots, snapshots[1:]):
+        for name, value in ema_after.items():
+            expected = 0.9 * ema_before[name] + 0.1 * student[name]  # ema <- d·ema + (1-d)·model
+            assert torch.allclose(value, expected, rtol=1e-6, atol=1e-7), name
+            assert ema.get_parameter(name).grad is None
+    moved = [n for n in student if not torch.equal(student[n], snapshots[0][0][n])]
+    assert moved and all(not torch.equal(ema_after[n], student[n]) for n in moved)  # a lagging average
+
+
+@pytest.mark.parametrize("exit_layers", [None, [0]])
+def test_ema_teacher_kl_is_in_the_loss(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks, exit_layers):
+    from hfcompress.distillation.modes import final_norm
+
+    trainer = _ema_trainer(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks[:4], exit_layers=exit_layers,
+                           kd_weight=1.0, ce_weight=0.5, temperature=2.0)
+    ema = trainer.signal.ema.model
+    with torch.no_grad():  # an EMA that has drifted from the model, as it does during training
+        for param in ema.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    batch = BlockDataset(distill_blocks[:3])
+    batch = {k: torch.stack([batch[i][k] for i in range(3)]) for k in batch[0]}
+    got = trainer.compute_loss(trainer.model, batch)
+
+    model = trainer.model
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], output_hidden_states=True)
+        teacher = F.log_softmax(ema(input_ids=batch["input_ids"]).logits[:, :-1] / 2.0, -1)
+        outputs = [out.logits] + [model.lm_head(final_norm(model)(out.hidden_states[layer + 1]))
+                                  for layer in exit_layers or []]
+        kl = sum(4.0 * F.kl_div(F.log_softmax(logits[:, :-1] / 2.0, -1), teacher, reduction="none",
+                                log_target=True).sum(-1) for logits in outputs) / len(outputs)  # T² = 4
+        ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 512), batch["input_ids"][:, 1:].reshape(-1),
+                             reduction="none")
+        expected = (kl.reshape(-1) + 0.5 * ce).mean()
+    assert kl.mean() > 1e-3  # the teacher term is not negligible: a CE-only loss would differ
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, 0.5 * ce.mean(), rtol=1e-3)
+
+
+def test_ema_teacher_is_saved_and_resumed(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    blocks = distill_blocks[:16]
+    full = _ema_trainer(tmp_path / "full", tiny_teacher, tiny_tokenizer, blocks, max_steps=2, save_strategy="steps",
+                        save_steps=1)
+    full.train()
+    assert (tmp_path / "full" / "checkpoint-1" / "ema.safetensors").is_file()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "ema")
+    final_ema = full.signal.ema.model.state_dict()
+    assert all(torch.equal(saved.state_dict()[n], final_ema[n]) for n in final_ema)
+    assert not torch.equal(final_ema["lm_head.weight"], full.model.lm_head.weight)  # the student is not the EMA
+    checkpoint_ema = load_file(tmp_path / "full" / "checkpoint-1" / "ema.safetensors")
+
+    resumed = _ema_trainer(tmp_path / "full", tiny_teacher, tiny_tokenizer, blocks, max_steps=2,
+                           save_strategy="steps", save_steps=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    # The resumed EMA continued from the checkpoint's (not from the resumed model's weights) ...
+    for name, value in resumed.signal.ema.model.state_dict().items():
+        assert torch.allclose(value, final_ema[name], rtol=1e-5, atol=1e-6), name
+    # ... which is a different state than the model's own weights at step 1.
+    assert not torch.allclose(checkpoint_ema["lm_head.weight"],
+                              load_file(tmp_path / "full" / "checkpoint-1" / "model.safetensors")["lm_head.weight"])
+
+
+def test_ema_config_errors(tmp_path, tiny_teacher):
+    base = dict(output_dir=str(tmp_path), report_to=[], mode="self", self_teacher="ema")
+    for decay in (1.0, -0.1, 1.5, "0.9", True):
+        with pytest.raises(ConfigError, match=r"ema_decay must be a number in \[0, 1\)"):
+            DistillationConfig(**base, ema_decay=decay)
+    with pytest.raises(ConfigError, match="self_teacher='ema' is for mode='self'"):
+        DistillationConfig(output_dir=str(tmp_path), report_to=[], self_teacher="ema")
+    with pytest.raises(ConfigError, match="self_teacher='mean' is unknown; choose one of final, ema"):
+        DistillationConfig(**{**base, "self_teacher": "mean"})
+    assert DistillationConfig(**base, ema_decay=0.0).ema_decay == 0.0
+
+
+# --------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------
 def test_cli_cache_teacher_and_truncate(tmp_path, tiny_reference_dir, distill_text_file, capsys):
@@ -315,15 +553,17 @@ def test_distill_script_runs_the_cache_and_self_modes(tmp_path, tiny_reference_d
 
     cache = tmp_path / "cache"
     assert main(["cache-teacher", str(tiny_reference_dir), "--out", str(cache), "--data", "stdlib:validation",
-                 "--block-size", "32", "--num-blocks", "8", "-q"]) == 0
+                 "--block-size", "32", "--num-blocks", "8", "--hidden-layers", "1", "-q"]) == 0
     common = ["--teacher", str(tiny_reference_dir), "--student_num_layers", "1", "--block_size", "32",
               "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu", "true",
               "--save_strategy", "no"]
     out = distill_from_args(*parse_distill_args(common + ["--mode", "cache", "--teacher_cache", str(cache),
+                                                          "--hidden_weight", "1.0", "--layer_map", "last",
                                                           "--output_dir", str(tmp_path / "cached")]))
     assert (out / "config.json").is_file()
     out = distill_from_args(*parse_distill_args(common + ["--mode", "self", "--num_train_blocks", "8",
                                                           "--dataset", "stdlib:validation",
-                                                          "--student_num_layers", "2",
+                                                          "--student_num_layers", "2", "--self_teacher", "ema",
+                                                          "--ema_decay", "0.9",
                                                           "--output_dir", str(tmp_path / "self")]))
-    assert (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / "ema" / "config.json").is_file()

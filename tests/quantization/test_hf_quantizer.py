@@ -19,7 +19,8 @@ from hfcompress.core.errors import ConfigError, HFCompressError
 from hfcompress.quantization import hf_quantizer
 from hfcompress.quantization.config import QuantizationError
 from hfcompress.quantization.modules import CompressedLinear
-from hfcompress.quantization.packed import Int4PackedLinear, Int8PackedLinear, SharedInputSlice, kernel_module
+from hfcompress.quantization.packed import (FlatInputLinear, Int4PackedLinear, Int8PackedLinear, SharedInputSlice,
+                                           kernel_module)
 
 VOCAB = 320
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -88,7 +89,7 @@ def test_load_time_rtn_is_the_reference_path(options, float_folder, tmp_path):
     attn, mlp = ours.model.layers[0].self_attn, ours.model.layers[0].mlp
     assert isinstance(attn.q_proj, SharedInputSlice) and isinstance(mlp.up_proj, SharedInputSlice)  # fused
     assert all(type(kernel_module(m)) is kind for m in (attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.down_proj))
-    assert type(ours.lm_head) is nn.Linear  # ignored by default, as quantize does
+    assert type(ours.lm_head) is FlatInputLinear  # float (ignored by default, as quantize does), flat-input head
     # The same packed modules from the same codes and scales: every buffer equal to the bit ...
     ours_buffers, reference_buffers = _buffers(ours), _buffers(reference)
     assert ours_buffers.keys() == reference_buffers.keys()

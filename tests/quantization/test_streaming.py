@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -306,6 +307,20 @@ def test_existing_output_is_not_clobbered(tmp_path):
     with pytest.raises(CheckpointExistsError, match="not empty"):
         ST.quantize_checkpoint(src, out, QuantizationConfig(method="rtn"), progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_writes(tmp_path):
+    """Both runs would resume into the one fixed staging folder: the second stops at once, writing nothing."""
+    from hfcompress.core.atomic import OutputInUseError, exclusive_output
+
+    src = _source(tmp_path)
+    out = tmp_path / "out"
+    with exclusive_output(out):  # what a running quantize_checkpoint holds (flock: a second open conflicts)
+        with pytest.raises(OutputInUseError, match=rf"being written by another hfcompress run \(pid {os.getpid()}\)"):
+            ST.quantize_checkpoint(src, out, QuantizationConfig(method="rtn"), progress=False)
+        assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+    ST.quantize_checkpoint(src, out, QuantizationConfig(method="rtn"), progress=False)  # released: runs
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".out.lock"))
 
 
 def test_memory_sizes_parse():

@@ -226,7 +226,7 @@ def test_avx2_isa_runs_our_kernels_at_avx2(tmp_path, monkeypatch, symmetric):
     monkeypatch.setenv("HFCOMPRESS_CPU_ISA", "avx2")
     assert native.kernel_isa() == 1
     assert native.native_kernel_status() == {"int8_gemv": "loaded (avx2)", "int4_gemv": "loaded (avx2)",
-                                             "kd_logit_loss": "loaded (avx2)"}
+                                             "kd_logit_loss": "loaded (avx2)", "decode_attention": "loaded (avx2)"}
     model = _load(tmp_path, group_size=32, symmetric=symmetric)
     assert kernel_module(model.model.layers[0].mlp.up_proj).backend == "hfcompress"
     check_close_to_reference(tmp_path, model)

@@ -21,6 +21,7 @@ from hfcompress.core.errors import HFCompressError
 from hfcompress.core import native
 from hfcompress.quantization.checkpoint import CheckpointError, UnsupportedSchemeError
 from hfcompress.quantization.runtime import (
+    PackedLinear,
     DequantLinear,
     Int4PackedLinear,
     Int8PackedLinear,
@@ -75,7 +76,7 @@ def test_round_trip(tmp_path, bits, strategy, group_size, symmetric, expected):
     ours = load_compressed(tmp_path, progress=False)
     assert type(ours.model.layers[0].mlp.down_proj) is expected
     assert type(kernel_module(ours.model.layers[1].self_attn.k_proj)) is expected
-    assert type(ours.lm_head) is torch.nn.Linear  # ignored by the config: stays float
+    assert isinstance(ours.lm_head, torch.nn.Linear) and not isinstance(ours.lm_head, PackedLinear)  # stays float
     assert ours.dtype == torch.bfloat16
     error, bf16_error = check_close_to_reference(tmp_path, ours)
     # The logical parameter count is the float model's, however the weights are packed.
@@ -142,6 +143,26 @@ def test_tied_embeddings_and_generate(tmp_path):
     full = logits(ours, out[:, :-1])[0, 4:]  # (8, V)
     chosen = full.gather(1, out[0, 5:, None]).squeeze(1)
     assert (full.max(dim=1).values - chosen <= 0.02 * full.abs().max()).all()
+
+
+def test_float_head_multiplies_a_flat_input(tmp_path):
+    """The float LM head takes a prefill's last position (a (1, 1, H) view with the prompt's strides) as a (1, H)
+    matrix (bfloat16 F.linear on a CPU copied the whole transposed weight for that view): the same class family,
+    the same tied parameter, and the same numbers as nn.Linear."""
+    from hfcompress.quantization.packed import FlatInputLinear
+
+    model = small_llama(tie=True)
+    write_ct_checkpoint(model, tmp_path, num_bits=4, strategy="group", group_size=32)
+    ours = load_compressed(tmp_path, progress=False)
+    head = ours.lm_head
+    assert type(head) is FlatInputLinear and isinstance(head, torch.nn.Linear)
+    assert head.weight is ours.model.embed_tokens.weight  # still tied
+    hidden = torch.randn(2, 6, head.in_features, dtype=head.weight.dtype)
+    last = hidden[:, -1:, :]  # what logits_to_keep=1 hands the head
+    expected = torch.nn.functional.linear(last.float(), head.weight.float())
+    assert head(last).shape == (2, 1, head.out_features)
+    torch.testing.assert_close(head(last).float(), expected, rtol=1e-2, atol=1e-2)  # bfloat16 output rounding
+    assert torch.equal(head(hidden)[:, -1:], head(last.contiguous()))
 
 
 def test_memory_is_packed(tmp_path):

@@ -92,7 +92,7 @@ void tiled_gemm(const at::Tensor& x, int64_t N, float* y, bool bf16_tiles, Dequa
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> tile(static_cast<size_t>(rows * K));
     std::vector<c10::BFloat16> tile16(bf16_tiles ? static_cast<size_t>(rows * K) : 0);
-    at::Tensor out = at::empty({M, rows}, x.options().dtype(type));
+    at::Tensor out = bf16_tiles ? at::empty({M, rows}, x.options().dtype(type)) : at::Tensor();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, count = std::min(rows, N - n0);
       dequant(n0, count, tile.data());
@@ -102,6 +102,12 @@ void tiled_gemm(const at::Tensor& x, int64_t N, float* y, bool bf16_tiles, Dequa
         data = tile16.data();
       }
       const at::Tensor wt = at::from_blob(data, {count, K}, at::TensorOptions().dtype(type));
+      if (!bf16_tiles) {
+        // float32: the GEMM writes its columns of y in place (row stride N), no copy.
+        at::Tensor dst = at::from_blob(y + n0, {M, count}, {N, 1}, x.options().dtype(at::kFloat));
+        at::mm_out(dst, x, wt.t());
+        continue;
+      }
       at::Tensor ot = out.narrow(1, 0, count);
       if (count == rows) {
         at::mm_out(ot, x, wt.t());
@@ -114,6 +120,16 @@ void tiled_gemm(const at::Tensor& x, int64_t N, float* y, bool bf16_tiles, Dequa
     }
   });
 }
+
+#ifdef HFC_X86
+// The sum of a vector's 8 float32 lanes.
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 // x (M, K) float32 or bfloat16 -> float32 values: float32 read in place, bfloat16 converted into `scratch`.
 inline const float* as_float(const at::Tensor& xc, std::vector<float>& scratch) {

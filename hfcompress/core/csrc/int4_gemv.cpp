@@ -42,6 +42,9 @@
 namespace {
 
 using hfc::Isa;
+#ifdef HFC_X86
+using hfc::hsum256;
+#endif
 
 constexpr int kRows = 4;       // weight rows per block
 constexpr int kChunk = 64;     // K per chunk (two activation blocks)
@@ -197,13 +200,6 @@ void rows_scalar(const Weights& w, const QuantRow* rows, int64_t M, int64_t n_be
 }
 
 #ifdef HFC_X86
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
 // End of a weight group: acc += s[n, group] * acc_group, acc_group = 0 (padding blocks past K count as the
 // last group's; their activations are zero).
 template <int M>

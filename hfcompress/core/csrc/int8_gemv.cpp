@@ -41,6 +41,9 @@
 namespace {
 
 using hfc::Isa;
+#ifdef HFC_X86
+using hfc::hsum256;
+#endif
 
 constexpr int kRows = 4;   // weight rows per block
 constexpr int kMaxM = 4;   // activation rows per pass
@@ -115,13 +118,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void block_avx512(const flo
   }
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < rows; ++r) y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) * scale[n0 + r];
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
 }
 
 template <int M>
@@ -460,6 +456,26 @@ __attribute__((target("avx2,fma"))) void block_avx2_int(const Digits14& d, int64
 }
 #endif
 
+// The integer paths' driver: y (M, N) in x's dtype, row blocks of kRows split over ATen's threads, and
+// block(m, n0, rows, y_row_m) writing rows [n0, n0 + rows) of activation row m.
+template <typename Block>
+at::Tensor integer_rows(const at::Tensor& x, int64_t M, int64_t N, int64_t blocks, int64_t grain, bool bf16,
+                        Block block) {
+  at::Tensor out = at::empty({M, N}, x.options());  // written directly in x's dtype
+  auto run = [&](auto* y) {
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n0 = b0 * kRows; n0 < std::min(N, b1 * kRows); n0 += kRows)
+          block(m, n0, static_cast<int>(std::min<int64_t>(kRows, N - n0)), y + m * N);
+    });
+  };
+  if (bf16)
+    run(out.data_ptr<c10::BFloat16>());
+  else
+    run(out.data_ptr<float>());
+  return out;
+}
+
 // isa: -1 = the best the CPU has; 0 = portable loop, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI (for tests).
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t isa_request) {
   Isa isa = hfc::resolve_isa(isa_request, "int8_gemv");
@@ -517,20 +533,9 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     if (finite) {
       // The digits live in the calling thread's storage; the worker threads only read them.
       const Digits* digits = tls_digits.data();
-      at::Tensor out = at::empty({M, N}, x.options());  // written directly in x's dtype
-      auto run = [&](auto* y) {
-        at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t n0 = b0 * kRows; n0 < std::min(N, b1 * kRows); n0 += kRows)
-              block_vnni(digits[m], K, kp, qp, n0, static_cast<int>(std::min<int64_t>(kRows, N - n0)), sp,
-                         y + m * N);
-        });
-      };
-      if (bf16)
-        run(out.data_ptr<c10::BFloat16>());
-      else
-        run(out.data_ptr<float>());
-      return out;
+      return integer_rows(x, M, N, blocks, grain, bf16, [&](int64_t m, int64_t n0, int rows, auto* y) {
+        block_vnni(digits[m], K, kp, qp, n0, rows, sp, y);
+      });
     }
   }
   if (isa == Isa::kAvx2 && K < 65536) {
@@ -540,20 +545,9 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     for (int64_t m = 0; m < M && ok; ++m) ok = make_digits14(xf + m * K, K, kp, tls_digits14[m]);
     if (ok) {
       const Digits14* digits = tls_digits14.data();
-      at::Tensor out = at::empty({M, N}, x.options());
-      auto run = [&](auto* y) {
-        at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t n0 = b0 * kRows; n0 < std::min(N, b1 * kRows); n0 += kRows)
-              block_avx2_int(digits[m], K, kp, qp, n0, static_cast<int>(std::min<int64_t>(kRows, N - n0)), sp,
-                             y + m * N);
-        });
-      };
-      if (bf16)
-        run(out.data_ptr<c10::BFloat16>());
-      else
-        run(out.data_ptr<float>());
-      return out;
+      return integer_rows(x, M, N, blocks, grain, bf16, [&](int64_t m, int64_t n0, int rows, auto* y) {
+        block_avx2_int(digits[m], K, kp, qp, n0, rows, sp, y);
+      });
     }
   }
   if (isa == Isa::kVnni) isa = Isa::kAvx512;  // non-finite activations or huge K: the float path
