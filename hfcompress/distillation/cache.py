@@ -186,6 +186,27 @@ def bucket_logprobs(student_logp: torch.Tensor, ids: torch.Tensor, teacher_logp:
     return student, teacher - teacher.logsumexp(-1, keepdim=True)
 
 
+def bucket_forward_kl_grad(student_logp: torch.Tensor, ids: torch.Tensor, student_buckets: torch.Tensor,
+                           teacher_buckets: torch.Tensor) -> torch.Tensor:
+    """``q − p̂``: the gradient of the bucket forward KL ``Σ_b p_b (log p_b − log q_b)`` w.r.t. the student's
+    logits at the cache's temperature (u = z/T), (N, V), in closed form (no autograd graph over the vocabulary).
+
+    ``student_logp`` (N, V) = log q; ``student_buckets``/``teacher_buckets`` from :func:`bucket_logprobs`. With
+    ``q_b = Σ_{j∈b} q_j``, ``∂(−log q_b)/∂u_j = q_j − 1[j∈b]·q_j/q_b``, so the gradient is ``q_j − p̂_j`` where
+    ``p̂_i = p_i`` on the cached ids and ``p̂_j = q_j · p_tail / q_tail`` elsewhere: the teacher's tail mass spread
+    over the tail in the student's own proportions. Computed as ``exp(log q_j + log p_tail − log q_tail)``, which
+    stays finite when ``q_tail`` underflows.
+    """
+    q = student_logp.exp()  # (N, V)
+    k = ids.shape[-1]
+    if teacher_buckets.shape[-1] > k:  # a tail bucket
+        shift = (teacher_buckets[:, k] - student_buckets[:, k])[:, None]  # log p_tail − log q_tail, (N, 1)
+        grad = q - (student_logp + shift).exp_()  # q_j (1 − p_tail/q_tail); cached ids overwritten next
+    else:
+        grad = q.clone()
+    return grad.scatter_(-1, ids, q.gather(-1, ids) - teacher_buckets[:, :k].exp())
+
+
 # --------------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------------

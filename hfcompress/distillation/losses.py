@@ -340,16 +340,16 @@ class _ChunkedLogitLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                targets, student_head, teacher_head, spec, chunk_size):
+                targets, student_head, teacher_head, spec, chunk_size, per_position=None):
         matmul_dtype = autocast_dtype(student_hidden.device)
         with torch.autocast(device_type=student_hidden.device.type, enabled=False):
             return _ChunkedLogitLoss._forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden,
                                               teacher_weight, teacher_bias, targets, student_head, teacher_head,
-                                              spec, chunk_size, matmul_dtype)
+                                              spec, chunk_size, matmul_dtype, per_position)
 
     @staticmethod
     def _forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                 targets, student_head, teacher_head, spec, chunk_size, matmul_dtype=None):
+                 targets, student_head, teacher_head, spec, chunk_size, matmul_dtype=None, per_position=None):
         dtype = torch.promote_types(student_hidden.dtype, torch.float32)
         mm = matmul_dtype or dtype  # the logit products' dtype
         want = ctx.needs_input_grad[:3]  # student hidden, weight, bias
@@ -369,9 +369,12 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         # Forward/reverse KL and cross-entropy have closed-form logit gradients: no autograd graph per chunk. On
         # CPU in float32, the fused kernel computes them (and the JSD's) in place of the logits; softcapping's
         # chain rule reads the logits, so the gradient may replace them only without it.
+        # A caller's ``per_position`` (an objective of the chunk's logits and rows) returns its logit gradient.
         with_teacher = teacher_hidden is not None
-        fused = student_head.softcap is None and spec.fused_kernel_applies(dtype, student_hidden.device, with_teacher)
-        closed_form = (fused or spec.has_closed_form(with_teacher)) and bool((targets >= 0).all())
+        fused = per_position is None and student_head.softcap is None and \
+            spec.fused_kernel_applies(dtype, student_hidden.device, with_teacher)
+        closed_form = per_position is not None or ((fused or spec.has_closed_form(with_teacher))
+                                                   and bool((targets >= 0).all()))
         for start in range(0, n, step):
             end = min(start + step, n)
             teacher_logits = None
@@ -382,8 +385,11 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 with torch.no_grad():
                     hs = student_hidden[start:end].detach().to(dtype)
                     student_logits = student_head.logits(hs.to(mm), ws_mm, bs)  # (C, V) float32
-                    weighted, kd, ce, grad_logits = spec.per_position_and_grad(
-                        student_logits, teacher_logits, targets[start:end], need_grad=any(want), overwrite=fused)
+                    if per_position is None:
+                        weighted, kd, ce, grad_logits = spec.per_position_and_grad(
+                            student_logits, teacher_logits, targets[start:end], need_grad=any(want), overwrite=fused)
+                    else:
+                        weighted, kd, ce, grad_logits = per_position(student_logits, start, end, any(want))
                     chunk_total = weighted.sum()
                     if grad_logits is not None:
                         g = student_head.grad_before_transforms(student_logits, grad_logits)  # (C, V)
@@ -426,7 +432,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         out_hidden = None if grad_hidden is None else (grad_total * grad_hidden).to(hidden_dtype)
         out_ws = None if grad_ws is None else (grad_total * grad_ws).to(weight_dtype)
         out_bs = None if grad_bs is None else (grad_total * grad_bs).to(bias_dtype)
-        return out_hidden, out_ws, out_bs, None, None, None, None, None, None, None, None
+        return out_hidden, out_ws, out_bs, None, None, None, None, None, None, None, None, None
 
 
 def chunked_logit_loss(student_hidden: torch.Tensor, student_head: LMHead, targets: torch.Tensor, spec: LogitLoss,
@@ -448,6 +454,21 @@ def chunked_logit_loss(student_hidden: torch.Tensor, student_head: LMHead, targe
         None if teacher_head is None else teacher_head.bias,
         targets, student_head, teacher_head, spec, chunk_size,
     )
+
+
+def chunked_head_loss(student_hidden: torch.Tensor, student_head: LMHead, per_position,
+                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunked_logit_loss` for an objective the caller computes from each chunk of student logits.
+
+    ``per_position(student_logits (C, V) float32, start, end, need_grad)`` returns (weighted objective,
+    distillation, cross-entropy), each (C,), for positions ``start:end`` of ``student_hidden`` (N, H), and the
+    gradient of the weighted objective's sum w.r.t. ``student_logits`` (C, V) (None without ``need_grad``; it must
+    not overwrite ``student_logits``): the teacher signal is the caller's, e.g. the rows of a teacher cache
+    (:class:`~.modes.CachedTeacher`). As in :func:`chunked_logit_loss`, at most ``chunk_size`` rows of (·, V)
+    logits exist at a time and backward only rescales the gradients stored in forward.
+    """
+    return _ChunkedLogitLoss.apply(student_hidden, student_head.weight, student_head.bias, None, None, None, None,
+                                   student_head, None, None, chunk_size, per_position)
 
 
 # --------------------------------------------------------------------------------------------------------

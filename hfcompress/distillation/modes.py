@@ -77,7 +77,9 @@ class CachedTeacher(TeacherSignal):
         self.cache = cache
 
     def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from .cache import bucket_logprobs
+        from .cache import bucket_forward_kl_grad, bucket_logprobs
+        from .losses import chunked_head_loss
+        from .teachers import gathered_head, lm_head
 
         if "cache_index" not in inputs:
             raise ConfigError("mode='cache' trains on the cache's own blocks: use its dataset "
@@ -85,26 +87,66 @@ class CachedTeacher(TeacherSignal):
         spec, vocab = trainer.spec, self.cache.meta.vocab_size
         model_inputs, mask, targets = _split(inputs)
         hidden_weight = trainer.args.hidden_weight
-        outputs = model(**model_inputs, use_cache=False, **({"output_hidden_states": True} if hidden_weight else {}))
-        logits = outputs.logits[mask][:, :vocab].float()  # (N, V)
+        chunked = getattr(trainer, "_chunked", False)
+        outputs = trainer._forward(model, model_inputs, need_hidden=True) if chunked else \
+            model(**model_inputs, use_cache=False, **({"output_hidden_states": True} if hidden_weight else {}))
+        device = outputs.hidden_states[-1].device if chunked else outputs.logits.device
         blocks = inputs["cache_index"].cpu()
         ids, logp, tail = self.cache.rows(blocks)  # (B*(T-1), k): positions 0..T-2
         rows = mask[:, :-1].reshape(-1).cpu()
-        ids, logp, tail = ids[rows].to(logits.device), logp[rows].to(logits.device), tail[rows].to(logits.device)
-        student_logp = F.log_softmax(logits / spec.temperature, dim=-1)
-        student_buckets, teacher_buckets = bucket_logprobs(student_logp, ids, logp, tail, vocab)
-        kd = spec._divergence(student_buckets, teacher_buckets)  # (N,), includes T²
-        ce = F.cross_entropy(logits, targets, reduction="none")
-        total = (spec.kd_weight * kd + spec.ce_weight * ce).sum()
+        ids, logp, tail = ids[rows].to(device), logp[rows].to(device), tail[rows].to(device)  # (N, k), (N,)
+        t = spec.temperature
+
+        def objective(student_logits, start, end):  # (C, V) float32 logits of positions start:end
+            student_logp = F.log_softmax(student_logits / t if t != 1.0 else student_logits, dim=-1)
+            student_buckets, teacher_buckets = bucket_logprobs(student_logp, ids[start:end], logp[start:end],
+                                                               tail[start:end], vocab)
+            kd = spec._divergence(student_buckets, teacher_buckets)  # (C,), includes T²
+            if t == 1.0:  # reuse the log-probs, as LogitLoss.per_position does
+                ce = F.nll_loss(student_logp, targets[start:end], reduction="none")
+            else:
+                ce = F.cross_entropy(student_logits, targets[start:end], reduction="none")
+            return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, student_logp, student_buckets, teacher_buckets
+
+        def per_position(student_logits, start, end, need_grad):  # for chunked_head_loss
+            if need_grad and spec.loss != "forward_kl":  # other divergences: autograd on this chunk's logits
+                leaf = student_logits.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    weighted, kd, ce = objective(leaf, start, end)[:3]
+                    (grad,) = torch.autograd.grad(weighted.sum(), leaf)
+                return weighted.detach(), kd.detach(), ce.detach(), grad
+            weighted, kd, ce, log_q, student_buckets, teacher_buckets = objective(student_logits, start, end)
+            if not need_grad:
+                return weighted, kd, ce, None
+            # Closed form, as LogitLoss.per_position_and_grad: d(kd_weight T² KL)/dz = kd_weight T (q − p̂),
+            # d CE/dz = softmax(z) − e_y (at T = 1 softmax(z) is q).
+            grad = bucket_forward_kl_grad(log_q, ids[start:end], student_buckets, teacher_buckets)
+            grad.mul_(spec.kd_weight * t)
+            if spec.ce_weight:
+                grad.add_(log_q.exp() if t == 1.0 else F.softmax(student_logits, dim=-1), alpha=spec.ce_weight)
+                grad[torch.arange(grad.shape[0], device=grad.device), targets[start:end]] -= spec.ce_weight
+            return weighted, kd, ce, grad
+
+        if chunked:  # as the live loss: (chunk, V) logits at a time from the last hidden states and the LM head
+            with gathered_head(model):
+                head = lm_head(model, vocab)
+                if trainer._check_heads:
+                    trainer._verify_head("student", model, outputs, head)
+                    trainer._check_heads = False
+                total, kd, ce = chunked_head_loss(outputs.hidden_states[-1][mask], head, per_position,
+                                                  chunk_size=trainer.args.loss_chunk_size)
+        else:  # loss_chunk_size=0: the model's own full logits, autograd
+            weighted, kd, ce = objective(outputs.logits[mask][:, :vocab].float(), 0, int(mask.sum()))[:3]
+            total, kd, ce = weighted.sum(), kd.sum(), ce.sum()
         hidden = None
         if hidden_weight > 0:  # the live loss's hidden term, with the teacher's states read from the cache
             student_states = [trainer.hidden_projections(s, outputs.hidden_states[s + 1][mask])
                               for s in trainer.layer_map]  # (N, H) each
-            teacher_states = [self.cache.hidden_rows(blocks, t)[rows].to(logits.device)
+            teacher_states = [self.cache.hidden_rows(blocks, t)[rows].to(device)
                               for t in trainer.layer_map.values()]
             hidden = hidden_state_loss(student_states, teacher_states, trainer.args.hidden_loss)
             total = total + hidden_weight * hidden
-        return self._finish(trainer, model, total, kd.sum(), ce.sum(), mask.sum(), outputs, return_outputs,
+        return self._finish(trainer, model, total, kd, ce, mask.sum(), outputs, return_outputs,
                             num_items_in_batch, hidden)
 
 

@@ -134,9 +134,12 @@ class DistillationTrainer(Trainer):
         if args.mode != "live" or teacher_cache is not None:
             from .modes import setup_trainer
 
-            return setup_trainer(self, model, teacher_model, teacher_cache, args, dict(
+            setup_trainer(self, model, teacher_model, teacher_cache, args, dict(
                 data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
                 processing_class=processing_class, **kwargs))
+            if args.mode == "cache":  # the cache's loss is chunked like the live one (modes.CachedTeacher)
+                self._setup_chunked_loss()
+            return
         if model is None or teacher_model is None:
             raise ConfigError("DistillationTrainer needs both model (the student) and teacher_model")
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
@@ -173,9 +176,7 @@ class DistillationTrainer(Trainer):
             if self.hidden_projections.has_parameters():
                 self._setup_projections()
 
-        self._chunked = args.loss_chunk_size > 0 and not _student_head_unreadable(self.accelerator)
-        self._check_heads = self._chunked
-        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(unwrap(self.model).forward).parameters
+        self._setup_chunked_loss()
         # Per-loss sums for logging, on the device (no host sync per step); float64 where the device has it.
         counter_dtype = torch.float32 if torch.device(args.device).type == "mps" else torch.float64
         self._components = {mode: torch.zeros(len(COMPONENTS) + 1, dtype=counter_dtype, device=args.device)
@@ -332,6 +333,13 @@ class DistillationTrainer(Trainer):
     # ---------------------------------------------------------------------------------------------------
     # The loss
     # ---------------------------------------------------------------------------------------------------
+    def _setup_chunked_loss(self) -> None:
+        """Whether the logit loss is computed chunk by chunk from the student's last hidden states and LM head
+        (``loss_chunk_size`` > 0 and a readable head), and the first batch's check that the head is plain."""
+        self._chunked = self.args.loss_chunk_size > 0 and not _student_head_unreadable(self.accelerator)
+        self._check_heads = self._chunked
+        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(unwrap(self.model).forward).parameters
+
     def _forward(self, model, inputs: dict, need_hidden: bool):
         kwargs = {"output_hidden_states": True} if need_hidden else {}
         if self._chunked and self._accepts_logits_to_keep:

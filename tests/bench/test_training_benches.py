@@ -83,6 +83,31 @@ def test_real_distill_bench_full_vocabulary_cache_matches_the_live_teacher(tmp_p
     assert {len(v) for v in timing["seconds"].values()} == {2} and timing["cache_speedup"] > 0
 
 
+def test_real_distill_bench_distill_then_quantize(tmp_path, tiny_reference_dir, blocks_file):
+    """A KD run with the hidden-state loss on a keep-last student, then its int4 RTN and GPTQ copies: each scored
+    (perplexity, KL to the teacher and to the unquantized student), the student itself left unquantized."""
+    import real_distill_bench
+
+    out = tmp_path / "dq.json"
+    assert real_distill_bench.main([
+        "--model", str(tiny_reference_dir), "--blocks", str(blocks_file), "--steps", "2", "--batch-size", "2",
+        "--runs", "live-h:1e-3", "--layers", "keep-last", "--quantize-kd", "--quant-group-size", "32",
+        "--calibration-blocks", "4", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    teacher_layers = json.loads((tiny_reference_dir / "config.json").read_text())["num_hidden_layers"]
+    (run,) = result["runs"]
+    assert run["kind"] == "live-h" and run["student_layers"][-1] == teacher_layers - 1
+    assert len(run["student_layers"]) == teacher_layers // 2
+    assert all("hidden_loss" in entry for entry in run["train_log"])
+    dq = result["distill_then_quantize"]
+    assert dq["student"] == run["run"] and dq["student_perplexity"] == run["perplexity"]
+    assert dq["calibration_tokens"] == 4 * 48 and dq["student_kl_to_teacher"] > 0
+    assert [row["method"] for row in dq["rows"]] == ["rtn int4 g32", "gptq int4 g32"]
+    for row in dq["rows"]:
+        assert math.isfinite(row["perplexity"]) and row["kl_to_student"] > 0  # int4 changed the student
+        assert row["kl_to_teacher"] > 0
+
+
 def test_equal_byte_bench_counts_stored_bytes_and_pairs_budgets(tmp_path, tiny_reference_dir):
     import equal_byte_bench as bench
 

@@ -81,12 +81,14 @@ def _batch(blocks, indices):
             "cache_index": torch.tensor(indices)}
 
 
-@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
-def test_cache_with_k_equal_vocab_gives_the_live_loss(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks, loss):
+@pytest.mark.parametrize("loss,chunk", [("forward_kl", 0), ("reverse_kl", 0), ("jsd", 0), ("forward_kl", 7),
+                                        ("jsd", 7)])
+def test_cache_with_k_equal_vocab_gives_the_live_loss(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks, loss,
+                                                      chunk):
     K.write_teacher_cache(tiny_teacher, distill_blocks[:4], tmp_path / "full", top_k=512, tokenizer=tiny_tokenizer,
                           temperature=2.0, logprob_format="float32", progress=False)
     student = make_student(tiny_teacher, num_layers=1)
-    kwargs = dict(loss=loss, temperature=2.0, kd_weight=1.0, ce_weight=0.5)
+    kwargs = dict(loss=loss, temperature=2.0, kd_weight=1.0, ce_weight=0.5, loss_chunk_size=chunk)
     live = DistillationTrainer(model=copy.deepcopy(student), teacher_model=copy.deepcopy(tiny_teacher),
                                args=config(tmp_path / "a", **kwargs), train_dataset=BlockDataset(distill_blocks[:4]),
                                processing_class=tiny_tokenizer)
@@ -97,6 +99,37 @@ def test_cache_with_k_equal_vocab_gives_the_live_loss(tmp_path, tiny_teacher, ti
     expected = live.compute_loss(live.model, live_batch)
     got = cached.compute_loss(cached.model, batch)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_cache_loss_equals_the_full_logits_loss(tmp_path, cache_dir, tiny_teacher, tiny_tokenizer,
+                                                        distill_blocks, temperature):
+    """Top-64 cache: the chunked loss (at most 7 rows of (·, V) logits at a time, gradients per chunk) gives the
+    loss and the student's gradients of the one computed from the model's full logits."""
+    if temperature != 1.0:
+        cache_dir = tmp_path / "t2"
+        K.write_teacher_cache(tiny_teacher, distill_blocks[:16], cache_dir, top_k=64, temperature=temperature,
+                              tokenizer=tiny_tokenizer, progress=False)
+    student = make_student(tiny_teacher, num_layers=1)
+    batch = _batch(distill_blocks, [5, 1, 9])
+    batch["labels"][0, 10:20] = -100  # ignored positions are skipped in both
+    results = []
+    for chunk in (0, 7):
+        trainer = DistillationTrainer(model=copy.deepcopy(student), teacher_cache=cache_dir,
+                                      processing_class=tiny_tokenizer,
+                                      args=config(tmp_path / f"c{chunk}", mode="cache", loss_chunk_size=chunk,
+                                                  temperature=temperature, kd_weight=1.0, ce_weight=0.5))
+        assert trainer._chunked == (chunk > 0)
+        loss = trainer.compute_loss(trainer.model, {k: v.clone() for k, v in batch.items()})
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, trainer._components["train"].clone()))
+    (full, full_grads, full_parts), (chunked, chunked_grads, chunked_parts) = results
+    assert torch.allclose(chunked, full, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(chunked_parts, full_parts, rtol=1e-5)  # the logged kd/ce sums and the token count
+    assert full_grads and full_grads.keys() == chunked_grads.keys()
+    for name, grad in full_grads.items():
+        assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
 def _spy(module, calls):
