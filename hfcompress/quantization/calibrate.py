@@ -354,7 +354,6 @@ class ModuleCall:
     output: torch.Tensor  # its (first) output, detached
 
 
-@torch.no_grad()
 def batch_tokens(args: tuple, kwargs: dict) -> int:
     """Token positions in one batch of a layer's inputs: batch x sequence of its hidden states (B, T, H)
     (padding included: re-running the layer costs the same for it); 1 if they are not a tensor."""
@@ -364,6 +363,7 @@ def batch_tokens(args: tuple, kwargs: dict) -> int:
     return math.prod(hidden.shape[:-1])
 
 
+@torch.no_grad()
 def capture_module_calls(layer: nn.Module, module: nn.Module, inputs: LayerInputs,
                          max_tokens: int | None = None) -> list[ModuleCall]:
     """Run ``layer`` on its calibration batches and record each call of ``module`` (one of its sub-modules,

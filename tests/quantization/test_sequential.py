@@ -91,24 +91,26 @@ def test_two_pass_order_takes_every_hessian_from_the_floating_point_layer():
     assert not torch.equal(a["model.layers.0.self_attn.o_proj"], b["model.layers.0.self_attn.o_proj"])
 
 
-def test_one_pass_output_error_is_not_worse_than_two_pass_on_a_trained_model(tiny_reference_dir, calibration_ids,
-                                                                            eval_ids):
+def test_both_orders_close_most_of_rtns_gap_on_a_trained_model(tiny_reference_dir, calibration_ids, eval_ids):
     from transformers import AutoModelForCausalLM
 
     from hfcompress.models.evaluate import perplexity
 
-    fp = AutoModelForCausalLM.from_pretrained(tiny_reference_dir)
-    scores = {}
-    for true_sequential in (True, False):
+    base = perplexity(AutoModelForCausalLM.from_pretrained(tiny_reference_dir), eval_ids)
+    gaps = {}
+    for method, true_sequential in (("rtn", True), ("gptq", True), ("gptq", False)):
         model = AutoModelForCausalLM.from_pretrained(tiny_reference_dir)
-        quantize(model, QuantizationConfig(method="gptq", bits=3, group_size=32, num_samples=16, seq_len=64,
+        quantize(model, QuantizationConfig(method=method, bits=3, group_size=32, num_samples=16, seq_len=64,
                                            true_sequential=true_sequential),
                  calibration_data=calibration_ids, progress=False)
-        scores[true_sequential] = perplexity(model, eval_ids)
-    base = perplexity(fp, eval_ids)
-    # Both close most of 3-bit RTN's gap on this model; the true-sequential order sees the real inputs of
-    # every later linear, so it is not expected to be worse (a 1% margin for calibration noise).
-    assert scores[True] - base <= 1.01 * (scores[False] - base) + 1e-3 * base
+        gaps[method, true_sequential] = perplexity(model, eval_ids) - base
+    # Each GPTQ order beats 3-bit RTN on this model (by 12-37% of RTN's gap on the teachers measured). Which
+    # order is better is not a property of the algorithm at this size: over freshly trained tiny teachers (their
+    # training is not bit-reproducible across runs) and calibration draws, the one-pass (true-sequential) gap
+    # measured 0.6x-1.7x the two-pass one (session 9), so the test does not rank them; scripts/bench compares the
+    # orders on the larger teachers.
+    for order in (True, False):
+        assert gaps["gptq", order] < gaps["rtn", True], gaps
 
 
 def test_same_seed_same_bytes_in_one_pass():
