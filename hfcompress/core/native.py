@@ -237,9 +237,15 @@ def int8_gemv_op():
     """The operator's overload (``torch.ops.hfcompress.int8_gemv.default``), looked up once: the
     ``torch.ops`` attribute chain costs microseconds per call, which decode pays ~100 times per token.
     Call only when :func:`int8_gemv_available` is True."""
-    op = _state.get("op")
+    return _op("int8_gemv")
+
+
+def _op(name: str):
+    """``torch.ops.hfcompress.<name>.default``, looked up once per process."""
+    ops = _state.setdefault("ops", {})
+    op = ops.get(name)
     if op is None:
-        op = _state["op"] = torch.ops.hfcompress.int8_gemv.default
+        op = ops[name] = getattr(torch.ops.hfcompress, name).default
     return op
 
 
@@ -260,10 +266,7 @@ def int4_pack(q: torch.Tensor) -> torch.Tensor:
 
 def int4_gemv_op():
     """The int4 operator's overload, looked up once (see :func:`int8_gemv_op`)."""
-    op = _state.get("int4_op")
-    if op is None:
-        op = _state["int4_op"] = torch.ops.hfcompress.int4_gemv.default
-    return op
+    return _op("int4_gemv")
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
@@ -283,10 +286,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     (B, L) added to the scores -> (B, H, Dv) in query's dtype (float32, bfloat16 or float64); query head h reads
     K/V head h // (H / KVH). ``isa`` as for :func:`int8_gemv` (1 and up run the AVX2 code). Call only when
     :func:`kernels_available` is True."""
-    op = _state.get("attention_op")
-    if op is None:
-        op = _state["attention_op"] = torch.ops.hfcompress.decode_attention.default
-    return op(query, key, value, mask, scale, kernel_isa() if isa < 0 else isa)
+    return _op("decode_attention")(query, key, value, mask, scale, kernel_isa() if isa < 0 else isa)
 
 
 # Divergences the fused loss kernel computes, by DistillationConfig.loss name; "none" = cross-entropy only.

@@ -65,11 +65,11 @@ def decode_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else dim ** -0.5
     if (not dropout and query.device.type == "cpu" and key.dtype == query.dtype and value.dtype == query.dtype
             and query.dtype in (torch.float32, torch.bfloat16, torch.float64) and native.kernels_available()):
         # Our kernel: one call, grouped K/V read in place, the mask's excluded positions skipped.
         mask = None if attention_mask is None else attention_mask.reshape(batch, attention_mask.shape[-1])
-        scale = scaling if scaling is not None else dim ** -0.5
         out = native.decode_attention(query.reshape(batch, heads, dim), key, value, mask, scale)  # (B, H, Dv)
         return out.unsqueeze(1), None  # (B, 1, H, Dv), transformers' layout
     grouped = query.reshape(batch, heads // groups, groups, dim)  # (B, KV heads, groups, D): one row per query head
@@ -82,7 +82,6 @@ def decode_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
         # fuses into loops of the step's own C++ (nothing of size (.., L, D) is materialised). At one query row per
         # head a library call costs more in setup than the arithmetic: ATen's flash attention ~40 us a layer on
         # a CPU, two bmm calls ~36 us, these loops a few us.
-        scale = scaling if scaling is not None else dim ** -0.5
         acc = torch.promote_types(query.dtype, torch.float32)  # float32 sums for 16-bit activations
         scores = (grouped.to(acc).unsqueeze(-2) * key.to(acc).unsqueeze(-3)).sum(-1) * scale  # (B, KVH, groups, L)
         if attention_mask is not None:
