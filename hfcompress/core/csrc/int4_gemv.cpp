@@ -393,6 +393,63 @@ void dequantize_rows(const Weights& w, int64_t n0, int64_t count, float* out) {
   }
 }
 
+#ifdef HFC_X86
+// The group's offset c (8 for symmetric weights; c s is stored rounded, c an integer in [0, 16]).
+inline int16_t group_offset(const Weights& w, int64_t n, int64_t g) {
+  if (!w.offset) return 8;
+  const float s = w.scale[n * w.G + g];
+  return static_cast<int16_t>(s != 0.f ? std::nearbyint(w.offset[n * w.G + g] / s) : 0.f);
+}
+
+// Weight rows [n0, n0 + rows) (n0 a multiple of 4) as int16 codes u - c into out (4 rows of kp), for i16_gemm.
+__attribute__((target("avx2,fma"))) void unpack_i16(const Weights& w, int64_t n0, int rows, int16_t* out) {
+  const int64_t chunks = w.kp / kChunk;
+  const uint8_t* base = w.packed + (n0 / kRows) * chunks * (kChunk * kRows / 2);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  for (int r = 0; r < kRows; ++r) {
+    int16_t* row = out + r * w.kp;
+    if (r >= rows) {
+      std::fill(row, row + w.kp, int16_t{0});
+      continue;
+    }
+    const int64_t n = n0 + r;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + c * (kChunk * kRows / 2) + 32 * r));
+      const __m256i halves[2] = {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)};
+      for (int h = 0; h < 2; ++h) {
+        const int64_t k0 = c * kChunk + h * kBlock;
+        const __m256i off = _mm256_set1_epi16(group_offset(w, n, std::min(w.G - 1, k0 / kBlock / w.blocks_per_group)));
+        const __m256i a = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(halves[h])), off);
+        const __m256i b = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(halves[h], 1)), off);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k0), a);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k0 + 16), b);
+      }
+    }
+  }
+}
+
+thread_local hfc::I16Activations tls_i16;
+
+// Prefill without native bfloat16: the integer GEMM of common.h (int16 activations, in blocks of the weight
+// group where that is <= 256 columns, else of 128 (per channel) or the largest power of two <= 256 dividing it).
+void prefill_i16(const Weights& w, const float* xf, int64_t M, float* y) {
+  const int64_t group = w.blocks_per_group * kBlock;
+  int64_t ab = 128;
+  if (w.G > 1) {
+    ab = group;
+    for (const int64_t size : {256, 128, 64, 32})
+      if (ab > 256 && group % size == 0) ab = size;  // group is a multiple of 32
+  }
+  hfc::quantize_i16(xf, M, w.K, ab, tls_i16, kChunk);
+  const hfc::I16Activations& a = tls_i16;
+  hfc::i16_gemm(
+      a, M, w.N, y, [&](int64_t n0, int rows, int16_t* out) { unpack_i16(w, n0, rows, out); },
+      [&](int64_t n, float* s) {
+        for (int64_t b = 0; b < a.blocks; ++b) s[b] = w.scale[n * w.G + std::min(w.G - 1, b * ab / group)];
+      });
+}
+#endif
+
 // isa: -1 = the best the CPU has; 0 portable, 1 AVX2, 2 AVX-512 (runs the AVX2 code), 3 AVX-512 VNNI.
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                      const std::optional<at::Tensor>& offset, int64_t out_features, int64_t group_size,
@@ -428,6 +485,12 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* y = yf.data_ptr<float>();
   if (M >= hfc::kGemmMinRows) {
     const bool bf16_tiles = x.scalar_type() == at::kBFloat16 && hfc::native_bf16_gemm(isa);
+#ifdef HFC_X86
+    if (!bf16_tiles && isa != Isa::kScalar && hfc::integer_prefill()) {
+      prefill_i16(w, xf, M, y);
+      return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
+    }
+#endif
     const at::Tensor xg =
         bf16_tiles ? xc : at::from_blob(const_cast<float*>(xf), {M, K}, x.options().dtype(at::kFloat));
     hfc::tiled_gemm(xg, N, y, bf16_tiles,
