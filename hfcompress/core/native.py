@@ -31,6 +31,10 @@ run and time the AVX2 code that many users' CPUs get. :func:`kernel_isa` says wh
 without AVX2 (or with ``HFCOMPRESS_CPU_ISA=generic``) the weight kernels' portable loops would be slower than
 PyTorch's own operators, so :func:`weight_kernels_available` is False there and the runtime falls back to
 PyTorch's kernels, with one warning; the distillation loss keeps its baseline x86-64 build.
+
+Prefill (8 or more activation rows) without native bfloat16 runs an integer GEMM (int16 activations per block,
+exact integer products; csrc/common.h's ``i16_gemm``); ``HFCOMPRESS_PREFILL=float`` selects float32-accurate
+dequantized tiles instead (read at each call).
 """
 
 from __future__ import annotations

@@ -114,3 +114,28 @@ def llama():
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def integer_prefill_bound(x, w_abs, ab):
+    """The error bound of the kernels' integer prefill (common.h's i16_gemm) for x (M, K) against weights of
+    magnitude w_abs (N, K), float64: each x_k moves to d X_k with d = max_block |x| / 32767 per block of ab
+    columns, by <= d (1/2 + 2^-9) + 2^-23 |x_k| (the float32 x / d before rounding); the integer sums are exact;
+    the per-block conversion, scale product and FMA, and the sum over blocks round relatively by 2^-24 each."""
+    x64 = x.double().abs()
+    m, k = x64.shape
+    blocks = -(-k // ab)
+    d = torch.nn.functional.pad(x64, (0, blocks * ab - k)).reshape(m, blocks, ab).amax(-1) / 32767
+    d_k = d.repeat_interleave(ab, dim=1)[:, :k]
+    magnitude = x64 @ w_abs.t()
+    return d_k @ w_abs.t() * (0.5 + 2.0 ** -9) + (2.0 ** -23 + (3 * blocks + 8) * 2.0 ** -24) * magnitude * 1.001
+
+
+def integer_prefill_runs(isa, dtype) -> bool:
+    """Whether a prefill (M >= 8) at this ISA level takes the integer GEMM (not bfloat16 tiles, not the portable
+    path, not switched off by HFCOMPRESS_PREFILL=float)."""
+    import os
+
+    from hfcompress.core import native
+
+    bf16_tiles = dtype == torch.bfloat16 and isa >= 2 and native.cpu_has_native_bf16()
+    return isa >= 1 and not bf16_tiles and os.environ.get("HFCOMPRESS_PREFILL") != "float"

@@ -6,7 +6,9 @@ float32 rounding of x_k / d_b: a further 2^-24 |x_k| / d_b, i.e. <= 2^-24 * 127 
 are exact, and the float32 sums of the block and group terms add at most gamma_n * sum_k (u_k + c) s |x^_k|
 (u the unsigned code, c the offset: the kernel sums u X and c X separately), n = 2K/32 + G + 16 roundings.
 So |y - x W.T| <= sum_k |W_nk| d_b(k) (1/2 + 2^-17) + gamma_n sum_k (u_nk + c_ng) s_ng |x_k| (1 + 1/127), and a
-bfloat16 output adds 2^-8 |y|. Prefill (M >= 8) multiplies float32 dequantized tiles: gamma_(K+2) sum |x W|.
+bfloat16 output adds 2^-8 |y|. Prefill (M >= 8) runs the integer GEMM (int16 activations per block; bound in
+conftest.integer_prefill_bound) or, with HFCOMPRESS_PREFILL=float or the portable path, float32 dequantized
+tiles: gamma_(K+2) sum |x W|.
 A wrong nibble, group, scale or row gives errors of order sum |x W| itself.
 """
 
@@ -16,6 +18,8 @@ import pytest
 import torch
 
 from hfcompress.core import native
+
+from .conftest import integer_prefill_bound, integer_prefill_runs
 
 pytestmark = pytest.mark.skipif(not native.kernels_available(), reason="native kernels could not be built here")
 
@@ -48,7 +52,17 @@ def pack_args(q, scale, zero, group_size):
     return native.int4_pack(q), scale.float().contiguous(), offset
 
 
-def reference_and_bound(x, q, scale, zero, group_size, rows_quantized):
+def prefill_block(group_size, k):
+    """The integer prefill's activation block (int4_gemv.cpp's prefill_i16): the group up to 256 columns, else
+    the largest of 256/128/64/32 dividing it; 128 per channel."""
+    if group_size >= k:
+        return 128
+    if group_size <= 256:
+        return group_size
+    return next(size for size in (256, 128, 64, 32) if group_size % size == 0)
+
+
+def reference_and_bound(x, q, scale, zero, group_size, rows_quantized, isa=1):
     k = q.shape[1]
     s = expand(scale.double(), k, group_size)  # (N, K)
     c = 8 + (expand(zero.double(), k, group_size) if zero is not None else torch.zeros_like(s))
@@ -56,7 +70,9 @@ def reference_and_bound(x, q, scale, zero, group_size, rows_quantized):
     w = (u - c) * s  # == (q - z) s
     x64 = x.double()
     y64 = x64 @ w.t()
-    if x.shape[0] >= 8:
+    if x.shape[0] >= 8 and integer_prefill_runs(isa, x.dtype):
+        bound = integer_prefill_bound(x64, w.abs(), prefill_block(group_size, k))
+    elif x.shape[0] >= 8:
         bound = (k + 2) * 2.0 ** -24 * (x64.abs() @ w.abs().t())
     else:
         kp = -(-k // 32) * 32
@@ -113,18 +129,37 @@ def test_int4_gemv_paths_give_the_same_quantized_arithmetic(isa):
     assert torch.equal(y.double(), y64)
 
 
-@pytest.mark.parametrize("isa", [1, 3], ids=ISA_NAMES.get)
+@pytest.mark.parametrize("prefill", ["integer", "float"])
+@pytest.mark.parametrize("isa", [0, 1, 2, 3], ids=ISA_NAMES.get)
 @pytest.mark.parametrize("m", [8, 33])
-def test_int4_prefill_is_float32_accurate(isa, m):
+def test_int4_prefill_matches_float64(isa, m, prefill, monkeypatch):
+    """Prefill rows (M >= 8): the integer GEMM within its int16 activation bound, and float32 tiles
+    (HFCOMPRESS_PREFILL=float, the portable path) within float32's; groups of 32 to 512 and per channel, zero
+    points, K and N tails of the 16-row panels, bfloat16 in and out."""
     isa_or_skip(isa)
-    g = torch.Generator().manual_seed(m)
-    for n, k, gs in [(70, 256, 128), (33, 100, 32), (16, 64, 64)]:
+    if prefill == "float":
+        monkeypatch.setenv("HFCOMPRESS_PREFILL", "float")
+    else:
+        monkeypatch.delenv("HFCOMPRESS_PREFILL", raising=False)
+    g = torch.Generator().manual_seed(m + 10 * isa)
+    for n, k, gs in [(70, 256, 128), (33, 100, 32), (16, 64, 64), (17, 576, 64), (40, 1024, 512), (9, 200, 200)]:
         q, scale, zero = random_int4(n, k, gs, m == 33, g)
         packed, s32, offset = pack_args(q, scale, zero, gs)
-        x = torch.randn(m, k, generator=g)
-        y = native.int4_gemv(x, packed, s32, offset, n, gs, isa=isa)
-        y64, bound = reference_and_bound(x, q, scale, zero, gs, False)
-        assert ((y.double() - y64).abs() <= bound + 1e-30).all()
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(m, k, generator=g) * torch.rand(m, k, generator=g) * 4).to(dtype)
+            y = native.int4_gemv(x, packed, s32, offset, n, gs, isa=isa)
+            assert y.dtype == dtype and y.shape == (m, n)
+            y64, bound = reference_and_bound(x, q, scale, zero, gs, False, isa=isa)
+            if dtype == torch.bfloat16 and not integer_prefill_runs(isa, dtype) and isa >= 2:
+                bound = bound + 2.0 ** -8 * (x.double().abs() @ expand_weights_abs(q, scale, zero, gs).t())
+            err = (y.double() - y64).abs()
+            assert (err <= bound + 1e-30).all(), (isa, n, k, gs, dtype, (err - bound).max().item())
+
+
+def expand_weights_abs(q, scale, zero, group_size):
+    k = q.shape[1]
+    c = 8 + (expand(zero.double(), k, group_size) if zero is not None else 0)
+    return ((q.double() + 8 - c) * expand(scale.double(), k, group_size)).abs()
 
 
 def test_int4_gemv_non_finite_activations_propagate():

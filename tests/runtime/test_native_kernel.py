@@ -7,7 +7,8 @@ multiplies by the float32 scale. Each
 partial sum is rounded with relative error <= 2**-24, so |y - y_64| <= (K + 1) 2**-24 sum_k |x_k q_nk| s_n
 (the standard gamma_K bound); a bfloat16 output adds <= 2**-8 |y_n|. A wrong row, column tail or scale
 gives errors of order sum |x q| s itself. The fixed-point paths (AVX-512 VNNI, AVX2) round each x_k to a grid
-of 2^-22 (VNNI) or 2^-13 (AVX2) times the row's max|x|, then sum exactly.
+of 2^-22 (VNNI) or 2^-13 (AVX2) times the row's max|x|, then sum exactly. Prefill rows (M >= 8) take the
+integer GEMM (int16 activations per block of 128: conftest.integer_prefill_bound) unless HFCOMPRESS_PREFILL=float.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 
 from hfcompress.core import native
 from hfcompress.quantization import kernels
+
+from .conftest import integer_prefill_bound, integer_prefill_runs
 
 pytestmark = pytest.mark.skipif(not native.kernels_available(), reason="native kernels could not be built here")
 
@@ -36,12 +39,20 @@ def isa_or_skip(isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, "9-float"])
 @pytest.mark.parametrize("isa", [0, 1, 2, 3], ids=ISA_NAMES.get)
-def test_int8_gemv_matches_float64(isa, m, dtype):
+def test_int8_gemv_matches_float64(isa, m, dtype, monkeypatch):
+    """Decode rows on every path, and prefill rows (M = 9): the integer GEMM, or float32 tiles with
+    HFCOMPRESS_PREFILL=float ("9-float")."""
     isa_or_skip(isa)
+    if m == "9-float":
+        monkeypatch.setenv("HFCOMPRESS_PREFILL", "float")
+        m = 9
+    else:
+        monkeypatch.delenv("HFCOMPRESS_PREFILL", raising=False)
     g = torch.Generator().manual_seed(m)
-    for n, k in [(37, 16), (9, 72), (64, 257), (5, 3)]:  # row blocks with tails, K tails of every path
+    # row blocks and 16-row panels with tails, K tails of every path
+    for n, k in [(37, 16), (9, 72), (64, 257), (5, 3), (17, 300)]:
         x = torch.randn(m, k, generator=g).to(dtype)
         q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
         scale = torch.rand(n, generator=g) * 0.02 + 1e-3
@@ -56,7 +67,10 @@ def test_int8_gemv_matches_float64(isa, m, dtype):
             bound = step * amax * (q.double().abs().sum(1) * scale.double())[None, :] + 2.0 ** -23 * y64.abs()
         if dtype == torch.bfloat16:
             bound = bound + 2.0 ** -8 * y64.abs()
-        if m >= 8:  # prefill: float32 tiles of q * s (one more rounding), or bfloat16 tiles for bfloat16 x on
+        if m >= 8 and integer_prefill_runs(isa, dtype):  # prefill: the integer GEMM (int16 activations)
+            w_abs = q.double().abs() * scale.double()[:, None]
+            bound = integer_prefill_bound(x, w_abs, 128) + (2.0 ** -8 * y64.abs() if dtype == torch.bfloat16 else 0)
+        elif m >= 8:  # prefill: float32 tiles of q * s (one more rounding), or bfloat16 tiles for bfloat16 x on
             # CPUs with native bfloat16 GEMM (each weight rounded to bfloat16: 2^-8 relative)
             magnitude = (x.double().abs() @ q.double().abs().t()) * scale.double()
             bound = (k + 2) * 2.0 ** -24 * magnitude + (2.0 ** -8 * magnitude if dtype == torch.bfloat16 else 0)

@@ -64,12 +64,10 @@ constexpr int64_t kGemmMinRows = 8;
 
 // Prefill by the integer GEMM below (i16_gemm) where bfloat16 tiles are not native: on unless
 // HFCOMPRESS_PREFILL=float asks for float32 tiles (the float32-accurate path, e.g. to compare against).
+// (Read per call, a few hundred nanoseconds next to a prefill GEMM, so tests can switch it.)
 inline bool integer_prefill() {
-  static const bool on = [] {
-    const char* v = std::getenv("HFCOMPRESS_PREFILL");
-    return v == nullptr || std::string(v) != "float";
-  }();
-  return on;
+  const char* v = std::getenv("HFCOMPRESS_PREFILL");
+  return v == nullptr || std::string(v) != "float";
 }
 
 // Whether bfloat16 activations should meet bfloat16 tiles (oneDNN's AVX-512 BF16 / AMX GEMM, several times

@@ -25,8 +25,10 @@
 // A row block's chunks are contiguous and row blocks follow each other, so a thread reads one sequential
 // stream. N is padded to a multiple of 4 and K to a multiple of 64 (padding codes meet zero activations).
 //
-// Many rows (prefill, M >= kGemmMinRows): tiles of weight rows are dequantized to float32 and multiplied with
-// ATen's GEMM (common.h), float32-accurate.
+// Many rows (prefill, M >= kGemmMinRows): where bfloat16 is native (and x is bfloat16), tiles of weight rows are
+// dequantized to bfloat16 and multiplied with ATen's GEMM; elsewhere the integer GEMM of common.h (int16
+// activations per block of the group, vpmaddwd against widened codes u - c) runs, or float32 tiles with
+// HFCOMPRESS_PREFILL=float.
 //
 // Registered as ``hfcompress::int4_gemv`` and ``hfcompress::int4_pack`` (see hfcompress/core/native.py).
 

@@ -476,6 +476,27 @@ at::Tensor integer_rows(const at::Tensor& x, int64_t M, int64_t N, int64_t block
   return out;
 }
 
+#ifdef HFC_X86
+// Weight rows [n0, n0 + rows) of q (N, K) int8 widened to int16 into out (4 rows of kp, zero past K).
+__attribute__((target("avx2,fma"))) void unpack_i16(const int8_t* q, int64_t K, int64_t kp, int64_t n0, int rows,
+                                                   int16_t* out) {
+  for (int r = 0; r < 4; ++r) {
+    int16_t* dst = out + r * kp;
+    int64_t k = 0;
+    if (r < rows) {
+      const int8_t* src = q + (n0 + r) * K;
+      for (; k + 16 <= K; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+      for (; k < K; ++k) dst[k] = src[k];
+    }
+    std::fill(dst + k, dst + kp, int16_t{0});
+  }
+}
+
+thread_local hfc::I16Activations tls_i16;
+#endif
+
 // isa: -1 = the best the CPU has; 0 = portable loop, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI (for tests).
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t isa_request) {
   Isa isa = hfc::resolve_isa(isa_request, "int8_gemv");
@@ -507,9 +528,21 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   if (M >= hfc::kGemmMinRows) {
-    // Prefill: tiles of q * scale (float32, or bfloat16 where the CPU multiplies it natively) into ATen's GEMM.
+    // Prefill: tiles of q * scale (bfloat16 where the CPU multiplies it natively) into ATen's GEMM, else the
+    // integer GEMM of common.h (int16 activations in blocks of 128; float32 tiles if HFCOMPRESS_PREFILL=float).
     at::Tensor yf = at::empty({M, N}, x.options().dtype(at::kFloat));
     const bool bf16_tiles = bf16 && hfc::native_bf16_gemm(isa);
+#ifdef HFC_X86
+    if (!bf16_tiles && isa != Isa::kScalar && hfc::integer_prefill()) {
+      hfc::quantize_i16(xf, M, K, 128, tls_i16);
+      const hfc::I16Activations& a = tls_i16;
+      hfc::i16_gemm(
+          a, M, N, yf.data_ptr<float>(),
+          [&](int64_t n0, int rows, int16_t* out) { unpack_i16(qp, K, a.kp, n0, rows, out); },
+          [&](int64_t n, float* s) { std::fill(s, s + a.blocks, sp[n]); });
+      return bf16 ? yf.to(x.scalar_type()) : yf;
+    }
+#endif
     const at::Tensor xg =
         bf16_tiles ? xc : at::from_blob(const_cast<float*>(xf), {M, K}, x.options().dtype(at::kFloat));
     hfc::tiled_gemm(xg, N, yf.data_ptr<float>(), bf16_tiles, [&](int64_t n0, int64_t count, float* tile) {
