@@ -165,6 +165,11 @@ struct I16Activations {
   int64_t kp = 0, ab = 0, blocks = 0;
 };
 
+// After a call: a long prompt's buffers (over 32 MiB) are not kept for the life of the thread.
+inline void release_if_large(I16Activations& a) {
+  if (a.X_.defined() && a.X_.numel() * 2 > (int64_t{32} << 20)) a = I16Activations{};
+}
+
 // One row of x (K values) -> its int16 values X (kp) and block scales d (blocks).
 __attribute__((target("avx2,fma"))) inline void quantize_i16_row(const float* xr, int64_t K, int64_t kp, int64_t ab,
                                                                  int64_t blocks, int16_t* X, float* dout) {

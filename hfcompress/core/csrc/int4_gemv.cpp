@@ -449,6 +449,7 @@ void prefill_i16(const Weights& w, const float* xf, int64_t M, float* y) {
       [&](int64_t n, float* s) {
         for (int64_t b = 0; b < a.blocks; ++b) s[b] = w.scale[n * w.G + std::min(w.G - 1, b * ab / group)];
       });
+  hfc::release_if_large(tls_i16);
 }
 #endif
 

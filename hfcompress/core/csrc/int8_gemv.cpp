@@ -540,6 +540,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
           a, M, N, yf.data_ptr<float>(),
           [&](int64_t n0, int rows, int16_t* out) { unpack_i16(qp, K, a.kp, n0, rows, out); },
           [&](int64_t n, float* s) { std::fill(s, s + a.blocks, sp[n]); });
+      hfc::release_if_large(tls_i16);
       return bf16 ? yf.to(x.scalar_type()) : yf;
     }
 #endif
