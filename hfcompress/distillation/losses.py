@@ -360,7 +360,9 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         wt = None if teacher_hidden is None else teacher_weight.detach().to(mm)
         bt = None if teacher_bias is None else teacher_bias.detach().to(dtype)
         grad_hidden = torch.zeros_like(student_hidden, dtype=dtype) if want[0] else None  # (N, Hs)
-        grad_ws = torch.zeros_like(ws) if want[1] else None  # (V, Hs)
+        # (V, Hs): the first closed-form chunk writes it (no zero fill of a vocabulary-sized matrix).
+        grad_ws = torch.empty_like(ws) if want[1] else None
+        grad_ws_written = False
         grad_bs = torch.zeros_like(bs) if want[2] else None
         total = torch.zeros((), dtype=dtype, device=student_hidden.device)
         kd_total, ce_total = total.clone(), total.clone()
@@ -396,7 +398,11 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                         if want[0]:
                             torch.mm(g, ws, out=grad_hidden[start:end])
                         if want[1]:
-                            grad_ws.addmm_(g.t(), hs)
+                            if grad_ws_written:
+                                grad_ws.addmm_(g.t(), hs)
+                            else:
+                                torch.mm(g.t(), hs, out=grad_ws)
+                                grad_ws_written = True
                         if want[2]:
                             grad_bs += g.sum(0)
                     del grad_logits
@@ -412,13 +418,19 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                     if want[0]:
                         grad_hidden[start:end] = next(grads)
                     if want[1]:
-                        grad_ws += next(grads)
+                        if grad_ws_written:
+                            grad_ws += next(grads)
+                        else:
+                            grad_ws.copy_(next(grads))
+                            grad_ws_written = True
                     if want[2]:
                         grad_bs += next(grads)
             total += chunk_total.detach()
             kd_total += kd.detach().sum()
             ce_total += ce.detach().sum()
             del student_logits, teacher_logits, weighted, kd, ce, chunk_total  # free the chunk before the next
+        if grad_ws is not None and not grad_ws_written:  # no chunk had a gradient (e.g. no positions)
+            grad_ws.zero_()
         ctx.save_for_backward(grad_hidden, grad_ws, grad_bs)
         ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype,
                             None if student_bias is None else student_bias.dtype)

@@ -77,7 +77,7 @@ class CachedTeacher(TeacherSignal):
         self.cache = cache
 
     def compute_loss(self, trainer, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from .cache import bucket_forward_kl_grad, bucket_logprobs
+        from .cache import bucket_forward_kl_grad, bucket_forward_kl_t1, bucket_logprobs
         from .losses import chunked_head_loss
         from .teachers import gathered_head, lm_head
 
@@ -109,6 +109,9 @@ class CachedTeacher(TeacherSignal):
             return spec.kd_weight * kd + spec.ce_weight * ce, kd, ce, student_logp, student_buckets, teacher_buckets
 
         def per_position(student_logits, start, end, need_grad):  # for chunked_head_loss
+            if spec.loss == "forward_kl" and t == 1.0 and bool((targets[start:end] >= 0).all()):
+                return bucket_forward_kl_t1(student_logits, ids[start:end], logp[start:end], tail[start:end],
+                                            targets[start:end], spec.kd_weight, spec.ce_weight, need_grad)
             if need_grad and spec.loss != "forward_kl":  # other divergences: autograd on this chunk's logits
                 leaf = student_logits.detach().requires_grad_(True)
                 with torch.enable_grad():

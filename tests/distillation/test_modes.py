@@ -567,3 +567,64 @@ def test_distill_script_runs_the_cache_and_self_modes(tmp_path, tiny_reference_d
                                                           "--ema_decay", "0.9",
                                                           "--output_dir", str(tmp_path / "self")]))
     assert (out / "config.json").is_file() and (out / "ema" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("k", [5, 40])
+def test_fused_t1_cache_objective_equals_its_composition(k):
+    """cache.bucket_forward_kl_t1 (three passes over the vocabulary) gives the loss terms and the logit
+    gradient of bucket_logprobs + forward KL + bucket_forward_kl_grad + the cross-entropy gradient, including
+    rows whose tail mass is below 1e-3 (recomputed exactly) and k = V (no tail bucket)."""
+    from hfcompress.distillation.losses import forward_kl
+
+    g = torch.Generator().manual_seed(k)
+    v, n = 40, 12
+    logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    if k < v:
+        logits[:3].scatter_(-1, ids[:3], 30.0)  # tiny student tails: the exact recomputation
+    teacher = torch.randn(n, v, generator=g, dtype=torch.float64).log_softmax(-1)
+    logp = teacher.gather(-1, ids)
+    tail = torch.log1p(-logp.exp().sum(-1).clamp(max=1 - 1e-12)) if k < v else torch.full((n,), float("-inf"),
+                                                                                          dtype=torch.float64)
+    targets = torch.randint(0, v, (n,), generator=g)
+    kd_w, ce_w = 0.7, 0.4
+    weighted, kd, ce, grad = K.bucket_forward_kl_t1(logits.clone(), ids, logp, tail, targets, kd_w, ce_w, True)
+    log_q = logits.log_softmax(-1)
+    s_b, t_b = K.bucket_logprobs(log_q, ids, logp, tail, v)
+    expect_kd = forward_kl(s_b, t_b)
+    expect_ce = torch.nn.functional.nll_loss(log_q, targets, reduction="none")
+    expect_grad = kd_w * K.bucket_forward_kl_grad(log_q, ids, s_b, t_b) + ce_w * log_q.exp()
+    expect_grad[torch.arange(n), targets] -= ce_w
+    assert torch.allclose(kd, expect_kd, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(ce, expect_ce, rtol=1e-12)
+    assert torch.allclose(weighted, kd_w * expect_kd + ce_w * expect_ce, rtol=1e-9)
+    assert torch.allclose(grad, expect_grad, rtol=1e-9, atol=1e-12)
+    # and the autograd gradient of the composition itself
+    leaf = logits.clone().requires_grad_(True)
+    lq = leaf.log_softmax(-1)
+    sb, tb = K.bucket_logprobs(lq, ids, logp, tail, v)
+    (kd_w * forward_kl(sb, tb) + ce_w * torch.nn.functional.nll_loss(lq, targets, reduction="none")).sum().backward()
+    assert torch.allclose(grad, leaf.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_fused_t1_cache_objective_tiny_tails_in_float32():
+    """In float32 a tail mass far below the rounding of the row sum cannot come from a difference: those rows are
+    recomputed exactly, so the loss and gradient still match the float64 composition."""
+    from hfcompress.distillation.losses import forward_kl
+
+    g = torch.Generator().manual_seed(3)
+    v, n, k = 300, 6, 8
+    logits = torch.randn(n, v, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    logits.scatter_(-1, ids, 25.0)  # student tail ~ 300 e^-25 / 8: ~1e-9 of the row
+    logp = torch.full((n, k), -2.2, dtype=torch.float64)
+    tail = torch.full((n,), -3.0, dtype=torch.float64)  # the teacher keeps 5% outside: a large p_tail / q_tail
+    targets = ids[:, 0]
+    _, kd32, _, grad32 = K.bucket_forward_kl_t1(logits.float(), ids, logp.float(), tail.float(), targets, 1.0, 0.5,
+                                                True)
+    log_q = logits.log_softmax(-1)
+    s_b, t_b = K.bucket_logprobs(log_q, ids, logp, tail, v)
+    expect = K.bucket_forward_kl_grad(log_q, ids, s_b, t_b) + 0.5 * log_q.exp()
+    expect[torch.arange(n), targets] -= 0.5
+    assert torch.allclose(kd32.double(), forward_kl(s_b, t_b), rtol=1e-4)
+    assert torch.allclose(grad32.double(), expect, rtol=1e-3, atol=1e-6)
