@@ -165,7 +165,8 @@ def cmd_cache_teacher(args) -> int:
     meta = write_teacher_cache(teacher, blocks, args.out, top_k=args.top_k, temperature=args.temperature,
                                tokenizer=tokenizer, teacher_name=path, logprob_format=args.logprob_format,
                                batch_size=args.batch_size, progress=not args.quiet,
-                               hidden_layers=args.hidden_layers, hidden_dtype=args.hidden_dtype)
+                               hidden_layers=args.hidden_layers, hidden_dtype=args.hidden_dtype,
+                               id_coding=args.id_coding)
     summary = {k: v for k, v in asdict(meta).items() if k != "shards"}
     if args.student:
         summary["approximation_error"] = approximation_error(TeacherCache(args.out), teacher,
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the stored distributions")
     p.add_argument("--logprob-format", default="uint7", choices=["uint8", "uint7", "uint6", "float16", "float32"],
                    help="log-prob storage: n-bit codes on a per-row grid, or floats")
+    p.add_argument("--id-coding", default="ranked-rice", choices=["ranked-rice", "fixed"],
+                   help="token-id storage: ranks in each shard's frequency table, Rice-coded (smaller), or sorted "
+                        "ids at a fixed width per row")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward pass")
     p.add_argument("--hidden-layers", type=int, nargs="+", default=None, metavar="LAYER",
                    help="also store these 0-based teacher layers' hidden states per token (for hidden_weight > 0; "

@@ -4,11 +4,14 @@ per predicted token, then train students with no teacher in memory.
 What is stored per predicted token (the ``k`` most likely ids at temperature ``T`` and the rest as one tail
 bucket — the top-k + tail KL of e.g. DistillKit/Sparse-KD):
 
-* ``ids``: the top-k ids, **sorted ascending and delta-coded**: the first id (uint16/uint32 as the vocabulary
-  needs) and the ``k - 1`` gaps minus one, bit-packed at the smallest width ``b`` that holds the row's largest
-  gap. Rows are grouped by ``b`` (one tensor per width, ``width`` (rows,) uint8 says which), so a row of
-  nearby frequent tokens costs a few bits per id instead of ``log2(V)``;
-* log-probabilities in the same (id) order: ``uint8``/``uint7``/``uint6`` codes ``round((top - logp) / step)``
+* ``ids`` (``id_coding="ranked-rice"``, the default): each shard keeps a ``rank_table`` of the ids its rows
+  hold, most frequent first; a row's ids become ranks in it, sorted ascending, and the first rank and the gaps
+  minus one are Rice-coded with the row's best parameter (one byte-aligned bit string per row, ``rice_len``
+  bytes, ``rice_param``). Frequent tokens are in most rows' top-k, so ranks are small and close: about 70 bytes
+  for 64 ids of SmolLM2's 49k vocabulary. ``"fixed"`` (version 1's format): the ids sorted ascending, the first
+  id (uint16/uint32) and the ``k - 1`` gaps minus one bit-packed at the width of the row's largest gap
+  (rows grouped by width; ``width`` says which): ~110 bytes there;
+* log-probabilities in the same order as the ids: ``uint8``/``uint7``/``uint6`` codes ``round((top - logp) / step)``
   with a per-row float16 ``step`` (error <= step/2; ``top`` is not stored: the k probabilities and the tail
   sum to one), bit-packed below 8 bits; or ``float16``/``float32`` values;
 * ``log_tail``: log of the probability mass outside the top-k (``-inf`` when k = vocabulary size);
@@ -47,7 +50,9 @@ from ..core.errors import ConfigError, DataError, HFCompressError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ranked-Rice ids (id_coding); version 1 caches (fixed-width ids) still read
+READABLE_VERSIONS = (1, 2)
+ID_CODINGS = ("ranked-rice", "fixed")
 METADATA_FILE = "cache.json"
 LOGPROB_FORMATS = ("uint8", "uint7", "uint6", "float16", "float32")
 HIDDEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -101,21 +106,99 @@ def unpack_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
     return (bits.reshape(packed.shape[0], count, width).astype(np.int64) << np.arange(width)).sum(-1)
 
 
+def rank_table(ids: torch.Tensor) -> np.ndarray:
+    """The ids a shard's rows hold, most frequent first (ties by id): the shard's ``rank_table``. Ranked this
+    way, a row's top-k ids become small, close numbers (frequent tokens are in most rows' top-k)."""
+    values, counts = np.unique(ids.reshape(-1).cpu().numpy(), return_counts=True)
+    order = np.lexsort((values, -counts))
+    table = values[order]
+    return table.astype(np.uint16 if table.size and table.max() < 1 << 16 else np.uint32)
+
+
+def rice_encode(values: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of non-negative integers (n, k) -> Rice codes, one byte-aligned bit string per row.
+
+    Each row picks the parameter b (``rice_param``) that makes it shortest; a value v is written as v >> b in
+    unary (that many ones, then a zero), the k unary parts first, then the k low parts of b bits each (so that
+    the k-th zero of a row ends its unary parts). ``rice_len`` is each row's length in bytes.
+    """
+    n, k = values.shape
+    params = np.arange(24)
+    cost = (values[:, :, None] >> params).sum(1) + k * (1 + params)[None, :]  # (n, 24) bits
+    b = cost.argmin(1).astype(np.int64)  # (n,)
+    high = values >> b[:, None]
+    low = values & ((1 << b[:, None]) - 1)
+    unary = high.sum(1) + k  # (n,) bits
+    length = (unary + k * b + 7) // 8  # (n,) bytes
+    start = 8 * (np.cumsum(length) - length)  # (n,) first bit of each row
+    bits = np.zeros(8 * int(length.sum()), dtype=np.uint8)
+    ones = np.repeat(start, unary) + np.arange(int(unary.sum())) - np.repeat(np.cumsum(unary) - unary, unary)
+    bits[ones] = 1
+    bits[(start[:, None] + np.cumsum(high + 1, axis=1) - 1).reshape(-1)] = 0  # the terminators
+    width = int(b.max()) if n else 0
+    if width:
+        j, bit = np.arange(k)[None, :, None], np.arange(width)[None, None, :]
+        used = bit < b[:, None, None]  # (n, 1, width)
+        where = (start + unary)[:, None, None] + j * b[:, None, None] + bit  # (n, k, width)
+        mask = np.broadcast_to(used, where.shape)
+        bits[where[mask]] = ((low[:, :, None] >> bit) & 1).astype(np.uint8)[mask]
+    return {"rice_bytes": np.packbits(bits, bitorder="little"),
+            "rice_len": length.astype(np.uint8 if n == 0 or length.max() < 256 else np.uint16),
+            "rice_param": b.astype(np.uint8)}
+
+
+def rice_decode(data: np.ndarray, lengths: np.ndarray, params: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`rice_encode` for consecutive rows: their bytes ``data``, byte lengths and parameters."""
+    n = lengths.shape[0]
+    bits = np.unpackbits(data, bitorder="little")
+    start = 8 * (np.cumsum(lengths.astype(np.int64)) - lengths)  # (n,)
+    zeros = np.flatnonzero(bits == 0)
+    ends = zeros[np.searchsorted(zeros, start)[:, None] + np.arange(k)]  # (n, k) the terminators
+    before = np.concatenate([start[:, None] - 1, ends[:, :-1]], axis=1)
+    high = ends - before - 1
+    b = params.astype(np.int64)
+    width = int(b.max()) if n else 0
+    low = np.zeros((n, k), dtype=np.int64)
+    if width:
+        bit = np.arange(width)[None, None, :]
+        used = bit < b[:, None, None]
+        where = (ends[:, -1] + 1)[:, None, None] + np.arange(k)[None, :, None] * b[:, None, None] + bit
+        low = ((bits[np.where(used, where, 0)].astype(np.int64) * used) << bit).sum(-1)
+    return (high << b[:, None]) | low
+
+
 def encode_rows(ids: torch.Tensor, logp: torch.Tensor, log_tail: torch.Tensor, vocab_size: int,
-                logprob_format: str) -> dict[str, np.ndarray]:
-    """Top-k ``ids`` (n, k), their log-probs (n, k) and the tail log-mass (n,) -> arrays to store."""
-    order = ids.argsort(dim=-1)
-    ids = ids.gather(-1, order).cpu().numpy().astype(np.int64)  # (n, k) ascending
-    logp = logp.gather(-1, order).float()
-    out: dict[str, np.ndarray] = {"first_id": ids[:, 0].astype(_id_dtype(vocab_size))}
-    gaps = np.diff(ids, axis=1) - 1  # (n, k-1) >= 0
-    width = np.zeros(ids.shape[0], dtype=np.uint8)
-    if gaps.shape[1]:
-        width = np.ceil(np.log2(gaps.max(axis=1) + 1)).astype(np.uint8)  # bits of the largest gap
-        for b in np.unique(width):
-            if b:
-                out[f"gaps_w{b}"] = pack_bits(gaps[width == b], int(b))
-    out["width"] = width
+                logprob_format: str, table: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Top-k ``ids`` (n, k), their log-probs (n, k) and the tail log-mass (n,) -> arrays to store.
+
+    With a ``table`` (:func:`rank_table`; ``id_coding="ranked-rice"``) the ids are written as their ranks in it,
+    sorted ascending, as Rice codes of the first rank and the gaps minus one (:func:`rice_encode`); without one
+    (``"fixed"``), as the ids sorted ascending: the first id and the gaps minus one at the row's largest gap's
+    width. The log-probs follow the same order.
+    """
+    if table is not None:
+        rank_of = np.full(vocab_size, -1, dtype=np.int64)
+        rank_of[table.astype(np.int64)] = np.arange(table.size)
+        keys = torch.from_numpy(rank_of[ids.cpu().numpy()])
+    else:
+        keys = ids.cpu()
+    order = keys.argsort(dim=-1)
+    sorted_keys = keys.gather(-1, order).numpy().astype(np.int64)  # (n, k) ascending
+    logp = logp.cpu().gather(-1, order).float()
+    out: dict[str, np.ndarray] = {}
+    if table is not None:
+        values = np.concatenate([sorted_keys[:, :1], np.diff(sorted_keys, axis=1) - 1], axis=1)
+        out.update(rice_encode(values))
+    else:
+        out["first_id"] = sorted_keys[:, 0].astype(_id_dtype(vocab_size))
+        gaps = np.diff(sorted_keys, axis=1) - 1  # (n, k-1) >= 0
+        width = np.zeros(sorted_keys.shape[0], dtype=np.uint8)
+        if gaps.shape[1]:
+            width = np.ceil(np.log2(gaps.max(axis=1) + 1)).astype(np.uint8)  # bits of the largest gap
+            for b in np.unique(width):
+                if b:
+                    out[f"gaps_w{b}"] = pack_bits(gaps[width == b], int(b))
+        out["width"] = width
     if logprob_format.startswith("uint"):
         bits = int(logprob_format[4:])
         levels = (1 << bits) - 1
@@ -129,36 +212,52 @@ def encode_rows(ids: torch.Tensor, logp: torch.Tensor, log_tail: torch.Tensor, v
     else:
         dtype = np.float16 if logprob_format == "float16" else np.float32
         out["logp"] = logp.numpy().astype(dtype)
-    out["log_tail"] = log_tail.float().numpy().astype(np.float16 if logprob_format != "float32" else np.float32)
+    out["log_tail"] = log_tail.float().cpu().numpy().astype(np.float16 if logprob_format != "float32" else np.float32)
     return out
 
 
-def decode_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, k: int,
-                logprob_format: str = "uint8") -> tuple[torch.Tensor, ...]:
-    """Selected ``rows`` of a shard -> (ids (n, k) int64, log-probs (n, k) float32, tail log-mass (n,))."""
-    first = arrays["first_id"][rows].astype(np.int64)
-    width = arrays["width"]
-    gaps = np.zeros((len(rows), k - 1), dtype=np.int64)
-    row_width = width[rows]
-    for b in np.unique(row_width):
-        if not b:
-            continue
-        members = np.flatnonzero(width == b)  # rows of this width, in order: their position in gaps_w{b}
-        wanted = np.flatnonzero(row_width == b)
-        index = np.searchsorted(members, rows[wanted])
-        gaps[wanted] = unpack_bits(arrays[f"gaps_w{b}"][index], int(b), k - 1)
-    ids = np.concatenate([first[:, None], first[:, None] + np.cumsum(gaps + 1, axis=1)], axis=1)
+def row_offsets(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Byte offset of each Rice-coded row in ``rice_bytes`` (n + 1,)."""
+    return np.concatenate([[0], np.cumsum(arrays["rice_len"].astype(np.int64))])
+
+
+def decode_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, k: int, logprob_format: str = "uint8",
+                offsets: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
+    """Selected ``rows`` of a shard -> (ids (n, k) int64, log-probs (n, k) float32, tail log-mass (n,)), in the
+    stored order. ``offsets``: :func:`row_offsets` of a ranked-Rice shard, if already computed."""
+    rows = np.asarray(rows)
+    if "rice_bytes" in arrays:
+        offsets = row_offsets(arrays) if offsets is None else offsets
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
+        values = [rice_decode(arrays["rice_bytes"][offsets[run[0]]:offsets[run[-1] + 1]],
+                              arrays["rice_len"][run], arrays["rice_param"][run], k) for run in runs]
+        values = np.concatenate(values) if values else np.zeros((0, k), dtype=np.int64)
+        ranks = np.cumsum(values + 1, axis=1) - 1
+        ids = arrays["rank_table"].astype(np.int64)[ranks]
+    else:
+        first = arrays["first_id"][rows].astype(np.int64)
+        width = arrays["width"]
+        gaps = np.zeros((len(rows), k - 1), dtype=np.int64)
+        row_width = width[rows]
+        for b in np.unique(row_width):
+            if not b:
+                continue
+            members = np.flatnonzero(width == b)  # rows of this width, in order: their position in gaps_w{b}
+            wanted = np.flatnonzero(row_width == b)
+            index = np.searchsorted(members, rows[wanted])
+            gaps[wanted] = unpack_bits(arrays[f"gaps_w{b}"][index], int(b), k - 1)
+        ids = np.concatenate([first[:, None], first[:, None] + np.cumsum(gaps + 1, axis=1)], axis=1)
     tail = torch.from_numpy(arrays["log_tail"][rows].astype(np.float32))
     if logprob_format.startswith("uint"):
         bits = int(logprob_format[4:])
         codes = arrays["logp_codes"][rows]
         codes = codes.astype(np.int64) if bits == 8 else unpack_bits(codes, bits, k)
         step = torch.from_numpy(arrays["logp_step"][rows].astype(np.float32))
-        offsets = -torch.from_numpy(codes).float() * step[:, None]  # log p - log p_top, (n, k)
+        offsets_lp = -torch.from_numpy(codes).float() * step[:, None]  # log p - log p_top, (n, k)
         # log p_top from the normalisation: p_top * sum exp(offsets) = 1 - tail mass.
-        top = torch.log(-torch.expm1(tail.clamp(max=-1e-7))) - offsets.logsumexp(-1)
-        top = torch.where(torch.isinf(tail), -offsets.logsumexp(-1), top)
-        logp = top[:, None] + offsets
+        top = torch.log(-torch.expm1(tail.clamp(max=-1e-7))) - offsets_lp.logsumexp(-1)
+        top = torch.where(torch.isinf(tail), -offsets_lp.logsumexp(-1), top)
+        logp = top[:, None] + offsets_lp
     else:
         logp = torch.from_numpy(arrays["logp"][rows].astype(np.float32))
     return torch.from_numpy(ids), logp, tail
@@ -286,6 +385,7 @@ class CacheMetadata:
     hidden_dtype: str = ""
     hidden_bytes_per_token: float = 0.0  # all stored layers together
     teacher_num_layers: int = 0  # to resolve layer_map='uniform'/'last' without the teacher
+    id_coding: str = "fixed"  # how the ids are stored (version 1 caches: fixed)
 
 
 def check_destination(out_dir) -> Path:
@@ -299,9 +399,15 @@ def check_destination(out_dir) -> Path:
 @torch.no_grad()
 def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64, temperature: float = 1.0,
                         tokenizer=None, teacher_name: str = "", logprob_format: str = "uint7",
-                        batch_size: int = 8, blocks_per_shard: int = 4096, progress: bool = True,
-                        hidden_layers: list[int] | None = None, hidden_dtype: str = "float16") -> CacheMetadata:
+                        batch_size: int = 8, blocks_per_shard: int = 512, progress: bool = True,
+                        hidden_layers: list[int] | None = None, hidden_dtype: str = "float16",
+                        id_coding: str = "ranked-rice") -> CacheMetadata:
     """Run ``teacher`` once over ``blocks`` (N, T) and write the cache to ``out_dir`` (must not exist or be empty).
+
+    ``id_coding``: ``"ranked-rice"`` (default) stores each row's ids as their ranks in the shard's own frequency
+    table, Rice-coded (:func:`rice_encode`; ~70 bytes for 64 ids of a 49k vocabulary against ~110 fixed-width);
+    ``"fixed"`` as sorted ids at the row's largest gap's width (version 1's format). A shard's top-k rows are
+    held in memory until it is written (k x 8 bytes per position; ``blocks_per_shard`` bounds it).
 
     ``hidden_layers`` (0-based teacher layers) also stores those layers' hidden states per predicted token, in
     ``hidden_dtype``, for hidden-state distillation from the cache (``DistillationConfig.hidden_weight``).
@@ -313,6 +419,8 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
 
     if logprob_format not in LOGPROB_FORMATS:
         raise ConfigError(f"logprob_format={logprob_format!r} is unknown; choose one of {', '.join(LOGPROB_FORMATS)}")
+    if id_coding not in ID_CODINGS:
+        raise ConfigError(f"id_coding={id_coding!r} is unknown; choose one of {', '.join(ID_CODINGS)}")
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise DataError("the teacher cache needs a non-empty (num_blocks, block_size >= 2) tensor of token ids")
     if not temperature > 0:
@@ -330,7 +438,7 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
     shards, stored_bytes, hidden_bytes, tokens, tail_mass, quant_kl = [], 0, 0, 0, 0.0, 0.0
     for shard_start in range(0, blocks.shape[0], blocks_per_shard):
         shard_blocks = blocks[shard_start:shard_start + blocks_per_shard]
-        pieces: list[dict[str, np.ndarray]] = []
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (ids int32, logp, log tail) per batch
         states: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         for start in tqdm(range(0, shard_blocks.shape[0], batch_size), desc="teacher cache", disable=not progress):
             batch = shard_blocks[start:start + batch_size]
@@ -342,20 +450,30 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
             top_logp, top_ids = logp.topk(top_k, dim=-1)  # (n, k)
             log_tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1.0)) if top_k < vocab \
                 else torch.full((logp.shape[0],), float("-inf"))
-            encoded = encode_rows(top_ids, top_logp, log_tail, vocab, logprob_format)
-            pieces.append(encoded)
-            # What storage precision costs, measured on the buckets themselves.
-            _, stored, stored_tail = decode_rows(encoded, np.arange(top_ids.shape[0]), top_k, logprob_format)
-            exact = top_logp.gather(-1, top_ids.argsort(-1))  # id order, as stored
-            if top_k < vocab:
-                exact = torch.cat([exact, log_tail[:, None]], -1)
-                stored = torch.cat([stored, stored_tail[:, None]], -1)
-            exact, stored = exact.clamp_min(-1e4), stored.clamp_min(-1e4)
-            stored = stored - stored.logsumexp(-1, keepdim=True)
-            quant_kl += F.kl_div(stored, exact, reduction="sum", log_target=True).item()
-            tail_mass += log_tail.exp().sum().item()
-            tokens += top_ids.shape[0]
-        arrays = _merge(pieces)
+            found.append((top_ids.to(torch.int32).cpu(), top_logp.cpu(), log_tail.cpu()))
+        top_ids, top_logp, log_tail = (torch.cat(parts) for parts in zip(*found))
+        del found
+        table = rank_table(top_ids) if id_coding == "ranked-rice" else None
+        arrays = encode_rows(top_ids.long(), top_logp, log_tail, vocab, logprob_format, table)
+        if table is not None:
+            arrays["rank_table"] = table
+        # What storage precision costs, measured on the buckets themselves (the stored order: ids and log-probs
+        # come back sorted by id or by rank; compare as sets through each row's sort).
+        ids_back, stored, stored_tail = decode_rows(arrays, np.arange(top_ids.shape[0]), top_k, logprob_format)
+        order, back = top_ids.long().argsort(-1), ids_back.argsort(-1)
+        if not torch.equal(top_ids.long().gather(-1, order), ids_back.gather(-1, back)):
+            raise HFCompressError("teacher cache: the stored ids do not decode to the written ones (a bug; please "
+                                  "report it with the model and data)")
+        exact, stored = top_logp.gather(-1, order), stored.gather(-1, back)
+        if top_k < vocab:
+            exact = torch.cat([exact, log_tail[:, None]], -1)
+            stored = torch.cat([stored, stored_tail[:, None]], -1)
+        exact, stored = exact.clamp_min(-1e4), stored.clamp_min(-1e4)
+        stored = stored - stored.logsumexp(-1, keepdim=True)
+        quant_kl += F.kl_div(stored, exact, reduction="sum", log_target=True).item()
+        tail_mass += log_tail.exp().sum().item()
+        tokens += top_ids.shape[0]
+        del top_ids, top_logp, log_tail, ids_back, stored, stored_tail, exact
         stored_bytes += sum(a.nbytes for a in arrays.values())
         arrays["input_ids"] = shard_blocks.cpu().numpy().astype(np.int32)
         name = f"shard-{len(shards):05d}.safetensors"
@@ -374,7 +492,7 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
         shards=shards, bytes_per_token=stored_bytes / tokens, tokens=tokens, mean_tail_mass=tail_mass / tokens,
         quantization_kl=quant_kl / tokens, hidden_layers=layers, hidden_size=hidden_width(teacher) if layers else 0,
         hidden_dtype=hidden_dtype if layers else "", hidden_bytes_per_token=hidden_bytes / tokens,
-        teacher_num_layers=num_layers(teacher))
+        teacher_num_layers=num_layers(teacher), id_coding=id_coding)
     tmp = out_dir / (METADATA_FILE + ".tmp")
     tmp.write_text(json.dumps(asdict(metadata), indent=2) + "\n")
     os.replace(tmp, out_dir / METADATA_FILE)  # written last: a folder without it is not a cache
@@ -402,12 +520,6 @@ def _stored_states(states: torch.Tensor, hidden_dtype: str, layer: int) -> torch
     return states.to(HIDDEN_DTYPES[hidden_dtype])
 
 
-def _merge(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate encoded batches; the per-width gap tensors follow their rows' order."""
-    keys = sorted({key for piece in pieces for key in piece})
-    return {key: np.concatenate([piece[key] for piece in pieces if key in piece]) for key in keys}
-
-
 # --------------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------------
@@ -423,11 +535,13 @@ class TeacherCache:
             raise TeacherCacheError(f"{self.path} is not a teacher cache (no {METADATA_FILE}); write one with "
                                     f"`hfcompress cache-teacher TEACHER --out {self.path}`")
         data = json.loads(meta_file.read_text())
-        if data.get("format_version") != FORMAT_VERSION:
-            raise TeacherCacheError(f"{self.path}: cache format {data.get('format_version')} is not "
-                                    f"{FORMAT_VERSION}; rewrite it with this version's `hfcompress cache-teacher`")
+        if data.get("format_version") not in READABLE_VERSIONS:
+            raise TeacherCacheError(f"{self.path}: cache format {data.get('format_version')} is not one this "
+                                    f"version reads ({', '.join(map(str, READABLE_VERSIONS))}); rewrite it with "
+                                    f"this version's `hfcompress cache-teacher`")
         self.meta = CacheMetadata(**data)
         self.shards = [load_file(str(self.path / shard["file"])) for shard in self.meta.shards]
+        self._offsets = [row_offsets(shard) if "rice_bytes" in shard else None for shard in self.shards]
         self._starts = np.cumsum([0] + [shard["blocks"] for shard in self.meta.shards])
         self.rows_per_block = self.meta.block_size - 1
         self._hidden = [self._open_hidden(shard) for shard in self.meta.shards] if self.meta.hidden_layers else []
@@ -468,7 +582,8 @@ class TeacherCache:
             shard = int(np.searchsorted(self._starts, index, side="right") - 1)
             local = index - int(self._starts[shard])
             rows = np.arange(local * self.rows_per_block, (local + 1) * self.rows_per_block)
-            out.append(decode_rows(self.shards[shard], rows, self.meta.top_k, self.meta.logprob_format))
+            out.append(decode_rows(self.shards[shard], rows, self.meta.top_k, self.meta.logprob_format,
+                                   self._offsets[shard]))
         return tuple(torch.cat(parts) for parts in zip(*out))
 
     def hidden_rows(self, block_indices: torch.Tensor, layer: int) -> torch.Tensor:

@@ -628,3 +628,72 @@ def test_fused_t1_cache_objective_tiny_tails_in_float32():
     expect[torch.arange(n), targets] -= 0.5
     assert torch.allclose(kd32.double(), forward_kl(s_b, t_b), rtol=1e-4)
     assert torch.allclose(grad32.double(), expect, rtol=1e-3, atol=1e-6)
+
+
+def test_rice_codes_round_trip():
+    """Rows of small and huge values, k = 1, each row's own parameter; any run of consecutive rows decodes alone."""
+    rng = np.random.default_rng(0)
+    for k in (1, 5, 64):
+        values = np.concatenate([rng.geometric(0.3, (20, k)) - 1, rng.integers(0, 1 << 20, (5, k)),
+                                 np.zeros((3, k), dtype=np.int64), rng.integers(0, 40, (7, k))]).astype(np.int64)
+        coded = K.rice_encode(values)
+        assert len(np.unique(coded["rice_param"])) > 2
+        offsets = np.concatenate([[0], np.cumsum(coded["rice_len"].astype(np.int64))])
+        assert offsets[-1] == coded["rice_bytes"].size
+        assert np.array_equal(K.rice_decode(coded["rice_bytes"], coded["rice_len"], coded["rice_param"], k), values)
+        for lo, hi in ((3, 9), (20, 26), (34, 35)):
+            part = K.rice_decode(coded["rice_bytes"][offsets[lo]:offsets[hi]], coded["rice_len"][lo:hi],
+                                 coded["rice_param"][lo:hi], k)
+            assert np.array_equal(part, values[lo:hi])
+
+
+def test_ranked_rice_rows_round_trip_and_are_smaller_than_fixed_width():
+    gen = torch.Generator().manual_seed(1)
+    vocab = 5000
+    logits = torch.randn(300, vocab, generator=gen) * 2
+    logits[:, :300] += 4 * torch.rand(300, generator=gen)  # frequent tokens: in most rows' top-k, ids spread out
+    logits[:, torch.randperm(vocab, generator=gen)[:100]] += 3
+    top_logp, top_ids = F.log_softmax(logits, -1).topk(64, dim=-1)
+    tail = torch.log1p(-top_logp.exp().sum(-1))
+    table = K.rank_table(top_ids)
+    ranked = K.encode_rows(top_ids, top_logp, tail, vocab, "uint7", table)
+    ranked["rank_table"] = table
+    fixed = K.encode_rows(top_ids, top_logp, tail, vocab, "uint7")
+    rows = np.array([0, 1, 2, 7, 150, 151, 299])
+    for arrays in (ranked, fixed):
+        ids, stored, _ = K.decode_rows(arrays, rows, 64, "uint7")
+        expected = top_ids[rows].sort(-1).values
+        assert torch.equal(ids.sort(-1).values, expected)
+        # the log-probs stay attached to their ids
+        original = torch.full((len(rows), vocab), float("nan")).scatter(-1, top_ids[rows], top_logp[rows])
+        assert (stored - original.gather(-1, ids)).abs().max() <= 0.1
+    # per-row id bytes (the shard's rank table, 2 bytes per distinct id, is paid once per shard)
+    skip = ("logp_codes", "logp_step", "log_tail", "rank_table")
+    size = {name: sum(v.nbytes for k, v in arrays.items() if k not in skip)
+            for name, arrays in (("ranked", ranked), ("fixed", fixed))}
+    assert size["ranked"] < 0.85 * size["fixed"], size
+
+
+def test_version_1_caches_still_read(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
+    """A cache in version 1's layout (fixed-width ids, format_version 1, no id_coding field) reads as before and
+    gives the rows the ranked-Rice cache of the same data gives."""
+    old, new = tmp_path / "v1", tmp_path / "v2"
+    K.write_teacher_cache(tiny_teacher, distill_blocks[:4], old, top_k=16, tokenizer=tiny_tokenizer,
+                          progress=False, id_coding="fixed")
+    meta = json.loads((old / "cache.json").read_text())
+    meta["format_version"] = 1
+    del meta["id_coding"]
+    (old / "cache.json").write_text(json.dumps(meta))
+    K.write_teacher_cache(tiny_teacher, distill_blocks[:4], new, top_k=16, tokenizer=tiny_tokenizer, progress=False)
+    a, b = K.TeacherCache(old), K.TeacherCache(new)
+    assert (a.meta.id_coding, b.meta.id_coding) == ("fixed", "ranked-rice")
+    ids_a, logp_a, tail_a = a.rows(torch.tensor([2, 0]))
+    ids_b, logp_b, tail_b = b.rows(torch.tensor([2, 0]))
+    order_a, order_b = ids_a.argsort(-1), ids_b.argsort(-1)
+    assert torch.equal(ids_a.gather(-1, order_a), ids_b.gather(-1, order_b))
+    assert torch.allclose(logp_a.gather(-1, order_a), logp_b.gather(-1, order_b), atol=1e-5)
+    assert torch.equal(tail_a, tail_b)
+    meta["format_version"] = 9
+    (old / "cache.json").write_text(json.dumps(meta))
+    with pytest.raises(K.TeacherCacheError, match="cache format 9 is not one this version reads"):
+        K.TeacherCache(old)
