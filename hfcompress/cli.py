@@ -166,7 +166,7 @@ def cmd_cache_teacher(args) -> int:
                                tokenizer=tokenizer, teacher_name=path, logprob_format=args.logprob_format,
                                batch_size=args.batch_size, progress=not args.quiet,
                                hidden_layers=args.hidden_layers, hidden_dtype=args.hidden_dtype,
-                               id_coding=args.id_coding)
+                               id_coding=args.id_coding, sampling=args.sampling, seed=args.seed)
     summary = {k: v for k, v in asdict(meta).items() if k != "shards"}
     if args.student:
         summary["approximation_error"] = approximation_error(TeacherCache(args.out), teacher,
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-coding", default="ranked-rice", choices=["ranked-rice", "fixed"],
                    help="token-id storage: ranks in each shard's frequency table, Rice-coded (smaller), or sorted "
                         "ids at a fixed width per row")
+    p.add_argument("--sampling", default="top-k", choices=["top-k", "sample"],
+                   help="top-k: the --top-k most likely ids and the tail mass; sample: --top-k draws from the "
+                        "teacher per position, stored as ids and counts (unbiased forward-KL gradient; --seed)")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward pass")
     p.add_argument("--hidden-layers", type=int, nargs="+", default=None, metavar="LAYER",
                    help="also store these 0-based teacher layers' hidden states per token (for hidden_weight > 0; "

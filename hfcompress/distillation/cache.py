@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: ranked-Rice ids (id_coding); version 1 caches (fixed-width ids) still read
 READABLE_VERSIONS = (1, 2)
 ID_CODINGS = ("ranked-rice", "fixed")
+SAMPLINGS = ("top-k", "sample")
 METADATA_FILE = "cache.json"
 LOGPROB_FORMATS = ("uint8", "uint7", "uint6", "float16", "float32")
 HIDDEN_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -115,7 +116,7 @@ def rank_table(ids: torch.Tensor) -> np.ndarray:
     return table.astype(np.uint16 if table.size and table.max() < 1 << 16 else np.uint32)
 
 
-def rice_encode(values: np.ndarray) -> dict[str, np.ndarray]:
+def rice_encode(values: np.ndarray, prefix: str = "rice") -> dict[str, np.ndarray]:
     """Rows of non-negative integers (n, k) -> Rice codes, one byte-aligned bit string per row.
 
     Each row picks the parameter b (``rice_param``) that makes it shortest; a value v is written as v >> b in
@@ -142,9 +143,9 @@ def rice_encode(values: np.ndarray) -> dict[str, np.ndarray]:
         where = (start + unary)[:, None, None] + j * b[:, None, None] + bit  # (n, k, width)
         mask = np.broadcast_to(used, where.shape)
         bits[where[mask]] = ((low[:, :, None] >> bit) & 1).astype(np.uint8)[mask]
-    return {"rice_bytes": np.packbits(bits, bitorder="little"),
-            "rice_len": length.astype(np.uint8 if n == 0 or length.max() < 256 else np.uint16),
-            "rice_param": b.astype(np.uint8)}
+    return {f"{prefix}_bytes": np.packbits(bits, bitorder="little"),
+            f"{prefix}_len": length.astype(np.uint8 if n == 0 or length.max() < 256 else np.uint16),
+            f"{prefix}_param": b.astype(np.uint8)}
 
 
 def rice_decode(data: np.ndarray, lengths: np.ndarray, params: np.ndarray, k: int) -> np.ndarray:
@@ -167,14 +168,58 @@ def rice_decode(data: np.ndarray, lengths: np.ndarray, params: np.ndarray, k: in
     return (high << b[:, None]) | low
 
 
-def encode_rows(ids: torch.Tensor, logp: torch.Tensor, log_tail: torch.Tensor, vocab_size: int,
-                logprob_format: str, table: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def sample_rows(logp: torch.Tensor, draws: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """``draws`` tokens per row from the teacher's distribution (n, V) log-probs, with replacement -> the distinct
+    ids and their counts, in ``draws`` slots per row (n, draws): slots past a row's distinct ids hold count 0 and
+    id -1 (filled by :func:`pad_sampled_ids` once the shard's rank table is known).
+
+    The empirical distribution counts / draws is an unbiased estimate of the teacher's, so the forward-KL
+    gradient against it, q − counts / draws, is unbiased for the live gradient q − p (random-sampling KD,
+    Anshumann et al. 2025): unlike the top-k + tail buckets, no part of the teacher's distribution is dropped.
+    """
+    drawn = torch.multinomial(logp.exp(), draws, replacement=True, generator=generator).sort(-1).values  # (n, S)
+    new = torch.ones_like(drawn, dtype=torch.bool)
+    new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = new.long().cumsum(-1) - 1  # (n, S) the distinct-id slot of every draw
+    counts = torch.zeros_like(drawn).scatter_add_(-1, slot, torch.ones_like(drawn))
+    ids = torch.full_like(drawn, -1).scatter_(-1, slot, drawn)
+    return ids, counts
+
+
+def pad_sampled_ids(ids: torch.Tensor, rank_of: np.ndarray, table: np.ndarray) -> torch.Tensor:
+    """Give a sampled row's empty slots (id -1) distinct ids it does not hold: the lowest-ranked ids of the shard's
+    table missing from the row, so that as ranks they cost a few bits each. Count 0: no probability."""
+    out = ids.numpy().astype(np.int64)
+    empty = out < 0
+    if not empty.any():
+        return ids
+    n, slots = out.shape
+    width = min(2 * slots, table.size)  # candidates: ranks 0..width-1; at most `slots` of them are held
+    held = np.where(empty, width, rank_of[np.where(empty, 0, out)])
+    mark = np.zeros((n, width + 1), dtype=bool)
+    np.put_along_axis(mark, np.minimum(held, width), True, axis=1)
+    free = ~mark[:, :width]  # (n, width)
+    need = empty.sum(1)
+    if bool((free.sum(1) < need).any()):
+        raise HFCompressError("teacher cache: too few distinct ids to pad the sampled rows (a vocabulary smaller "
+                              "than twice the draws?); use fewer draws")
+    lowest = np.argsort(~free, axis=1, kind="stable")  # free ranks first, in increasing order
+    slot = np.cumsum(empty, axis=1) - 1  # the k-th empty slot takes the k-th lowest free rank
+    fill = np.take_along_axis(lowest, np.where(empty, slot, 0), axis=1)
+    out[empty] = table.astype(np.int64)[fill[empty]]
+    return torch.from_numpy(out)
+
+
+def encode_rows(ids: torch.Tensor, logp: torch.Tensor | None, log_tail: torch.Tensor | None, vocab_size: int,
+                logprob_format: str, table: np.ndarray | None = None,
+                counts: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Top-k ``ids`` (n, k), their log-probs (n, k) and the tail log-mass (n,) -> arrays to store.
 
     With a ``table`` (:func:`rank_table`; ``id_coding="ranked-rice"``) the ids are written as their ranks in it,
     sorted ascending, as Rice codes of the first rank and the gaps minus one (:func:`rice_encode`); without one
     (``"fixed"``), as the ids sorted ascending: the first id and the gaps minus one at the row's largest gap's
-    width. The log-probs follow the same order.
+    width. The log-probs follow the same order. Sampled rows (``counts``, with a table) store the counts
+    instead of log-probs and tail (Rice-coded, ``count_*``).
     """
     if table is not None:
         rank_of = np.full(vocab_size, -1, dtype=np.int64)
@@ -184,7 +229,6 @@ def encode_rows(ids: torch.Tensor, logp: torch.Tensor, log_tail: torch.Tensor, v
         keys = ids.cpu()
     order = keys.argsort(dim=-1)
     sorted_keys = keys.gather(-1, order).numpy().astype(np.int64)  # (n, k) ascending
-    logp = logp.cpu().gather(-1, order).float()
     out: dict[str, np.ndarray] = {}
     if table is not None:
         values = np.concatenate([sorted_keys[:, :1], np.diff(sorted_keys, axis=1) - 1], axis=1)
@@ -199,6 +243,10 @@ def encode_rows(ids: torch.Tensor, logp: torch.Tensor, log_tail: torch.Tensor, v
                 if b:
                     out[f"gaps_w{b}"] = pack_bits(gaps[width == b], int(b))
         out["width"] = width
+    if counts is not None:
+        out.update(rice_encode(counts.cpu().gather(-1, order).numpy().astype(np.int64), prefix="count"))
+        return out
+    logp = logp.cpu().gather(-1, order).float()
     if logprob_format.startswith("uint"):
         bits = int(logprob_format[4:])
         levels = (1 << bits) - 1
@@ -247,6 +295,15 @@ def decode_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, k: int, logprob
             index = np.searchsorted(members, rows[wanted])
             gaps[wanted] = unpack_bits(arrays[f"gaps_w{b}"][index], int(b), k - 1)
         ids = np.concatenate([first[:, None], first[:, None] + np.cumsum(gaps + 1, axis=1)], axis=1)
+    if "count_bytes" in arrays:  # sampled rows: p = count / draws (k draws per row), no tail
+        count_offsets = np.concatenate([[0], np.cumsum(arrays["count_len"].astype(np.int64))])
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
+        counts = np.concatenate([rice_decode(arrays["count_bytes"][count_offsets[run[0]]:count_offsets[run[-1] + 1]],
+                                             arrays["count_len"][run], arrays["count_param"][run], k)
+                                 for run in runs]) if runs else np.zeros((0, k), dtype=np.int64)
+        counts = torch.from_numpy(counts).float()
+        logp = torch.where(counts > 0, (counts / k).log(), torch.full_like(counts, -1e4))
+        return torch.from_numpy(ids), logp, torch.full((len(rows),), float("-inf"))
     tail = torch.from_numpy(arrays["log_tail"][rows].astype(np.float32))
     if logprob_format.startswith("uint"):
         bits = int(logprob_format[4:])
@@ -386,6 +443,8 @@ class CacheMetadata:
     hidden_bytes_per_token: float = 0.0  # all stored layers together
     teacher_num_layers: int = 0  # to resolve layer_map='uniform'/'last' without the teacher
     id_coding: str = "fixed"  # how the ids are stored (version 1 caches: fixed)
+    sampling: str = "top-k"  # "sample": top_k draws from the teacher per position, stored as ids and counts
+    mean_distinct: float = 0.0  # distinct ids per position (top_k for top-k caches)
 
 
 def check_destination(out_dir) -> Path:
@@ -401,8 +460,13 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
                         tokenizer=None, teacher_name: str = "", logprob_format: str = "uint7",
                         batch_size: int = 8, blocks_per_shard: int = 512, progress: bool = True,
                         hidden_layers: list[int] | None = None, hidden_dtype: str = "float16",
-                        id_coding: str = "ranked-rice") -> CacheMetadata:
+                        id_coding: str = "ranked-rice", sampling: str = "top-k", seed: int = 0) -> CacheMetadata:
     """Run ``teacher`` once over ``blocks`` (N, T) and write the cache to ``out_dir`` (must not exist or be empty).
+
+    ``sampling``: ``"top-k"`` stores the ``top_k`` most likely ids with their log-probs and the tail mass (the
+    top-k + tail-bucket loss, a lower bound of the full KL); ``"sample"`` draws ``top_k`` tokens per position from
+    the teacher's distribution (``seed``) and stores the distinct ids with their counts (:func:`sample_rows`):
+    an unbiased estimate of the live forward-KL gradient, for ``loss="forward_kl"`` (ranked-Rice ids only).
 
     ``id_coding``: ``"ranked-rice"`` (default) stores each row's ids as their ranks in the shard's own frequency
     table, Rice-coded (:func:`rice_encode`; ~70 bytes for 64 ids of a 49k vocabulary against ~110 fixed-width);
@@ -421,6 +485,10 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
         raise ConfigError(f"logprob_format={logprob_format!r} is unknown; choose one of {', '.join(LOGPROB_FORMATS)}")
     if id_coding not in ID_CODINGS:
         raise ConfigError(f"id_coding={id_coding!r} is unknown; choose one of {', '.join(ID_CODINGS)}")
+    if sampling not in SAMPLINGS:
+        raise ConfigError(f"sampling={sampling!r} is unknown; choose one of {', '.join(SAMPLINGS)}")
+    if sampling == "sample" and id_coding != "ranked-rice":
+        raise ConfigError("sampling='sample' stores its ids as ranked Rice codes; use id_coding='ranked-rice'")
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise DataError("the teacher cache needs a non-empty (num_blocks, block_size >= 2) tensor of token ids")
     if not temperature > 0:
@@ -436,6 +504,8 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
     teacher.eval()
     device = next(teacher.parameters()).device
     shards, stored_bytes, hidden_bytes, tokens, tail_mass, quant_kl = [], 0, 0, 0, 0.0, 0.0
+    sampled, distinct = sampling == "sample", 0
+    generator = torch.Generator(device=device).manual_seed(seed) if sampled else None
     for shard_start in range(0, blocks.shape[0], blocks_per_shard):
         shard_blocks = blocks[shard_start:shard_start + blocks_per_shard]
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (ids int32, logp, log tail) per batch
@@ -447,33 +517,61 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
                 states[layer].append(_stored_states(out.hidden_states[layer + 1][:, :-1], hidden_dtype, layer))
             logits = out.logits[:, :-1, :vocab].float()  # (B, T-1, V)
             logp = F.log_softmax(logits / temperature, dim=-1).reshape(-1, vocab)  # (n, V)
+            if sampled:
+                drawn_ids, drawn_counts = sample_rows(logp, top_k, generator)
+                found.append((drawn_ids.to(torch.int32).cpu(), drawn_counts.to(torch.int16).cpu(), None))
+                continue
             top_logp, top_ids = logp.topk(top_k, dim=-1)  # (n, k)
             log_tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1.0)) if top_k < vocab \
                 else torch.full((logp.shape[0],), float("-inf"))
             found.append((top_ids.to(torch.int32).cpu(), top_logp.cpu(), log_tail.cpu()))
-        top_ids, top_logp, log_tail = (torch.cat(parts) for parts in zip(*found))
-        del found
-        table = rank_table(top_ids) if id_coding == "ranked-rice" else None
-        arrays = encode_rows(top_ids.long(), top_logp, log_tail, vocab, logprob_format, table)
-        if table is not None:
+        if sampled:
+            drawn_ids, drawn_counts = (torch.cat(parts) for parts in list(zip(*found))[:2])
+            del found
+            table = rank_table(drawn_ids[drawn_ids >= 0])
+            if table.size < 2 * top_k:  # padding needs 2 x draws ranked ids: append unseen ones (tiny caches)
+                unseen = np.setdiff1d(np.arange(vocab), table.astype(np.int64))[:2 * top_k - table.size]
+                table = np.concatenate([table.astype(np.int64), unseen]).astype(table.dtype if vocab < 1 << 16
+                                                                                  else np.uint32)
+            rank_of = np.zeros(vocab, dtype=np.int64)
+            rank_of[table.astype(np.int64)] = np.arange(table.size)
+            padded = pad_sampled_ids(drawn_ids.long(), rank_of, table)
+            arrays = encode_rows(padded, None, None, vocab, logprob_format, table, counts=drawn_counts.long())
             arrays["rank_table"] = table
-        # What storage precision costs, measured on the buckets themselves (the stored order: ids and log-probs
-        # come back sorted by id or by rank; compare as sets through each row's sort).
-        ids_back, stored, stored_tail = decode_rows(arrays, np.arange(top_ids.shape[0]), top_k, logprob_format)
-        order, back = top_ids.long().argsort(-1), ids_back.argsort(-1)
-        if not torch.equal(top_ids.long().gather(-1, order), ids_back.gather(-1, back)):
-            raise HFCompressError("teacher cache: the stored ids do not decode to the written ones (a bug; please "
-                                  "report it with the model and data)")
-        exact, stored = top_logp.gather(-1, order), stored.gather(-1, back)
-        if top_k < vocab:
-            exact = torch.cat([exact, log_tail[:, None]], -1)
-            stored = torch.cat([stored, stored_tail[:, None]], -1)
-        exact, stored = exact.clamp_min(-1e4), stored.clamp_min(-1e4)
-        stored = stored - stored.logsumexp(-1, keepdim=True)
-        quant_kl += F.kl_div(stored, exact, reduction="sum", log_target=True).item()
-        tail_mass += log_tail.exp().sum().item()
-        tokens += top_ids.shape[0]
-        del top_ids, top_logp, log_tail, ids_back, stored, stored_tail, exact
+            back_ids, back_logp, _ = decode_rows(arrays, np.arange(padded.shape[0]), top_k, logprob_format)
+            order, back = padded.argsort(-1), back_ids.argsort(-1)
+            expected = torch.where(drawn_counts > 0, (drawn_counts.float() / top_k).log(), torch.tensor(-1e4))
+            if not (torch.equal(padded.gather(-1, order), back_ids.gather(-1, back)) and
+                    torch.equal(expected.gather(-1, order), back_logp.gather(-1, back))):
+                raise HFCompressError("teacher cache: the stored samples do not decode to the drawn ones (a bug; "
+                                      "please report it with the model and data)")
+            distinct += int((drawn_counts > 0).sum())
+            tokens += padded.shape[0]
+            del drawn_ids, drawn_counts, padded, back_ids, back_logp
+        else:
+            top_ids, top_logp, log_tail = (torch.cat(parts) for parts in zip(*found))
+            del found
+            table = rank_table(top_ids) if id_coding == "ranked-rice" else None
+            arrays = encode_rows(top_ids.long(), top_logp, log_tail, vocab, logprob_format, table)
+            if table is not None:
+                arrays["rank_table"] = table
+            # What storage precision costs, measured on the buckets themselves (the stored order: ids and
+            # log-probs come back sorted by id or by rank; compare as sets through each row's sort).
+            ids_back, stored, stored_tail = decode_rows(arrays, np.arange(top_ids.shape[0]), top_k, logprob_format)
+            order, back = top_ids.long().argsort(-1), ids_back.argsort(-1)
+            if not torch.equal(top_ids.long().gather(-1, order), ids_back.gather(-1, back)):
+                raise HFCompressError("teacher cache: the stored ids do not decode to the written ones (a bug; "
+                                      "please report it with the model and data)")
+            exact, stored = top_logp.gather(-1, order), stored.gather(-1, back)
+            if top_k < vocab:
+                exact = torch.cat([exact, log_tail[:, None]], -1)
+                stored = torch.cat([stored, stored_tail[:, None]], -1)
+            exact, stored = exact.clamp_min(-1e4), stored.clamp_min(-1e4)
+            stored = stored - stored.logsumexp(-1, keepdim=True)
+            quant_kl += F.kl_div(stored, exact, reduction="sum", log_target=True).item()
+            tail_mass += log_tail.exp().sum().item()
+            tokens += top_ids.shape[0]
+            del top_ids, top_logp, log_tail, ids_back, stored, stored_tail, exact
         stored_bytes += sum(a.nbytes for a in arrays.values())
         arrays["input_ids"] = shard_blocks.cpu().numpy().astype(np.int32)
         name = f"shard-{len(shards):05d}.safetensors"
@@ -488,11 +586,13 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
         teacher=teacher_name, teacher_hash=weights_hash(teacher),
         tokenizer_hash=tokenizer_hash(tokenizer) if tokenizer is not None else "", top_k=top_k,
         temperature=float(temperature), vocab_size=int(vocab), data_fingerprint=tensor_hash([("blocks", blocks)]),
-        num_blocks=int(blocks.shape[0]), block_size=int(blocks.shape[1]), logprob_format=logprob_format,
+        num_blocks=int(blocks.shape[0]), block_size=int(blocks.shape[1]),
+        logprob_format="counts" if sampled else logprob_format,
         shards=shards, bytes_per_token=stored_bytes / tokens, tokens=tokens, mean_tail_mass=tail_mass / tokens,
         quantization_kl=quant_kl / tokens, hidden_layers=layers, hidden_size=hidden_width(teacher) if layers else 0,
         hidden_dtype=hidden_dtype if layers else "", hidden_bytes_per_token=hidden_bytes / tokens,
-        teacher_num_layers=num_layers(teacher), id_coding=id_coding)
+        teacher_num_layers=num_layers(teacher), id_coding=id_coding, sampling=sampling,
+        mean_distinct=distinct / tokens if sampled else float(top_k))
     tmp = out_dir / (METADATA_FILE + ".tmp")
     tmp.write_text(json.dumps(asdict(metadata), indent=2) + "\n")
     os.replace(tmp, out_dir / METADATA_FILE)  # written last: a folder without it is not a cache

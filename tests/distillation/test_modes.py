@@ -697,3 +697,81 @@ def test_version_1_caches_still_read(tmp_path, tiny_teacher, tiny_tokenizer, dis
     (old / "cache.json").write_text(json.dumps(meta))
     with pytest.raises(K.TeacherCacheError, match="cache format 9 is not one this version reads"):
         K.TeacherCache(old)
+
+
+def test_sampled_rows_count_the_draws_and_estimate_the_gradient_without_bias():
+    """sample_rows: distinct ids with counts summing to the draws; averaged over many draws, the cache loss's
+    logit gradient q - counts/draws equals the live forward-KL gradient q - p within the sampling error."""
+    g = torch.Generator().manual_seed(0)
+    v, n, draws = 30, 4, 16
+    teacher = (torch.randn(n, v, generator=g) * 2).log_softmax(-1)
+    ids, counts = K.sample_rows(teacher, draws, g)
+    assert torch.equal(counts.sum(-1), torch.full((n,), draws))
+    for row_ids, row_counts in zip(ids, counts):
+        held = row_ids[row_counts > 0]
+        assert held.unique().numel() == held.numel() and (row_ids[row_counts == 0] == -1).all()
+    reps = 4000
+    total = torch.zeros(n, v)
+    for _ in range(reps):
+        ids, counts = K.sample_rows(teacher, draws, g)
+        total.scatter_add_(-1, ids.clamp_min(0), counts.float() / draws)
+    p = teacher.exp()
+    sigma = (p * (1 - p) / (draws * reps)).sqrt()
+    assert ((total / reps - p).abs() <= 5 * sigma + 1e-6).all()
+
+
+def test_sampled_cache_round_trip_and_training(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
+    """A sampled cache stores distinct ids with counts (padding slots: other ids, no probability), trains a student
+    without a teacher, and refuses divergences it does not estimate without bias."""
+    out = tmp_path / "sampled"
+    meta = K.write_teacher_cache(tiny_teacher, distill_blocks[:4], out, top_k=16, tokenizer=tiny_tokenizer,
+                                 progress=False, sampling="sample", seed=3)
+    assert (meta.sampling, meta.logprob_format, meta.mean_tail_mass) == ("sample", "counts", 0.0)
+    assert 1 <= meta.mean_distinct <= 16
+    cache = K.TeacherCache(out)
+    ids, logp, tail = cache.rows(torch.tensor([1, 3]))
+    assert ids.shape == logp.shape == (2 * (distill_blocks.shape[1] - 1), 16)
+    assert all(row.unique().numel() == 16 for row in ids)  # distinct, padding included
+    probs = logp.exp()
+    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[0]))  # counts / draws; padding 1e-4-free zeros
+    assert ((probs * 16 - (probs * 16).round()).abs() < 1e-4).all() and torch.isinf(tail).all()
+    again = K.write_teacher_cache(tiny_teacher, distill_blocks[:4], tmp_path / "again", top_k=16,
+                                  tokenizer=tiny_tokenizer, progress=False, sampling="sample", seed=3)
+    assert again.bytes_per_token == meta.bytes_per_token  # the seed fixes the draws
+    student = make_student(tiny_teacher, num_layers=1)
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    trainer = DistillationTrainer(model=student, teacher_cache=out, processing_class=tiny_tokenizer,
+                                  args=config(tmp_path / "run", mode="cache", max_steps=2))
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
+    with pytest.raises(ConfigError, match="sampled tokens, an unbiased estimate of the forward-KL gradient"):
+        DistillationTrainer(model=make_student(tiny_teacher, num_layers=1), teacher_cache=out,
+                            processing_class=tiny_tokenizer,
+                            args=config(tmp_path / "run2", mode="cache", loss="reverse_kl"))
+    with pytest.raises(ConfigError, match="use id_coding='ranked-rice'"):
+        K.write_teacher_cache(tiny_teacher, distill_blocks[:4], tmp_path / "bad", top_k=16, progress=False,
+                              sampling="sample", id_coding="fixed")
+
+
+def test_sampled_cache_chunked_loss_equals_the_full_logits_loss(tmp_path, tiny_teacher, tiny_tokenizer,
+                                                                distill_blocks):
+    """The fused closed form (chunked) on sampled rows, whose padding slots carry no probability and whose tail is
+    empty: the loss and gradients of the autograd loss on the full logits."""
+    out = tmp_path / "sampled"
+    K.write_teacher_cache(tiny_teacher, distill_blocks[:12], out, top_k=32, tokenizer=tiny_tokenizer,
+                          progress=False, sampling="sample")
+    student = make_student(tiny_teacher, num_layers=1)
+    batch = _batch(distill_blocks, [5, 1, 9])
+    results = []
+    for chunk in (0, 7):
+        trainer = DistillationTrainer(model=copy.deepcopy(student), teacher_cache=out, processing_class=tiny_tokenizer,
+                                      args=config(tmp_path / f"c{chunk}", mode="cache", loss_chunk_size=chunk,
+                                                  kd_weight=1.0, ce_weight=0.5))
+        loss = trainer.compute_loss(trainer.model, {k: v.clone() for k, v in batch.items()})
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                        if p.grad is not None}))
+    (full, full_grads), (chunked, chunked_grads) = results
+    assert torch.isfinite(full) and torch.allclose(chunked, full, rtol=1e-5, atol=1e-6)
+    for name, grad in full_grads.items():
+        assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-6), name
