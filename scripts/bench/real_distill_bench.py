@@ -202,6 +202,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--top-k", type=int, default=64, help="teacher cache: stored tokens per position")
     parser.add_argument("--logprob-format", default="uint7", help="teacher cache: storage of the log-probabilities")
+    parser.add_argument("--id-coding", default="ranked-rice", help="teacher cache: storage of the ids")
+    parser.add_argument("--cache-sampling", default="top-k", choices=["top-k", "sample"],
+                        help="teacher cache: the top-k ids + tail, or --top-k draws per position (ids and counts)")
     parser.add_argument("--timing-reps", type=int, default=0,
                         help="after the runs: time one step's loss forward+backward live vs cache, alternating this "
                              "many times on the same batch (the training runs' own tokens/s are from different "
@@ -249,7 +252,8 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(out, indent=2) + "\n")
 
     print(f"teacher ppl {out['teacher_perplexity']}", flush=True)
-    cache_dir = args.work / (f"cache-top{args.top_k}-{args.logprob_format}-T{args.temperature:g}-"
+    stored = "top" if args.cache_sampling == "top-k" else "sample"
+    cache_dir = args.work / (f"cache-{stored}{args.top_k}-{args.logprob_format}-{args.id_coding}-T{args.temperature:g}-"
                              f"{train.shape[0]}x{train.shape[1]}")
     if any(spec.partition(":")[0] == "cache" for spec in args.runs) or args.timing_reps:
         if not (cache_dir / "cache.json").is_file():
@@ -257,10 +261,13 @@ def main(argv=None) -> int:
             meta = write_teacher_cache(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer,
                                        temperature=args.temperature,
                                        teacher_name=str(args.model), batch_size=args.batch_size, progress=False,
-                                       logprob_format=args.logprob_format)
+                                       logprob_format=args.logprob_format, id_coding=args.id_coding,
+                                       sampling=args.cache_sampling)
             out["cache"] = {"build_seconds": time.perf_counter() - started, "top_k": args.top_k,
+                            "sampling": args.cache_sampling, "id_coding": args.id_coding,
+                            "logprob_format": meta.logprob_format,
                             "bytes_per_token": meta.bytes_per_token, "mean_tail_mass": meta.mean_tail_mass,
-                            "quantization_kl": meta.quantization_kl}
+                            "mean_distinct": meta.mean_distinct, "quantization_kl": meta.quantization_kl}
             print(f"cache {out['cache']}", flush=True)
             save()
     best_kd = None
