@@ -5,7 +5,9 @@ Three ways to get a ``--layers K`` model out of a deeper one, at an equal number
 * ``truncate``: keep the first K layers (with the final norm and LM head), no training;
 * ``truncate+ce``: truncate, then ``--steps`` of cross-entropy on the truncated model;
 * ``self``: ``--steps`` of ``DistillationConfig(mode="self", exit_layers=[K-1])`` on the full model (its final
-  layer teaches the exit through the shared norm and head, plus cross-entropy on the final layer), then truncate.
+  layer teaches the exit through the shared norm and head, plus cross-entropy on the final layer), then truncate;
+* ``self (EMA teacher)``: the same with ``self_teacher="ema"`` (an exponential moving average of the model, decay
+  ``--ema-decay``, teaches the exit and the final layer instead of the model's own current outputs), then truncate.
 
 Perplexity on held-out text and KL to the full model for each, plus the full model itself.
 
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ce-weight", type=float, default=1.0, help="self mode: weight of the final layer's CE")
     parser.add_argument("--eval-blocks", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="the EMA-teacher row's decay (the default's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -71,6 +74,11 @@ def main(argv=None) -> int:
             ce_weight=args.ce_weight)).train()
         models["self"] = truncate(taught, args.layers).eval()
         models["self (full model after)"] = taught.eval()
+        averaged = copy.deepcopy(full)
+        DistillationTrainer(model=averaged, train_dataset=BlockDataset(train), args=training(
+            work + "/ema", mode="self", self_teacher="ema", ema_decay=args.ema_decay, exit_layers=[args.layers - 1],
+            kd_weight=1.0, ce_weight=args.ce_weight)).train()
+        models["self (EMA teacher)"] = truncate(averaged, args.layers).eval()
     rows = [{"model": name, "layers": m.config.num_hidden_layers, "perplexity": perplexity(m, held_out),
              "kl_to_full": kl_to_reference(m, full, held_out)} for name, m in models.items()]
     print(f"\n{args.model} -> {args.layers} layers, {args.steps} steps x {args.batch_size} x {args.block_size} tokens\n")

@@ -134,3 +134,18 @@ def test_equal_byte_bench_counts_stored_bytes_and_pairs_budgets(tmp_path, tiny_r
     assert pairs["s int4"]["teacher_within"] is None and pairs["s int4"]["winner"] == "only the student fits"
     rows[2]["perplexity"] = 12.0
     assert {b["student"]: b for b in bench.budgets(rows)}["s int8"]["winner"] == "teacher"
+
+
+def test_self_distill_bench_rows_include_the_ema_teacher(tmp_path, tiny_reference_dir):
+    """self_distill_bench.py runs every row (truncate, truncate+ce, self, self with an EMA teacher) and writes them;
+    the trained rows are not the untrained truncation."""
+    import self_distill_bench
+
+    out = tmp_path / "self.json"
+    assert self_distill_bench.main(["--model", str(tiny_reference_dir), "--layers", "1", "--steps", "3",
+                                    "--batch-size", "2", "--block-size", "32", "--eval-blocks", "2",
+                                    "--ema-decay", "0.5", "--out", str(out)]) == 0
+    rows = {row["model"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"full", "truncate", "truncate+ce", "self", "self (full model after)", "self (EMA teacher)"}
+    assert all(math.isfinite(row["perplexity"]) for row in rows.values())
+    assert rows["self (EMA teacher)"]["perplexity"] != rows["truncate"]["perplexity"]
