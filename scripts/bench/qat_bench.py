@@ -2,7 +2,8 @@
 
 For each bit width: the full-precision model, RTN, GPTQ, QAT (fake-quant model trained on cross-entropy with
 ``transformers.Trainer``) and QAD (the fake-quant model distilled from its full-precision self with
-``DistillationTrainer``), optionally with LSQ-learned scales; every trained model is converted with
+``DistillationTrainer``), optionally with LSQ-learned scales (``qad-lsq``) or starting from GPTQ's weights instead
+of the original ones (``qad-gptq``, same calibration as the ``gptq`` row); every trained model is converted with
 ``convert_qat``, saved as compressed-tensors and scored after loading back. Columns: perplexity on held-out
 text, mean KL to the full-precision model, and the share of the RTN -> fp32 perplexity gap each method
 recovers (the issue's target: >= 70%, and QAD beats GPTQ at int3).
@@ -84,6 +85,28 @@ def _train_qat(model, qconfig, train, args, work, learn_scales, teacher=None):
     return convert_qat(trainer.accelerator.unwrap_model(trainer.model)), logs
 
 
+def _gptq_weights_as_float(model):
+    """A GPTQ-quantized model with its weights back in plain ``nn.Linear`` layers (GPTQ's grid values, including
+    its error compensation): the start of ``qad-gptq``, QAD from GPTQ's solution rather than the original weights."""
+    from torch import nn
+
+    from hfcompress.quantization.modules import CompressedLinear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CompressedLinear):
+            weight = module.dequantized_weight()
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    model.config.quantization_config = None
+    return model
+
+
 def _score(model, reference, held_out, work, tokenizer):
     """Save as compressed-tensors, load back with from_pretrained, score perplexity and KL to the reference."""
     from hfcompress.models.evaluate import kl_to_reference, perplexity
@@ -116,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq", "qat", "qad", "qad-lsq"],
-                        choices=["rtn", "gptq", "qat", "qad", "qad-lsq"])
+                        choices=["rtn", "gptq", "qat", "qad", "qad-lsq", "qad-gptq"])
     parser.add_argument("--data", default="stdlib")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -155,6 +178,11 @@ def main(argv=None) -> int:
                     quantize(model, config, calibration_data=calibration if method == "gptq" else None,
                              progress=False)
                 else:
+                    if method == "qad-gptq":  # QAD from GPTQ's weights (same calibration as the gptq row)
+                        config = QuantizationConfig(method="gptq", bits=bits, group_size=args.group_size,
+                                                    seq_len=args.block_size, num_samples=calibration.shape[0])
+                        model = _gptq_weights_as_float(quantize(model, config, calibration_data=calibration,
+                                                                progress=False))
                     teacher = None if method == "qat" else copy.deepcopy(reference)
                     model, logs = _train_qat(model, qconfig, train, args, work, method == "qad-lsq", teacher)
                 row = {"method": method, "bits": bits, **_score(model, reference, held_out, work, tokenizer)}

@@ -149,3 +149,17 @@ def test_self_distill_bench_rows_include_the_ema_teacher(tmp_path, tiny_referenc
     assert set(rows) == {"full", "truncate", "truncate+ce", "self", "self (full model after)", "self (EMA teacher)"}
     assert all(math.isfinite(row["perplexity"]) for row in rows.values())
     assert rows["self (EMA teacher)"]["perplexity"] != rows["truncate"]["perplexity"]
+
+
+def test_qat_bench_qad_from_gptq_starts_from_gptqs_weights(tmp_path, tiny_reference_dir, blocks_file):
+    """``qad-gptq``: GPTQ's weights (dequantized into plain linears) are the fake-quant model's start, so with no
+    training steps' worth of change (learning rate 0) it scores as the GPTQ row does."""
+    import qat_bench
+
+    out = tmp_path / "qat.json"
+    assert qat_bench.main(["--model", str(tiny_reference_dir), "--blocks", str(blocks_file), "--bits", "4",
+                           "--group-size", "32", "--methods", "gptq", "qad-gptq", "qad", "--steps", "2",
+                           "--batch-size", "2", "--learning-rate", "0", "--out", str(out)]) == 0
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    assert math.isclose(rows["qad-gptq"]["perplexity"], rows["gptq"]["perplexity"], rel_tol=2e-3)
+    assert not math.isclose(rows["qad"]["perplexity"], rows["gptq"]["perplexity"], rel_tol=2e-3)
