@@ -197,6 +197,9 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-loss", default="cosine")
     parser.add_argument("--layers", default="uniform",
                         help="student layers: 'uniform', 'keep-last' or comma-separated teacher layer indices")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="0: the file's first steps x batch train blocks in order; N > 0: a seeded random draw "
+                             "of them from all the file's train blocks (for seed-to-seed spread)")
     parser.add_argument("--eval-blocks", type=int, default=None,
                         help="score on the first N eval blocks only (quick exploration; default: all)")
     parser.add_argument("--ce-weight", type=float, default=0.5)
@@ -227,7 +230,10 @@ def main(argv=None) -> int:
     from hfcompress.models.loading import load_model, load_tokenizer
 
     blocks = load_file(str(args.blocks))
-    train, held_out = blocks["train"][: args.steps * args.batch_size], blocks["eval"][: args.eval_blocks]
+    train, held_out = blocks["train"], blocks["eval"][: args.eval_blocks]
+    if args.train_seed:  # another draw (and order) of training blocks from the file's: the seed-to-seed noise
+        train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.train_seed))]
+    train = train[: args.steps * args.batch_size]
     if train.shape[0] < args.steps * args.batch_size:
         raise SystemExit(f"{args.blocks} holds {train.shape[0]} train blocks; steps x batch size = "
                          f"{args.steps * args.batch_size} are needed")
@@ -237,7 +243,8 @@ def main(argv=None) -> int:
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-           "steps": args.steps, "batch_size": args.batch_size, "block_size": int(train.shape[1]),
+           "steps": args.steps, "batch_size": args.batch_size, "train_seed": args.train_seed,
+           "block_size": int(train.shape[1]),
            "train_tokens": int(train.numel()), "eval_tokens": int(held_out.shape[0] * (held_out.shape[1] - 1)),
            "kd_objective": f"{args.kd_weight} forward KL (T={args.temperature:g}) + {args.ce_weight} CE, logits only; "
                            f"'live-h' adds {args.hidden_weight:g} x {args.hidden_loss} hidden-state loss",
@@ -250,7 +257,8 @@ def main(argv=None) -> int:
 
     print(f"teacher ppl {out['teacher_perplexity']}", flush=True)
     cache_dir = args.work / (f"cache-top{args.top_k}-{args.logprob_format}-T{args.temperature:g}-"
-                             f"{train.shape[0]}x{train.shape[1]}")
+                             f"{train.shape[0]}x{train.shape[1]}"
+                             + (f"-seed{args.train_seed}" if args.train_seed else ""))
     if any(spec.partition(":")[0] == "cache" for spec in args.runs) or args.timing_reps:
         if not (cache_dir / "cache.json").is_file():
             started = time.perf_counter()
