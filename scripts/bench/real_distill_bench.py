@@ -58,13 +58,11 @@ def student_layers(teacher, args) -> list[int] | str:
     """``--layers``: 'uniform' (make_student's default), 'keep-last' (every other layer, but the teacher's last
     in place of the last kept one) or explicit comma-separated teacher layer indices."""
     from hfcompress.distillation.hidden import num_layers
-    from hfcompress.distillation.student import uniform_layers
+    from hfcompress.distillation.student import LAYER_SELECTIONS
 
     count = args.student_layers or max(1, num_layers(teacher) // 2)
-    if args.layers == "uniform":
-        return uniform_layers(num_layers(teacher), count)
-    if args.layers == "keep-last":
-        return uniform_layers(num_layers(teacher), count)[:-1] + [num_layers(teacher) - 1]
+    if args.layers in LAYER_SELECTIONS:
+        return LAYER_SELECTIONS[args.layers](num_layers(teacher), count)
     return [int(i) for i in args.layers.split(",")]
 
 
