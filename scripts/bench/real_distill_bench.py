@@ -66,6 +66,14 @@ def student_layers(teacher, args) -> list[int] | str:
     return [int(i) for i in args.layers.split(",")]
 
 
+def training_blocks(train: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """The ``count`` (N, T) blocks a run trains on, in order: seed 0 the file's first ones; seed > 0 a seeded draw
+    (and order) from all of them, for the spread between data draws."""
+    if seed:
+        train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))]
+    return train[:count]
+
+
 def _kd_objective(args, hidden: bool) -> dict:
     return dict(loss="forward_kl", temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
                 hidden_weight=args.hidden_weight if hidden else 0.0, hidden_loss=args.hidden_loss)
@@ -228,13 +236,11 @@ def main(argv=None) -> int:
     from hfcompress.models.loading import load_model, load_tokenizer
 
     blocks = load_file(str(args.blocks))
-    train, held_out = blocks["train"], blocks["eval"][: args.eval_blocks]
-    if args.train_seed:  # another draw (and order) of training blocks from the file's: the seed-to-seed noise
-        train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.train_seed))]
-    train = train[: args.steps * args.batch_size]
-    if train.shape[0] < args.steps * args.batch_size:
-        raise SystemExit(f"{args.blocks} holds {train.shape[0]} train blocks; steps x batch size = "
+    held_out = blocks["eval"][: args.eval_blocks]
+    if blocks["train"].shape[0] < args.steps * args.batch_size:
+        raise SystemExit(f"{args.blocks} holds {blocks['train'].shape[0]} train blocks; steps x batch size = "
                          f"{args.steps * args.batch_size} are needed")
+    train = training_blocks(blocks["train"], args.steps * args.batch_size, args.train_seed)
     tokenizer = load_tokenizer(args.model)
     teacher = load_model(args.model).eval()
     out = {"command": "python scripts/bench/real_distill_bench.py " + " ".join(argv or __import__("sys").argv[1:]),

@@ -134,3 +134,15 @@ def test_equal_byte_bench_counts_stored_bytes_and_pairs_budgets(tmp_path, tiny_r
     assert pairs["s int4"]["teacher_within"] is None and pairs["s int4"]["winner"] == "only the student fits"
     rows[2]["perplexity"] = 12.0
     assert {b["student"]: b for b in bench.budgets(rows)}["s int8"]["winner"] == "teacher"
+
+
+def test_real_distill_bench_training_draws():
+    """--train-seed 0 keeps the file's first blocks in order (the SmolLM2 rows); another seed draws other blocks,
+    the same ones every time."""
+    from real_distill_bench import training_blocks
+
+    train = torch.arange(20).unsqueeze(1).repeat(1, 4)  # block i holds token i
+    assert torch.equal(training_blocks(train, 6), train[:6])
+    first, again, other = (training_blocks(train, 6, seed) for seed in (1, 1, 2))
+    assert torch.equal(first, again) and not torch.equal(first, other) and not torch.equal(first, train[:6])
+    assert first.shape == (6, 4) and len(set(first[:, 0].tolist())) == 6  # distinct blocks of the file
