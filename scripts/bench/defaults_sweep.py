@@ -64,6 +64,10 @@ VARIANTS = {
     "g32": Variant("GPTQ group size 32", args=("--group-size", "32")),
     "g64": Variant("GPTQ group size 64", args=("--group-size", "64")),
     "channel": Variant("GPTQ per output channel (no groups)", args=("--group-size", "0")),
+    "rtn-g64": Variant("RTN group size 64 (the group-size rows' data-free anchor)", "rtn", ("--group-size", "64")),
+    "rtn-g32": Variant("RTN group size 32 (the group-size rows' data-free anchor)", "rtn", ("--group-size", "32")),
+    "g32-no-act-order": Variant("GPTQ group size 32, act_order=False (static groups)", args=(
+        "--group-size", "32", "--no-act-order")),
     # AWQ, one setting at a time against its defaults.
     "awq-default": Variant("AWQ library defaults (grid 20, block search on 8,192 tokens, clipping, symmetric)",
                            "awq"),
