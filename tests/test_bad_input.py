@@ -264,7 +264,7 @@ CLI_ROWS = [
      r"unknown key 'temprature'.*did you mean 'temperature'"),
     ("distill-student-zero-layers", d("--student_num_layers", "0"), r"num_layers must be an integer in 1\.\.2"),
     ("distill-bad-layer-selection", d("--student_num_layers", "1", "--student_layer_selection", "first"),
-     r"student_layer_selection must be 'uniform' or comma-separated"),
+     r"student_layer_selection must be 'uniform', 'keep-last' or comma-separated"),
     ("distill-block-size-beyond-context", d("--block_size", "4096"),
      r"block size 4096 is larger than the model's context"),
     ("distill-empty-dataset", lambda i: d("--dataset", i.text_folder("data", {"a.txt": ""}))(i), r"is empty"),

@@ -44,8 +44,9 @@ class DistillScriptArguments:
         default=None, metadata={"help": "For student='from-teacher': narrower MLP size (default: teacher's)."})
     student_layer_selection: str = field(
         default="uniform",
-        metadata={"help": "For student='from-teacher': 'uniform' (every k-th teacher layer) or comma-separated "
-                          "teacher layer indices such as '1,3,5,7'."},
+        metadata={"help": "For student='from-teacher': 'uniform' (every k-th teacher layer), 'keep-last' (the "
+                          "same, with the teacher's last layer as the student's last) or comma-separated teacher "
+                          "layer indices such as '1,3,5,7'."},
     )
     teacher_cache: str | None = field(
         default=None,
@@ -84,13 +85,15 @@ def parse_distill_args(argv: list[str] | None = None) -> tuple[DistillScriptArgu
 
 
 def _layer_selection(text: str):
-    if text == "uniform":
+    from ..distillation.student import LAYER_SELECTIONS
+
+    if text in LAYER_SELECTIONS:
         return text
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"student_layer_selection must be 'uniform' or comma-separated layer indices, "
-                          f"got {text!r}") from None
+        raise ConfigError(f"student_layer_selection must be 'uniform', 'keep-last' or comma-separated layer "
+                          f"indices, got {text!r}") from None
 
 
 def build_student(script_args: DistillScriptArguments):

@@ -367,7 +367,8 @@ def quantize_awq(layer, layer_name, targets: dict[str, Target], config, generato
     results = {}
     for name, t in targets.items():
         weight = t.weight
-        clip = P.search_clip(weight, config.bits, t.group_size, config.symmetric, hessian=t.hessian)
+        clip = P.search_clip(weight, config.bits, t.group_size, config.symmetric, hessian=t.hessian) \
+            if A.AWQ_CLIP else 1.0
         scale, zero_point = P.compute_qparams(weight, config.bits, t.group_size, config.symmetric, clip=clip,
                                               stochastic=config.rounding == "stochastic", scale_dtype=weight.dtype)
         codes = P.quantize(weight, scale, zero_point, config.bits, t.group_size, config.rounding, generator)

@@ -38,7 +38,9 @@ from . import calibrate as C
 from . import primitives as P
 from .calibrate import is_conv1d
 
-AWQ_GRID = 20
+AWQ_GRID = 20  # scale candidates alpha = 0, 1/20, ..., 19/20 (AutoAWQ's n_grid)
+# AWQ's auto-clip (sec. 3.3): after the scales are folded, search each group's clipping ratio on its output error.
+AWQ_CLIP = True
 
 # Which operation feeds which linears, per architecture family, relative to a decoder layer: the scale of
 # the linears' inputs is folded into the output of the first entry (AutoAWQ/llm-compressor use the same
@@ -81,9 +83,11 @@ SCALE_MAPPINGS: list[tuple[str, tuple[str, ...]]] = [
 AWQ_SEARCH_TOKENS = 8192
 
 
-def scale_candidates(abs_mean: torch.Tensor, grid: int = AWQ_GRID):
+def scale_candidates(abs_mean: torch.Tensor, grid: int | None = None):
     """``(alpha, s)`` for ``alpha`` in ``{0, 1/grid, ..., (grid-1)/grid}``: ``s = abs_mean**alpha`` (clamped
-    at 1e-4), normalised so that ``sqrt(max(s) * min(s)) = 1`` as in AWQ. ``alpha = 0`` gives ``s = 1``."""
+    at 1e-4), normalised so that ``sqrt(max(s) * min(s)) = 1`` as in AWQ. ``alpha = 0`` gives ``s = 1``.
+    ``grid``: None reads :data:`AWQ_GRID` when called (so a defaults sweep can change it)."""
+    grid = AWQ_GRID if grid is None else grid
     abs_mean = abs_mean.float()
     for step in range(grid):
         alpha = step / grid
@@ -92,7 +96,7 @@ def scale_candidates(abs_mean: torch.Tensor, grid: int = AWQ_GRID):
 
 
 def search_scale(weights: list[torch.Tensor], hessian: torch.Tensor, abs_mean: torch.Tensor, bits: int,
-                 group_size: int | None, symmetric: bool, grid: int = AWQ_GRID,
+                 group_size: int | None, symmetric: bool, grid: int | None = None,
                  error=None) -> tuple[torch.Tensor, float]:
     """Per-input-channel scale ``s`` (in,) for linears sharing one input, and the chosen ``alpha``.
 

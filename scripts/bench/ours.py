@@ -48,6 +48,20 @@ def _config(args, num_samples: int, seq_len: int, result: dict | None = None):
     return config
 
 
+def _awq_settings(args, result: dict) -> None:
+    """AWQ's search settings are module constants of ``hfcompress.quantization.awq`` (no config field): the
+    defaults sweep changes them here, in this one-measurement process, and records what ran."""
+    from hfcompress.quantization import awq
+
+    if args.awq_grid is not None:
+        awq.AWQ_GRID = args.awq_grid
+    if args.awq_search_tokens is not None:
+        awq.AWQ_SEARCH_TOKENS = args.awq_search_tokens
+    if args.awq_no_clip:
+        awq.AWQ_CLIP = False
+    result.update(awq_grid=awq.AWQ_GRID, awq_search_tokens=awq.AWQ_SEARCH_TOKENS, awq_clip=awq.AWQ_CLIP)
+
+
 def _fields(args) -> dict:
     return {"tool": "hfcompress", "method": args.method, "bits": args.bits if args.method != "cast" else None,
             "group_size": args.group_size or None, "symmetric": not args.asymmetric,
@@ -83,6 +97,8 @@ def cmd_quant(args) -> int:
         result["fp32_weight_bytes"] = common.weight_bytes(model)
         result["baseline_rss_bytes"] = common.current_rss_bytes()
         result["num_calibration_blocks"] = int(calibration.shape[0]) if args.method in ("gptq", "awq") else 0
+        if args.method == "awq":
+            _awq_settings(args, result)
         if args.method != "fp32":
             config = _config(args, int(calibration.shape[0]), int(calibration.shape[1]), result)
             data = calibration if config.needs_calibration else None
@@ -249,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--no-static-groups", action="store_true", help="gptq: static_groups=False")
         p.add_argument("--no-true-sequential", action="store_true",
                        help="gptq: true_sequential=False (two passes per layer, llm-compressor's order)")
+        p.add_argument("--awq-grid", type=int, default=None, help="awq: scale candidates (awq.AWQ_GRID)")
+        p.add_argument("--awq-search-tokens", type=int, default=None,
+                       help="awq: calibration tokens of the block-error scale search (awq.AWQ_SEARCH_TOKENS)")
+        p.add_argument("--awq-no-clip", action="store_true", help="awq: skip the clipping search (awq.AWQ_CLIP)")
         p.add_argument("--save", default=None)
         p.add_argument("--no-eval", action="store_true", help="skip perplexity (speed-only models)")
         p.add_argument("--out", required=True)

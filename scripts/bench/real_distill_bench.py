@@ -58,14 +58,20 @@ def student_layers(teacher, args) -> list[int] | str:
     """``--layers``: 'uniform' (make_student's default), 'keep-last' (every other layer, but the teacher's last
     in place of the last kept one) or explicit comma-separated teacher layer indices."""
     from hfcompress.distillation.hidden import num_layers
-    from hfcompress.distillation.student import uniform_layers
+    from hfcompress.distillation.student import LAYER_SELECTIONS
 
     count = args.student_layers or max(1, num_layers(teacher) // 2)
-    if args.layers == "uniform":
-        return uniform_layers(num_layers(teacher), count)
-    if args.layers == "keep-last":
-        return uniform_layers(num_layers(teacher), count)[:-1] + [num_layers(teacher) - 1]
+    if args.layers in LAYER_SELECTIONS:
+        return LAYER_SELECTIONS[args.layers](num_layers(teacher), count)
     return [int(i) for i in args.layers.split(",")]
+
+
+def training_blocks(train: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """The ``count`` (N, T) blocks a run trains on, in order: seed 0 the file's first ones; seed > 0 a seeded draw
+    (and order) from all of them, for the spread between data draws."""
+    if seed:
+        train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))]
+    return train[:count]
 
 
 def _kd_objective(args, hidden: bool) -> dict:
@@ -197,6 +203,9 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-loss", default="cosine")
     parser.add_argument("--layers", default="uniform",
                         help="student layers: 'uniform', 'keep-last' or comma-separated teacher layer indices")
+    parser.add_argument("--train-seed", type=int, default=0,
+                        help="0: the file's first steps x batch train blocks in order; N > 0: a seeded random draw "
+                             "of them from all the file's train blocks (for seed-to-seed spread)")
     parser.add_argument("--eval-blocks", type=int, default=None,
                         help="score on the first N eval blocks only (quick exploration; default: all)")
     parser.add_argument("--ce-weight", type=float, default=0.5)
@@ -230,17 +239,19 @@ def main(argv=None) -> int:
     from hfcompress.models.loading import load_model, load_tokenizer
 
     blocks = load_file(str(args.blocks))
-    train, held_out = blocks["train"][: args.steps * args.batch_size], blocks["eval"][: args.eval_blocks]
-    if train.shape[0] < args.steps * args.batch_size:
-        raise SystemExit(f"{args.blocks} holds {train.shape[0]} train blocks; steps x batch size = "
+    held_out = blocks["eval"][: args.eval_blocks]
+    if blocks["train"].shape[0] < args.steps * args.batch_size:
+        raise SystemExit(f"{args.blocks} holds {blocks['train'].shape[0]} train blocks; steps x batch size = "
                          f"{args.steps * args.batch_size} are needed")
+    train = training_blocks(blocks["train"], args.steps * args.batch_size, args.train_seed)
     tokenizer = load_tokenizer(args.model)
     teacher = load_model(args.model).eval()
     out = {"command": "python scripts/bench/real_distill_bench.py " + " ".join(argv or __import__("sys").argv[1:]),
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-           "steps": args.steps, "batch_size": args.batch_size, "block_size": int(train.shape[1]),
+           "steps": args.steps, "batch_size": args.batch_size, "train_seed": args.train_seed,
+           "block_size": int(train.shape[1]),
            "train_tokens": int(train.numel()), "eval_tokens": int(held_out.shape[0] * (held_out.shape[1] - 1)),
            "kd_objective": f"{args.kd_weight} forward KL (T={args.temperature:g}) + {args.ce_weight} CE, logits only; "
                            f"'live-h' adds {args.hidden_weight:g} x {args.hidden_loss} hidden-state loss",
@@ -253,8 +264,9 @@ def main(argv=None) -> int:
 
     print(f"teacher ppl {out['teacher_perplexity']}", flush=True)
     stored = "top" if args.cache_sampling == "top-k" else "sample"
-    cache_dir = args.work / (f"cache-{stored}{args.top_k}-{args.logprob_format}-{args.id_coding}-T{args.temperature:g}-"
-                             f"{train.shape[0]}x{train.shape[1]}")
+    cache_dir = args.work / (f"cache-{stored}{args.top_k}-{args.logprob_format}-{args.id_coding}-"
+                             f"T{args.temperature:g}-{train.shape[0]}x{train.shape[1]}"
+                             + (f"-seed{args.train_seed}" if args.train_seed else ""))
     if any(spec.partition(":")[0] == "cache" for spec in args.runs) or args.timing_reps:
         if not (cache_dir / "cache.json").is_file():
             started = time.perf_counter()

@@ -182,3 +182,15 @@ def test_qat_bench_qad_from_gptq_starts_from_gptqs_weights(tmp_path, tiny_refere
     rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
     assert math.isfinite(rows["qad-gptq"]["perplexity"]) and rows["qad-gptq"]["gap_recovered"] is not None
     assert [entry["step"] for entry in rows["qad-gptq"]["train_log"]] == [1, 2]
+
+
+def test_real_distill_bench_training_draws():
+    """--train-seed 0 keeps the file's first blocks in order (the SmolLM2 rows); another seed draws other blocks,
+    the same ones every time."""
+    from real_distill_bench import training_blocks
+
+    train = torch.arange(20).unsqueeze(1).repeat(1, 4)  # block i holds token i
+    assert torch.equal(training_blocks(train, 6), train[:6])
+    first, again, other = (training_blocks(train, 6, seed) for seed in (1, 1, 2))
+    assert torch.equal(first, again) and not torch.equal(first, other) and not torch.equal(first, train[:6])
+    assert first.shape == (6, 4) and len(set(first[:, 0].tolist())) == 6  # distinct blocks of the file

@@ -110,3 +110,13 @@ def test_defaults_are_the_benchmarked_recipe():
     args = DistillationConfig(output_dir="unused", report_to=[])
     assert (args.loss, args.temperature, args.kd_weight, args.ce_weight, args.hidden_weight, args.hidden_loss,
             args.layer_map) == ("forward_kl", 1.0, 1.0, 0.5, 10.0, "cosine", "uniform")
+
+
+def test_cli_student_keeps_the_named_layer_selection(tmp_path, tiny_reference_dir):
+    from hfcompress.jobs.distill import build_student
+
+    script, _ = parse_distill_args(["--teacher", str(tiny_reference_dir), "--student_num_layers", "1",
+                                    "--student_layer_selection", "keep-last", "--output_dir", str(tmp_path),
+                                    "--report_to", "none"])
+    student = build_student(script)
+    assert student.config.hfcompress_student_of["teacher_layers"] == [1]  # the tiny teacher's last of 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hfcompress import make_student
-from hfcompress.distillation.student import uniform_layers
+from hfcompress.distillation.student import keep_last_layers, uniform_layers
 from hfcompress.core.errors import ConfigError
 
 
@@ -16,7 +16,15 @@ def test_uniform_layers_take_every_kth():
     assert uniform_layers(2, 2) == [0, 1]
 
 
-@pytest.mark.parametrize("selection,expected", [("uniform", [0]), ([1], [1])])
+def test_keep_last_layers_end_with_the_teachers_last():
+    assert keep_last_layers(30, 15) == list(range(0, 27, 2)) + [29]
+    assert uniform_layers(30, 15) == list(range(0, 29, 2))
+    assert keep_last_layers(8, 4) == [0, 2, 4, 7]
+    assert keep_last_layers(4, 1) == [3]
+    assert keep_last_layers(4, 4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("selection,expected", [("uniform", [0]), ("keep-last", [1]), ([1], [1])])
 def test_layers_are_copied_from_the_teacher(tiny_teacher, selection, expected):
     student = make_student(tiny_teacher, num_layers=1, layer_selection=selection)
     assert student.config.num_hidden_layers == 1

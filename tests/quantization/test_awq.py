@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -226,3 +227,29 @@ def test_awq_measures_shared_input_mappings_at_the_block_output(tiny_llama, cali
     assert objectives  # 2 bits: some scales are folded
     for name, objective in objectives.items():
         assert objective == ("layer" if name in ("self_attn.o_proj", "mlp.down_proj") else "block"), name
+
+
+def test_grid_and_clipping_settings_are_read_when_awq_runs(tiny_llama, calibration_ids, monkeypatch):
+    """The defaults sweep (scripts/bench/defaults_sweep.py) changes AWQ_GRID / AWQ_CLIP at run time: both must
+    take effect then, not at import."""
+    from hfcompress.quantization.api import quantize
+    from hfcompress.quantization.config import QuantizationConfig
+
+    monkeypatch.setattr(A, "AWQ_GRID", 5)
+    calls = []
+    weights = [torch.randn(8, 32)]
+    A.search_scale(weights, torch.eye(32), torch.rand(32) + 0.1, 3, 16, True,
+                   error=lambda approx: calls.append(approx) or 1.0)
+    assert len(calls) == 5 and [a for a, _ in A.scale_candidates(torch.rand(32))] == [0, 0.2, 0.4, 0.6, 0.8]
+
+    clipped = []
+    search_clip = P.search_clip
+    monkeypatch.setattr(P, "search_clip", lambda *args, **kwargs: clipped.append(1) or search_clip(*args, **kwargs))
+    config = QuantizationConfig(method="awq", bits=3, group_size=32, num_samples=4, seq_len=64)
+    other = copy.deepcopy(tiny_llama)
+    monkeypatch.setattr(A, "AWQ_CLIP", False)
+    quantize(tiny_llama, config, calibration_data=calibration_ids[:4], progress=False)
+    assert not clipped  # min-max scales after the fold
+    monkeypatch.setattr(A, "AWQ_CLIP", True)
+    quantize(other, config, calibration_data=calibration_ids[:4], progress=False)
+    assert len(clipped) == 14  # 7 linears in each of the 2 layers
