@@ -264,23 +264,30 @@ def encode_rows(ids: torch.Tensor, logp: torch.Tensor | None, log_tail: torch.Te
     return out
 
 
-def row_offsets(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """Byte offset of each Rice-coded row in ``rice_bytes`` (n + 1,)."""
-    return np.concatenate([[0], np.cumsum(arrays["rice_len"].astype(np.int64))])
+def row_offsets(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Byte offset of each Rice-coded row (n + 1,), per Rice stream of a shard (``rice`` ids, ``count`` counts)."""
+    return {prefix: np.concatenate([[0], np.cumsum(arrays[f"{prefix}_len"].astype(np.int64))])
+            for prefix in ("rice", "count") if f"{prefix}_len" in arrays}
+
+
+def _rice_rows(arrays: dict[str, np.ndarray], prefix: str, rows: np.ndarray, k: int,
+               offsets: np.ndarray) -> np.ndarray:
+    """The Rice-coded values (n, k) of ``rows`` of a shard's ``prefix`` stream, decoded run by run of
+    consecutive rows (a block's rows are one run)."""
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
+    values = [rice_decode(arrays[f"{prefix}_bytes"][offsets[run[0]]:offsets[run[-1] + 1]],
+                          arrays[f"{prefix}_len"][run], arrays[f"{prefix}_param"][run], k) for run in runs]
+    return np.concatenate(values) if values else np.zeros((0, k), dtype=np.int64)
 
 
 def decode_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, k: int, logprob_format: str = "uint8",
-                offsets: np.ndarray | None = None) -> tuple[torch.Tensor, ...]:
+                offsets: dict[str, np.ndarray] | None = None) -> tuple[torch.Tensor, ...]:
     """Selected ``rows`` of a shard -> (ids (n, k) int64, log-probs (n, k) float32, tail log-mass (n,)), in the
-    stored order. ``offsets``: :func:`row_offsets` of a ranked-Rice shard, if already computed."""
+    stored order. ``offsets``: :func:`row_offsets` of the shard, if already computed."""
     rows = np.asarray(rows)
+    offsets = row_offsets(arrays) if offsets is None else offsets
     if "rice_bytes" in arrays:
-        offsets = row_offsets(arrays) if offsets is None else offsets
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
-        values = [rice_decode(arrays["rice_bytes"][offsets[run[0]]:offsets[run[-1] + 1]],
-                              arrays["rice_len"][run], arrays["rice_param"][run], k) for run in runs]
-        values = np.concatenate(values) if values else np.zeros((0, k), dtype=np.int64)
-        ranks = np.cumsum(values + 1, axis=1) - 1
+        ranks = np.cumsum(_rice_rows(arrays, "rice", rows, k, offsets["rice"]) + 1, axis=1) - 1
         ids = arrays["rank_table"].astype(np.int64)[ranks]
     else:
         first = arrays["first_id"][rows].astype(np.int64)
@@ -296,12 +303,7 @@ def decode_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, k: int, logprob
             gaps[wanted] = unpack_bits(arrays[f"gaps_w{b}"][index], int(b), k - 1)
         ids = np.concatenate([first[:, None], first[:, None] + np.cumsum(gaps + 1, axis=1)], axis=1)
     if "count_bytes" in arrays:  # sampled rows: p = count / draws (k draws per row), no tail
-        count_offsets = np.concatenate([[0], np.cumsum(arrays["count_len"].astype(np.int64))])
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
-        counts = np.concatenate([rice_decode(arrays["count_bytes"][count_offsets[run[0]]:count_offsets[run[-1] + 1]],
-                                             arrays["count_len"][run], arrays["count_param"][run], k)
-                                 for run in runs]) if runs else np.zeros((0, k), dtype=np.int64)
-        counts = torch.from_numpy(counts).float()
+        counts = torch.from_numpy(_rice_rows(arrays, "count", rows, k, offsets["count"])).float()
         logp = torch.where(counts > 0, (counts / k).log(), torch.full_like(counts, -1e4))
         return torch.from_numpy(ids), logp, torch.full((len(rows),), float("-inf"))
     tail = torch.from_numpy(arrays["log_tail"][rows].astype(np.float32))
@@ -641,7 +643,7 @@ class TeacherCache:
                                     f"this version's `hfcompress cache-teacher`")
         self.meta = CacheMetadata(**data)
         self.shards = [load_file(str(self.path / shard["file"])) for shard in self.meta.shards]
-        self._offsets = [row_offsets(shard) if "rice_bytes" in shard else None for shard in self.shards]
+        self._offsets = [row_offsets(shard) for shard in self.shards]  # once per shard, not per read
         self._starts = np.cumsum([0] + [shard["blocks"] for shard in self.meta.shards])
         self.rows_per_block = self.meta.block_size - 1
         self._hidden = [self._open_hidden(shard) for shard in self.meta.shards] if self.meta.hidden_layers else []
