@@ -165,6 +165,12 @@ struct I16Activations {
   int64_t kp = 0, ab = 0, blocks = 0;
 };
 
+// The calling thread's activation buffers, shared by the int8 and int4 kernels (one set per thread).
+inline I16Activations& i16_scratch() {
+  thread_local I16Activations buffers;
+  return buffers;
+}
+
 // After a call: a long prompt's buffers (over 32 MiB) are not kept for the life of the thread.
 inline void release_if_large(I16Activations& a) {
   if (a.X_.defined() && a.X_.numel() * 2 > (int64_t{32} << 20)) a = I16Activations{};

@@ -369,6 +369,13 @@ void row_blocks(Isa isa, const Weights& w, const QuantRow* rows, int64_t M, int6
   rows_scalar(w, rows, M, rb_begin * kRows, std::min(w.N, rb_end * kRows), y);
 }
 
+// The group's offset c (8 for symmetric weights; c s is stored rounded, c an integer in [0, 16]).
+inline int16_t group_offset(const Weights& w, int64_t n, int64_t g) {
+  if (!w.offset) return 8;
+  const float s = w.scale[n * w.G + g];
+  return static_cast<int16_t>(s != 0.f ? std::nearbyint(w.offset[n * w.G + g] / s) : 0.f);
+}
+
 // Weight rows [n0, n0 + count) as float32 (count, K): (u - c) s, an exact integer difference and one rounding
 // (what kernels.dequantize computes). Runs of 32 codes share a block and so a group: plain loops that vectorise.
 void dequantize_rows(const Weights& w, int64_t n0, int64_t count, float* out) {
@@ -378,14 +385,12 @@ void dequantize_rows(const Weights& w, int64_t n0, int64_t count, float* out) {
     const int64_t n = n0 + i;
     const uint8_t* base = w.packed + (n / kRows) * chunks * (kChunk * kRows / 2) + (n % kRows) * 32;
     const float* s = w.scale + n * w.G;
-    const float* o = w.offset ? w.offset + n * w.G : nullptr;
     float* row = out + i * w.K;
     float lanes[kBlock];
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t g = std::min(w.G - 1, b / w.blocks_per_group);
       const float sg = s[g];
-      // c s is stored rounded; c itself is an integer in [0, 16], recovered exactly.
-      const float cg = o ? (sg != 0.f ? std::nearbyint(o[g] / sg) : 0.f) : 8.f;
+      const float cg = group_offset(w, n, g);
       const uint8_t* bytes = base + (b / 2) * (kChunk * kRows / 2);
       const int shift = (b & 1) ? 4 : 0;
       for (int j = 0; j < kBlock; ++j) lanes[j] = (static_cast<float>((bytes[j] >> shift) & 15) - cg) * sg;
@@ -396,13 +401,6 @@ void dequantize_rows(const Weights& w, int64_t n0, int64_t count, float* out) {
 }
 
 #ifdef HFC_X86
-// The group's offset c (8 for symmetric weights; c s is stored rounded, c an integer in [0, 16]).
-inline int16_t group_offset(const Weights& w, int64_t n, int64_t g) {
-  if (!w.offset) return 8;
-  const float s = w.scale[n * w.G + g];
-  return static_cast<int16_t>(s != 0.f ? std::nearbyint(w.offset[n * w.G + g] / s) : 0.f);
-}
-
 // Weight rows [n0, n0 + rows) (n0 a multiple of 4) as int16 codes u - c into out (4 rows of kp), for i16_gemm.
 __attribute__((target("avx2,fma"))) void unpack_i16(const Weights& w, int64_t n0, int rows, int16_t* out) {
   const int64_t chunks = w.kp / kChunk;
@@ -430,8 +428,6 @@ __attribute__((target("avx2,fma"))) void unpack_i16(const Weights& w, int64_t n0
   }
 }
 
-thread_local hfc::I16Activations tls_i16;
-
 // Prefill without native bfloat16: the integer GEMM of common.h (int16 activations, in blocks of the weight
 // group where that is <= 256 columns, else of 128 (per channel) or the largest power of two <= 256 dividing it).
 void prefill_i16(const Weights& w, const float* xf, int64_t M, float* y) {
@@ -442,14 +438,14 @@ void prefill_i16(const Weights& w, const float* xf, int64_t M, float* y) {
     for (const int64_t size : {256, 128, 64, 32})
       if (ab > 256 && group % size == 0) ab = size;  // group is a multiple of 32
   }
-  hfc::quantize_i16(xf, M, w.K, ab, tls_i16, kChunk);
-  const hfc::I16Activations& a = tls_i16;
+  hfc::I16Activations& a = hfc::i16_scratch();
+  hfc::quantize_i16(xf, M, w.K, ab, a, kChunk);
   hfc::i16_gemm(
       a, M, w.N, y, [&](int64_t n0, int rows, int16_t* out) { unpack_i16(w, n0, rows, out); },
       [&](int64_t n, float* s) {
         for (int64_t b = 0; b < a.blocks; ++b) s[b] = w.scale[n * w.G + std::min(w.G - 1, b * ab / group)];
       });
-  hfc::release_if_large(tls_i16);
+  hfc::release_if_large(a);
 }
 #endif
 

@@ -493,8 +493,6 @@ __attribute__((target("avx2,fma"))) void unpack_i16(const int8_t* q, int64_t K, 
     std::fill(dst + k, dst + kp, int16_t{0});
   }
 }
-
-thread_local hfc::I16Activations tls_i16;
 #endif
 
 // isa: -1 = the best the CPU has; 0 = portable loop, 1 = AVX2, 2 = AVX-512, 3 = AVX-512 VNNI (for tests).
@@ -534,13 +532,13 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     const bool bf16_tiles = bf16 && hfc::native_bf16_gemm(isa);
 #ifdef HFC_X86
     if (!bf16_tiles && isa != Isa::kScalar && hfc::integer_prefill()) {
-      hfc::quantize_i16(xf, M, K, 128, tls_i16);
-      const hfc::I16Activations& a = tls_i16;
+      hfc::I16Activations& a = hfc::i16_scratch();
+      hfc::quantize_i16(xf, M, K, 128, a);
       hfc::i16_gemm(
           a, M, N, yf.data_ptr<float>(),
           [&](int64_t n0, int rows, int16_t* out) { unpack_i16(qp, K, a.kp, n0, rows, out); },
           [&](int64_t n, float* s) { std::fill(s, s + a.blocks, sp[n]); });
-      hfc::release_if_large(tls_i16);
+      hfc::release_if_large(a);
       return bf16 ? yf.to(x.scalar_type()) : yf;
     }
 #endif
