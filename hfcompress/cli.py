@@ -166,7 +166,8 @@ def cmd_cache_teacher(args) -> int:
                                tokenizer=tokenizer, teacher_name=path, logprob_format=args.logprob_format,
                                batch_size=args.batch_size, progress=not args.quiet,
                                hidden_layers=args.hidden_layers, hidden_dtype=args.hidden_dtype,
-                               id_coding=args.id_coding, sampling=args.sampling, seed=args.seed)
+                               id_coding=args.id_coding, sampling=args.sampling, seed=args.seed,
+                               tail_draws=args.tail_draws)
     summary = {k: v for k, v in asdict(meta).items() if k != "shards"}
     if args.student:
         summary["approximation_error"] = approximation_error(TeacherCache(args.out), teacher,
@@ -311,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", default="top-k", choices=["top-k", "sample"],
                    help="top-k: the --top-k most likely ids and the tail mass; sample: --top-k draws from the "
                         "teacher per position, stored as ids and counts (unbiased forward-KL gradient; --seed)")
+    p.add_argument("--tail-draws", type=int, default=0, metavar="M",
+                   help="with --sampling top-k: also M draws per position from the teacher outside the top-k "
+                        "(ids and counts), so training follows the unbiased forward-KL gradient instead of the "
+                        "top-k + tail bucket's (--seed)")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward pass")
     p.add_argument("--hidden-layers", type=int, nargs="+", default=None, metavar="LAYER",
                    help="also store these 0-based teacher layers' hidden states per token (for hidden_weight > 0; "

@@ -15,6 +15,10 @@ bucket — the top-k + tail KL of e.g. DistillKit/Sparse-KD):
   with a per-row float16 ``step`` (error <= step/2; ``top`` is not stored: the k probabilities and the tail
   sum to one), bit-packed below 8 bits; or ``float16``/``float32`` values;
 * ``log_tail``: log of the probability mass outside the top-k (``-inf`` when k = vocabulary size);
+* optionally (``tail_draws`` = m > 0), m draws per position from the teacher's distribution *outside* the top-k,
+  stored as the distinct ids (ranks in the same table, Rice-coded: ``tail_*``) and their counts (``count_*``).
+  The tail's mass is then spread over the drawn ids in proportion to their counts instead of forming one bucket:
+  an unbiased estimate of the live forward-KL gradient whose noise is confined to the tail (:func:`tail_rows`);
 * optionally (``hidden_layers``), the selected teacher layers' hidden states, one (rows, hidden) tensor per layer
   in float16 (default), bfloat16 or float32, in a ``hidden-NNNNN.safetensors`` file beside each shard. Layer ``i``
   is the output of block ``i`` as in :mod:`.hidden` (the last one after the final norm). These are read lazily,
@@ -28,7 +32,10 @@ The loss (:func:`bucket_logprobs`): the student's and the teacher's distribution
 buckets (the cached ids, everything else); any divergence of :class:`~.losses.LogitLoss` applies to them. With
 k = vocabulary size there is no tail bucket and the loss is the live-teacher loss exactly (up to the stored
 precision); for smaller k it is a lower bound of the full forward KL (data-processing inequality), whose gap
-:func:`approximation_error` measures for a given student.
+:func:`approximation_error` measures for a given student. Its gradient is biased: inside the tail the student
+keeps its own proportions. With tail draws the rows decode to k + m ids whose teacher log-probs are the top-k's
+and ``log p_tail + log(count / m)`` (count 0: no mass), with no tail bucket; the same loss code then follows the
+unbiased gradient ``q − p̂``.
 """
 
 from __future__ import annotations
@@ -50,8 +57,8 @@ from ..core.errors import ConfigError, DataError, HFCompressError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: ranked-Rice ids (id_coding); version 1 caches (fixed-width ids) still read
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: ranked-Rice ids (id_coding); 3: tail draws (tail_draws); versions 1-2 still read
+READABLE_VERSIONS = (1, 2, 3)
 ID_CODINGS = ("ranked-rice", "fixed")
 SAMPLINGS = ("top-k", "sample")
 METADATA_FILE = "cache.json"
@@ -177,7 +184,30 @@ def sample_rows(logp: torch.Tensor, draws: int, generator: torch.Generator | Non
     gradient against it, q − counts / draws, is unbiased for the live gradient q − p (random-sampling KD,
     Anshumann et al. 2025): unlike the top-k + tail buckets, no part of the teacher's distribution is dropped.
     """
-    drawn = torch.multinomial(logp.exp(), draws, replacement=True, generator=generator).sort(-1).values  # (n, S)
+    return distinct_draws(torch.multinomial(logp.exp(), draws, replacement=True, generator=generator))
+
+
+def tail_rows(logp: torch.Tensor, top_ids: torch.Tensor, draws: int,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draws`` tokens per row from the teacher's distribution restricted to the ids outside ``top_ids`` (n, k)
+    and renormalised -> distinct ids and counts, as :func:`sample_rows`. ``logp`` (n, V) is overwritten.
+
+    Stored beside the top-k, they replace the tail bucket: the tail mass ``p_tail`` goes to the drawn ids as
+    ``p_tail · count / draws``, whose expectation is the teacher's own ``p_j``. The forward-KL gradient
+    ``q − p̂`` is then unbiased, with the sampling noise scaled by ``p_tail`` (the top-k part is exact). A row
+    whose tail underflowed to zero draws uniformly from it: its ``p_tail`` of 0 gives those draws no mass.
+    """
+    weights = logp.scatter_(-1, top_ids, float("-inf")).exp_()  # (n, V) the tail, unnormalised
+    empty = weights.sum(-1) <= 0
+    if bool(empty.any()):
+        weights[empty] = torch.ones_like(weights[empty]).scatter_(-1, top_ids[empty], 0.0)
+    return distinct_draws(torch.multinomial(weights, draws, replacement=True, generator=generator))
+
+
+def distinct_draws(drawn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drawn ids (n, S) -> (distinct ids, counts) in S slots per row, the distinct ids ascending first; the
+    slots past them hold id −1 and count 0."""
+    drawn = drawn.sort(-1).values
     new = torch.ones_like(drawn, dtype=torch.bool)
     new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     slot = new.long().cumsum(-1) - 1  # (n, S) the distinct-id slot of every draw
@@ -186,15 +216,20 @@ def sample_rows(logp: torch.Tensor, draws: int, generator: torch.Generator | Non
     return ids, counts
 
 
-def pad_sampled_ids(ids: torch.Tensor, rank_of: np.ndarray, table: np.ndarray) -> torch.Tensor:
+def pad_sampled_ids(ids: torch.Tensor, rank_of: np.ndarray, table: np.ndarray,
+                    reserved: torch.Tensor | None = None) -> torch.Tensor:
     """Give a sampled row's empty slots (id -1) distinct ids it does not hold: the lowest-ranked ids of the shard's
-    table missing from the row, so that as ranks they cost a few bits each. Count 0: no probability."""
+    table missing from the row (and from the row's ``reserved`` ids, e.g. its top-k), so that as ranks they cost a
+    few bits each. Count 0: no probability."""
     out = ids.numpy().astype(np.int64)
     empty = out < 0
     if not empty.any():
         return ids
     n, slots = out.shape
-    width = min(2 * slots, table.size)  # candidates: ranks 0..width-1; at most `slots` of them are held
+    if reserved is not None:  # held too: the padding must not repeat them
+        out = np.concatenate([out, reserved.numpy().astype(np.int64)], axis=1)
+        empty = np.concatenate([empty, np.zeros(reserved.shape, dtype=bool)], axis=1)
+    width = min(2 * out.shape[1], table.size)  # candidates: ranks 0..width-1; at most half of them are held
     held = np.where(empty, width, rank_of[np.where(empty, 0, out)])
     mark = np.zeros((n, width + 1), dtype=bool)
     np.put_along_axis(mark, np.minimum(held, width), True, axis=1)
@@ -207,19 +242,20 @@ def pad_sampled_ids(ids: torch.Tensor, rank_of: np.ndarray, table: np.ndarray) -
     slot = np.cumsum(empty, axis=1) - 1  # the k-th empty slot takes the k-th lowest free rank
     fill = np.take_along_axis(lowest, np.where(empty, slot, 0), axis=1)
     out[empty] = table.astype(np.int64)[fill[empty]]
-    return torch.from_numpy(out)
+    return torch.from_numpy(out[:, :slots])
 
 
 def encode_rows(ids: torch.Tensor, logp: torch.Tensor | None, log_tail: torch.Tensor | None, vocab_size: int,
                 logprob_format: str, table: np.ndarray | None = None,
-                counts: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+                counts: torch.Tensor | None = None, id_prefix: str = "rice") -> dict[str, np.ndarray]:
     """Top-k ``ids`` (n, k), their log-probs (n, k) and the tail log-mass (n,) -> arrays to store.
 
     With a ``table`` (:func:`rank_table`; ``id_coding="ranked-rice"``) the ids are written as their ranks in it,
     sorted ascending, as Rice codes of the first rank and the gaps minus one (:func:`rice_encode`); without one
     (``"fixed"``), as the ids sorted ascending: the first id and the gaps minus one at the row's largest gap's
     width. The log-probs follow the same order. Sampled rows (``counts``, with a table) store the counts
-    instead of log-probs and tail (Rice-coded, ``count_*``).
+    instead of log-probs and tail (Rice-coded, ``count_*``); ``id_prefix`` names their id stream (``tail`` for
+    the draws beside a top-k row).
     """
     if table is not None:
         rank_of = np.full(vocab_size, -1, dtype=np.int64)
@@ -232,7 +268,7 @@ def encode_rows(ids: torch.Tensor, logp: torch.Tensor | None, log_tail: torch.Te
     out: dict[str, np.ndarray] = {}
     if table is not None:
         values = np.concatenate([sorted_keys[:, :1], np.diff(sorted_keys, axis=1) - 1], axis=1)
-        out.update(rice_encode(values))
+        out.update(rice_encode(values, prefix=id_prefix))
     else:
         out["first_id"] = sorted_keys[:, 0].astype(_id_dtype(vocab_size))
         gaps = np.diff(sorted_keys, axis=1) - 1  # (n, k-1) >= 0
@@ -265,9 +301,10 @@ def encode_rows(ids: torch.Tensor, logp: torch.Tensor | None, log_tail: torch.Te
 
 
 def row_offsets(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Byte offset of each Rice-coded row (n + 1,), per Rice stream of a shard (``rice`` ids, ``count`` counts)."""
+    """Byte offset of each Rice-coded row (n + 1,), per Rice stream of a shard (``rice`` ids, ``tail`` drawn
+    ids, ``count`` counts)."""
     return {prefix: np.concatenate([[0], np.cumsum(arrays[f"{prefix}_len"].astype(np.int64))])
-            for prefix in ("rice", "count") if f"{prefix}_len" in arrays}
+            for prefix in ("rice", "tail", "count") if f"{prefix}_len" in arrays}
 
 
 def _rice_rows(arrays: dict[str, np.ndarray], prefix: str, rows: np.ndarray, k: int,
@@ -281,11 +318,21 @@ def _rice_rows(arrays: dict[str, np.ndarray], prefix: str, rows: np.ndarray, k: 
 
 
 def decode_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, k: int, logprob_format: str = "uint8",
-                offsets: dict[str, np.ndarray] | None = None) -> tuple[torch.Tensor, ...]:
+                offsets: dict[str, np.ndarray] | None = None, tail_draws: int = 0) -> tuple[torch.Tensor, ...]:
     """Selected ``rows`` of a shard -> (ids (n, k) int64, log-probs (n, k) float32, tail log-mass (n,)), in the
-    stored order. ``offsets``: :func:`row_offsets` of the shard, if already computed."""
+    stored order. ``offsets``: :func:`row_offsets` of the shard, if already computed. With ``tail_draws`` = m
+    (a top-k shard holding tail draws) the rows are k + m wide: the top-k, then the drawn tail ids with log-probs
+    ``log p_tail + log(count / m)`` (−1e4 for count 0), and the tail log-mass is −inf (no tail bucket left)."""
     rows = np.asarray(rows)
     offsets = row_offsets(arrays) if offsets is None else offsets
+    if tail_draws:
+        ids, logp, tail = decode_rows(arrays, rows, k, logprob_format, offsets)
+        ranks = np.cumsum(_rice_rows(arrays, "tail", rows, tail_draws, offsets["tail"]) + 1, axis=1) - 1
+        drawn = torch.from_numpy(arrays["rank_table"].astype(np.int64)[ranks])
+        counts = torch.from_numpy(_rice_rows(arrays, "count", rows, tail_draws, offsets["count"])).float()
+        share = torch.where(counts > 0, tail[:, None] + (counts / tail_draws).log(), torch.full_like(counts, -1e4))
+        return (torch.cat([ids, drawn], 1), torch.cat([logp, share.clamp_min(-1e4)], 1),
+                torch.full_like(tail, float("-inf")))
     if "rice_bytes" in arrays:
         ranks = np.cumsum(_rice_rows(arrays, "rice", rows, k, offsets["rice"]) + 1, axis=1) - 1
         ids = arrays["rank_table"].astype(np.int64)[ranks]
@@ -302,7 +349,7 @@ def decode_rows(arrays: dict[str, np.ndarray], rows: np.ndarray, k: int, logprob
             index = np.searchsorted(members, rows[wanted])
             gaps[wanted] = unpack_bits(arrays[f"gaps_w{b}"][index], int(b), k - 1)
         ids = np.concatenate([first[:, None], first[:, None] + np.cumsum(gaps + 1, axis=1)], axis=1)
-    if "count_bytes" in arrays:  # sampled rows: p = count / draws (k draws per row), no tail
+    if "count_bytes" in arrays and "tail_bytes" not in arrays:  # sampled rows: p = count / draws, no tail
         counts = torch.from_numpy(_rice_rows(arrays, "count", rows, k, offsets["count"])).float()
         logp = torch.where(counts > 0, (counts / k).log(), torch.full_like(counts, -1e4))
         return torch.from_numpy(ids), logp, torch.full((len(rows),), float("-inf"))
@@ -446,7 +493,19 @@ class CacheMetadata:
     teacher_num_layers: int = 0  # to resolve layer_map='uniform'/'last' without the teacher
     id_coding: str = "fixed"  # how the ids are stored (version 1 caches: fixed)
     sampling: str = "top-k"  # "sample": top_k draws from the teacher per position, stored as ids and counts
-    mean_distinct: float = 0.0  # distinct ids per position (top_k for top-k caches)
+    mean_distinct: float = 0.0  # distinct ids per position (top_k for top-k caches; + the distinct tail draws)
+    tail_draws: int = 0  # draws per position from the teacher outside the top-k (version 3)
+
+
+def _padding_table(table: np.ndarray, needed: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's rank table with at least ``needed`` ids (unseen ones appended, for tiny caches: padding draws
+    needs twice a row's slots of ranked ids), and the rank of every id (0 for ids not in it)."""
+    if table.size < needed:
+        unseen = np.setdiff1d(np.arange(vocab), table.astype(np.int64))[:needed - table.size]
+        table = np.concatenate([table.astype(np.int64), unseen]).astype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    rank_of = np.zeros(vocab, dtype=np.int64)
+    rank_of[table.astype(np.int64)] = np.arange(table.size)
+    return table, rank_of
 
 
 def check_destination(out_dir) -> Path:
@@ -462,13 +521,19 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
                         tokenizer=None, teacher_name: str = "", logprob_format: str = "uint7",
                         batch_size: int = 8, blocks_per_shard: int = 512, progress: bool = True,
                         hidden_layers: list[int] | None = None, hidden_dtype: str = "float16",
-                        id_coding: str = "ranked-rice", sampling: str = "top-k", seed: int = 0) -> CacheMetadata:
+                        id_coding: str = "ranked-rice", sampling: str = "top-k", seed: int = 0,
+                        tail_draws: int = 0) -> CacheMetadata:
     """Run ``teacher`` once over ``blocks`` (N, T) and write the cache to ``out_dir`` (must not exist or be empty).
 
     ``sampling``: ``"top-k"`` stores the ``top_k`` most likely ids with their log-probs and the tail mass (the
     top-k + tail-bucket loss, a lower bound of the full KL); ``"sample"`` draws ``top_k`` tokens per position from
     the teacher's distribution (``seed``) and stores the distinct ids with their counts (:func:`sample_rows`):
     an unbiased estimate of the live forward-KL gradient, for ``loss="forward_kl"`` (ranked-Rice ids only).
+
+    ``tail_draws`` = m > 0 (top-k caches, ranked-Rice ids): also m draws per position from the teacher's
+    distribution outside the top-k (``seed``), stored as distinct ids and counts (:func:`tail_rows`). Training
+    then follows an unbiased estimate of the live forward-KL gradient (``loss="forward_kl"`` only) instead of the
+    biased top-k + tail bucket one, for a few more bytes per token (about 2 bytes per draw on SmolLM2).
 
     ``id_coding``: ``"ranked-rice"`` (default) stores each row's ids as their ranks in the shard's own frequency
     table, Rice-coded (:func:`rice_encode`; ~70 bytes for 64 ids of a 49k vocabulary against ~110 fixed-width);
@@ -491,6 +556,9 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
         raise ConfigError(f"sampling={sampling!r} is unknown; choose one of {', '.join(SAMPLINGS)}")
     if sampling == "sample" and id_coding != "ranked-rice":
         raise ConfigError("sampling='sample' stores its ids as ranked Rice codes; use id_coding='ranked-rice'")
+    if tail_draws < 0 or tail_draws and (sampling != "top-k" or id_coding != "ranked-rice"):
+        raise ConfigError(f"tail_draws={tail_draws}: tail draws are a number >= 0 and go beside a top-k cache "
+                          f"with ranked-Rice ids (sampling='top-k', id_coding='ranked-rice')")
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise DataError("the teacher cache needs a non-empty (num_blocks, block_size >= 2) tensor of token ids")
     if not temperature > 0:
@@ -500,6 +568,9 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
         vocab = min(vocab, len(tokenizer))  # padded embedding rows are never real tokens
     if not 1 <= top_k <= vocab:
         raise ConfigError(f"top_k must be in 1..{vocab} (the vocabulary size), got {top_k}")
+    if tail_draws and top_k + 2 * tail_draws > vocab:
+        raise ConfigError(f"top_k + 2 x tail_draws = {top_k + 2 * tail_draws} exceeds the vocabulary ({vocab}): "
+                          f"the tail is too small to sample; use fewer tail draws or a smaller top_k")
     layers = check_hidden_layers(hidden_layers, num_layers(teacher), hidden_dtype)
     out_dir = check_destination(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -507,10 +578,11 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
     device = next(teacher.parameters()).device
     shards, stored_bytes, hidden_bytes, tokens, tail_mass, quant_kl = [], 0, 0, 0, 0.0, 0.0
     sampled, distinct = sampling == "sample", 0
-    generator = torch.Generator(device=device).manual_seed(seed) if sampled else None
+    generator = torch.Generator(device=device).manual_seed(seed) if sampled or tail_draws else None
     for shard_start in range(0, blocks.shape[0], blocks_per_shard):
         shard_blocks = blocks[shard_start:shard_start + blocks_per_shard]
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (ids int32, logp, log tail) per batch
+        drawn_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tail ids, counts) per batch, with tail_draws
         states: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         for start in tqdm(range(0, shard_blocks.shape[0], batch_size), desc="teacher cache", disable=not progress):
             batch = shard_blocks[start:start + batch_size]
@@ -526,17 +598,14 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
             top_logp, top_ids = logp.topk(top_k, dim=-1)  # (n, k)
             log_tail = torch.log1p(-top_logp.exp().sum(-1).clamp(max=1.0)) if top_k < vocab \
                 else torch.full((logp.shape[0],), float("-inf"))
+            if tail_draws:  # overwrites logp: last use
+                drawn_ids, drawn_counts = tail_rows(logp, top_ids, tail_draws, generator)
+                drawn_parts.append((drawn_ids.to(torch.int32).cpu(), drawn_counts.to(torch.int16).cpu()))
             found.append((top_ids.to(torch.int32).cpu(), top_logp.cpu(), log_tail.cpu()))
         if sampled:
             drawn_ids, drawn_counts = (torch.cat(parts) for parts in list(zip(*found))[:2])
             del found
-            table = rank_table(drawn_ids[drawn_ids >= 0])
-            if table.size < 2 * top_k:  # padding needs 2 x draws ranked ids: append unseen ones (tiny caches)
-                unseen = np.setdiff1d(np.arange(vocab), table.astype(np.int64))[:2 * top_k - table.size]
-                table = np.concatenate([table.astype(np.int64), unseen]).astype(table.dtype if vocab < 1 << 16
-                                                                                  else np.uint32)
-            rank_of = np.zeros(vocab, dtype=np.int64)
-            rank_of[table.astype(np.int64)] = np.arange(table.size)
+            table, rank_of = _padding_table(rank_table(drawn_ids[drawn_ids >= 0]), 2 * top_k, vocab)
             padded = pad_sampled_ids(drawn_ids.long(), rank_of, table)
             arrays = encode_rows(padded, None, None, vocab, logprob_format, table, counts=drawn_counts.long())
             arrays["rank_table"] = table
@@ -553,7 +622,14 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
         else:
             top_ids, top_logp, log_tail = (torch.cat(parts) for parts in zip(*found))
             del found
-            table = rank_table(top_ids) if id_coding == "ranked-rice" else None
+            if tail_draws:
+                drawn_ids, drawn_counts = (torch.cat(parts) for parts in zip(*drawn_parts))
+                drawn_parts.clear()
+                table, rank_of = _padding_table(rank_table(torch.cat([top_ids.reshape(-1),
+                                                                      drawn_ids[drawn_ids >= 0]])),
+                                                2 * (top_k + tail_draws), vocab)
+            else:
+                table = rank_table(top_ids) if id_coding == "ranked-rice" else None
             arrays = encode_rows(top_ids.long(), top_logp, log_tail, vocab, logprob_format, table)
             if table is not None:
                 arrays["rank_table"] = table
@@ -573,6 +649,21 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
             quant_kl += F.kl_div(stored, exact, reduction="sum", log_target=True).item()
             tail_mass += log_tail.exp().sum().item()
             tokens += top_ids.shape[0]
+            if tail_draws:
+                padded = pad_sampled_ids(drawn_ids.long(), rank_of, table, reserved=top_ids.long())
+                arrays.update(encode_rows(padded, None, None, vocab, logprob_format, table,
+                                          counts=drawn_counts.long(), id_prefix="tail"))
+                rows = np.arange(padded.shape[0])
+                tail_back = decode_rows(arrays, rows, top_k, logprob_format, tail_draws=tail_draws)[0][:, top_k:]
+                counts_back = torch.from_numpy(_rice_rows(arrays, "count", rows, tail_draws,
+                                                          row_offsets(arrays)["count"]))
+                order, back = padded.argsort(-1), tail_back.argsort(-1)
+                if not (torch.equal(padded.gather(-1, order), tail_back.gather(-1, back)) and
+                        torch.equal(drawn_counts.long().gather(-1, order), counts_back.gather(-1, back))):
+                    raise HFCompressError("teacher cache: the stored tail draws do not decode to the drawn ones (a "
+                                          "bug; please report it with the model and data)")
+                distinct += int((drawn_counts > 0).sum())
+                del drawn_ids, drawn_counts, padded, tail_back, counts_back
             del top_ids, top_logp, log_tail, ids_back, stored, stored_tail, exact
         stored_bytes += sum(a.nbytes for a in arrays.values())
         arrays["input_ids"] = shard_blocks.cpu().numpy().astype(np.int32)
@@ -594,7 +685,7 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
         quantization_kl=quant_kl / tokens, hidden_layers=layers, hidden_size=hidden_width(teacher) if layers else 0,
         hidden_dtype=hidden_dtype if layers else "", hidden_bytes_per_token=hidden_bytes / tokens,
         teacher_num_layers=num_layers(teacher), id_coding=id_coding, sampling=sampling,
-        mean_distinct=distinct / tokens if sampled else float(top_k))
+        mean_distinct=distinct / tokens if sampled else top_k + distinct / tokens, tail_draws=tail_draws)
     tmp = out_dir / (METADATA_FILE + ".tmp")
     tmp.write_text(json.dumps(asdict(metadata), indent=2) + "\n")
     os.replace(tmp, out_dir / METADATA_FILE)  # written last: a folder without it is not a cache
@@ -678,14 +769,15 @@ class TeacherCache:
         return torch.cat([torch.from_numpy(s["input_ids"].astype(np.int64)) for s in self.shards])
 
     def rows(self, block_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decoded (ids, log-probs, tail) of every predicted position of these blocks, (B*(T-1), k) each."""
+        """Decoded (ids, log-probs, tail) of every predicted position of these blocks, (B*(T-1), k) each
+        ((B*(T-1), k + tail_draws) for a cache with tail draws, see :func:`decode_rows`)."""
         out = []
         for index in block_indices.tolist():
             shard = int(np.searchsorted(self._starts, index, side="right") - 1)
             local = index - int(self._starts[shard])
             rows = np.arange(local * self.rows_per_block, (local + 1) * self.rows_per_block)
             out.append(decode_rows(self.shards[shard], rows, self.meta.top_k, self.meta.logprob_format,
-                                   self._offsets[shard]))
+                                   self._offsets[shard], self.meta.tail_draws))
         return tuple(torch.cat(parts) for parts in zip(*out))
 
     def hidden_rows(self, block_indices: torch.Tensor, layer: int) -> torch.Tensor:

@@ -497,9 +497,10 @@ def setup_trainer(trainer, model, teacher_model, teacher_cache, args, trainer_kw
                     teacher=os.fspath(named) if named is not None else None,
                     teacher_hash=weights_hash(teacher_model) if isinstance(teacher_model, torch.nn.Module) else None,
                     vocab_size=unwrap(model).get_output_embeddings().weight.shape[0])
-        if cache.meta.sampling == "sample" and args.loss != "forward_kl":
+        if (cache.meta.sampling == "sample" or cache.meta.tail_draws) and args.loss != "forward_kl":
             raise ConfigError(f"{teacher_cache} holds sampled tokens, an unbiased estimate of the forward-KL gradient "
-                              f"only; set loss='forward_kl' (got {args.loss!r}) or write a top-k cache")
+                              f"only; set loss='forward_kl' (got {args.loss!r}) or write a top-k cache without "
+                              f"tail draws")
         teacher_model = None  # checked, not kept: no teacher in memory
         from .hidden import num_layers
 

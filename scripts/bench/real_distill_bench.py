@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     parser.add_argument("--id-coding", default="ranked-rice", help="teacher cache: storage of the ids")
     parser.add_argument("--cache-sampling", default="top-k", choices=["top-k", "sample"],
                         help="teacher cache: the top-k ids + tail, or --top-k draws per position (ids and counts)")
+    parser.add_argument("--tail-draws", type=int, default=0,
+                        help="teacher cache: draws per position outside the top-k (unbiased tail, cache format 3)")
     parser.add_argument("--timing-reps", type=int, default=0,
                         help="after the runs: time one step's loss forward+backward live vs cache, alternating this "
                              "many times on the same batch (the training runs' own tokens/s are from different "
@@ -266,7 +268,8 @@ def main(argv=None) -> int:
     stored = "top" if args.cache_sampling == "top-k" else "sample"
     cache_dir = args.work / (f"cache-{stored}{args.top_k}-{args.logprob_format}-{args.id_coding}-"
                              f"T{args.temperature:g}-{train.shape[0]}x{train.shape[1]}"
-                             + (f"-seed{args.train_seed}" if args.train_seed else ""))
+                             + (f"-seed{args.train_seed}" if args.train_seed else "")
+                             + (f"-tail{args.tail_draws}" if args.tail_draws else ""))
     if any(spec.partition(":")[0] == "cache" for spec in args.runs) or args.timing_reps:
         if not (cache_dir / "cache.json").is_file():
             started = time.perf_counter()
@@ -274,8 +277,9 @@ def main(argv=None) -> int:
                                        temperature=args.temperature,
                                        teacher_name=str(args.model), batch_size=args.batch_size, progress=False,
                                        logprob_format=args.logprob_format, id_coding=args.id_coding,
-                                       sampling=args.cache_sampling)
+                                       sampling=args.cache_sampling, tail_draws=args.tail_draws)
             out["cache"] = {"build_seconds": time.perf_counter() - started, "top_k": args.top_k,
+                            "tail_draws": args.tail_draws,
                             "sampling": args.cache_sampling, "id_coding": args.id_coding,
                             "logprob_format": meta.logprob_format,
                             "bytes_per_token": meta.bytes_per_token, "mean_tail_mass": meta.mean_tail_mass,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import functools
 import json
 
@@ -753,13 +754,86 @@ def test_sampled_cache_round_trip_and_training(tmp_path, tiny_teacher, tiny_toke
                               sampling="sample", id_coding="fixed")
 
 
+def test_tail_rows_draw_outside_the_top_k_and_estimate_the_tail_without_bias():
+    """tail_rows: draws only outside each row's top-k, counts summing to the draws; averaged over many draws,
+    p_tail x counts / draws equals the teacher's own probability on every tail id (so the cache loss's gradient
+    q - p_hat is unbiased for the live q - p), within the sampling error. A row whose tail underflowed to zero
+    still draws (distinct tail ids), without failing."""
+    g = torch.Generator().manual_seed(0)
+    v, n, k, draws = 30, 4, 5, 8
+    teacher = (torch.randn(n, v, generator=g) * 2).log_softmax(-1)
+    top = teacher.topk(k, dim=-1).indices
+    p = teacher.exp()
+    p_tail = 1 - p.gather(-1, top).sum(-1, keepdim=True)
+    reps = 4000
+    total = torch.zeros(n, v)
+    for _ in range(reps):
+        ids, counts = K.tail_rows(teacher.clone(), top, draws, g)
+        assert torch.equal(counts.sum(-1), torch.full((n,), draws))
+        assert not (ids[:, :, None] == top[:, None, :]).any()
+        total.scatter_add_(-1, ids.clamp_min(0), p_tail * counts.float() / draws)
+    tail_p = p.scatter(-1, top, 0.0)
+    sigma = ((tail_p * (p_tail - tail_p)).clamp_min(0) / (draws * reps)).sqrt()  # one draw: p_tail x Bernoulli
+    assert total.gather(-1, top).eq(0).all()
+    assert ((total / reps - tail_p).abs() <= 5 * sigma + 1e-6).all()
+    peaked = torch.full((1, v), -1e4)
+    peaked[0, :k] = math.log(1 / k)  # all the mass on the top-k: the tail is empty
+    ids, counts = K.tail_rows(peaked.log_softmax(-1), torch.arange(k)[None], draws, g)
+    assert counts.sum() == draws and (ids[counts > 0] >= k).all()
+
+
+def test_tail_draw_cache_round_trip_and_training(tmp_path, tiny_teacher, tiny_tokenizer, distill_blocks):
+    """A top-k cache with tail draws (format 3): its rows are the plain top-k cache's rows plus the drawn tail
+    ids, whose probabilities are the stored tail mass split by the counts (so each row sums to one, with no tail
+    bucket left); the seed fixes the draws; it trains a student without a teacher; bad settings are refused."""
+    blocks = distill_blocks[:4]
+    plain = K.write_teacher_cache(tiny_teacher, blocks, tmp_path / "plain", top_k=16, tokenizer=tiny_tokenizer,
+                                  progress=False)
+    meta = K.write_teacher_cache(tiny_teacher, blocks, tmp_path / "tail", top_k=16, tokenizer=tiny_tokenizer,
+                                 progress=False, tail_draws=8, seed=3, blocks_per_shard=3)
+    assert (meta.format_version, meta.tail_draws, meta.sampling) == (3, 8, "top-k")
+    assert 16 < meta.mean_distinct <= 24 and meta.bytes_per_token > plain.bytes_per_token
+    assert meta.mean_tail_mass == pytest.approx(plain.mean_tail_mass, rel=1e-6)
+    top_ids, top_logp, top_tail = K.TeacherCache(tmp_path / "plain").rows(torch.tensor([1, 3]))
+    ids, logp, tail = K.TeacherCache(tmp_path / "tail").rows(torch.tensor([1, 3]))
+    assert ids.shape == logp.shape == (2 * (blocks.shape[1] - 1), 24) and torch.isinf(tail).all()
+    mine, theirs = ids[:, :16].argsort(-1), top_ids.argsort(-1)  # the same top-k (stored in each table's rank order)
+    assert torch.equal(ids[:, :16].gather(-1, mine), top_ids.gather(-1, theirs))
+    assert torch.allclose(logp[:, :16].gather(-1, mine), top_logp.gather(-1, theirs), atol=1e-5)
+    assert all(row.unique().numel() == 24 for row in ids)  # top-k and draws distinct, padding included
+    share = (logp[:, 16:] - top_tail[:, None]).exp() * 8  # the counts, padding 0
+    assert ((share - share.round()).abs() < 1e-3).all() and torch.allclose(share.sum(-1), torch.full((len(ids),), 8.0))
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(len(ids)), atol=1e-5)
+    again = K.write_teacher_cache(tiny_teacher, blocks, tmp_path / "again", top_k=16, tokenizer=tiny_tokenizer,
+                                  progress=False, tail_draws=8, seed=3, blocks_per_shard=3)
+    assert torch.equal(K.TeacherCache(tmp_path / "again").rows(torch.tensor([1, 3]))[0], ids)
+    student = make_student(tiny_teacher, num_layers=1)
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    DistillationTrainer(model=student, teacher_cache=tmp_path / "tail", processing_class=tiny_tokenizer,
+                        args=config(tmp_path / "run", mode="cache", max_steps=2)).train()
+    assert any(not torch.equal(before[n], p) for n, p in student.named_parameters())
+    with pytest.raises(ConfigError, match="sampled tokens, an unbiased estimate of the forward-KL gradient"):
+        DistillationTrainer(model=make_student(tiny_teacher, num_layers=1), teacher_cache=tmp_path / "tail",
+                            processing_class=tiny_tokenizer,
+                            args=config(tmp_path / "run2", mode="cache", loss="reverse_kl"))
+    for bad in (dict(sampling="sample"), dict(id_coding="fixed"), dict(tail_draws=-1)):
+        with pytest.raises(ConfigError, match="tail draws are a number >= 0 and go beside a top-k cache"):
+            K.write_teacher_cache(tiny_teacher, blocks, tmp_path / "bad", top_k=16, progress=False,
+                                  **{"tail_draws": 8, **bad})
+    vocab = tiny_teacher.get_output_embeddings().weight.shape[0]
+    with pytest.raises(ConfigError, match="the tail is too small to sample"):
+        K.write_teacher_cache(tiny_teacher, blocks, tmp_path / "bad", top_k=vocab - 4, progress=False,
+                              tail_draws=4)
+
+
+@pytest.mark.parametrize("draws", [dict(sampling="sample"), dict(tail_draws=12)], ids=["sample", "tail-draws"])
 def test_sampled_cache_chunked_loss_equals_the_full_logits_loss(tmp_path, tiny_teacher, tiny_tokenizer,
-                                                                distill_blocks):
-    """The fused closed form (chunked) on sampled rows, whose padding slots carry no probability and whose tail is
-    empty: the loss and gradients of the autograd loss on the full logits."""
+                                                                distill_blocks, draws):
+    """The fused closed form (chunked) on sampled rows (all draws, or top-k + tail draws), whose padding slots
+    carry no probability and whose tail is empty: the loss and gradients of the autograd loss on the full logits."""
     out = tmp_path / "sampled"
     K.write_teacher_cache(tiny_teacher, distill_blocks[:12], out, top_k=32, tokenizer=tiny_tokenizer,
-                          progress=False, sampling="sample")
+                          progress=False, **draws)
     student = make_student(tiny_teacher, num_layers=1)
     batch = _batch(distill_blocks, [5, 1, 9])
     results = []
