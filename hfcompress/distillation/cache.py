@@ -855,7 +855,8 @@ class CacheDataset(torch.utils.data.Dataset):
 @torch.no_grad()
 def approximation_error(cache: TeacherCache, teacher, student, num_blocks: int = 4) -> dict:
     """How far the cached top-k + tail loss is from the full live-teacher forward KL, for ``student``, on the
-    cache's first ``num_blocks`` blocks: mean full KL, mean bucket KL, and their relative gap."""
+    cache's first ``num_blocks`` blocks: mean full KL, mean bucket KL, and their relative gap. For a cache with
+    tail draws the bucket KL is its top-k + tail part's (what the draws estimate without bias is the gap)."""
     t = cache.meta.temperature
     indices = torch.arange(min(num_blocks, len(cache)))
     blocks = torch.stack([cache.block(i) for i in indices.tolist()])
@@ -864,6 +865,9 @@ def approximation_error(cache: TeacherCache, teacher, student, num_blocks: int =
     p = F.log_softmax(teacher(input_ids=blocks).logits[:, :-1, :vocab].float() / t, -1).reshape(-1, vocab)
     full = F.kl_div(s, p, reduction="none", log_target=True).sum(-1).mean().item()
     ids, logp, tail = cache.rows(indices)
+    k = cache.meta.top_k
+    if cache.meta.tail_draws:  # the drawn ids' shares sum to the stored tail mass
+        ids, logp, tail = ids[:, :k], logp[:, :k], logp[:, k:].logsumexp(-1)
     student_b, teacher_b = bucket_logprobs(s, ids, logp, tail, vocab)
     bucket = F.kl_div(student_b, teacher_b, reduction="none", log_target=True).sum(-1).mean().item()
     return {"full_kl": full, "bucket_kl": bucket, "relative_gap": (full - bucket) / max(full, 1e-12)}

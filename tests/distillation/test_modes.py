@@ -541,6 +541,17 @@ def test_cli_cache_teacher_and_truncate(tmp_path, tiny_reference_dir, distill_te
     assert K.TeacherCache(out).meta.teacher == str(tiny_reference_dir)
     assert main(["cache-teacher", str(tiny_reference_dir), "--out", str(out), "-q"]) != 0  # not clobbered
     assert "not empty" in capsys.readouterr().err
+    assert main(["cache-teacher", str(tiny_reference_dir), "--out", str(tmp_path / "drawn"), "--data",
+                 str(distill_text_file), "--block-size", "32", "--num-blocks", "4", "--top-k", "16",
+                 "--tail-draws", "8", "-q"]) == 0
+    capsys.readouterr()
+    assert (K.TeacherCache(tmp_path / "drawn").meta.tail_draws, K.TeacherCache(tmp_path / "drawn").rows(
+        torch.tensor([0]))[0].shape[1]) == (8, 24)
+    assert main(["cache-teacher", str(tiny_reference_dir), "--out", str(tmp_path / "bad"), "--data",
+                 str(distill_text_file), "--block-size", "32", "--num-blocks", "4", "--sampling", "sample",
+                 "--tail-draws", "8", "-q"]) != 0
+    error = capsys.readouterr().err
+    assert "go beside a top-k cache" in error and "Traceback" not in error
 
     assert main(["truncate", str(tiny_reference_dir), str(tmp_path / "short"), "--layers", "1"]) == 0
     assert json.loads((tmp_path / "short" / "config.json").read_text())["num_hidden_layers"] == 1
@@ -807,6 +818,10 @@ def test_tail_draw_cache_round_trip_and_training(tmp_path, tiny_teacher, tiny_to
     again = K.write_teacher_cache(tiny_teacher, blocks, tmp_path / "again", top_k=16, tokenizer=tiny_tokenizer,
                                   progress=False, tail_draws=8, seed=3, blocks_per_shard=3)
     assert torch.equal(K.TeacherCache(tmp_path / "again").rows(torch.tensor([1, 3]))[0], ids)
+    student = make_student(tiny_teacher, num_layers=1)  # the error report: the top-k + tail part's gap
+    with_draws = K.approximation_error(K.TeacherCache(tmp_path / "tail"), tiny_teacher, student, num_blocks=2)
+    without = K.approximation_error(K.TeacherCache(tmp_path / "plain"), tiny_teacher, student, num_blocks=2)
+    assert with_draws == pytest.approx(without, rel=1e-4) and 0 < with_draws["relative_gap"] < 1
     student = make_student(tiny_teacher, num_layers=1)
     before = {n: p.clone() for n, p in student.named_parameters()}
     DistillationTrainer(model=student, teacher_cache=tmp_path / "tail", processing_class=tiny_tokenizer,
