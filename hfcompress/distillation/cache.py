@@ -653,10 +653,9 @@ def write_teacher_cache(teacher, blocks: torch.Tensor, out_dir, top_k: int = 64,
                 padded = pad_sampled_ids(drawn_ids.long(), rank_of, table, reserved=top_ids.long())
                 arrays.update(encode_rows(padded, None, None, vocab, logprob_format, table,
                                           counts=drawn_counts.long(), id_prefix="tail"))
-                rows = np.arange(padded.shape[0])
-                tail_back = decode_rows(arrays, rows, top_k, logprob_format, tail_draws=tail_draws)[0][:, top_k:]
-                counts_back = torch.from_numpy(_rice_rows(arrays, "count", rows, tail_draws,
-                                                          row_offsets(arrays)["count"]))
+                rows, offsets = np.arange(padded.shape[0]), row_offsets(arrays)
+                tail_back = decode_rows(arrays, rows, top_k, logprob_format, offsets, tail_draws)[0][:, top_k:]
+                counts_back = torch.from_numpy(_rice_rows(arrays, "count", rows, tail_draws, offsets["count"]))
                 order, back = padded.argsort(-1), tail_back.argsort(-1)
                 if not (torch.equal(padded.gather(-1, order), tail_back.gather(-1, back)) and
                         torch.equal(drawn_counts.long().gather(-1, order), counts_back.gather(-1, back))):
