@@ -21,12 +21,18 @@ from hfcompress.core.errors import HFCompressError
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from accelerate import PartialState
+
     try:
         script_args, config = parse_distill_args(sys.argv[1:] if argv is None else argv)
         output = distill_from_args(script_args, config)
     except HFCompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # The launched process owns the process group: release it before exit, or gloo's threads may still be
+        # running when the interpreter tears down (seen as "terminate called without an active exception").
+        PartialState().destroy_process_group()
     if config.process_index == 0:
         print(f"student saved to {output}")
     return 0

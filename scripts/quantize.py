@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except HFCompressError as exc:
         print(f"quantize.py: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        PartialState().destroy_process_group()  # as scripts/distill.py: released before exit
     return 0
 
 
