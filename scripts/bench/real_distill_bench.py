@@ -271,21 +271,24 @@ def main(argv=None) -> int:
                              + (f"-seed{args.train_seed}" if args.train_seed else "")
                              + (f"-tail{args.tail_draws}" if args.tail_draws else ""))
     if any(spec.partition(":")[0] == "cache" for spec in args.runs) or args.timing_reps:
+        build_seconds = None  # None: an earlier run's cache of the same settings and blocks, reused
         if not (cache_dir / "cache.json").is_file():
             started = time.perf_counter()
-            meta = write_teacher_cache(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer,
-                                       temperature=args.temperature,
-                                       teacher_name=str(args.model), batch_size=args.batch_size, progress=False,
-                                       logprob_format=args.logprob_format, id_coding=args.id_coding,
-                                       sampling=args.cache_sampling, tail_draws=args.tail_draws)
-            out["cache"] = {"build_seconds": time.perf_counter() - started, "top_k": args.top_k,
-                            "tail_draws": args.tail_draws,
-                            "sampling": args.cache_sampling, "id_coding": args.id_coding,
-                            "logprob_format": meta.logprob_format,
-                            "bytes_per_token": meta.bytes_per_token, "mean_tail_mass": meta.mean_tail_mass,
-                            "mean_distinct": meta.mean_distinct, "quantization_kl": meta.quantization_kl}
-            print(f"cache {out['cache']}", flush=True)
-            save()
+            write_teacher_cache(teacher, train, cache_dir, top_k=args.top_k, tokenizer=tokenizer,
+                                temperature=args.temperature, teacher_name=str(args.model),
+                                batch_size=args.batch_size, progress=False, logprob_format=args.logprob_format,
+                                id_coding=args.id_coding, sampling=args.cache_sampling, tail_draws=args.tail_draws)
+            build_seconds = time.perf_counter() - started
+        from hfcompress.distillation.cache import TeacherCache
+
+        meta = TeacherCache(cache_dir).meta  # recorded whether written now or reused
+        out["cache"] = {"build_seconds": build_seconds, "top_k": meta.top_k, "tail_draws": meta.tail_draws,
+                        "sampling": meta.sampling, "id_coding": meta.id_coding,
+                        "logprob_format": meta.logprob_format,
+                        "bytes_per_token": meta.bytes_per_token, "mean_tail_mass": meta.mean_tail_mass,
+                        "mean_distinct": meta.mean_distinct, "quantization_kl": meta.quantization_kl}
+        print(f"cache {out['cache']}", flush=True)
+        save()
     best_kd = None
     for spec in args.runs:
         kind, _, lr = spec.partition(":")
